@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets up everything kubetune needs on a fresh machine, idempotently:
+#   - a virtualenv with the operator, trainer and dev dependencies (outside the clone,
+#     under ~/.cache/kubetune, so repeat runs are quick), reinstalled when pyproject.toml changes;
+#   - the pinned local control plane binaries (devcluster/build.sh).
+# Prints nothing on stdout but `export` lines, so callers can `eval "$(scripts/bootstrap.sh)"`.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
+venv=$cache/venv
+mkdir -p "$cache"
+export PIP_CACHE_DIR=$cache/pip
+log() { echo "[bootstrap] $*" >&2; }
+
+if [[ ! -x $venv/bin/python ]]; then
+  log "creating virtualenv $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
+fi
+stamp=$(sha256sum "$root/pyproject.toml" | cut -c1-16)
+if [[ ! -f $venv/.deps-$stamp ]]; then
+  log "installing Python dependencies (first run downloads PyTorch: several GB)"
+  "$venv/bin/pip" install -q -e "$root[operator,trainer,dev]" >&2
+  # DeepSpeed's setup imports torch, so it builds against the torch installed above.
+  DS_BUILD_OPS=0 "$venv/bin/pip" install -q --no-build-isolation \
+    "$(python3 -c 'import tomllib,sys;print(tomllib.load(open(sys.argv[1],"rb"))["project"]["optional-dependencies"]["deepspeed"][0])' "$root/pyproject.toml")" >&2
+  rm -f "$venv"/.deps-*
+  touch "$venv/.deps-$stamp"
+else
+  # The venv is shared between clones: point the editable install at this one.
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >&2
+fi
+
+bin=$("$root/devcluster/build.sh")
+echo "export PATH=\"$venv/bin:$bin:\$PATH\""
+echo "export KUBETUNE_BIN_DIR=\"$bin\""
+echo "export VIRTUAL_ENV=\"$venv\""
