@@ -1,0 +1,201 @@
+"""Typed models of the FineTuneJob spec and status (kubetune.io/v1alpha1, docs/contracts.md §1)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+PVC_SCHEME = "pvc://"
+
+
+class _Model(BaseModel):
+    """Base: camelCase aliases, unknown keys ignored (the apiserver already pruned them)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def dump(self) -> dict[str, Any]:
+        """The model as a camelCase dict (the CRD's field names)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+class Architecture(_Model):
+    family: str = ""
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    vocab_size: int | None = None
+    tie_word_embeddings: bool | None = None
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    head_dim: int = 0
+
+
+class ModelSource(_Model):
+    uri: str
+    architecture: Architecture | None = None
+    trust_remote_code: bool = False
+
+
+class DatasetSource(_Model):
+    uri: str
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+    eval_uri: str = ""
+    eval_split: float = 0.05
+
+
+class LoraSpec(_Model):
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
+
+
+class QuantizationSpec(_Model):
+    bits: int = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class EarlyStopping(_Model):
+    patience: int = 0
+    threshold: float = 0.0
+
+
+class TrainingSpec(_Model):
+    epochs: float = 0
+    max_steps: int = 0
+    learning_rate: float = 2e-4
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    max_seq_length: int = 2048
+    packing: bool = False
+    warmup_ratio: float = 0.03
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 42
+    completion_only: bool = True
+    checkpoint_every_steps: int = 200
+    eval_every_steps: int = 0
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _parse_lr(cls, value: Any) -> float:
+        """Accept "2e-4" strings as well as numbers."""
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"spec.training.learningRate {value!r} is not a number") from exc
+
+
+class ResourcesSpec(_Model):
+    gpu_type: str = ""
+    gpus_per_pod: int = 0
+    pods: int = 0
+    max_gpus: int = 0
+    cpu: str = ""
+    memory: str = ""
+
+    def pins_layout(self) -> bool:
+        """True when the spec fixes the layout: GPU type + GPUs per pod + pods, or a CPU-only run."""
+        if self.pods <= 0:
+            return False
+        if self.gpus_per_pod > 0:
+            return bool(self.gpu_type)
+        return bool(self.cpu)
+
+
+class DistributedSpec(_Model):
+    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class OutputSpec(_Model):
+    uri: str
+    merge_adapter: bool = False
+
+
+class SecretKeyRef(_Model):
+    name: str = ""
+    key: str = "token"
+
+
+class SecretRef(_Model):
+    name: str = ""
+
+
+class SecretsSpec(_Model):
+    hf_token_secret_ref: SecretKeyRef = Field(default_factory=SecretKeyRef)
+    s3_credentials_secret_ref: SecretRef = Field(default_factory=SecretRef)
+
+
+class FineTuneJobSpec(_Model):
+    model: ModelSource
+    dataset: DatasetSource
+    method: Literal["full", "lora", "qlora"]
+    lora: LoraSpec | None = None
+    quantization: QuantizationSpec | None = None
+    training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(epochs=1))
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    output: OutputSpec
+    image: str = ""
+    secrets: SecretsSpec = Field(default_factory=SecretsSpec)
+    suspend: bool = False
+    cancel: bool = False
+    backoff_limit: int = 3
+    active_deadline_seconds: int = 0
+    ttl_seconds_after_finished: int = 0
+
+    def effective_lora(self) -> LoraSpec | None:
+        """The LoRA settings for lora/qlora (defaults when the block is omitted), None for full."""
+        if self.method == "full":
+            return None
+        return self.lora or LoraSpec()
+
+    def uris(self) -> list[str]:
+        """Every storage URI the run reads or writes."""
+        found = [self.model.uri, self.dataset.uri, self.output.uri]
+        if self.dataset.eval_uri:
+            found.append(self.dataset.eval_uri)
+        return found
+
+    def pvc_claims(self) -> list[str]:
+        """Names of the PersistentVolumeClaims referenced by pvc:// URIs, sorted, unique."""
+        return sorted({pvc_claim(uri) for uri in self.uris() if uri.startswith(PVC_SCHEME)})
+
+
+def pvc_claim(uri: str) -> str:
+    """The claim name of a pvc://claim/path URI."""
+    if not uri.startswith(PVC_SCHEME):
+        raise ValueError(f"{uri!r} is not a pvc:// URI")
+    return uri[len(PVC_SCHEME):].split("/", 1)[0]
+
+
+def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
+    """Parse a (defaulted) FineTuneJob .spec dict into the typed model."""
+    return FineTuneJobSpec.model_validate(dict(spec))
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str = ""
+    observed_generation: int | None = None
+
+
+PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled")
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})

@@ -1,0 +1,297 @@
+"""Pure renderers: FineTuneJob spec + layout → plan JSON, ConfigMap, headless Service, Indexed Job."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from kubetune import API_GROUP, API_VERSION, KIND, reasons
+from kubetune.api import FineTuneJobSpec, pvc_claim
+from kubetune.layout import Layout
+
+PLAN_VERSION = 1
+PLAN_DIR = "/etc/kubetune"
+PLAN_KEY = "plan.json"
+METRICS_PORT = 9090
+RENDEZVOUS_PORT = 29500
+CONTAINER = "trainer"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+SPEC_HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
+JOB_NAME_LABEL = f"{API_GROUP}/job-name"
+COMPONENT_LABEL = f"{API_GROUP}/component"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune"}
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+# Spec fields that do not change what the trainer runs (so they are not part of the spec hash).
+LIFECYCLE_FIELDS = ("suspend", "cancel", "ttlSecondsAfterFinished")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Operator-wide settings the builders need (from the operator's flags/env)."""
+
+    image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    pvc_root: str = "/mnt/pvc"
+    work_dir: str = "/var/lib/kubetune"
+    termination_log: str = "/dev/termination-log"
+    cpu_per_gpu: str = "4"
+    memory_per_gpu_gi: int = 32
+    cpu_only_cpu: str = "2"
+    cpu_only_memory: str = "4Gi"
+    run_as_user: int = 1000
+    extra_tolerations: tuple[dict[str, Any], ...] = ()
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRef:
+    """Identity of the FineTuneJob that owns the children."""
+
+    name: str
+    namespace: str
+    uid: str
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def plan_name(job: str) -> str:
+    """ConfigMap name for a job."""
+    return f"{job}-plan"
+
+
+def trainer_name(job: str) -> str:
+    """Service and Job name for a job."""
+    return f"{job}-trainer"
+
+
+def master_addr(job: str, namespace: str) -> str:
+    """DNS name of pod index 0 through the headless Service."""
+    return f"{trainer_name(job)}-0.{trainer_name(job)}.{namespace}.svc"
+
+
+def child_labels(job: str, component: str) -> dict[str, str]:
+    """Labels of every child (docs/contracts.md §7)."""
+    return {**MANAGED_BY, JOB_NAME_LABEL: job, COMPONENT_LABEL: component}
+
+
+def owner_reference(ref: JobRef) -> dict[str, Any]:
+    """Controller owner reference to the FineTuneJob (children are garbage-collected with it)."""
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": ref.name,
+            "uid": ref.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(ref: JobRef, name: str, component: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": ref.namespace,
+                            "labels": child_labels(ref.name, component),
+                            "ownerReferences": [owner_reference(ref)]}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def spec_hash(spec: dict[str, Any], layout: Layout) -> str:
+    """Short hash of the run-defining spec fields and the layout (lifecycle fields excluded)."""
+    run = {k: v for k, v in spec.items() if k not in LIFECYCLE_FIELDS}
+    payload = json.dumps({"spec": run, "layout": layout.to_status()}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_plan(ref: JobRef, spec: FineTuneJobSpec, layout: Layout) -> dict[str, Any]:
+    """The training plan JSON (docs/contracts.md §2)."""
+    training = spec.training.dump()
+    training["learningRate"] = float(spec.training.learning_rate)
+    if spec.training.max_steps > 0:
+        training["epochs"] = 0
+    lora = spec.effective_lora()
+    quant = spec.quantization.dump() if spec.quantization is not None else None
+    return {
+        "version": PLAN_VERSION,
+        "job": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
+        "model": {"uri": spec.model.uri, "trustRemoteCode": spec.model.trust_remote_code},
+        "dataset": {"uri": spec.dataset.uri, "format": spec.dataset.format,
+                    "evalUri": spec.dataset.eval_uri, "evalSplit": spec.dataset.eval_split},
+        "method": spec.method,
+        "lora": lora.dump() if lora is not None else None,
+        "quantization": quant,
+        "training": training,
+        "distributed": layout.distributed(),
+        "output": {"uri": spec.output.uri, "mergeAdapter": spec.output.merge_adapter},
+    }
+
+
+def build_configmap(ref: JobRef, spec: FineTuneJobSpec, layout: Layout) -> dict[str, Any]:
+    """ConfigMap `<job>-plan` holding plan.json."""
+    plan = build_plan(ref, spec, layout)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(ref, plan_name(ref.name), "plan"),
+            "data": {PLAN_KEY: json.dumps(plan, indent=2, sort_keys=True) + "\n"}}
+
+
+def build_service(ref: JobRef) -> dict[str, Any]:
+    """Headless Service `<job>-trainer` giving pods stable DNS names for rendezvous."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(ref, trainer_name(ref.name), "trainer"),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {JOB_NAME_LABEL: ref.name, COMPONENT_LABEL: "trainer"},
+                     "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+                               {"name": "rendezvous", "port": RENDEZVOUS_PORT,
+                                "targetPort": RENDEZVOUS_PORT}]}}
+
+
+def shm_size(layout: Layout) -> str:
+    """Size of the /dev/shm memory volume: 2Gi per GPU process (NCCL, dataloaders), 512Mi on CPU."""
+    return f"{2 * layout.gpus_per_pod}Gi" if layout.gpus_per_pod > 0 else "512Mi"
+
+
+def pod_resources(spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig) -> dict[str, Any]:
+    """Container requests/limits: spec.resources cpu/memory or per-GPU defaults; GPUs as limits."""
+    gpus = layout.gpus_per_pod
+    if gpus > 0:
+        cpu = spec.resources.cpu or str(int(float(cfg.cpu_per_gpu) * gpus))
+        extra = 2 if layout.offload_optimizer or layout.offload_params else 1
+        memory = spec.resources.memory or f"{cfg.memory_per_gpu_gi * gpus * extra}Gi"
+    else:
+        cpu = spec.resources.cpu or cfg.cpu_only_cpu
+        memory = spec.resources.memory or cfg.cpu_only_memory
+    requests = {"cpu": cpu, "memory": memory}
+    limits: dict[str, Any] = {"memory": memory}
+    if gpus > 0:
+        requests["nvidia.com/gpu"] = str(gpus)
+        limits["nvidia.com/gpu"] = str(gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _env(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_PLAN", "value": f"{PLAN_DIR}/{PLAN_KEY}"},
+        {"name": "KUBETUNE_PVC_ROOT", "value": cfg.pvc_root},
+        {"name": "KUBETUNE_WORK_DIR", "value": cfg.work_dir},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": cfg.termination_log},
+        {"name": "KUBETUNE_NUM_NODES", "value": str(layout.pods)},
+        {"name": "KUBETUNE_NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
+        {"name": "KUBETUNE_PROCS_PER_NODE", "value": str(layout.procs_per_node)},
+        {"name": "KUBETUNE_MASTER_ADDR", "value": master_addr(ref.name, ref.namespace)},
+        {"name": "KUBETUNE_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "KUBETUNE_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "HF_HOME", "value": f"{cfg.work_dir}/hf"},
+        {"name": "HOME", "value": f"{cfg.work_dir}/home"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    hf = spec.secrets.hf_token_secret_ref
+    if hf.name:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.name, "key": hf.key}}})
+    s3 = spec.secrets.s3_credentials_secret_ref
+    if s3.name:
+        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
+                              ("AWS_ENDPOINT_URL", True)):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {
+                "name": s3.name, "key": key, "optional": optional}}})
+    return env
+
+
+def _volumes(ref: JobRef, spec: FineTuneJobSpec, layout: Layout,
+             cfg: BuildConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "plan", "configMap": {"name": plan_name(ref.name)}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(layout)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
+        {"name": "work", "mountPath": cfg.work_dir},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    output_claim = pvc_claim(spec.output.uri) if spec.output.uri.startswith("pvc://") else None
+    for claim in spec.pvc_claims():
+        read_only = claim != output_claim
+        volumes.append({"name": f"pvc-{claim}"[:63],
+                        "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{cfg.pvc_root}/{claim}",
+                       "readOnly": read_only})
+    return volumes, mounts
+
+
+def tolerations(layout: Layout, cfg: BuildConfig) -> list[dict[str, Any]]:
+    """Tolerate the nvidia.com/gpu taint on GPU nodes, plus the operator's extra tolerations."""
+    out: list[dict[str, Any]] = []
+    if layout.gpus_per_pod > 0:
+        out.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    out.extend(copy.deepcopy(list(cfg.extra_tolerations)))
+    return out
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Fail at once on permanent trainer errors; do not count disruptions (preemption) as failures."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": [reasons.PERMANENT_EXIT_CODE]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+    ]}
+
+
+def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig,
+              *, hash_: str = "") -> dict[str, Any]:
+    """Indexed batch/v1 Job `<job>-trainer`: one pod per node, completions = parallelism = pods."""
+    name = trainer_name(ref.name)
+    volumes, mounts = _volumes(ref, spec, layout, cfg)
+    pod_labels = child_labels(ref.name, "trainer")
+    container = {
+        "name": CONTAINER,
+        "image": spec.image or cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": ["kubetune-train", "launch"],
+        "env": _env(ref, spec, layout, cfg),
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                  {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        "resources": pod_resources(spec, layout, cfg),
+        "volumeMounts": mounts,
+        "terminationMessagePath": cfg.termination_log,
+        "terminationMessagePolicy": "File",
+        "securityContext": {"allowPrivilegeEscalation": False, "privileged": False,
+                            "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True},
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": name,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": cfg.run_as_user,
+                            "runAsGroup": cfg.run_as_user, "fsGroup": cfg.run_as_user,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if layout.node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(layout.node_selector.items()))
+    tols = tolerations(layout, cfg)
+    if tols:
+        pod_spec["tolerations"] = tols
+    job_labels = child_labels(ref.name, "trainer")
+    for key in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL):
+        if ref.labels.get(key):
+            job_labels[key] = ref.labels[key]
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": layout.pods,
+        "parallelism": layout.pods,
+        "backoffLimit": spec.backoff_limit,
+        "podFailurePolicy": pod_failure_policy(),
+        "suspend": bool(spec.suspend or ref.labels.get(KUEUE_QUEUE_LABEL)),
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if spec.active_deadline_seconds > 0:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    meta = _meta(ref, name, "trainer", {SPEC_HASH_ANNOTATION: hash_} if hash_ else None)
+    meta["labels"] = job_labels
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def build_children(ref: JobRef, spec_dict: dict[str, Any], spec: FineTuneJobSpec, layout: Layout,
+                   cfg: BuildConfig) -> list[dict[str, Any]]:
+    """All children in creation order: ConfigMap, Service, Job (the Job carries the spec hash)."""
+    hash_ = spec_hash(spec_dict, layout)
+    return [build_configmap(ref, spec, layout), build_service(ref),
+            build_job(ref, spec, layout, cfg, hash_=hash_)]

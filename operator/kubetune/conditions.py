@@ -1,0 +1,53 @@
+"""Standard Kubernetes-style conditions (type/status/reason/message/lastTransitionTime)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+READY = "Ready"
+SIZED = "Sized"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+CANCELLED = "Cancelled"
+
+CONDITION_TYPES = (READY, SIZED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, CANCELLED)
+
+
+def make_condition(ctype: str, status: bool | str, reason: str, message: str = "",
+                   *, now: str, generation: int | None = None) -> dict[str, Any]:
+    """A condition dict; `status` may be a bool or "True"/"False"/"Unknown"."""
+    text = status if isinstance(status, str) else ("True" if status else "False")
+    cond: dict[str, Any] = {"type": ctype, "status": text, "reason": reason,
+                            "message": message[:4096], "lastTransitionTime": now}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def find_condition(conditions: list[dict[str, Any]] | None, ctype: str) -> dict[str, Any] | None:
+    """The condition of that type, or None."""
+    for cond in conditions or []:
+        if cond.get("type") == ctype:
+            return cond
+    return None
+
+
+def merge_conditions(old: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge `new` into `old`, keeping lastTransitionTime when a condition's status did not change."""
+    merged: dict[str, dict[str, Any]] = {c["type"]: dict(c) for c in old or [] if "type" in c}
+    for cond in new:
+        prev = merged.get(cond["type"])
+        cond = dict(cond)
+        if prev is not None and prev.get("status") == cond["status"]:
+            cond["lastTransitionTime"] = prev.get("lastTransitionTime") or cond["lastTransitionTime"]
+        merged[cond["type"]] = cond
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(merged.values(), key=lambda c: (order.get(c["type"], len(order)), c["type"]))
+
+
+def is_true(conditions: list[dict[str, Any]] | None, ctype: str) -> bool:
+    """Whether the condition exists with status True."""
+    cond = find_condition(conditions, ctype)
+    return bool(cond and cond.get("status") == "True")
