@@ -2,6 +2,9 @@
 
 import pytest
 
+# Fixtures `cluster`, `k8s`, `namespace`, `process_nodes` for the real local control plane.
+pytest_plugins = ["kubetune.devcluster.pytest_plugin"]
+
 
 def _cuda_available() -> bool:
     try:

@@ -1,0 +1,210 @@
+"""The local control plane is real: kubectl, the Job controller, the scheduler's GPU accounting,
+the garbage collector and KWOK's simulated pod lifecycle all work, and nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from kubetune.devcluster.procs import pid_alive
+from kubetune.devcluster.testing import complete_pod, pod_events, wait_for
+
+pytestmark = pytest.mark.integration
+
+GPU = "nvidia.com/gpu"
+
+
+def _pod(name: str, gpus: int = 0, **spec: object) -> dict:
+    resources = {"limits": {GPU: str(gpus)}} if gpus else {}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"containers": [{"name": "main", "image": "busybox", "command": ["true"],
+                                     "resources": resources}],
+                     "restartPolicy": "Never", "nodeSelector": {"type": "kwok"}, **spec}}
+
+
+def test_kubectl_apply_creates_objects(cluster, namespace):
+    manifest = textwrap.dedent(f"""
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {{name: settings, namespace: {namespace}}}
+        data: {{greeting: hello}}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: web, namespace: {namespace}}}
+        spec:
+          clusterIP: None
+          selector: {{app: web}}
+          ports: [{{port: 80}}]
+        """)
+    out = cluster.kubectl("apply", "-f", "-", input=manifest).stdout
+    assert "configmap/settings created" in out and "service/web created" in out
+    got = cluster.kubectl("get", "configmap", "settings", "-n", namespace, "-o", "jsonpath={.data.greeting}").stdout
+    assert got == "hello"
+    again = cluster.kubectl("apply", "-f", "-", input=manifest).stdout
+    assert "configmap/settings unchanged" in again
+
+
+def test_fleet_nodes_carry_gpus_and_discovery_labels(cluster, k8s):
+    nodes = {n.metadata.name: n for n in client.CoreV1Api(k8s).list_node(label_selector="type=kwok").items}
+    assert set(cluster.fleet.node_names) <= set(nodes)
+    for group in cluster.fleet.groups:
+        for name in group.node_names():
+            node = nodes[name]
+            assert node.status.allocatable[GPU] == str(group.gpusPerNode)
+            assert node.metadata.labels["nvidia.com/gpu.product"] == group.gpuProduct
+            assert node.metadata.labels["nvidia.com/gpu.memory"] == str(group.gpuMemoryMiB)
+            assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
+
+
+def test_indexed_gpu_job_runs_only_on_nodes_with_enough_gpus(cluster, k8s, namespace):
+    core, batch = client.CoreV1Api(k8s), client.BatchV1Api(k8s)
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "train"},
+           "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
+                    "template": {"spec": _pod("x", gpus=8)["spec"]}}}
+    batch.create_namespaced_job(namespace, job)
+
+    def list_pods():
+        return core.list_namespaced_pod(namespace, label_selector="job-name=train").items
+
+    def running_pods():
+        found = list_pods()
+        return len(found) == 2 and all(p.status.phase == "Running" and p.status.pod_ip for p in found) and found
+
+    pods = wait_for(running_pods, 60, lambda: "2 running pods of job train; pods: "
+                    f"{[(p.metadata.name, p.status.phase, p.spec.node_name) for p in list_pods()]}")
+    eight_gpu_nodes = {n for g in cluster.fleet.groups if g.gpusPerNode >= 8 for n in g.node_names()}
+    nodes = [p.spec.node_name for p in pods]
+    assert set(nodes) <= eight_gpu_nodes, f"8-GPU pods landed on {nodes}, not all in {sorted(eight_gpu_nodes)}"
+    assert len(set(nodes)) == 2, "two 8-GPU pods cannot share one 8-GPU node"
+    indexes = sorted(p.metadata.annotations["batch.kubernetes.io/job-completion-index"] for p in pods)
+    assert indexes == ["0", "1"]
+
+    for p in pods:
+        complete_pod(k8s, namespace, p.metadata.name, exit_code=0, message="done")
+
+    def job_complete():
+        status = batch.read_namespaced_job_status("train", namespace).status
+        return status.succeeded == 2 and any(c.type == "Complete" and c.status == "True"
+                                             for c in status.conditions or []) and status
+    wait_for(job_complete, 60, lambda: f"job train Complete: {batch.read_namespaced_job_status('train', namespace).status}")
+
+
+def test_pod_needing_more_gpus_than_any_node_stays_pending(k8s, namespace):
+    core = client.CoreV1Api(k8s)
+    core.create_namespaced_pod(namespace, _pod("too-big", gpus=16))
+
+    def failed_scheduling():
+        return [m for r, m in pod_events(k8s, namespace, "too-big") if r == "FailedScheduling"]
+
+    messages = wait_for(failed_scheduling, 60, "a FailedScheduling event for pod too-big")
+    assert f"Insufficient {GPU}" in messages[0], messages
+    pod = core.read_namespaced_pod("too-big", namespace)
+    assert pod.status.phase == "Pending" and not pod.spec.node_name
+
+
+def test_deleting_owner_garbage_collects_children(k8s, namespace):
+    core = client.CoreV1Api(k8s)
+    owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "child", "ownerReferences": [ref]}})
+    core.create_namespaced_pod(namespace, {**_pod("child-pod"), "metadata": {"name": "child-pod",
+                                                                              "ownerReferences": [ref]}})
+    core.delete_namespaced_config_map("owner", namespace, propagation_policy="Background")
+
+    def children_gone():
+        left = [c.metadata.name for c in core.list_namespaced_config_map(namespace).items
+                if c.metadata.name in {"owner", "child"}]
+        left += [p.metadata.name for p in core.list_namespaced_pod(namespace).items]
+        return not left
+
+    wait_for(children_gone, 60, lambda: "owner's children deleted; left: "
+             f"{[c.metadata.name for c in core.list_namespaced_config_map(namespace).items]} "
+             f"{[p.metadata.name for p in core.list_namespaced_pod(namespace).items]}")
+
+
+@pytest.mark.parametrize("exit_code,message,phase,reason", [(0, "all good", "Succeeded", "Completed"),
+                                                            (3, "boom: CUDA OOM", "Failed", "Error")])
+def test_driving_a_pod_to_completion_reports_exit_code_and_message(k8s, namespace, exit_code, message, phase,
+                                                                   reason):
+    core = client.CoreV1Api(k8s)
+    core.create_namespaced_pod(namespace, _pod("worker"))
+    wait_for(lambda: core.read_namespaced_pod("worker", namespace).status.phase == "Running", 30, "pod worker Running")
+    complete_pod(k8s, namespace, "worker", exit_code=exit_code, message=message)
+
+    def done():
+        pod = core.read_namespaced_pod("worker", namespace)
+        return pod.status.phase == phase and pod
+    pod = wait_for(done, 30, lambda: f"pod worker {phase}: {core.read_namespaced_pod('worker', namespace).status}")
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (terminated.exit_code, terminated.message, terminated.reason) == (exit_code, message, reason)
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"cluster process exited with {proc.returncode}: {proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} not written within {timeout}s")
+        time.sleep(0.2)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and pid_alive(int(entry)):
+                found.append(f"{entry}: {cmdline[:200]}")
+    return found
+
+
+def test_ctrl_c_on_cluster_up_leaves_no_process(tmp_path):
+    env_file = tmp_path / "env"
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "cluster", "up", "--nodes", "1",
+                             "--env-file", str(env_file), "--work-dir", str(tmp_path / "work")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_file(env_file, proc, 90)
+        state = json.loads((tmp_path / "work" / "state.json").read_text())
+        pids = state["pids"]
+        assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
+        assert all(pid_alive(p) for p in pids.values())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [n for n, p in pids.items() if pid_alive(p)] == []
+    assert _processes_mentioning(str(tmp_path / "work")) == []
+    assert not env_file.exists()
+
+
+def test_exception_after_start_leaves_no_process(tmp_path):
+    script = textwrap.dedent("""
+        import json, sys
+        from kubetune.devcluster import Cluster, ClusterOptions, generate_fleet
+        with Cluster(ClusterOptions(fleet=generate_fleet(1))) as c:
+            print(json.dumps({"pids": c.pids, "dir": str(c.work_dir)}), flush=True)
+            raise RuntimeError("test failure inside the cluster block")
+        """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "test failure inside the cluster block" in result.stderr, result.stderr
+    info = json.loads(result.stdout.splitlines()[-1])
+    assert len(info["pids"]) == 5
+    assert [n for n, p in info["pids"].items() if pid_alive(p)] == []
+    assert _processes_mentioning(info["dir"]) == []
+    assert not Path(info["dir"]).exists()
