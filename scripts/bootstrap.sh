@@ -31,6 +31,7 @@ else
   "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >&2
 fi
 
+if [[ $(id -u) -eq 0 ]] || sudo -n true 2>/dev/null; then "$root/scripts/install-system-deps.sh" >&2; fi  # prometheus + promtool for the monitoring tests
 bin=$("$root/devcluster/build.sh")
 echo "export PATH=\"$venv/bin:$bin:\$PATH\""
 echo "export KUBETUNE_BIN_DIR=\"$bin\""

@@ -1,0 +1,159 @@
+{{/*
+Naming and labels shared by every template.
+*/}}
+
+{{/* Chart name, overridable with nameOverride (63 characters max, DNS-1123). */}}
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Full name used as the prefix of every object: fullnameOverride, else <release>-<name>, or the
+release name alone when it already contains the chart name.
+*/}}
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespace of the chart's namespaced objects. */}}
+{{- define "kubetune.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride -}}
+{{- end -}}
+
+{{/* chart label value: <name>-<version>. */}}
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select the operator pods (stable across upgrades). */}}
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* Standard labels for every object. */}}
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Name of the ServiceAccount the operator runs as. */}}
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Operator image reference: repository@digest or repository:tag (tag defaults to appVersion). */}}
+{{- define "kubetune.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the operator watches the whole cluster (watchNamespaces is empty). */}}
+{{- define "kubetune.clusterWide" -}}
+{{- if not .Values.watchNamespaces -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when replicas coordinate through kopf peering (more than one replica). */}}
+{{- define "kubetune.peeringEnabled" -}}
+{{- if gt (int .Values.replicaCount) 1 -}}true{{- end -}}
+{{- end -}}
+
+{{/* Name of the kopf peering object. */}}
+{{- define "kubetune.peeringName" -}}
+{{- default (include "kubetune.fullname" .) .Values.peering.name -}}
+{{- end -}}
+
+{{/* Name of the metrics Service (also the `job` label a ServiceMonitor gives its targets). */}}
+{{- define "kubetune.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "kubetune.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Command-line arguments of `kubetune operator`. */}}
+{{- define "kubetune.operatorArgs" -}}
+- operator
+{{- if include "kubetune.clusterWide" . }}
+- --all-namespaces
+{{- else }}
+{{- range .Values.watchNamespaces }}
+- --namespace={{ . }}
+{{- end }}
+{{- end }}
+- --liveness-port={{ .Values.operator.livenessPort }}
+- --metrics-port={{ .Values.operator.metricsPort }}
+{{- if include "kubetune.peeringEnabled" . }}
+- --peering={{ include "kubetune.peeringName" . }}
+{{- else }}
+- --standalone
+{{- end }}
+{{- range .Values.operator.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The operator's permissions on namespaced resources, shared by the cluster-wide ClusterRole and
+the per-namespace Roles. No Secrets: trainer pods reference them by name only.
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
+
+{{/* Cluster-scoped reads: nodes (GPU fleet for sizing) and CRDs (kopf's resource discovery). */}}
+{{- define "kubetune.clusterReadRules" -}}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
+{{- end -}}
+
+{{/* kopf peering permissions: the peering objects are read and patched (keep-alives). */}}
+{{- define "kubetune.peeringVerbs" -}}
+["get", "list", "watch", "patch"]
+{{- end -}}
