@@ -91,10 +91,10 @@ def _meta(ref: JobRef, name: str, component: str, annotations: dict[str, str] | 
     return meta
 
 
-def spec_hash(spec: dict[str, Any], layout: Layout) -> str:
-    """Short hash of the run-defining spec fields and the layout (lifecycle fields excluded)."""
+def spec_hash(spec: dict[str, Any]) -> str:
+    """Short hash of the run-defining spec fields (lifecycle fields excluded): a change means a new Job."""
     run = {k: v for k, v in spec.items() if k not in LIFECYCLE_FIELDS}
-    payload = json.dumps({"spec": run, "layout": layout.to_status()}, sort_keys=True, default=str)
+    payload = json.dumps(run, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -292,6 +292,6 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
 def build_children(ref: JobRef, spec_dict: dict[str, Any], spec: FineTuneJobSpec, layout: Layout,
                    cfg: BuildConfig) -> list[dict[str, Any]]:
     """All children in creation order: ConfigMap, Service, Job (the Job carries the spec hash)."""
-    hash_ = spec_hash(spec_dict, layout)
+    hash_ = spec_hash(spec_dict)
     return [build_configmap(ref, spec, layout), build_service(ref),
             build_job(ref, spec, layout, cfg, hash_=hash_)]

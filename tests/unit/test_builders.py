@@ -157,8 +157,8 @@ def test_spec_hash_ignores_lifecycle_fields_only() -> None:
     data = yaml.safe_load((CASES_DIR / "cpu-quickstart" / "input.yaml").read_text())
     spec = parse_spec(data["spec"])
     layout = layout_from_resources(spec)
-    base = spec_hash(data["spec"], layout)
-    assert spec_hash({**data["spec"], "suspend": True, "ttlSecondsAfterFinished": 5}, layout) == base
-    assert spec_hash({**data["spec"], "backoffLimit": 9}, layout) != base
+    base = spec_hash(data["spec"])
+    assert spec_hash({**data["spec"], "suspend": True, "ttlSecondsAfterFinished": 5, "cancel": True}) == base
+    assert spec_hash({**data["spec"], "backoffLimit": 9}) != base
     job = build_job(JobRef("quickstart", "demo", "u"), spec, layout, CONFIG, hash_=base)
     assert job["metadata"]["annotations"]["kubetune.io/spec-hash"] == base
