@@ -1,0 +1,1 @@
+"""Torch-free VRAM estimator and GPU sizer for FineTuneJobs (see docs/sizing.md)."""
