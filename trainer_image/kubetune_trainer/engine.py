@@ -1,0 +1,235 @@
+"""Execution backends for the training loop: one process / torch DDP (`NativeEngine`) or DeepSpeed ZeRO.
+
+Both expose the same small surface: `forward(batch) -> loss`, `backward(loss, boundary)`,
+`step() -> grad_norm`, `save(dir)` / `load(dir)` for resumable checkpoints, and
+`trainable_state_dict()` / `full_state_dict()` for the final export (gathering ZeRO-3 shards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
+DEEPSPEED_TAG = "deepspeed"
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class NativeEngine:
+    """Plain torch (single process) or DistributedDataParallel, manual gradient accumulation."""
+
+    def __init__(self, model, optimizer, scheduler, *, device: torch.device, precision: str,
+                 grad_accum: int, max_grad_norm: float, distributed: bool, rank: int) -> None:
+        self.raw_model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = device
+        self.precision = precision
+        self.grad_accum = grad_accum
+        self.max_grad_norm = max_grad_norm
+        self.rank = rank
+        self.is_writer = rank == 0
+        self.model = model
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=ids)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> None:
+        """Switch train/eval mode."""
+        self.model.train(mode)
+
+    def accumulating(self, boundary: bool):
+        """Context for one micro-batch: DDP skips the gradient all-reduce until the boundary."""
+        if not boundary and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def forward(self, batch: dict):
+        """Model outputs for a batch."""
+        with _autocast(self.device, self.precision):
+            return self.model(**batch)
+
+    def backward(self, loss) -> None:
+        """Accumulate gradients of loss / grad_accum."""
+        scaled = loss / self.grad_accum
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def eval_forward(self, batch: dict):
+        """Forward without gradients (no DDP wrapper needed)."""
+        with _autocast(self.device, self.precision):
+            return self.raw_model(**batch)
+
+    def step(self) -> float:
+        """Clip, optimizer step, LR step, zero grads; returns the pre-clip gradient norm."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in self._params
+                                                         if p.grad is not None]))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def current_lr(self) -> float:
+        """Learning rate of the first param group."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Rank 0 writes trainable weights, optimizer, scheduler (and grad scaler) into `directory`."""
+        if not self.is_writer:
+            return
+        from safetensors.torch import save_file
+
+        state = {name: p.detach().to("cpu").contiguous().clone()
+                 for name, p in self.raw_model.named_parameters() if p.requires_grad}
+        save_file(state, str(directory / TRAINABLE_FILE))
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        torch.save(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
+        if self.scaler:
+            torch.save(self.scaler.state_dict(), directory / SCALER_FILE)
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote (every rank reads the same files)."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / TRAINABLE_FILE))
+        params = dict(self.raw_model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        if missing:
+            raise RuntimeError(f"checkpoint {directory} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu",
+                                                  weights_only=False))
+        self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=False))
+        if self.scaler and (directory / SCALER_FILE).exists():
+            self.scaler.load_state_dict(torch.load(directory / SCALER_FILE, weights_only=False))
+
+    # -- export --------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Trainable tensors by name (rank 0; None elsewhere)."""
+        if not self.is_writer:
+            return None
+        return {n: p.detach().cpu() for n, p in self.raw_model.named_parameters() if p.requires_grad}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full model state (rank 0; None elsewhere); None also means 'use the model as is'."""
+        return None
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1-3 (optionally offloaded) around the client optimizer; LR schedule stepped here."""
+
+    def __init__(self, model, optimizer, scheduler, *, config: dict[str, Any], rank: int) -> None:
+        import deepspeed
+
+        self.raw_model = model
+        self.scheduler = scheduler
+        self.rank = rank
+        self.is_writer = rank == 0
+        self.config = config
+        self.zero_stage = int(config["zero_optimization"]["stage"])
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.device = self.model.device
+        self.precision = "bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"] else "fp32"
+        self._frozen = any(not p.requires_grad for p in model.parameters())
+
+    def train(self, mode: bool = True) -> None:
+        """Switch train/eval mode."""
+        self.model.train(mode)
+
+    def accumulating(self, boundary: bool):
+        """DeepSpeed tracks the accumulation boundary itself."""
+        return contextlib.nullcontext()
+
+    def forward(self, batch: dict):
+        """Model outputs for a batch."""
+        return self.model(**batch)
+
+    def backward(self, loss) -> None:
+        """DeepSpeed backward (scales by 1/gradient_accumulation_steps itself) + micro step."""
+        self.model.backward(loss)
+        if not self.model.is_gradient_accumulation_boundary():
+            self.model.step()
+
+    def eval_forward(self, batch: dict):
+        """Forward without gradients (ZeRO-3 gathers shards collectively: every rank must call it)."""
+        return self.model(**batch)
+
+    def step(self) -> float:
+        """Optimizer step at the accumulation boundary + LR step; returns the global grad norm."""
+        self.model.step()
+        self.scheduler.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients."""
+        self.model.zero_grad()
+
+    def current_lr(self) -> float:
+        """Learning rate of the first param group."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, directory: Path) -> None:
+        """Every rank writes its ZeRO shards; rank 0 also the LR schedule."""
+        self.model.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False,
+                                   exclude_frozen_parameters=self._frozen)
+        if self.is_writer:
+            torch.save(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
+
+    def load(self, directory: Path) -> None:
+        """Restore the ZeRO shards, optimizer and LR schedule."""
+        path, _ = self.model.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=not self._frozen,
+                                             load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+        self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=False))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Trainable tensors gathered from ZeRO-3 shards (collective; rank 0 gets them)."""
+        named = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {n: p.detach().cpu().clone() for n, p in named} if self.is_writer else None
+        return {n: p.detach().cpu().clone() for n, p in named} if self.is_writer else None
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights for export: gathered under ZeRO-3 (collective), else None (the module holds them)."""
+        if self.zero_stage == 3:
+            return self.model._zero3_consolidated_16bit_state_dict()
+        return None

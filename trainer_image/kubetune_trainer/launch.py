@@ -1,0 +1,129 @@
+"""Pod entrypoint: one training process per GPU (KUBETUNE_PROCS_PER_NODE) on each pod via torchrun.
+
+With 1 node x 1 process the run happens in this process (no launcher overhead).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune_trainer.errors import PlanError
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """The rendezvous the operator sets up (docs/contracts.md §3)."""
+
+    num_nodes: int = 1
+    node_rank: int = 0
+    procs_per_node: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def world_size(self) -> int:
+        """Total processes over all pods."""
+        return self.num_nodes * self.procs_per_node
+
+
+def _int_env(env: dict[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise PlanError(f"environment {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise PlanError(f"environment {name}={value} must be >= {minimum}")
+    return value
+
+
+def rendezvous_from_env(env: dict[str, str] | None = None) -> Rendezvous:
+    """Parse KUBETUNE_NUM_NODES / NODE_RANK / PROCS_PER_NODE / MASTER_ADDR / MASTER_PORT."""
+    e = dict(os.environ if env is None else env)
+    rdv = Rendezvous(
+        num_nodes=_int_env(e, "KUBETUNE_NUM_NODES", 1, 1),
+        node_rank=_int_env(e, "KUBETUNE_NODE_RANK", _int_env(e, "JOB_COMPLETION_INDEX", 0, 0), 0),
+        procs_per_node=_int_env(e, "KUBETUNE_PROCS_PER_NODE", 1, 1),
+        master_addr=e.get("KUBETUNE_MASTER_ADDR") or "127.0.0.1",
+        master_port=_int_env(e, "KUBETUNE_MASTER_PORT", 29500, 1),
+    )
+    if rdv.node_rank >= rdv.num_nodes:
+        raise PlanError(f"KUBETUNE_NODE_RANK={rdv.node_rank} is not below KUBETUNE_NUM_NODES={rdv.num_nodes}")
+    return rdv
+
+
+def launch_command(rdv: Rendezvous, python: str = sys.executable) -> list[str]:
+    """The torchrun command line that starts `kubetune-train run` on every local process."""
+    master = "127.0.0.1" if rdv.num_nodes == 1 else rdv.master_addr
+    return [
+        python, "-m", "torch.distributed.run",
+        f"--nnodes={rdv.num_nodes}",
+        f"--nproc-per-node={rdv.procs_per_node}",
+        f"--node-rank={rdv.node_rank}",
+        f"--master-addr={master}",
+        f"--master-port={rdv.master_port}",
+        "--rdzv-backend=static",
+        "--max-restarts=0",
+        "-m", "kubetune_trainer.cli", "run",
+    ]
+
+
+def worker_env(env: dict[str, str], rdv: Rendezvous) -> dict[str, str]:
+    """Environment for the workers: DeepSpeed's CPU accelerator when there is no GPU, sane threading."""
+    out = dict(env)
+    out["KUBETUNE_NODE_RANK"] = str(rdv.node_rank)
+    if not _cuda_available():
+        out.setdefault("DS_ACCELERATOR", "cpu")
+    out.setdefault("PYTHONUNBUFFERED", "1")
+    return out
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _summary_fingerprint(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+        return (st.st_mtime_ns, st.st_size, path.read_bytes())
+    except OSError:
+        return None
+
+
+def launch(env: dict[str, str] | None = None) -> int:
+    """Start the run: in-process for 1x1, else torchrun; node 0 reports a failure the workers did not."""
+    from kubetune_trainer.cli import run_worker
+    from kubetune_trainer.summary import build_summary, termination_log_path, write_summary
+
+    e = dict(os.environ if env is None else env)
+    try:
+        rdv = rendezvous_from_env(e)
+    except PlanError as exc:
+        write_summary(build_summary(status="Failed", reason=exc.reason, message=str(exc)))
+        return 3
+    if rdv.world_size == 1:
+        os.environ.update(worker_env(e, rdv))
+        return run_worker()
+    log_path = termination_log_path()
+    before = _summary_fingerprint(log_path)
+    proc = subprocess.run(launch_command(rdv), env=worker_env(e, rdv), check=False)
+    code = proc.returncode
+    if code != 0 and rdv.node_rank == 0 and _summary_fingerprint(log_path) == before:
+        reason = "OutOfMemory" if code in (-9, 137) else "TrainingError"
+        what = "killed (SIGKILL: out of memory?)" if code in (-9, 137) else f"exited with code {code}"
+        write_summary(build_summary(status="Failed", reason=reason,
+                                    message=f"a training process on node {rdv.node_rank} {what} before "
+                                            "writing a summary; see the pod log"))
+    if code < 0:
+        return 128 - code
+    return code

@@ -1,0 +1,167 @@
+"""Fine-tuning methods: precision, model loading (full / LoRA / QLoRA), optimizer and LR schedule."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from kubetune_trainer.errors import PlanError
+from kubetune_trainer.plan import Plan, QuantizationPlan, TrainingPlan
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def resolve_precision(requested: str, cuda_available: bool, bf16_supported: bool) -> str:
+    """auto → bf16 if the GPU supports it, else fp16 on GPU, fp32 on CPU; explicit values are checked."""
+    if requested == "auto":
+        if not cuda_available:
+            return "fp32"
+        return "bf16" if bf16_supported else "fp16"
+    if requested == "fp16" and not cuda_available:
+        raise PlanError("training.precision: fp16 needs a CUDA GPU (this process has none); use auto or fp32")
+    if requested == "bf16" and cuda_available and not bf16_supported:
+        raise PlanError("training.precision: bf16 is not supported by this GPU; use auto or fp16")
+    return requested
+
+
+def torch_dtype(name: str):
+    """torch dtype for a precision (bf16|fp16|fp32) or dtype name (bfloat16|float16|float32)."""
+    import torch
+
+    name = DTYPE_NAMES.get(name, name)
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def bnb_config(quant: QuantizationPlan):
+    """transformers BitsAndBytesConfig for a QLoRA plan (4-bit NF4/FP4 + double quant, or 8-bit)."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+    )
+
+
+def lora_target_modules(names: list[str]) -> str | list[str]:
+    """peft target_modules: the string "all-linear" or the explicit module names."""
+    if any(n == "all-linear" for n in names):
+        if len(names) > 1:
+            raise PlanError("lora.targetModules: 'all-linear' cannot be combined with explicit module names")
+        return "all-linear"
+    return list(names)
+
+
+def load_base_model(model_dir: str, plan: Plan, precision: str, device, quantize: bool | None = None):
+    """Load the base causal LM for the plan's method on `device` (QLoRA: quantized with bitsandbytes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quantize = plan.method == "qlora" if quantize is None else quantize
+    kwargs: dict[str, Any] = {"trust_remote_code": plan.model.trust_remote_code}
+    if quantize:
+        assert plan.quantization is not None
+        kwargs["quantization_config"] = bnb_config(plan.quantization)
+        kwargs["dtype"] = torch_dtype(plan.quantization.compute_dtype)
+        kwargs["device_map"] = {"": device}
+    elif plan.method == "lora":
+        # Frozen base weights may live in the compute dtype; adapters stay fp32 (peft upcasts them).
+        kwargs["dtype"] = torch_dtype(precision)
+    else:
+        kwargs["dtype"] = torch.float32  # full fine-tune: fp32 master weights, autocast for bf16/fp16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if not quantize:
+        model.to(device)
+    return model
+
+
+def apply_method(model, plan: Plan):
+    """Wrap the base model for the method: trainable full model, or a peft LoRA model."""
+    gc = plan.training.gradient_checkpointing
+    if plan.method == "full":
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    assert plan.lora is not None
+    if plan.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    config = LoraConfig(
+        r=plan.lora.r,
+        lora_alpha=plan.lora.alpha,
+        lora_dropout=plan.lora.dropout,
+        target_modules=lora_target_modules(plan.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise PlanError(f"lora.targetModules: {exc}") from None
+
+
+def trainable_parameters(model) -> list:
+    """Parameters with requires_grad, in a stable order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(params: Iterable, training: TrainingPlan, *, ds_cpu_adam: bool = False):
+    """The plan's optimizer over `params` (torch AdamW/SGD or a bitsandbytes 8-bit/paged AdamW)."""
+    import torch
+
+    lr, name = training.learning_rate, training.optimizer
+    params = list(params)
+    if name == "adamw":
+        if ds_cpu_adam:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    return cls(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def warmup_steps(training: TrainingPlan, total_steps: int) -> int:
+    """Warmup steps from warmupRatio (only the *_with_warmup/linear/cosine schedules use it)."""
+    if training.scheduler == "constant":
+        return 0
+    return int(round(training.warmup_ratio * total_steps))
+
+
+def build_scheduler(optimizer, training: TrainingPlan, total_steps: int):
+    """transformers LR scheduler: linear | cosine | constant | constant_with_warmup."""
+    from transformers import get_scheduler
+
+    return get_scheduler(training.scheduler, optimizer=optimizer,
+                         num_warmup_steps=warmup_steps(training, total_steps),
+                         num_training_steps=max(1, total_steps))

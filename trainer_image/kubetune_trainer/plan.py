@@ -1,0 +1,237 @@
+"""The training plan (docs/contracts.md §2): typed, validated pydantic v2 models.
+
+`load_plan(path)` / `parse_plan(dict)` return a `Plan` or raise `PlanError` naming the
+offending field (e.g. ``training.learningRate: ...``). Unknown keys are rejected at every level.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from kubetune_trainer import PLAN_VERSION
+from kubetune_trainer.errors import PlanError
+
+
+class _Model(BaseModel):
+    """Base: camelCase aliases, unknown keys forbidden, frozen-ish values."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              validate_default=True)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The camelCase JSON form (what the operator writes)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+class JobRef(_Model):
+    name: str = ""
+    namespace: str = ""
+    uid: str = ""
+
+
+class ModelRef(_Model):
+    uri: str = Field(min_length=1)
+    trust_remote_code: bool = False
+
+
+class DatasetPlan(_Model):
+    uri: str = Field(min_length=1)
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+    eval_uri: str = ""
+    eval_split: float = Field(default=0.05, ge=0.0, le=0.5)
+
+
+class LoraPlan(_Model):
+    r: int = Field(default=16, ge=1, le=1024)
+    alpha: float = Field(default=32.0, gt=0.0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+
+
+class QuantizationPlan(_Model):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class EarlyStoppingPlan(_Model):
+    patience: int = Field(default=0, ge=0)
+    threshold: float = Field(default=0.0, ge=0.0)
+
+
+class TrainingPlan(_Model):
+    epochs: float = Field(default=0.0, ge=0.0)
+    max_steps: int = Field(default=0, ge=0)
+    learning_rate: float = 2e-4
+    micro_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=8, ge=1)
+    max_seq_length: int = Field(default=2048, ge=8)
+    packing: bool = False
+    warmup_ratio: float = Field(default=0.03, ge=0.0, le=1.0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = Field(default=42, ge=0)
+    completion_only: bool = True
+    checkpoint_every_steps: int = Field(default=200, ge=1)
+    eval_every_steps: int = Field(default=0, ge=0)
+    early_stopping: EarlyStoppingPlan = Field(default_factory=EarlyStoppingPlan)
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _parse_learning_rate(cls, value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError("must be a number or a numeric string such as \"2e-4\"")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number (expected e.g. \"2e-4\")") from None
+        if not isinstance(value, (int, float)):
+            raise ValueError("must be a number or a numeric string such as \"2e-4\"")
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"must be a finite number >= 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainingPlan":
+        if (self.epochs > 0) == (self.max_steps > 0):
+            raise ValueError("exactly one of epochs or maxSteps must be greater than 0 "
+                             f"(got epochs={self.epochs}, maxSteps={self.max_steps})")
+        return self
+
+
+class DistributedPlan(_Model):
+    strategy: Literal["none", "ddp", "deepspeed"] = "none"
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    num_nodes: int = Field(default=1, ge=1)
+    procs_per_node: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _resolved(self) -> "DistributedPlan":
+        if self.strategy == "deepspeed" and self.zero_stage == 0:
+            raise ValueError("strategy deepspeed needs a resolved zeroStage 1..3 (got 0)")
+        if self.strategy != "deepspeed" and (self.offload_optimizer or self.offload_params):
+            raise ValueError("offloadOptimizer/offloadParams need strategy deepspeed")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offloadParams needs zeroStage 3")
+        if self.strategy == "none" and self.world_size > 1:
+            raise ValueError(f"strategy none runs one process, but numNodes x procsPerNode = {self.world_size}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Total number of training processes."""
+        return self.num_nodes * self.procs_per_node
+
+
+class OutputPlan(_Model):
+    uri: str = Field(min_length=1)
+    merge_adapter: bool = False
+
+
+class Plan(_Model):
+    version: int
+    job: JobRef = Field(default_factory=JobRef)
+    model: ModelRef
+    dataset: DatasetPlan
+    method: Literal["full", "lora", "qlora"]
+    lora: LoraPlan | None = None
+    quantization: QuantizationPlan | None = None
+    training: TrainingPlan
+    distributed: DistributedPlan = Field(default_factory=DistributedPlan)
+    output: OutputPlan
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != PLAN_VERSION:
+            raise ValueError(f"unsupported plan version {value}; this trainer reads version {PLAN_VERSION}")
+        return value
+
+    @model_validator(mode="after")
+    def _method_blocks(self) -> "Plan":
+        if self.method == "qlora" and self.quantization is None:
+            raise PlanError("quantization: required for method qlora")
+        if self.method != "qlora" and self.quantization is not None:
+            raise PlanError(f"quantization: only allowed for method qlora (method is {self.method})")
+        if self.method in ("lora", "qlora") and self.lora is None:
+            self.lora = LoraPlan()
+        if self.method == "full" and self.lora is not None:
+            raise PlanError("lora: only allowed for methods lora/qlora (method is full)")
+        if self.output.merge_adapter and self.method == "full":
+            raise PlanError("output.mergeAdapter: only meaningful for methods lora/qlora")
+        if self.method == "qlora" and self.distributed.zero_stage == 3:
+            raise PlanError("distributed.zeroStage: ZeRO-3 cannot shard bitsandbytes-quantized weights; "
+                            "use zeroStage 2 or ddp for qlora")
+        return self
+
+
+def _loc(loc: tuple) -> str:
+    """Turn a pydantic error location into the camelCase field path."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        elif item in ("function-after", "function-before") or str(item).startswith("function-"):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "plan"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One message naming each bad field, e.g. ``training.learningRate: ...``."""
+    lines = []
+    for err in exc.errors():
+        msg = err.get("msg", "invalid")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown key (not in plan version 1)"
+        lines.append(f"{_loc(tuple(err.get('loc', ())))}: {msg}")
+    return "invalid training plan: " + "; ".join(lines)
+
+
+def parse_plan(data: Any) -> Plan:
+    """Validate a plan dict; raise PlanError naming the field on any problem."""
+    if not isinstance(data, dict):
+        raise PlanError(f"plan: expected a JSON object, got {type(data).__name__}")
+    try:
+        return Plan.model_validate(data)
+    except PlanError as exc:
+        raise PlanError(f"invalid training plan: {exc}") from None
+    except ValidationError as exc:
+        # A PlanError raised inside a model validator arrives wrapped; unwrap it.
+        for err in exc.errors():
+            inner = (err.get("ctx") or {}).get("error")
+            if isinstance(inner, PlanError):
+                raise PlanError(f"invalid training plan: {inner}") from None
+        raise PlanError(format_validation_error(exc)) from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate the plan JSON at `path`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanError(f"cannot read plan file {p}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"plan file {p} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    return parse_plan(data)
