@@ -1,0 +1,136 @@
+"""Cluster I/O for one FineTuneJob's children (sync kubernetes client; called from worker threads)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from kubetune.builders import COMPONENT_LABEL, JOB_NAME_LABEL, plan_name, trainer_name
+from kubetune.reconcile import pod_index
+
+log = logging.getLogger("kubetune.children")
+
+
+class ChildClient:
+    """Reads and writes the ConfigMap, Service, Job and pods of FineTuneJobs."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+
+    def to_dict(self, obj: Any) -> dict[str, Any]:
+        """A client model as a plain k8s JSON dict."""
+        return self.api.sanitize_for_serialization(obj)
+
+    def read_job(self, ns: str, job: str) -> dict[str, Any] | None:
+        """The child Job, or None."""
+        try:
+            return self.to_dict(self.batch.read_namespaced_job(trainer_name(job), ns))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_pods(self, ns: str, job: str) -> list[dict[str, Any]]:
+        """Trainer pods of the job."""
+        selector = f"{JOB_NAME_LABEL}={job},{COMPONENT_LABEL}=trainer"
+        return [self.to_dict(p) for p in self.core.list_namespaced_pod(ns, label_selector=selector).items]
+
+    def other_children_exist(self, ns: str, job: str) -> bool:
+        """Whether the ConfigMap or Service still exist."""
+        for read, name in ((self.core.read_namespaced_config_map, plan_name(job)),
+                           (self.core.read_namespaced_service, trainer_name(job))):
+            try:
+                read(name, ns)
+                return True
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+        return False
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """All Nodes as dicts (for the sizer)."""
+        return [self.to_dict(n) for n in self.core.list_node().items]
+
+    def apply(self, obj: dict[str, Any]) -> str:
+        """Create a child; if it exists keep it (Job, Service) or update its data (ConfigMap)."""
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        create = {"ConfigMap": self.core.create_namespaced_config_map,
+                  "Service": self.core.create_namespaced_service,
+                  "Job": self.batch.create_namespaced_job}[kind]
+        try:
+            create(ns, obj)
+            return "created"
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        if kind == "ConfigMap":
+            self.core.patch_namespaced_config_map(name, ns, {"data": obj["data"],
+                                                             "metadata": {"labels": obj["metadata"]["labels"]}})
+            return "updated"
+        return "exists"
+
+    def set_job_suspend(self, ns: str, job: str, value: bool) -> None:
+        """Patch the Job's .spec.suspend."""
+        self.batch.patch_namespaced_job(trainer_name(job), ns, {"spec": {"suspend": value}})
+
+    def delete_job(self, ns: str, job: str) -> None:
+        """Delete the Job; its pods go with it (background propagation)."""
+        try:
+            self.batch.delete_namespaced_job(trainer_name(job), ns, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def delete_children(self, ns: str, job: str) -> None:
+        """Delete the Job, Service and ConfigMap."""
+        self.delete_job(ns, job)
+        for delete, name in ((self.core.delete_namespaced_service, trainer_name(job)),
+                             (self.core.delete_namespaced_config_map, plan_name(job))):
+            try:
+                delete(name, ns)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+
+def rank0_address(pods: list[dict[str, Any]]) -> str:
+    """IP of the newest running pod with completion index 0, or ''."""
+    running = [p for p in pods if pod_index(p) == 0 and (p.get("status") or {}).get("phase") == "Running"
+               and (p.get("status") or {}).get("podIP")]
+    running.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "")
+    return running[-1]["status"]["podIP"] if running else ""
+
+
+def fetch_progress(host: str, port: int, timeout: float) -> dict[str, Any] | None:
+    """GET http://host:port/progress (docs/contracts.md §6); None when unreachable or malformed."""
+    url = f"http://{host}:{port}/progress"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as rsp:  # noqa: S310 - cluster-internal http
+            data = json.loads(rsp.read(65536).decode())
+    except (OSError, ValueError) as exc:
+        log.debug("progress endpoint %s unreachable: %s", url, exc)
+        return None
+    return data if isinstance(data, dict) and data.get("version") == 1 else None
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """RFC 7386 merge patch turning `old` into `new` (removed keys become null; lists are replaced)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value) if isinstance(value, dict) and isinstance(old[key], dict) \
+                else value
+    return patch

@@ -1,0 +1,216 @@
+"""`kubetune operator`: run the FineTuneJob operator (kopf) with leader election, health and metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import kopf
+
+from kubetune import API_GROUP
+from kubetune.builders import BuildConfig
+from kubetune.handlers import OperatorConfig, Reconciler, registry
+from kubetune.leader import LeaseElector, default_identity
+from kubetune.metrics import OperatorMetrics
+
+log = logging.getLogger("kubetune.operator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The operator's command-line flags (each also readable from a KUBETUNE_* env var)."""
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="kubetune operator", description=__doc__)
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[],
+                       help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch all namespaces (default)")
+    p.add_argument("--liveness-port", type=int, default=int(env("KUBETUNE_LIVENESS_PORT", "8080")),
+                   help="port of kopf's /healthz endpoint (0 = off)")
+    p.add_argument("--metrics-port", type=int, default=int(env("KUBETUNE_METRICS_PORT_OPERATOR", "8000")),
+                   help="port of the Prometheus /metrics endpoint (0 = off)")
+    peering = p.add_mutually_exclusive_group()
+    peering.add_argument("--peering", metavar="NAME", default=None,
+                         help="also take part in kopf peering under this (Cluster)KopfPeering name "
+                              "(needs crds/kopf.dev_*.yaml)")
+    peering.add_argument("--standalone", action="store_true", help="no kopf peering (default)")
+    p.add_argument("--leader-election", dest="leader_election", action=argparse.BooleanOptionalAction,
+                   default=env("KUBETUNE_LEADER_ELECTION", "true").lower() != "false",
+                   help="hold a coordination.k8s.io Lease so only one replica acts (default on)")
+    p.add_argument("--lease-name", default=env("KUBETUNE_LEASE_NAME", "kubetune-operator"))
+    p.add_argument("--lease-namespace", default=env("KUBETUNE_LEASE_NAMESPACE") or env("POD_NAMESPACE"),
+                   help="namespace of the Lease (default: $POD_NAMESPACE, else the first --namespace, else default)")
+    p.add_argument("--lease-seconds", type=int, default=int(env("KUBETUNE_LEASE_SECONDS", "15")),
+                   help="Lease duration: a standby takes over this long after the leader stops renewing")
+    p.add_argument("--resync-seconds", type=float, default=float(env("KUBETUNE_RESYNC_SECONDS", "10")),
+                   help="period of the level-based resync (progress polling, TTL, sizing retries)")
+    p.add_argument("--sizing-retry-seconds", type=float,
+                   default=float(env("KUBETUNE_SIZING_RETRY_SECONDS", "60")),
+                   help="retry delay while no GPU layout fits")
+    p.add_argument("--trainer-image", default=env("KUBETUNE_TRAINER_IMAGE", BuildConfig.image))
+    p.add_argument("--pvc-root", default=env("KUBETUNE_PVC_ROOT", BuildConfig.pvc_root))
+    p.add_argument("--extra-tolerations", default=env("KUBETUNE_EXTRA_TOLERATIONS", "[]"),
+                   help="JSON list of tolerations added to every trainer pod")
+    p.add_argument("--progress-host", default=env("KUBETUNE_PROGRESS_HOST", ""),
+                   help="read /progress from this host instead of the rank-0 pod IP (local process nodes)")
+    p.add_argument("--progress-port", type=int, default=int(env("KUBETUNE_PROGRESS_PORT", "9090")))
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return p
+
+
+def make_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
+    """kopf settings: bookkeeping under kubetune.io, events, watch timeouts, peering."""
+    s = kopf.OperatorSettings()
+    s.persistence.finalizer = f"{API_GROUP}/finalizer"
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration")
+    s.posting.enabled = True
+    s.posting.level = logging.WARNING  # kopf's own log lines become Events only when they are warnings
+    s.posting.reporting_component = "kubetune-operator"
+    s.posting.reporting_instance = os.environ.get("POD_NAME", "kubetune-operator")
+    s.posting.event_name_prefix = "kubetune-"
+    s.watching.server_timeout = 300
+    s.watching.client_timeout = 330
+    s.watching.connect_timeout = 10
+    s.networking.request_timeout = 60
+    s.queueing.error_delays = (1, 2, 5, 10, 30, 60)
+    s.execution.max_workers = 8
+    s.peering.standalone = args.peering is None
+    if args.peering:
+        s.peering.name = args.peering
+        s.peering.clusterwide = not args.namespace
+        s.peering.mandatory = True
+    return s
+
+
+def operator_config(args: argparse.Namespace) -> OperatorConfig:
+    """OperatorConfig from the flags."""
+    tolerations = json.loads(args.extra_tolerations or "[]")
+    if not isinstance(tolerations, list):
+        raise SystemExit("--extra-tolerations must be a JSON list")
+    build = BuildConfig(image=args.trainer_image, pvc_root=args.pvc_root,
+                        extra_tolerations=tuple(tolerations))
+    return OperatorConfig(namespaces=list(args.namespace), build=build, resync_seconds=args.resync_seconds,
+                          sizing_retry_seconds=args.sizing_retry_seconds, progress_port=args.progress_port,
+                          progress_host=args.progress_host)
+
+
+def load_kube_client() -> Any:
+    """A kubernetes ApiClient from the in-cluster service account or the kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+async def _hold_lease(elector: LeaseElector, renew_every: float, stop: asyncio.Event) -> None:
+    """Renew the Lease; if it cannot be renewed within its duration, stop the operator."""
+    loop = asyncio.get_running_loop()
+    last_ok = loop.time()
+    while not stop.is_set():
+        try:
+            ok = await asyncio.to_thread(elector.try_acquire_or_renew)
+        except Exception as exc:  # noqa: BLE001 - a blip; the deadline below decides
+            log.warning("renewing the Lease failed: %s", exc)
+            ok = False
+        if ok:
+            last_ok = loop.time()
+        else:
+            holder = await asyncio.to_thread(elector.holder)
+            if holder and holder != elector.identity:
+                log.error("lost the Lease to %r: stopping", holder)
+                stop.set()
+                return
+        if loop.time() - last_ok > elector.lease_seconds:
+            log.error("could not renew the Lease for %ss: stopping", elector.lease_seconds)
+            stop.set()
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=renew_every)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def run_operator(args: argparse.Namespace) -> int:
+    """Acquire leadership (if enabled), then run kopf until a signal or the Lease is lost."""
+    api = load_kube_client()
+    metrics = OperatorMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    config = operator_config(args)
+    reconciler = Reconciler(api, config, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    elector = None
+    if args.leader_election:
+        lease_ns = args.lease_namespace or (args.namespace[0] if args.namespace else "default")
+        elector = LeaseElector(api, lease_ns, args.lease_name, default_identity(), args.lease_seconds)
+        log.info("waiting to become the leader (Lease %s/%s, identity %s)", lease_ns, args.lease_name,
+                 elector.identity)
+        while not stop.is_set():
+            if await asyncio.to_thread(elector.try_acquire_or_renew):
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=max(1.0, args.lease_seconds / 3))
+            except asyncio.TimeoutError:
+                pass
+        if stop.is_set():
+            return 0
+        log.info("leading as %s", elector.identity)
+
+    lost = asyncio.Event()
+    tasks = []
+    if elector is not None:
+        tasks.append(loop.create_task(_hold_lease(elector, max(1.0, args.lease_seconds / 3), lost)))
+    memo = kopf.Memo(reconciler=reconciler)
+    kopf_stop: asyncio.Future[None] = loop.create_future()
+
+    async def _watch_stops() -> None:
+        done, _ = await asyncio.wait([loop.create_task(stop.wait()), loop.create_task(lost.wait())],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not kopf_stop.done():
+            kopf_stop.set_result(None)
+    tasks.append(loop.create_task(_watch_stops()))
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    try:
+        await kopf.operator(registry=registry, settings=make_settings(args), memo=memo,
+                            namespaces=list(args.namespace), clusterwide=not args.namespace,
+                            standalone=args.peering is None, peering_name=args.peering,
+                            liveness_endpoint=liveness, stop_flag=kopf_stop)
+    finally:
+        for task in tasks:
+            task.cancel()
+        if elector is not None and not lost.is_set():
+            await asyncio.to_thread(elector.release)
+    return 1 if lost.is_set() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kubetune operator`."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for noisy in ("kubernetes", "urllib3", "aiohttp"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return asyncio.run(run_operator(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

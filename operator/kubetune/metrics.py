@@ -1,0 +1,98 @@
+"""Prometheus metrics of the operator (own registry, served on --metrics-port)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from kubetune.api import PHASES
+
+
+class OperatorMetrics:
+    """All operator metrics on one registry; `observe_job` keeps per-job gauges current."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("kubetune_jobs", "FineTuneJobs by phase.", ["phase"], registry=r)
+        self.reconcile_duration = Histogram(
+            "kubetune_reconcile_duration_seconds", "Time of one reconcile pass.", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.reconcile_errors = Counter("kubetune_reconcile_errors_total", "Reconcile passes that raised.",
+                                        registry=r)
+        self.time_to_running = Histogram(
+            "kubetune_job_time_to_running_seconds", "From FineTuneJob creation to its first Running phase.",
+            registry=r, buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200))
+        self.gpus_requested = Gauge("kubetune_gpus_requested", "GPUs requested by active FineTuneJobs.",
+                                    ["gpu_type"], registry=r)
+        self.sizing_refusals = Counter("kubetune_sizing_refusals_total",
+                                       "Sizing passes that found no GPU layout that fits.", registry=r)
+        labels = ["namespace", "job"]
+        self.train_loss = Gauge("kubetune_job_train_loss", "Latest training loss reported by rank 0.", labels,
+                                registry=r)
+        self.tokens_per_second = Gauge("kubetune_job_tokens_per_second", "Latest training throughput.", labels,
+                                       registry=r)
+        self.progress_ratio = Gauge("kubetune_job_progress_ratio", "Steps done / steps planned (0..1).", labels,
+                                    registry=r)
+        self._phases: dict[tuple[str, str], str] = {}
+        self._gpus: dict[tuple[str, str], tuple[str, int]] = {}
+        self._running_seen: set[tuple[str, str]] = set()
+        for phase in PHASES:
+            self.jobs.labels(phase=phase).set(0)
+
+    def observe_job(self, namespace: str, name: str, status: dict[str, Any], age_seconds: float | None) -> None:
+        """Update the per-job gauges from a FineTuneJob's status."""
+        key = (namespace, name)
+        phase = status.get("phase") or ""
+        if phase:
+            self._phases[key] = phase
+        layout = status.get("layout") or {}
+        if phase in ("Running", "Pending", "Queued") and layout.get("totalGpus"):
+            self._gpus[key] = (layout.get("gpuType") or "", int(layout["totalGpus"]))
+        else:
+            self._gpus.pop(key, None)
+        if phase == "Running" and key not in self._running_seen:
+            self._running_seen.add(key)
+            if age_seconds is not None:
+                self.time_to_running.observe(max(age_seconds, 0.0))
+        metrics = status.get("metrics") or {}
+        if metrics.get("trainLoss") is not None:
+            self.train_loss.labels(namespace, name).set(float(metrics["trainLoss"]))
+        if metrics.get("tokensPerSecond") is not None:
+            self.tokens_per_second.labels(namespace, name).set(float(metrics["tokensPerSecond"]))
+        progress = status.get("progress") or {}
+        if progress.get("totalSteps"):
+            self.progress_ratio.labels(namespace, name).set(
+                min(float(progress.get("step") or 0) / float(progress["totalSteps"]), 1.0))
+        self._refresh()
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        """Drop a deleted FineTuneJob from the gauges."""
+        key = (namespace, name)
+        self._phases.pop(key, None)
+        self._gpus.pop(key, None)
+        self._running_seen.discard(key)
+        for gauge in (self.train_loss, self.tokens_per_second, self.progress_ratio):
+            try:
+                gauge.remove(namespace, name)
+            except KeyError:
+                pass
+        self._refresh()
+
+    def _refresh(self) -> None:
+        counts = {phase: 0 for phase in PHASES}
+        for phase in self._phases.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase, count in counts.items():
+            self.jobs.labels(phase=phase).set(count)
+        per_type: dict[str, int] = {}
+        for gpu_type, gpus in self._gpus.values():
+            per_type[gpu_type] = per_type.get(gpu_type, 0) + gpus
+        self.gpus_requested.clear()
+        for gpu_type, gpus in per_type.items():
+            self.gpus_requested.labels(gpu_type=gpu_type).set(gpus)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve /metrics on a background thread."""
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,417 @@
+"""Pure reconciliation: spec + current status + observed children → desired status, actions, Events.
+
+No I/O here: the kopf handlers gather the observations (child Job, pods, sizing outcome, the
+rank-0 progress JSON), call `decide`, then carry out the actions and write the status once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import json
+from typing import Any
+
+from kubetune import conditions as C
+from kubetune import reasons as R
+from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec
+from kubetune.builders import (COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEUE_LABEL,
+                               SPEC_HASH_ANNOTATION, spec_hash)
+from kubetune.layout import SizingOutcome
+
+JOB_FAILURE_REASONS = {
+    "BackoffLimitExceeded": R.BACKOFF_LIMIT_EXCEEDED,
+    "DeadlineExceeded": R.DEADLINE_EXCEEDED,
+    "PodFailurePolicy": R.POD_FAILURE_POLICY,
+}
+
+
+@dataclasses.dataclass
+class Observed:
+    """What the handlers saw in the cluster for one FineTuneJob."""
+
+    job: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    children_exist: bool = False  # any of ConfigMap / Service / Job
+    sizing: SizingOutcome | None = None  # only computed when a Job has to be created
+    children: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # rendered when sizing fits
+    progress: dict[str, Any] | None = None  # rank-0 /progress JSON, None when not read
+
+
+@dataclasses.dataclass
+class Action:
+    """A change to make in the cluster: create/apply a child, patch the Job's suspend, delete children."""
+
+    kind: str  # "apply" | "suspend_job" | "delete_job" | "delete_children"
+    obj: dict[str, Any] | None = None
+    value: bool | None = None
+
+
+@dataclasses.dataclass
+class Decision:
+    """The outcome of one reconcile pass."""
+
+    status: dict[str, Any]
+    actions: list[Action] = dataclasses.field(default_factory=list)
+    events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (type, reason, msg)
+    retry_after: float | None = None  # ask to be called again (e.g. waiting for GPUs)
+    needs_sizing: bool = False  # call again with Observed.sizing filled in
+
+
+def iso(now: dt.datetime) -> str:
+    """RFC 3339 UTC timestamp with seconds precision."""
+    return now.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    """Parse an RFC 3339 timestamp, None when empty."""
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def job_condition(job: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    """The Job's condition of that type when its status is True."""
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == ctype and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def pod_index(pod: dict[str, Any]) -> int:
+    """The pod's completion index (-1 when missing)."""
+    value = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+def trainer_terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer container's `terminated` state, when it has terminated."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            term = (cs.get("state") or {}).get("terminated")
+            if term:
+                return term
+    return None
+
+
+def parse_summary(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer's termination summary (docs/contracts.md §5) from a pod, or None."""
+    term = trainer_terminated(pod)
+    if not term or not term.get("message"):
+        return None
+    try:
+        data = json.loads(term["message"])
+    except (TypeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def failure_text(pod: dict[str, Any]) -> str:
+    """Why a pod failed: the summary's reason and message, else the container's reason/exit code."""
+    summary = parse_summary(pod)
+    name = (pod.get("metadata") or {}).get("name", "?")
+    if summary and summary.get("status") == "Failed":
+        return f"pod {name}: {summary.get('reason', 'TrainingError')}: {summary.get('message', '')}".strip()
+    term = trainer_terminated(pod) or {}
+    if term:
+        detail = term.get("message") or ""
+        return (f"pod {name}: container exited with code {term.get('exitCode')} "
+                f"({term.get('reason', 'Error')}) {detail}").strip()
+    status = pod.get("status") or {}
+    return f"pod {name}: {status.get('reason') or 'Failed'} {status.get('message') or ''}".strip()
+
+
+def _created(pod: dict[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def _phase_of(pod: dict[str, Any]) -> str:
+    return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+def unschedulable_message(pods: list[dict[str, Any]]) -> str:
+    """The scheduler's message for the first unschedulable pod, or ''."""
+    for pod in pods:
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return f"pod {pod['metadata'].get('name')}: {cond.get('message') or cond.get('reason', '')}"
+    return ""
+
+
+def _progress_block(progress: dict[str, Any], now: str) -> dict[str, Any]:
+    step = int(progress.get("step") or 0)
+    total = int(progress.get("totalSteps") or 0)
+    percent = round(100.0 * step / total, 1) if total > 0 else 0.0
+    out: dict[str, Any] = {"step": step, "totalSteps": total, "epoch": float(progress.get("epoch") or 0.0),
+                           "percent": percent, "display": f"{percent:.0f}% ({step}/{total})",
+                           "updatedAt": now}
+    if progress.get("etaSeconds") is not None:
+        out["etaSeconds"] = float(progress["etaSeconds"])
+    return out
+
+
+def _fold_trainer_report(st: dict[str, Any], report: dict[str, Any], now: str, *, final: bool) -> None:
+    """Copy a progress JSON or termination summary into status (progress, metrics, checkpoint, tokens)."""
+    if report.get("totalSteps") is not None or report.get("step") is not None:
+        st["progress"] = _progress_block(report, now)
+        if final:
+            st["progress"]["etaSeconds"] = 0.0
+    metrics = dict(st.get("metrics") or {})
+    for key in ("trainLoss", "evalLoss", "perplexity", "tokensPerSecond", "runtimeSeconds"):
+        if report.get(key) is not None:
+            metrics[key] = float(report[key])
+    if metrics:
+        st["metrics"] = metrics
+    ckpt = report.get("checkpoint") or {}
+    if int(ckpt.get("step") or 0) > int((st.get("checkpoint") or {}).get("step") or 0):
+        st["checkpoint"] = {"step": int(ckpt["step"]), "uri": str(ckpt.get("uri") or "")}
+    if report.get("tokens") is not None:
+        acc = st.setdefault("accounting", {})
+        acc["tokens"] = max(int(report["tokens"]), int(acc.get("tokens") or 0) if not final else 0)
+    if report.get("resumedFromStep") is not None:
+        st["resumedFromStep"] = int(report["resumedFromStep"])
+    if final and isinstance(report.get("artifacts"), dict):
+        st["artifacts"] = {k: str(v) for k, v in report["artifacts"].items() if v}
+
+
+def _close_running(st: dict[str, Any], now: dt.datetime) -> None:
+    """End the current Running stretch: add it to runningSeconds."""
+    acc = st.setdefault("accounting", {})
+    since = parse_time(acc.pop("runningSince", None))
+    if since is not None:
+        acc["runningSeconds"] = round(float(acc.get("runningSeconds") or 0.0)
+                                      + max((now - since).total_seconds(), 0.0), 1)
+
+
+def _gpu_hours(st: dict[str, Any], now: dt.datetime) -> float:
+    acc = st.get("accounting") or {}
+    seconds = float(acc.get("runningSeconds") or 0.0)
+    since = parse_time(acc.get("runningSince"))
+    if since is not None:
+        seconds += max((now - since).total_seconds(), 0.0)
+    gpus = int((st.get("layout") or {}).get("totalGpus") or 0)
+    return round(gpus * seconds / 3600.0, 4)
+
+
+def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dict[str, Any],
+           spec: FineTuneJobSpec, status: dict[str, Any], observed: Observed,
+           now: dt.datetime, sizing_retry_seconds: float = 60.0) -> Decision:
+    """Compute the desired status and the actions for one FineTuneJob (level-based, idempotent)."""
+    old = status or {}
+    st = copy.deepcopy(old)
+    st["observedGeneration"] = generation
+    now_s = iso(now)
+    out = Decision(status=st)
+    old_phase = old.get("phase") or ""
+    conds: list[dict[str, Any]] = []
+
+    def cond(ctype: str, value: bool | str, reason: str, message: str = "") -> None:
+        conds.append(C.make_condition(ctype, value, reason, message, now=now_s, generation=generation))
+
+    def set_phase(phase: str, reason: str, message: str, *, warning: bool = False) -> None:
+        st["phase"], st["reason"], st["message"] = phase, reason, message
+        if phase != old_phase or reason != old.get("reason"):
+            out.events.append(("Warning" if warning else "Normal", reason,
+                               f"{phase}: {message}" if message else phase))
+
+    def finish() -> Decision:
+        st["conditions"] = C.merge_conditions(old.get("conditions"), conds)
+        if st.get("layout"):
+            st.setdefault("accounting", {})["gpuHours"] = _gpu_hours(st, now)
+        return out
+
+    job = observed.job
+
+    # 1. Terminal phases are sticky; only the TTL clean-up and cancel's Job deletion remain.
+    if old_phase in TERMINAL_PHASES:
+        if old_phase == "Cancelled" and job is not None:
+            out.actions.append(Action("delete_job"))
+        ttl = spec.ttl_seconds_after_finished
+        done = parse_time(old.get("completionTime"))
+        if ttl > 0 and done is not None and observed.children_exist:
+            if now >= done + dt.timedelta(seconds=ttl):
+                out.actions.append(Action("delete_children"))
+                st["childrenDeleted"] = True
+                out.events.append(("Normal", R.TTL_EXPIRED,
+                                   f"ttlSecondsAfterFinished ({ttl}s) expired: deleted the Job, Service and ConfigMap"))
+            else:
+                out.retry_after = (done + dt.timedelta(seconds=ttl) - now).total_seconds()
+        return finish()
+
+    # 2. Cancel: delete the Job, keep the FineTuneJob and what it learned.
+    if spec.cancel:
+        if job is not None:
+            out.actions.append(Action("delete_job"))
+        _close_running(st, now)
+        st["completionTime"] = now_s
+        set_phase("Cancelled", R.CANCELLED, "spec.cancel is true: the trainer Job was deleted")
+        cond(C.CANCELLED, True, R.CANCELLED, "cancelled by spec.cancel")
+        cond(C.RUNNING, False, R.CANCELLED)
+        cond(C.READY, False, R.CANCELLED, "the run was cancelled")
+        return finish()
+
+    kueue = bool(labels.get(KUEUE_QUEUE_LABEL))
+    want_hash = spec_hash(spec_dict)
+
+    # 3. No Job yet (or deleted): size, then create the children.
+    if job is None:
+        sizing = observed.sizing
+        if sizing is None:
+            out.needs_sizing = True
+            return finish()
+        if not sizing.fits or sizing.layout is None:
+            if sizing.plan_status:
+                st["plan"] = sizing.plan_status
+            text = sizing.message + (f" Suggestion: {sizing.suggestion}" if sizing.suggestion else "")
+            set_phase("Pending", sizing.reason, text, warning=True)
+            cond(C.SIZED, False, sizing.reason, text)
+            cond(C.RUNNING, False, sizing.reason)
+            cond(C.READY, False, sizing.reason, text)
+            out.retry_after = sizing_retry_seconds
+            return finish()
+        for child in observed.children:
+            out.actions.append(Action("apply", child))
+        if sizing.plan_status:
+            st["plan"] = sizing.plan_status
+        st["layout"] = sizing.layout.to_status(want_hash)
+        cond(C.SIZED, True, sizing.reason, sizing.message)
+        recreating = bool(old.get("layout")) and old_phase != ""
+        reason = R.RECREATING if recreating else R.CREATED
+        if spec.suspend:
+            set_phase("Suspended", R.SUSPENDED, "spec.suspend is true")
+            cond(C.SUSPENDED, True, R.SUSPENDED)
+        elif kueue:
+            set_phase("Queued", R.QUEUED, f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
+        else:
+            set_phase("Pending", reason, f"created the trainer Job ({sizing.message})")
+        cond(C.RUNNING, False, R.WAITING_FOR_PODS)
+        cond(C.READY, False, st["reason"], st["message"])
+        return finish()
+
+    # 4. The Job exists but was rendered from another spec (changed while suspended): recreate it.
+    have_hash = ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION, "")
+    if have_hash != want_hash:
+        out.actions.append(Action("delete_job"))
+        _close_running(st, now)
+        set_phase("Suspended" if spec.suspend else "Pending", R.RECREATING,
+                  "the spec changed: deleting the trainer Job to recreate it (the run resumes from its last checkpoint)")
+        cond(C.RUNNING, False, R.RECREATING)
+        cond(C.READY, False, R.RECREATING, st["message"])
+        return finish()
+
+    # 5. Follow the Job.
+    job_uid = (job.get("metadata") or {}).get("uid")
+    pods = [p for p in observed.pods
+            if not job_uid or any(o.get("uid") == job_uid for o in (p.get("metadata") or {}).get("ownerReferences") or [])]
+    pods.sort(key=_created)
+    job_status = job.get("status") or {}
+    job_suspended = bool((job.get("spec") or {}).get("suspend"))
+    failed_pods = [p for p in pods if _phase_of(p) == "Failed"]
+    acc = st.setdefault("accounting", {})
+    acc["restarts"] = max(int(job_status.get("failed") or 0), len(failed_pods))
+    if observed.progress:
+        _fold_trainer_report(st, observed.progress, now_s, final=False)
+
+    complete = job_condition(job, "Complete")
+    failed = job_condition(job, "Failed")
+    if complete is not None:
+        _close_running(st, now)
+        zero = [p for p in pods if pod_index(p) == 0 and _phase_of(p) == "Succeeded"]
+        summary = parse_summary(zero[-1]) if zero else None
+        if summary:
+            _fold_trainer_report(st, summary, now_s, final=True)
+        st["completionTime"] = job_status.get("completionTime") or now_s
+        st.setdefault("startTime", job_status.get("startTime") or now_s)
+        message = "training finished"
+        if summary and summary.get("step") is not None:
+            message += f" at step {summary.get('step')}"
+        if st.get("artifacts"):
+            message += "; artifacts: " + ", ".join(f"{k}={v}" for k, v in sorted(st["artifacts"].items()))
+        set_phase("Succeeded", R.COMPLETED, message)
+        cond(C.SUCCEEDED, True, R.COMPLETED, message)
+        cond(C.RUNNING, False, R.COMPLETED)
+        cond(C.READY, True, R.COMPLETED, message)
+        return finish()
+    if failed is not None:
+        _close_running(st, now)
+        reason = JOB_FAILURE_REASONS.get(failed.get("reason", ""), R.JOB_FAILED)
+        ranked = sorted(failed_pods, key=lambda p: (pod_index(p) != 0, _created(p)))
+        latest_zero = [p for p in failed_pods if pod_index(p) == 0]
+        culprit = latest_zero[-1] if latest_zero else (ranked[-1] if ranked else None)
+        detail = failure_text(culprit) if culprit is not None else ""
+        summary = parse_summary(culprit) if culprit is not None else None
+        if summary:
+            _fold_trainer_report(st, summary, now_s, final=True)
+        message = f"{failed.get('message') or failed.get('reason', 'the trainer Job failed')}"
+        if detail:
+            message += f"; last failure: {detail}"
+        st["completionTime"] = job_status.get("completionTime") or now_s
+        set_phase("Failed", reason, message, warning=True)
+        cond(C.FAILED, True, reason, message)
+        cond(C.RUNNING, False, reason)
+        cond(C.READY, False, reason, message)
+        return finish()
+
+    # Suspend / Kueue handling.
+    if spec.suspend and not job_suspended:
+        out.actions.append(Action("suspend_job", value=True))
+        job_suspended = True
+    elif not spec.suspend and job_suspended and not kueue:
+        out.actions.append(Action("suspend_job", value=False))
+    if spec.suspend:
+        _close_running(st, now)
+        set_phase("Suspended", R.SUSPENDED, "spec.suspend is true: the trainer pods are stopped; "
+                  "the run resumes from its last checkpoint when unsuspended")
+        cond(C.SUSPENDED, True, R.SUSPENDED)
+        cond(C.RUNNING, False, R.SUSPENDED)
+        cond(C.READY, False, R.SUSPENDED, st["message"])
+        return finish()
+    cond(C.SUSPENDED, False, R.RESUMED)
+    if job_suspended and kueue:
+        _close_running(st, now)
+        set_phase("Queued", R.QUEUED, f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
+        cond(C.RUNNING, False, R.QUEUED)
+        cond(C.READY, False, R.QUEUED, st["message"])
+        return finish()
+
+    running = [p for p in pods if _phase_of(p) == "Running" and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    retry_note = f" (retry after failure: {failure_text(failed_pods[-1])})" if failed_pods else ""
+    if running and not job_suspended:
+        if old_phase != "Running":
+            acc["runningSince"] = now_s
+            ckpt_step = int((st.get("checkpoint") or {}).get("step") or 0)
+            if ckpt_step > 0:
+                st["resumedFromStep"] = ckpt_step
+        elif "runningSince" not in acc:
+            acc["runningSince"] = now_s
+        st.setdefault("startTime", now_s)
+        pods_total = int((st.get("layout") or {}).get("pods") or len(running))
+        message = f"{len(running)}/{pods_total} trainer pod(s) running{retry_note}"
+        if st.get("resumedFromStep") and old_phase != "Running":
+            message += f"; resuming from checkpoint step {st['resumedFromStep']}"
+        reason = R.RETRYING if failed_pods else R.PODS_RUNNING
+        set_phase("Running", reason, message)
+        cond(C.RUNNING, True, reason, message)
+        cond(C.READY, True, reason, message)
+        return finish()
+
+    _close_running(st, now)
+    waiting = unschedulable_message(pods)
+    reason = R.RETRYING if failed_pods else R.WAITING_FOR_PODS
+    message = "waiting for the trainer pods to start" + (f": {waiting}" if waiting else "") + retry_note
+    set_phase("Pending", reason, message, warning=bool(failed_pods))
+    cond(C.RUNNING, False, reason, message)
+    cond(C.READY, False, reason, message)
+    return finish()
+
+
+def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a status write is needed (ignores the progress timestamp and the running gpuHours tick)."""
+    def strip(s: dict[str, Any]) -> dict[str, Any]:
+        s = copy.deepcopy(s or {})
+        (s.get("progress") or {}).pop("updatedAt", None)
+        return s
+    return strip(old) != strip(new)

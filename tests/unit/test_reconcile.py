@@ -1,0 +1,276 @@
+"""Unit tests of the pure reconcile core (kubetune.reconcile), conditions and status patching."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+
+import pytest
+
+from kubetune import conditions as C
+from kubetune import reasons as R
+from kubetune.api import parse_spec
+from kubetune.builders import BuildConfig, JobRef, build_children, spec_hash
+from kubetune.children import merge_patch, rank0_address
+from kubetune.layout import Layout, SizingOutcome, layout_from_resources
+from kubetune.reconcile import Observed, decide, status_changed
+
+pytestmark = pytest.mark.unit
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+SPEC = {
+    "model": {"uri": "hf://meta-llama/Llama-3.1-8B"},
+    "dataset": {"uri": "s3://data/train.jsonl"},
+    "method": "lora",
+    "training": {"maxSteps": 100, "learningRate": "2e-4"},
+    "output": {"uri": "s3://out/run"},
+    "backoffLimit": 3,
+}
+LAYOUT = Layout(gpu_type="NVIDIA-L4", gpus_per_pod=1, pods=1, strategy="none",
+                node_selector={"nvidia.com/gpu.product": "NVIDIA-L4"})
+
+
+def run(spec: dict | None = None, status: dict | None = None, observed: Observed | None = None,
+        now: dt.datetime = T0, labels: dict | None = None, generation: int = 1):
+    spec = copy.deepcopy(spec or SPEC)
+    return decide(name="demo", generation=generation, labels=labels or {}, spec_dict=spec,
+                  spec=parse_spec(spec), status=copy.deepcopy(status or {}),
+                  observed=observed or Observed(), now=now)
+
+
+def fits(spec: dict | None = None) -> Observed:
+    spec = spec or SPEC
+    outcome = SizingOutcome(True, LAYOUT, R.SIZED, "sized: 1 pod(s) x 1 NVIDIA-L4", plan_status={"fits": True})
+    children = build_children(JobRef("demo", "ns", "uid-1"), spec, parse_spec(spec), LAYOUT, BuildConfig())
+    return Observed(sizing=outcome, children=children)
+
+
+def job_obj(spec: dict | None = None, *, suspend: bool = False, conditions: list | None = None,
+            failed: int = 0, completion: str | None = None) -> dict:
+    spec = spec or SPEC
+    job = build_children(JobRef("demo", "ns", "uid-1"), spec, parse_spec(spec), LAYOUT, BuildConfig())[2]
+    job = copy.deepcopy(job)
+    job["metadata"]["uid"] = "job-uid"
+    job["spec"]["suspend"] = suspend
+    job["status"] = {"conditions": conditions or [], "failed": failed}
+    if completion:
+        job["status"]["completionTime"] = completion
+    return job
+
+
+def pod(phase: str, index: int = 0, *, created: str = "2026-01-01T12:00:00Z", summary: dict | None = None,
+        exit_code: int | None = None, ip: str = "10.0.0.5") -> dict:
+    status: dict = {"phase": phase, "podIP": ip}
+    if summary is not None or exit_code is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+            "exitCode": exit_code if exit_code is not None else 0,
+            "message": json.dumps(summary) if summary is not None else "", "reason": "Error"}}}]
+    return {"metadata": {"name": f"demo-trainer-{index}-{phase.lower()}", "creationTimestamp": created,
+                         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+                         "ownerReferences": [{"uid": "job-uid"}]},
+            "status": status}
+
+
+def cond_of(status: dict, ctype: str) -> dict:
+    found = C.find_condition(status["conditions"], ctype)
+    assert found is not None, f"no {ctype} condition in {status['conditions']}"
+    return found
+
+
+def test_no_job_asks_for_sizing_first() -> None:
+    d = run()
+    assert d.needs_sizing and not d.actions
+
+
+def test_insufficient_gpu_is_pending_with_reason_suggestion_and_retry() -> None:
+    outcome = SizingOutcome(False, None, R.INSUFFICIENT_GPU, "needs 90 GiB per GPU, largest is 80 GiB",
+                            "use method qlora", {"fits": False})
+    d = run(observed=Observed(sizing=outcome))
+    assert d.status["phase"] == "Pending"
+    sized = cond_of(d.status, C.SIZED)
+    assert sized["status"] == "False" and sized["reason"] == "InsufficientGPU"
+    assert "use method qlora" in sized["message"]
+    assert d.retry_after and not d.actions
+    assert d.events and d.events[0][0] == "Warning" and d.events[0][1] == "InsufficientGPU"
+    assert d.status["plan"] == {"fits": False}
+
+
+def test_fitting_job_creates_children_once_and_records_layout() -> None:
+    d = run(observed=fits())
+    kinds = [a.obj["kind"] for a in d.actions if a.kind == "apply"]
+    assert kinds == ["ConfigMap", "Service", "Job"]
+    assert d.status["phase"] == "Pending"
+    assert d.status["layout"]["totalGpus"] == 1 and d.status["layout"]["specHash"] == spec_hash(SPEC)
+    assert cond_of(d.status, C.SIZED)["status"] == "True"
+    assert cond_of(d.status, C.READY)["status"] == "False"
+    # Next pass with the Job present: no more creations.
+    d2 = run(status=d.status, observed=Observed(job=job_obj()), now=T0 + dt.timedelta(seconds=5))
+    assert not [a for a in d2.actions if a.kind == "apply"]
+
+
+def test_kueue_label_gives_queued_and_operator_never_unsuspends() -> None:
+    labels = {"kueue.x-k8s.io/queue-name": "team-a"}
+    d = run(observed=fits(), labels=labels)
+    assert d.status["phase"] == "Queued"
+    d2 = run(status=d.status, observed=Observed(job=job_obj(suspend=True)), labels=labels)
+    assert d2.status["phase"] == "Queued" and not any(a.kind == "suspend_job" for a in d2.actions)
+    # Kueue admitted it (unsuspended) and a pod runs.
+    d3 = run(status=d2.status, observed=Observed(job=job_obj(), pods=[pod("Running")]), labels=labels)
+    assert d3.status["phase"] == "Running"
+
+
+def test_running_sets_start_time_accounting_and_ready() -> None:
+    d = run(status={"phase": "Pending", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job_obj(), pods=[pod("Running")]))
+    assert d.status["phase"] == "Running"
+    assert d.status["startTime"] == "2026-01-01T12:00:00Z"
+    assert d.status["accounting"]["runningSince"] == "2026-01-01T12:00:00Z"
+    assert cond_of(d.status, C.READY)["status"] == "True"
+    later = run(status=d.status, observed=Observed(job=job_obj(), pods=[pod("Running")]),
+                now=T0 + dt.timedelta(hours=2))
+    assert later.status["accounting"]["gpuHours"] == pytest.approx(2.0)
+    # The Ready condition keeps its first transition time.
+    assert cond_of(later.status, C.READY)["lastTransitionTime"] == "2026-01-01T12:00:00Z"
+
+
+def test_progress_is_folded_into_status() -> None:
+    progress = {"version": 1, "phase": "training", "step": 40, "totalSteps": 100, "epoch": 0.4,
+                "trainLoss": 1.9, "evalLoss": None, "tokens": 40960, "tokensPerSecond": 2100.0,
+                "etaSeconds": 38.0, "checkpoint": {"step": 20, "uri": "s3://out/run/checkpoints/step-20"}}
+    d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job_obj(), pods=[pod("Running")], progress=progress))
+    assert d.status["progress"]["percent"] == 40.0 and d.status["progress"]["display"] == "40% (40/100)"
+    assert d.status["metrics"]["trainLoss"] == 1.9 and "evalLoss" not in d.status["metrics"]
+    assert d.status["checkpoint"] == {"step": 20, "uri": "s3://out/run/checkpoints/step-20"}
+    assert d.status["accounting"]["tokens"] == 40960
+
+
+def test_restart_after_checkpoint_records_resumed_step() -> None:
+    status = {"phase": "Pending", "layout": LAYOUT.to_status(), "checkpoint": {"step": 60, "uri": "x"}}
+    d = run(status=status, observed=Observed(job=job_obj(failed=1),
+                                             pods=[pod("Failed", exit_code=1, created="2026-01-01T11:00:00Z"),
+                                                   pod("Running")]))
+    assert d.status["phase"] == "Running" and d.status["resumedFromStep"] == 60
+    assert d.status["reason"] == R.RETRYING and d.status["accounting"]["restarts"] == 1
+
+
+def test_succeeded_copies_summary_artifacts_and_metrics() -> None:
+    summary = {"version": 1, "status": "Succeeded", "reason": "Completed", "message": "", "step": 100,
+               "totalSteps": 100, "epoch": 1.0, "trainLoss": 1.2, "evalLoss": 1.3, "perplexity": 3.7,
+               "tokens": 123456, "runtimeSeconds": 61.2, "tokensPerSecond": 2017.0,
+               "artifacts": {"adapter": "s3://out/run/final/adapter", "merged": "", "model": "",
+                             "metrics": "s3://out/run/final/metrics.json"},
+               "checkpoint": {"step": 100, "uri": "s3://out/run/checkpoints/step-100"}}
+    job = job_obj(conditions=[{"type": "Complete", "status": "True"}], completion="2026-01-01T12:05:00Z")
+    d = run(status={"phase": "Running", "layout": LAYOUT.to_status(),
+                    "accounting": {"runningSince": "2026-01-01T12:00:00Z"}},
+            observed=Observed(job=job, pods=[pod("Succeeded", summary=summary)]),
+            now=T0 + dt.timedelta(minutes=5))
+    st = d.status
+    assert st["phase"] == "Succeeded" and st["completionTime"] == "2026-01-01T12:05:00Z"
+    assert st["artifacts"] == {"adapter": "s3://out/run/final/adapter",
+                               "metrics": "s3://out/run/final/metrics.json"}
+    assert st["metrics"]["perplexity"] == 3.7 and st["accounting"]["tokens"] == 123456
+    assert st["accounting"]["runningSeconds"] == 300.0 and "runningSince" not in st["accounting"]
+    assert st["accounting"]["gpuHours"] == pytest.approx(300 / 3600, abs=1e-4)
+    assert cond_of(st, C.SUCCEEDED)["status"] == "True" and cond_of(st, C.READY)["status"] == "True"
+    assert ("Normal", R.COMPLETED) == d.events[0][:2]
+
+
+def test_failed_job_reports_reason_and_pod_message() -> None:
+    summary = {"version": 1, "status": "Failed", "reason": "DataError",
+               "message": "/mnt/pvc/data/train.jsonl:7: not JSON"}
+    job = job_obj(conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                               "message": "Job has reached the specified backoff limit"}], failed=4)
+    d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job, pods=[pod("Failed", summary=summary, exit_code=1)]))
+    st = d.status
+    assert st["phase"] == "Failed" and st["reason"] == "BackoffLimitExceeded"
+    assert "train.jsonl:7: not JSON" in st["message"] and "DataError" in st["message"]
+    failed = cond_of(st, C.FAILED)
+    assert failed["status"] == "True" and "train.jsonl:7" in failed["message"]
+    assert d.events[0][0] == "Warning"
+
+
+def test_suspend_patches_job_and_resume_unsuspends() -> None:
+    spec = {**SPEC, "suspend": True}
+    d = run(spec=spec, status={"phase": "Running", "layout": LAYOUT.to_status(),
+                               "accounting": {"runningSince": "2026-01-01T11:00:00Z"}},
+            observed=Observed(job=job_obj(spec), pods=[pod("Running")]))
+    assert [(a.kind, a.value) for a in d.actions] == [("suspend_job", True)]
+    assert d.status["phase"] == "Suspended" and d.status["accounting"]["runningSeconds"] == 3600.0
+    d2 = run(status=d.status, observed=Observed(job=job_obj(suspend=True)))
+    assert [(a.kind, a.value) for a in d2.actions] == [("suspend_job", False)]
+    assert d2.status["phase"] == "Pending"
+
+
+def test_spec_change_while_suspended_recreates_job() -> None:
+    changed = {**SPEC, "suspend": True, "training": {"maxSteps": 200, "learningRate": "2e-4"}}
+    d = run(spec=changed, status={"phase": "Suspended", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job_obj(SPEC, suspend=True)))
+    assert [a.kind for a in d.actions] == ["delete_job"] and d.status["reason"] == R.RECREATING
+
+
+def test_cancel_deletes_job_and_is_terminal() -> None:
+    spec = {**SPEC, "cancel": True}
+    d = run(spec=spec, status={"phase": "Running", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job_obj(spec), pods=[pod("Running")]))
+    assert [a.kind for a in d.actions] == ["delete_job"]
+    assert d.status["phase"] == "Cancelled" and d.status["completionTime"]
+    d2 = run(spec=spec, status=d.status, observed=Observed())
+    assert d2.status["phase"] == "Cancelled" and not d2.actions and not d2.events
+
+
+def test_terminal_phase_is_sticky_and_ttl_deletes_children() -> None:
+    spec = {**SPEC, "ttlSecondsAfterFinished": 60}
+    done = {"phase": "Succeeded", "completionTime": "2026-01-01T12:00:00Z", "layout": LAYOUT.to_status()}
+    early = run(spec=spec, status=done, observed=Observed(job=job_obj(spec), children_exist=True),
+                now=T0 + dt.timedelta(seconds=30))
+    assert early.status["phase"] == "Succeeded" and not early.actions and early.retry_after == 30
+    late = run(spec=spec, status=done, observed=Observed(job=job_obj(spec), children_exist=True),
+               now=T0 + dt.timedelta(seconds=61))
+    assert [a.kind for a in late.actions] == ["delete_children"] and late.status["childrenDeleted"]
+    assert late.events[0][1] == R.TTL_EXPIRED
+
+
+def test_pending_pod_surfaces_scheduler_message() -> None:
+    p = pod("Pending")
+    p["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                  "message": "0/6 nodes are available: 6 Insufficient nvidia.com/gpu."}]
+    d = run(status={"phase": "Pending", "layout": LAYOUT.to_status()}, observed=Observed(job=job_obj(), pods=[p]))
+    assert "Insufficient nvidia.com/gpu" in d.status["message"]
+
+
+def test_observed_generation_and_status_changed() -> None:
+    d = run(observed=fits(), generation=7)
+    assert d.status["observedGeneration"] == 7
+    assert all(c["observedGeneration"] == 7 for c in d.status["conditions"])
+    assert status_changed({}, d.status)
+    same = copy.deepcopy(d.status)
+    same.setdefault("progress", {})["updatedAt"] = "later"
+    d.status.setdefault("progress", {})
+    assert not status_changed(d.status, same)
+
+
+def test_merge_patch_nulls_removed_keys() -> None:
+    old = {"phase": "Running", "accounting": {"runningSince": "t", "tokens": 5}, "conditions": [1]}
+    new = {"phase": "Succeeded", "accounting": {"tokens": 5, "runningSeconds": 3.0}, "conditions": [1, 2]}
+    assert merge_patch(old, new) == {"phase": "Succeeded", "conditions": [1, 2],
+                                     "accounting": {"runningSince": None, "runningSeconds": 3.0}}
+
+
+def test_rank0_address_picks_newest_running_index0() -> None:
+    pods = [pod("Running", 0, created="2026-01-01T10:00:00Z", ip="10.0.0.1"),
+            pod("Running", 0, created="2026-01-01T11:00:00Z", ip="10.0.0.2"),
+            pod("Running", 1, created="2026-01-01T12:00:00Z", ip="10.0.0.3")]
+    assert rank0_address(pods) == "10.0.0.2"
+
+
+def test_layout_from_resources_resolves_strategy() -> None:
+    spec = parse_spec({**SPEC, "method": "full",
+                       "resources": {"gpuType": "NVIDIA-H100-80GB-HBM3", "gpusPerPod": 8, "pods": 2}})
+    lay = layout_from_resources(spec)
+    assert (lay.strategy, lay.zero_stage, lay.total_gpus, lay.source) == ("deepspeed", 2, 16, "spec")
+    single = layout_from_resources(parse_spec({**SPEC, "resources": {"gpusPerPod": 0, "pods": 1, "cpu": "2"}}))
+    assert (single.strategy, single.procs_per_node, single.node_selector) == ("none", 1, {})
