@@ -105,6 +105,14 @@ app.kubernetes.io/part-of: kubetune
 {{- end }}
 - --liveness-port={{ .Values.operator.livenessPort }}
 - --metrics-port={{ .Values.operator.metricsPort }}
+{{- if .Values.operator.leaderElection }}
+- --leader-election
+- --lease-name={{ include "kubetune.fullname" . }}
+- --lease-namespace={{ include "kubetune.namespace" . }}
+- --lease-seconds={{ .Values.operator.leaseSeconds }}
+{{- else }}
+- --no-leader-election
+{{- end }}
 {{- if include "kubetune.peeringEnabled" . }}
 - --peering={{ include "kubetune.peeringName" . }}
 {{- else }}
