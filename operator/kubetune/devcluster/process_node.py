@@ -726,6 +726,33 @@ class ProcessNode:
         self._core.patch_namespaced_pod_status(run.name, run.namespace, {"status": status})
 
 
+def create_local_pvc(api: Any, namespace: str, claim: str, data_root: str | Path, size: str = "10Gi") -> None:
+    """Create a PersistentVolume (hostPath <data_root>/pvc/<claim>) pre-bound to a new PVC `claim`, so pods
+    using the claim pass the scheduler's volume checks; the process node mounts the same directory."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(api) if not isinstance(api, client.CoreV1Api) else api
+    path = Path(data_root) / "pvc" / claim
+    path.mkdir(parents=True, exist_ok=True)
+    pv_name = f"{namespace}-{claim}"
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name,
+                                                                        "labels": {PROCESS_NODE_LABEL: "true"}},
+          "spec": {"capacity": {"storage": size}, "accessModes": ["ReadWriteMany"],
+                   "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "kubetune-local",
+                   "hostPath": {"path": str(path)}, "claimRef": {"namespace": namespace, "name": claim}}}
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+           "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "kubetune-local", "volumeName": pv_name,
+                    "resources": {"requests": {"storage": size}}}}
+    for create in (lambda: core.create_persistent_volume(pv), lambda: core.create_namespaced_persistent_volume_claim(
+            namespace, pvc)):
+        try:
+            create()
+        except ApiException as e:
+            if e.status != 409:
+                raise
+
+
 # --------------------------------------------------------------------------- CLI
 def _logs(args: argparse.Namespace) -> int:
     from kubernetes import client, config as kconfig
