@@ -43,6 +43,7 @@ class BuildConfig:
     cpu_only_memory: str = "4Gi"
     run_as_user: int = 1000
     extra_tolerations: tuple[dict[str, Any], ...] = ()
+    cpu_node_selector: tuple[tuple[str, str], ...] = ()  # nodeSelector for CPU-only runs (e.g. process nodes)
     image_pull_policy: str = "IfNotPresent"
 
 
@@ -264,8 +265,11 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
         "containers": [container],
         "volumes": volumes,
     }
-    if layout.node_selector:
-        pod_spec["nodeSelector"] = dict(sorted(layout.node_selector.items()))
+    selector = dict(layout.node_selector)
+    if layout.gpus_per_pod == 0:
+        selector.update(dict(cfg.cpu_node_selector))
+    if selector:
+        pod_spec["nodeSelector"] = dict(sorted(selector.items()))
     tols = tolerations(layout, cfg)
     if tols:
         pod_spec["tolerations"] = tols

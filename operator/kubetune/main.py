@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pvc-root", default=env("KUBETUNE_PVC_ROOT", BuildConfig.pvc_root))
     p.add_argument("--extra-tolerations", default=env("KUBETUNE_EXTRA_TOLERATIONS", "[]"),
                    help="JSON list of tolerations added to every trainer pod")
+    p.add_argument("--cpu-node-selector", default=env("KUBETUNE_CPU_NODE_SELECTOR", ""),
+                   help="key=value[,key=value] nodeSelector for CPU-only trainer pods (e.g. local process nodes)")
+    p.add_argument("--priority", type=int, default=int(env("KUBETUNE_PEERING_PRIORITY", "0")),
+                   help="kopf peering priority (with --peering: the highest live priority acts)")
     p.add_argument("--progress-host", default=env("KUBETUNE_PROGRESS_HOST", ""),
                    help="read /progress from this host instead of the rank-0 pod IP (local process nodes)")
     p.add_argument("--progress-port", type=int, default=int(env("KUBETUNE_PROGRESS_PORT", "9090")))
@@ -83,6 +87,7 @@ def make_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
     s.queueing.error_delays = (1, 2, 5, 10, 30, 60)
     s.execution.max_workers = 8
     s.peering.standalone = args.peering is None
+    s.peering.priority = args.priority
     if args.peering:
         s.peering.name = args.peering
         s.peering.clusterwide = not args.namespace
@@ -95,8 +100,14 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
     tolerations = json.loads(args.extra_tolerations or "[]")
     if not isinstance(tolerations, list):
         raise SystemExit("--extra-tolerations must be a JSON list")
+    selector = []
+    for item in filter(None, (args.cpu_node_selector or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--cpu-node-selector: {item!r} is not key=value")
+        selector.append((key.strip(), value.strip()))
     build = BuildConfig(image=args.trainer_image, pvc_root=args.pvc_root,
-                        extra_tolerations=tuple(tolerations))
+                        extra_tolerations=tuple(tolerations), cpu_node_selector=tuple(selector))
     return OperatorConfig(namespaces=list(args.namespace), build=build, resync_seconds=args.resync_seconds,
                           sizing_retry_seconds=args.sizing_retry_seconds, progress_port=args.progress_port,
                           progress_host=args.progress_host)
@@ -188,7 +199,7 @@ async def run_operator(args: argparse.Namespace) -> int:
     try:
         await kopf.operator(registry=registry, settings=make_settings(args), memo=memo,
                             namespaces=list(args.namespace), clusterwide=not args.namespace,
-                            standalone=args.peering is None, peering_name=args.peering,
+                            standalone=args.peering is None, peering_name=args.peering, priority=args.priority,
                             liveness_endpoint=liveness, stop_flag=kopf_stop)
     finally:
         for task in tasks:

@@ -28,7 +28,7 @@ class OperatorMetrics:
                                     ["gpu_type"], registry=r)
         self.sizing_refusals = Counter("kubetune_sizing_refusals_total",
                                        "Sizing passes that found no GPU layout that fits.", registry=r)
-        labels = ["namespace", "job"]
+        labels = ["namespace", "name"]  # not "job": that is Prometheus' scrape-target label
         self.train_loss = Gauge("kubetune_job_train_loss", "Latest training loss reported by rank 0.", labels,
                                 registry=r)
         self.tokens_per_second = Gauge("kubetune_job_tokens_per_second", "Latest training throughput.", labels,

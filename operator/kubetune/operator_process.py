@@ -1,0 +1,96 @@
+"""Run `kubetune operator` as a child process (integration tests, the local demo) and install the CRDs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRDS_DIR = REPO_ROOT / "crds"
+FTJ_CRD = "finetunejobs.kubetune.io"
+
+
+def install_crds(kubectl: Any, timeout: float = 60) -> None:
+    """`kubectl apply -f crds/` and wait until the FineTuneJob CRD is established.
+
+    kubectl: a callable like devcluster's `cluster.kubectl(*args, input=None, check=True)`."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS_DIR))
+    kubectl("wait", "--for=condition=established", f"crd/{FTJ_CRD}", f"--timeout={int(timeout)}s",
+            timeout=timeout + 10)
+    # The new resource is served a moment after it is established.
+    deadline = time.monotonic() + timeout
+    while kubectl("get", "finetunejobs", "-A", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("finetunejobs.kubetune.io is established but not served")
+        time.sleep(0.2)
+
+
+class OperatorProcess:
+    """`python -m kubetune operator ARGS` with KUBECONFIG set; logs go to a file."""
+
+    def __init__(self, kubeconfig: str | os.PathLike[str], args: Sequence[str], log_path: str | os.PathLike[str],
+                 env: dict[str, str] | None = None) -> None:
+        self.kubeconfig = str(kubeconfig)
+        self.args = list(args)
+        self.log_path = Path(log_path)
+        self.extra_env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "OperatorProcess":
+        """Start the process (returns at once)."""
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kubetune", "operator", *self.args],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        """Everything the operator logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, needle: str, timeout: float = 30) -> None:
+        """Wait until the log contains `needle` (fails with the log tail)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.log_text():
+            if not self.alive():
+                raise RuntimeError(f"operator exited ({self.proc.returncode}) before logging {needle!r}:\n"
+                                   + self.log_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"operator did not log {needle!r} in {timeout}s:\n" + self.log_text()[-3000:])
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no Lease release, no cleanup)."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
