@@ -186,9 +186,27 @@ def container_env(pod: dict[str, Any], container: dict[str, Any], lookup: Lookup
     return env
 
 
+def parent_mounts(mounts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Parents of mountPaths whose mounts all keep the same relative layout locally, e.g. /mnt/pvc for
+    /mnt/pvc/<claim> -> <data-root>/pvc/<claim>: an env value naming the parent (KUBETUNE_PVC_ROOT) maps too."""
+    candidates: dict[str, set[str | None]] = {}
+    for mount_path, local in mounts:
+        parts = mount_path.rstrip("/").split("/")
+        for cut in range(2, len(parts)):
+            parent = "/".join(parts[:cut])
+            rel = mount_path.rstrip("/")[len(parent):]
+            ok = local.rstrip("/").endswith(rel)
+            candidates.setdefault(parent, set()).add(local.rstrip("/")[:-len(rel)] if ok else None)
+    own = {m for m, _ in mounts}
+    return [(p, next(iter(locals_))) for p, locals_ in candidates.items()
+            if len(locals_) == 1 and None not in locals_ and p not in own]
+
+
 def localize_env(env: dict[str, str], mounts: list[tuple[str, str]]) -> dict[str, str]:
-    """Rewrite mount paths to local directories and in-cluster DNS names to 127.0.0.1."""
-    return {k: rewrite_service_names(rewrite_path(v, mounts)) for k, v in env.items()}
+    """Rewrite mount paths (and parents of mounts, see parent_mounts) to local directories and in-cluster DNS
+    names to 127.0.0.1."""
+    pairs = sorted(mounts + parent_mounts(mounts), key=lambda p: len(p[0]), reverse=True)
+    return {k: rewrite_service_names(rewrite_path(v, pairs)) for k, v in env.items()}
 
 
 def container_argv(container: dict[str, Any], env: dict[str, str], mounts: list[tuple[str, str]]) -> list[str]:
