@@ -1,0 +1,430 @@
+"""Choose GPU type, GPUs per pod, pods and ZeRO stage/offload for a FineTuneJob (docs/contracts.md §8).
+
+Pure: spec dict + Fleet -> SizingDecision. The search and its order of preference are described
+in docs/sizing.md ("Sizing").
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from .architecture import Architecture, ArchitectureError
+from .catalog import resolve_architecture
+from .defaults import setup_from_spec
+from .estimator import GiB, MemoryEstimate, Parallelism, TrainingSetup, estimate_memory, gib
+from .fleet import PRODUCT_LABEL, Fleet, GpuPool
+
+DEFAULT_HEADROOM = 0.10  # keep 10% of each GPU free: estimate error, allocator spikes, other processes
+CPU_AUTO_MAX_PARAMS = 100_000_000  # with no GPU nodes, only tiny models run on CPU without asking
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+@dataclass
+class SizingDecision:
+    """The sizer's answer: where and how the job runs, or why it cannot."""
+
+    fits: bool
+    gpu_product: str = ""
+    gpus_per_pod: int = 0
+    pods: int = 0
+    gpu_memory_bytes: int = 0
+    distributed: dict[str, Any] = field(default_factory=lambda: {
+        "strategy": "none", "zeroStage": 0, "offloadOptimizer": False, "offloadParams": False})
+    node_selector: dict[str, str] = field(default_factory=dict)
+    message: str = ""
+    suggestion: str = ""
+    suggestion_patch: dict[str, Any] = field(default_factory=dict)  # spec changes that make it fit
+    reason: str = ""
+    device: str = "gpu"  # gpu | cpu
+    estimate: MemoryEstimate | None = None
+    headroom: float = DEFAULT_HEADROOM
+    model: str = ""
+    model_source: str = ""
+    method: str = ""
+
+    @property
+    def total_gpus(self) -> int:
+        """GPUs across all pods."""
+        return self.gpus_per_pod * self.pods
+
+    @property
+    def usable_bytes(self) -> int:
+        """GPU memory the estimate may use after the headroom margin."""
+        return int(self.gpu_memory_bytes * (1 - self.headroom))
+
+    def to_status(self) -> dict[str, Any]:
+        """camelCase dict for FineTuneJob status.plan (bytes plus GiB for people)."""
+        out: dict[str, Any] = {
+            "fits": self.fits, "device": self.device, "gpuType": self.gpu_product,
+            "gpusPerPod": self.gpus_per_pod, "pods": self.pods, "totalGpus": self.total_gpus,
+            "gpuMemoryBytes": self.gpu_memory_bytes, "gpuMemoryGiB": gib(self.gpu_memory_bytes),
+            "headroom": self.headroom, "distributed": dict(self.distributed),
+            "nodeSelector": dict(self.node_selector), "model": self.model, "modelSource": self.model_source,
+            "method": self.method, "reason": self.reason, "message": self.message,
+            "suggestion": self.suggestion,
+        }
+        if self.estimate is not None:
+            e = self.estimate
+            breakdown = e.breakdown()
+            out["estimate"] = {
+                "perGpuBytes": e.total, "perGpuGiB": gib(e.total),
+                "usableBytes": self.usable_bytes, "usableGiB": gib(self.usable_bytes),
+                "totalParams": e.total_params, "trainableParams": e.trainable_params,
+                "hostOffloadBytes": e.host_offload, "hostOffloadGiB": gib(e.host_offload),
+                "breakdownBytes": breakdown, "breakdownGiB": {k: gib(v) for k, v in breakdown.items()},
+                "notes": list(e.notes),
+            }
+        return out
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    pool: GpuPool
+    gpus_per_pod: int
+    pods: int
+    par: Parallelism
+    tier: int  # 0 no offload, 1 optimizer offload, 2 parameter offload
+    estimate: MemoryEstimate
+
+    @property
+    def n(self) -> int:
+        return self.gpus_per_pod * self.pods
+
+    def fits(self, headroom: float) -> bool:
+        return self.estimate.total <= self.pool.memory_bytes * (1 - headroom)
+
+    def describe(self) -> str:
+        return f"{self.pods} pod(s) x {self.gpus_per_pod} {self.pool.product}, {self.par.describe()}"
+
+
+# ------------------------------------------------------------------------------------------
+# strategies
+# ------------------------------------------------------------------------------------------
+
+def _strategies(dist: Mapping[str, Any], n: int) -> Iterator[tuple[int, Parallelism]]:
+    """(tier, Parallelism) options for n GPUs in the order the sizer prefers them."""
+    strategy = str(dist.get("strategy", "auto"))
+    stage = int(dist.get("zeroStage") or 0)
+    off_opt = bool(dist.get("offloadOptimizer"))
+    off_par = bool(dist.get("offloadParams"))
+    tier = 2 if off_par else 1 if off_opt else 0
+    if strategy == "ddp":
+        yield 0, Parallelism("ddp" if n > 1 else "none", world_size=n)
+        return
+    if strategy == "deepspeed" or (strategy == "auto" and (stage or off_opt or off_par)):
+        stage = stage or (3 if off_par else 2)
+        if off_par and stage != 3:
+            return
+        yield tier, Parallelism("deepspeed", stage, off_opt, off_par, n)
+        return
+    # auto: no offload first (single process / DDP, then ZeRO-2, ZeRO-3), then offload
+    if n == 1:
+        yield 0, Parallelism("none", world_size=1)
+    else:
+        yield 0, Parallelism("ddp", world_size=n)
+        yield 0, Parallelism("deepspeed", 2, world_size=n)
+        yield 0, Parallelism("deepspeed", 3, world_size=n)
+    yield 1, Parallelism("deepspeed", 2, True, False, n)
+    yield 1, Parallelism("deepspeed", 3, True, False, n)
+    yield 2, Parallelism("deepspeed", 3, True, True, n)
+
+
+def _layouts(pool: GpuPool, res: Mapping[str, Any]) -> Iterator[tuple[int, int]]:
+    """(gpus_per_pod, pods) the pool can host, fewest GPUs first; honours resources pins."""
+    g_pin, p_pin, max_gpus = int(res.get("gpusPerPod") or 0), int(res.get("pods") or 0), int(res.get("maxGpus") or 0)
+    options = []
+    for g in ([g_pin] if g_pin else range(1, pool.gpus_per_node + 1)):
+        available = pool.nodes_with(g)
+        if available == 0:
+            continue
+        for pods in ([p_pin] if p_pin else range(1, available + 1)):
+            if pods > available:
+                continue
+            if pods > 1 and not g_pin and g != pool.gpus_per_node:
+                continue  # span nodes only with whole nodes
+            if max_gpus and g * pods > max_gpus:
+                continue
+            options.append((g * pods, pods, g))
+    for _, pods, g in sorted(options):
+        yield g, pods
+
+
+# ------------------------------------------------------------------------------------------
+# the search
+# ------------------------------------------------------------------------------------------
+
+def _search(arch: Architecture, spec: Mapping[str, Any], fleet: Fleet, headroom: float
+            ) -> tuple[_Candidate | None, _Candidate | None]:
+    """(best fitting candidate, smallest-need candidate seen) over the fleet."""
+    res = spec.get("resources") or {}
+    dist = spec.get("distributed") or {}
+    pinned = str(res.get("gpuType") or "")
+    pools = [p for p in fleet.pools if not pinned or p.product.lower() == pinned.lower()]
+    best: _Candidate | None = None
+    closest: _Candidate | None = None
+    setups: dict[bool, TrainingSetup] = {}
+    for pool in pools:
+        setup = setups.get(pool.bf16) or setups.setdefault(pool.bf16, setup_from_spec(spec, bf16_capable=pool.bf16))
+        found_in_pool: dict[int, bool] = {}
+        for g, pods in _layouts(pool, res):
+            n = g * pods
+            for tier, par in _strategies(dist, n):
+                if found_in_pool.get(tier):
+                    continue  # a smaller layout of this pool already fits in this tier
+                cand = _Candidate(pool, g, pods, par, tier, estimate_memory(arch, setup, par))
+                if closest is None or _need_ratio(cand) < _need_ratio(closest):
+                    closest = cand
+                if cand.fits(headroom):
+                    found_in_pool[tier] = True
+                    if best is None or _rank(cand) < _rank(best):
+                        best = cand
+    return best, closest
+
+
+def _need_ratio(c: _Candidate) -> float:
+    return c.estimate.total / c.pool.memory_bytes
+
+
+_STRATEGY_RANK = {("none", 0): 0, ("ddp", 0): 1, ("deepspeed", 1): 2, ("deepspeed", 2): 3, ("deepspeed", 3): 4}
+
+
+def _rank(c: _Candidate) -> tuple:
+    """Preference: no offload before offload, fewest GPUs, smallest GPU, simplest strategy, fewest pods."""
+    return (c.tier, c.n, c.pool.memory_mib, _STRATEGY_RANK.get((c.par.strategy, c.par.zero), 9), c.pods, c.pool.product)
+
+
+# ------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------
+
+def size_job(spec: Mapping[str, Any], fleet: Fleet, headroom: float = DEFAULT_HEADROOM,
+             config: Mapping[str, Any] | None = None, suggest: bool = True) -> SizingDecision:
+    """Size a defaulted FineTuneJob spec against a fleet (docs/contracts.md §8).
+
+    `config` is the model's config.json when the caller has it (it overrides the catalog; inline
+    hints still win). Raises ArchitectureError only when the model cannot be resolved and the job
+    is not a CPU run.
+    """
+    method = str(spec.get("method", "lora"))
+    res = spec.get("resources") or {}
+    try:
+        arch: Architecture | None = resolve_architecture(spec.get("model") or {}, config)
+    except ArchitectureError:
+        if _cpu_requested(res) or (not fleet.has_gpus and _no_gpu_pins(res)):
+            arch = None
+        else:
+            raise
+    if _cpu_requested(res) or (not fleet.has_gpus and _no_gpu_pins(res)):
+        return _size_cpu(spec, fleet, arch, headroom)
+    assert arch is not None
+    base = dict(model=arch.name, model_source=arch.source, method=method, headroom=headroom)
+    what = f"{METHOD_NAMES.get(method, method)} of {arch.name}"
+    pinned = str(res.get("gpuType") or "")
+    if pinned and fleet.pool(pinned) is None:
+        decision = SizingDecision(fits=False, **base, reason=f"pinned gpuType {pinned} is not in the cluster",
+                                  message=f"spec.resources.gpuType {pinned} is not in the cluster "
+                                          f"(GPU pools: {fleet.describe()})")
+        return _with_suggestion(decision, spec, fleet, headroom, config) if suggest else decision
+    if not fleet.has_gpus:
+        one = estimate_memory(arch, setup_from_spec(spec), Parallelism())
+        decision = SizingDecision(
+            fits=False, **base, estimate=one,
+            reason=f"no GPU nodes in the cluster; {what} needs {gib(one.total)} GiB on one GPU",
+            message=(f"the cluster has no schedulable GPU nodes ({fleet.cpu_nodes} CPU node(s)); {what} needs "
+                     f"{gib(one.total)} GiB on a single GPU. Add GPU nodes, or for a tiny model run on CPU by "
+                     "setting resources.gpusPerPod: 0, resources.pods: 1 and resources.cpu"))
+        return decision
+    best, closest = _search(arch, spec, fleet, headroom)
+    if best is not None:
+        e = best.estimate
+        usable = best.pool.memory_bytes * (1 - headroom)
+        reason = (f"{what} needs {gib(e.total)} GiB per GPU with {best.par.describe()}; "
+                  f"fits {best.n} x {best.pool.product} ({gib(usable)} GiB usable each)")
+        return SizingDecision(
+            fits=True, **base, gpu_product=best.pool.product, gpus_per_pod=best.gpus_per_pod, pods=best.pods,
+            gpu_memory_bytes=best.pool.memory_bytes, distributed=_dist(best.par),
+            node_selector={PRODUCT_LABEL: best.pool.product}, estimate=e, reason=reason,
+            message=f"{reason}. Breakdown: {_brief(e)}",
+        )
+    largest = fleet.largest()
+    assert largest is not None
+    pins = _describe_pins(spec)
+    if closest is not None:
+        c = closest
+        usable = c.pool.memory_bytes * (1 - headroom)
+        reason = (f"{what} does not fit: needs at least {gib(c.estimate.total)} GiB per GPU "
+                  f"({c.describe()}) but {c.pool.product} has {gib(c.pool.memory_bytes)} GiB "
+                  f"({gib(usable)} GiB usable with {int(headroom * 100)}% headroom)")
+        message = (f"{reason}{pins}. Largest GPU in the cluster: {largest.product} with "
+                   f"{gib(largest.memory_bytes)} GiB. Breakdown of the closest layout: {_brief(c.estimate)}")
+        est = c.estimate
+    else:
+        reason = f"{what} does not fit: no layout of the cluster's GPUs satisfies the pins"
+        message = f"{reason}{pins}. GPU pools: {fleet.describe()}"
+        est = None
+    decision = SizingDecision(fits=False, **base, estimate=est, reason=reason, message=message,
+                              gpu_memory_bytes=closest.pool.memory_bytes if closest else 0)
+    return _with_suggestion(decision, spec, fleet, headroom, config) if suggest else decision
+
+
+def _dist(par: Parallelism) -> dict[str, Any]:
+    return {"strategy": par.strategy, "zeroStage": par.zero, "offloadOptimizer": par.offload_optimizer,
+            "offloadParams": par.offload_params}
+
+
+def _brief(e: MemoryEstimate) -> str:
+    parts = [f"{k} {gib(v)}" for k, v in e.breakdown().items() if v and k != "total"]
+    return ", ".join(parts) + f" (GiB; total {gib(e.total)})"
+
+
+def _describe_pins(spec: Mapping[str, Any]) -> str:
+    res = spec.get("resources") or {}
+    pins = [f"{k}={res[k]}" for k in ("gpuType", "gpusPerPod", "pods", "maxGpus") if res.get(k)]
+    dist = spec.get("distributed") or {}
+    if dist.get("strategy", "auto") != "auto" or dist.get("zeroStage") or dist.get("offloadOptimizer") or dist.get("offloadParams"):
+        pins.append(f"distributed={dist.get('strategy')}/zero{dist.get('zeroStage', 0)}")
+    return f" (pinned: {', '.join(pins)})" if pins else ""
+
+
+# ------------------------------------------------------------------------------------------
+# CPU runs
+# ------------------------------------------------------------------------------------------
+
+def _no_gpu_pins(res: Mapping[str, Any]) -> bool:
+    return not res.get("gpuType") and not int(res.get("gpusPerPod") or 0) and not int(res.get("maxGpus") or 0)
+
+
+def _cpu_requested(res: Mapping[str, Any]) -> bool:
+    """Explicit CPU run: gpusPerPod 0 with pods and cpu set (the CRD's documented CPU-only form)."""
+    return _no_gpu_pins(res) and int(res.get("pods") or 0) > 0 and bool(res.get("cpu"))
+
+
+def parse_memory_quantity(text: str) -> int:
+    """Kubernetes memory quantity ('64Gi', '512Mi', '8G', '1000') -> bytes; 0 for empty."""
+    text = str(text or "").strip()
+    if not text:
+        return 0
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "k": 10**3, "M": 10**6,
+             "G": 10**9, "T": 10**12}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * units[suffix])
+    return int(float(text))
+
+
+def _size_cpu(spec: Mapping[str, Any], fleet: Fleet, arch: Architecture | None, headroom: float) -> SizingDecision:
+    """CPU run: explicit (gpusPerPod 0 + pods + cpu) or implicit (no GPU nodes, tiny model)."""
+    res = spec.get("resources") or {}
+    method = str(spec.get("method", "lora"))
+    explicit = _cpu_requested(res)
+    pods = max(int(res.get("pods") or 0), 1)
+    base = dict(device="cpu", pods=pods, gpus_per_pod=0, method=method, headroom=headroom,
+                model=arch.name if arch else str((spec.get("model") or {}).get("uri", "")),
+                model_source=arch.source if arch else "unknown")
+    if arch is None:
+        return SizingDecision(fits=True, **base,
+                              reason="CPU run; model architecture unknown, memory not estimated",
+                              message="CPU run (no GPUs requested); the model is not in the catalog and has no "
+                                      "architecture hints, so its memory was not estimated")
+    # CPU training runs in fp32 (no bf16 autocast on most CPUs)
+    est = estimate_memory(arch, setup_from_spec(spec, precision="fp32"), Parallelism())
+    need = est.reserved  # no CUDA context on CPU
+    limit = parse_memory_quantity(str(res.get("memory") or ""))
+    if not explicit and est.total_params > CPU_AUTO_MAX_PARAMS:
+        return SizingDecision(
+            fits=False, **{**base, "device": "gpu", "pods": 0}, estimate=est,
+            reason=f"no GPU nodes in the cluster and {arch.name} is not a tiny model",
+            message=(f"the cluster has no schedulable GPU nodes; {arch.name} ({est.total_params / 1e9:.2f}B parameters) "
+                     f"needs {gib(estimate_memory(arch, setup_from_spec(spec), Parallelism()).total)} GiB on one GPU. "
+                     "Add GPU nodes, or force a CPU run with resources.gpusPerPod: 0, resources.pods: 1, resources.cpu"))
+    if limit and need > limit:
+        return SizingDecision(
+            fits=False, **base, estimate=est,
+            reason=f"CPU run needs {gib(need)} GiB of RAM but resources.memory is {gib(limit)} GiB",
+            message=f"CPU run of {arch.name}: needs {gib(need)} GiB of RAM per pod (fp32) but resources.memory "
+                    f"is {res.get('memory')}; raise resources.memory to at least {gib(need * 1.1)}Gi",
+            suggestion=f"set resources.memory to {int(need * 1.1 / GiB) + 1}Gi",
+            suggestion_patch={"resources": {"memory": f"{int(need * 1.1 / GiB) + 1}Gi"}})
+    why = "explicit CPU request (gpusPerPod 0, pods, cpu)" if explicit else "no GPU nodes and a tiny model"
+    return SizingDecision(fits=True, **base, estimate=est,
+                          reason=f"CPU run ({why}); needs about {gib(need)} GiB of RAM per pod",
+                          message=f"CPU run ({why}) of {arch.name}: about {gib(need)} GiB of RAM per pod in fp32")
+
+
+# ------------------------------------------------------------------------------------------
+# suggestions: re-run the sizer on cheaper variants of the spec
+# ------------------------------------------------------------------------------------------
+
+def _deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for k, v in patch.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _alternatives(spec: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(description, spec patch) from least to most disruptive."""
+    res = spec.get("resources") or {}
+    dist = spec.get("distributed") or {}
+    training = spec.get("training") or {}
+    method = spec.get("method", "lora")
+    free_res = {"gpuType": "", "gpusPerPod": 0, "pods": 0, "maxGpus": 0}
+    auto_dist = {"strategy": "auto", "zeroStage": 0, "offloadOptimizer": False, "offloadParams": False}
+    pinned_res = any(res.get(k) for k in free_res)
+    pinned_dist = dist.get("strategy", "auto") != "auto" or dist.get("zeroStage") or dist.get("offloadOptimizer") or dist.get("offloadParams")
+    if pinned_dist:
+        yield "let the sizer choose the distributed strategy (distributed.strategy: auto)", {"distributed": auto_dist}
+    if pinned_res:
+        yield "remove the spec.resources GPU pins", {"resources": free_res}
+    if pinned_res and pinned_dist:
+        yield "remove the spec.resources GPU pins and set distributed.strategy: auto", {"resources": free_res, "distributed": auto_dist}
+    relax = {"resources": free_res, "distributed": auto_dist} if (pinned_res or pinned_dist) else {}
+    if not training.get("gradientCheckpointing", True):
+        yield "enable training.gradientCheckpointing", _deep_merge(relax, {"training": {"gradientCheckpointing": True}})
+    mb = int(training.get("microBatchSize", 1))
+    if mb > 1:
+        ga = int(training.get("gradientAccumulationSteps", 1)) * mb
+        yield (f"set training.microBatchSize: 1 and gradientAccumulationSteps: {ga} (same effective batch)",
+               _deep_merge(relax, {"training": {"microBatchSize": 1, "gradientAccumulationSteps": ga}}))
+    if training.get("optimizer", "adamw") in ("adamw", "paged_adamw_32bit") and method == "full":
+        yield "use training.optimizer: adamw_8bit", _deep_merge(relax, {"training": {"optimizer": "adamw_8bit"}})
+    seq = int(training.get("maxSeqLength", 2048))
+    s = seq // 2
+    while s >= 512:
+        yield f"reduce training.maxSeqLength to {s}", _deep_merge(relax, {"training": {"maxSeqLength": s}})
+        s //= 2
+    if method == "full":
+        yield "use method: lora", _deep_merge(relax, {"method": "lora"})
+    if method in ("full", "lora"):
+        yield "use method: qlora (4-bit NF4 base weights)", _deep_merge(relax, {"method": "qlora"})
+
+
+def _with_suggestion(decision: SizingDecision, spec: Mapping[str, Any], fleet: Fleet, headroom: float,
+                     config: Mapping[str, Any] | None) -> SizingDecision:
+    """Attach the first alternative that fits (each one actually re-sized)."""
+    from .defaults import apply_spec_defaults
+
+    for text, patch in _alternatives(spec):
+        alt = apply_spec_defaults(_deep_merge(spec, patch))
+        try:
+            d = size_job(alt, fleet, headroom, config, suggest=False)
+        except (ArchitectureError, ValueError):
+            continue
+        if d.fits and d.device == "gpu":
+            where = f"{d.total_gpus} x {d.gpu_product}"
+            strategy = Parallelism(d.distributed["strategy"], d.distributed["zeroStage"],
+                                   d.distributed["offloadOptimizer"], d.distributed["offloadParams"],
+                                   d.total_gpus).describe()
+            decision.suggestion = (f"{text}: then it needs {gib(d.estimate.total if d.estimate else 0)} GiB per GPU "
+                                   f"on {where} ({strategy})")
+            decision.suggestion_patch = patch
+            decision.message = f"{decision.message}. Cheapest change that fits: {decision.suggestion}"
+            return decision
+    decision.suggestion = "no single change found that fits this cluster; add larger GPUs or more GPU nodes"
+    decision.message = f"{decision.message}. {decision.suggestion}"
+    return decision
