@@ -1,0 +1,176 @@
+"""The FineTuneJob CRD against the real apiserver: invalid specs are rejected with a message naming
+the field (OpenAPI schema + CEL), defaults are applied, and immutability/transition rules hold."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from kubetune.operator_process import install_crds
+
+pytestmark = pytest.mark.integration
+
+VALID = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "valid"},
+    "spec": {
+        "model": {"uri": "hf://meta-llama/Llama-3.1-8B"},
+        "dataset": {"uri": "pvc://data/train.jsonl"},
+        "method": "lora",
+        "training": {"epochs": 1},
+        "output": {"uri": "pvc://outputs/run"},
+    },
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def crds(cluster):
+    install_crds(cluster.kubectl)
+
+
+def _with(path: str, value, base: dict | None = None) -> dict:
+    """VALID with spec.<path> set (value None deletes it)."""
+    obj = copy.deepcopy(base or VALID)
+    node = obj["spec"]
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+    return obj
+
+
+def _apply(cluster, namespace: str, obj: dict, *extra: str):
+    return cluster.kubectl("apply", "-n", namespace, "-f", "-", *extra, input=json.dumps(obj), check=False)
+
+
+QLORA = _with("quantization", {"bits": 4}, _with("method", "qlora"))
+
+# (case id, manifest, substrings the apiserver's error must contain)
+INVALID = [
+    ("missing-model", _with("model", None), ["spec.model", "Required"]),
+    ("missing-output", _with("output", None), ["spec.output", "Required"]),
+    ("output-uri-empty", _with("output.uri", ""), ["spec.output.uri"]),
+    ("model-uri-scheme", _with("model.uri", "http://example.com/model"), ["spec.model.uri", "should match"]),
+    ("dataset-uri-scheme", _with("dataset.uri", "/data/train.jsonl"), ["spec.dataset.uri"]),
+    ("output-uri-hf-not-writable", _with("output.uri", "hf://org/model"), ["spec.output.uri"]),
+    ("method-enum", _with("method", "prefix-tuning"), ["spec.method", "Unsupported value"]),
+    ("format-enum", _with("dataset.format", "csv"), ["spec.dataset.format"]),
+    ("qlora-without-quantization", _with("method", "qlora"), ["spec.quantization", "required when spec.method is qlora"]),
+    ("qlora-8-bit", _with("quantization", {"bits": 8}, QLORA), ["spec.quantization", "bits: 4"]),
+    ("quantization-with-lora", _with("quantization", {"bits": 4}), ["spec.quantization", "only allowed when spec.method is qlora"]),
+    ("lora-block-with-full", _with("lora", {"r": 8}, _with("method", "full")), ["spec.lora", "only allowed"]),
+    ("epochs-and-max-steps", _with("training", {"epochs": 1, "maxSteps": 10}), ["spec.training", "exactly one of"]),
+    ("neither-epochs-nor-max-steps", _with("training", {"microBatchSize": 2}), ["spec.training", "exactly one of"]),
+    ("micro-batch-zero", _with("training", {"epochs": 1, "microBatchSize": 0}), ["spec.training.microBatchSize"]),
+    ("seq-length-too-small", _with("training", {"epochs": 1, "maxSeqLength": 8}), ["spec.training.maxSeqLength"]),
+    ("learning-rate-text", _with("training", {"epochs": 1, "learningRate": "fast"}), ["spec.training.learningRate"]),
+    ("learning-rate-float-type", _with("training", {"epochs": 1, "learningRate": 0.0002}), ["spec.training.learningRate"]),
+    ("eval-split-range", _with("dataset.evalSplit", 0.9), ["spec.dataset.evalSplit"]),
+    ("lora-rank-zero", _with("lora", {"r": 0}), ["spec.lora.r"]),
+    ("lora-dropout-one", _with("lora", {"dropout": 1.0}), ["spec.lora.dropout"]),
+    ("gpus-per-pod-range", _with("resources", {"gpusPerPod": 32}), ["spec.resources.gpusPerPod"]),
+    ("max-gpus-exceeded", _with("resources", {"gpusPerPod": 8, "pods": 2, "maxGpus": 8}), ["spec.resources.maxGpus", "exceeds"]),
+    ("memory-quantity", _with("resources", {"memory": "lots"}), ["spec.resources.memory"]),
+    ("zero-stage-range", _with("distributed", {"zeroStage": 4}), ["spec.distributed.zeroStage"]),
+    ("ddp-with-zero", _with("distributed", {"strategy": "ddp", "zeroStage": 2}), ["spec.distributed.strategy", "deepspeed"]),
+    ("zero3-with-lora", _with("distributed", {"strategy": "deepspeed", "zeroStage": 3}), ["spec.distributed.zeroStage", "method full"]),
+    ("backoff-limit-negative", _with("backoffLimit", -1), ["spec.backoffLimit"]),
+    ("unknown-scheduler", _with("training", {"epochs": 1, "scheduler": "step"}), ["spec.training.scheduler"]),
+    ("secret-name-invalid", _with("secrets", {"hfTokenSecretRef": {"name": "Bad_Name"}}), ["spec.secrets.hfTokenSecretRef.name"]),
+]
+
+
+@pytest.mark.parametrize("case,manifest,needles", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_spec_is_rejected_naming_the_field(cluster, namespace, case, manifest, needles):
+    result = _apply(cluster, namespace, manifest, "--dry-run=server")
+    assert result.returncode != 0, f"{case}: the apiserver accepted an invalid spec"
+    for needle in needles:
+        assert needle in result.stderr, f"{case}: {needle!r} not in the apiserver's error:\n{result.stderr}"
+
+
+def test_valid_spec_gets_defaults(cluster, namespace):
+    result = _apply(cluster, namespace, VALID)
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(cluster.kubectl("get", "ftj", "valid", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert spec["training"]["learningRate"] == "2e-4" and spec["training"]["maxSteps"] == 0
+    assert spec["dataset"]["format"] == "auto" and spec["dataset"]["evalSplit"] == 0.05
+    assert spec["distributed"] == {"strategy": "auto", "zeroStage": 0, "offloadOptimizer": False,
+                                   "offloadParams": False}
+    assert spec["resources"]["gpusPerPod"] == 0 and spec["backoffLimit"] == 3 and spec["suspend"] is False
+    assert "lora" not in spec  # the block is optional; the operator applies the LoRA defaults
+    # A qlora spec gets the quantization defaults.
+    q = copy.deepcopy(QLORA)
+    q["metadata"]["name"] = "qlora"
+    assert _apply(cluster, namespace, q).returncode == 0
+    qspec = json.loads(cluster.kubectl("get", "ftj", "qlora", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert qspec["quantization"] == {"bits": 4, "quantType": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("model", {"uri": "hf://meta-llama/Llama-3.1-70B"}, "spec.model is immutable"),
+    ("dataset", {"uri": "pvc://data/other.jsonl"}, "spec.dataset is immutable"),
+    ("method", "full", "spec.method is immutable"),
+])
+def test_model_dataset_method_are_immutable(cluster, namespace, field, value, needle):
+    assert _apply(cluster, namespace, VALID).returncode == 0
+    patch = json.dumps({"spec": {field: value}})
+    result = cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p", patch, check=False)
+    assert result.returncode != 0 and needle in result.stderr, result.stderr
+
+
+def test_run_settings_change_only_while_suspended(cluster, namespace):
+    assert _apply(cluster, namespace, VALID).returncode == 0
+    change = json.dumps({"spec": {"training": {"maxSeqLength": 4096}}})
+    refused = cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p", change, check=False)
+    assert refused.returncode != 0 and "set spec.suspend: true first" in refused.stderr, refused.stderr
+    cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p", change)
+    got = json.loads(cluster.kubectl("get", "ftj", "valid", "-n", namespace, "-o", "json").stdout)
+    assert got["spec"]["training"]["maxSeqLength"] == 4096
+    # Lifecycle fields stay mutable without suspending.
+    cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"suspend":false,"ttlSecondsAfterFinished":60}}')
+
+
+def test_cancel_cannot_be_reverted(cluster, namespace):
+    assert _apply(cluster, namespace, VALID).returncode == 0
+    cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p", '{"spec":{"cancel":true}}')
+    result = cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge",
+                             "-p", '{"spec":{"cancel":false}}', check=False)
+    assert result.returncode != 0 and "spec.cancel cannot be set back" in result.stderr, result.stderr
+
+
+def test_printer_columns_and_short_name(cluster, namespace):
+    assert _apply(cluster, namespace, VALID).returncode == 0
+    out = cluster.kubectl("get", "ftj", "-n", namespace).stdout
+    header = out.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "METHOD", "MODEL", "GPUS", "PROGRESS", "AGE"], out
+    assert "hf://meta-llama/Llama-3.1-8B" in out and "lora" in out
+    assert "finetunejob" in cluster.kubectl("get", "kubetune", "-n", namespace, "-o", "name").stdout
+
+
+def test_crd_is_structural_with_descriptions(cluster):
+    crd = yaml.safe_load(cluster.kubectl("get", "crd", "finetunejobs.kubetune.io", "-o", "yaml").stdout)
+    conds = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert conds.get("NonStructuralSchema", "False") == "False" and conds["Established"] == "True"
+    missing: list[str] = []
+
+    def walk(node: dict, path: str) -> None:
+        for name, child in (node.get("properties") or {}).items():
+            if path == "" and name in ("apiVersion", "kind", "metadata"):
+                continue
+            if not child.get("description"):
+                missing.append(f"{path}.{name}")
+            walk(child, f"{path}.{name}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+
+    walk(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "")
+    assert not missing, f"fields without a description: {missing}"
