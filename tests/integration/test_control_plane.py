@@ -172,7 +172,8 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_ctrl_c_on_cluster_up_leaves_no_process(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "cluster-down", "kill-9"])
+def test_stopping_cluster_up_leaves_no_process(tmp_path, how):
     env_file = tmp_path / "env"
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "cluster", "up", "--nodes", "1",
                              "--env-file", str(env_file), "--work-dir", str(tmp_path / "work")],
@@ -183,14 +184,25 @@ def test_ctrl_c_on_cluster_up_leaves_no_process(tmp_path):
         pids = state["pids"]
         assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
         assert all(pid_alive(p) for p in pids.values())
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0
+        elif how == "cluster-down":
+            down = subprocess.run([sys.executable, "-m", "kubetune.cli", "cluster", "down", "--env-file", str(env_file)],
+                                  capture_output=True, text=True, timeout=90)
+            assert down.returncode == 0, down.stderr
+            assert proc.wait(10) == 0
+        else:  # the parent dies without any chance to clean up: children die with it (pdeathsig)
+            proc.kill()
+            proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert [n for n, p in pids.items() if pid_alive(p)] == []
+    wait_for(lambda: not [n for n, p in pids.items() if pid_alive(p)], 10,
+             lambda: f"components gone; alive: {[n for n, p in pids.items() if pid_alive(p)]}")
     assert _processes_mentioning(str(tmp_path / "work")) == []
-    assert not env_file.exists()
+    if how != "kill-9":
+        assert not env_file.exists()
 
 
 def test_exception_after_start_leaves_no_process(tmp_path):

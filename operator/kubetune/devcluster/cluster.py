@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from . import binaries, fleet as fleetmod
 from .certs import ClusterPKI, generate_pki
-from .procs import ProcessSet
+from .procs import ComponentExited, ProcessSet
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
@@ -158,7 +158,17 @@ class Cluster:
             _live.append(self)
         install_signal_handlers()
         try:
-            self._start(bin_dir, t0)
+            for attempt in (1, 2):
+                try:
+                    self._start(bin_dir, t0)
+                    break
+                except ComponentExited:
+                    if attempt == 2:
+                        raise
+                    # most likely a port taken between free_port() and the bind: retry on new ports
+                    self.procs.stop()
+                    self.ports.clear()
+                    shutil.rmtree(self._dir / "etcd", ignore_errors=True)
         except BaseException:
             self.stop()
             raise

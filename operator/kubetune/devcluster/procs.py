@@ -75,6 +75,10 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> int | None:
     return proc.poll()
 
 
+class ComponentExited(RuntimeError):
+    """A supervised component exited while it should be running."""
+
+
 @dataclass
 class Child:
     """One supervised component."""
@@ -122,7 +126,7 @@ class ProcessSet:
         for child in self.children:
             code = child.proc.poll()
             if code is not None:
-                raise RuntimeError(f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
+                raise ComponentExited(f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
                                    f"{child.log_tail()}")
 
     def stop(self) -> None:
