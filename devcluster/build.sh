@@ -15,6 +15,7 @@ export CGO_ENABLED=0
 stamp_src=$( { cat "$here/components/go.mod" "$here/components/go.sum" "$here/components/cmd/etcd/main.go"; echo "$KWOK_VERSION $HELM_VERSION"; } | sha256sum | cut -c1-16)
 bin=$cache/bin/$stamp_src
 if [[ -f $bin/.complete ]]; then
+  [[ $(readlink "$cache/bin/current" 2>/dev/null) == "$bin" ]] || ln -sfn "$bin" "$cache/bin/current"
   echo "$bin"
   exit 0
 fi
