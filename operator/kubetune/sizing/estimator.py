@@ -331,16 +331,18 @@ def activation_bytes(arch: Architecture, setup: TrainingSetup) -> int:
 
 
 def logits_bytes(arch: Architecture, setup: TrainingSetup) -> int:
-    """Logits and cross-entropy buffers at their peak (the loss backward).
+    """Logits and cross-entropy buffers at their peak, the start of the loss backward: 12 x V per token.
 
-    Per token: the logits in the compute dtype (kept in the model output, aV), log-softmax output
-    in fp32 saved for backward (4V), and during backward its incoming gradient and the gradient
-    w.r.t. the fp32 logits (8V): (12 + a) x V. transformers upcasts logits to fp32 before the loss,
-    which is why a 128k-256k vocabulary dominates small models. Final-logit soft-capping (Gemma 2)
-    adds the tanh output and the capped logits (2aV).
+    transformers computes the logits in the compute dtype, upcasts them to fp32 for the loss
+    (`logits.float()`), and cross_entropy = log_softmax + nll_loss saves the fp32 log-softmax output
+    (4V). The trainer drops the model outputs before backward, so at the peak the live tensors are
+    that saved output, its incoming gradient and the gradient w.r.t. the fp32 logits: 3 x 4V.
+    (During forward: logits aV + fp32 copy 4V + log-softmax 4V = (8 + a)V <= 12V.) This is why a
+    128k-256k vocabulary dominates small models. Final-logit soft-capping (Gemma 2: tanh before the
+    upcast) keeps its tanh output and the capped logits as well (2aV).
     """
     a = setup.compute_bytes
-    per_token = (12 + a) * arch.vocab_size
+    per_token = 12 * arch.vocab_size
     if arch.final_logit_softcapping:
         per_token += 2 * a * arch.vocab_size
     return int(per_token * setup.tokens)

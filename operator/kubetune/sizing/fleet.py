@@ -182,11 +182,17 @@ def parse_gpu_shorthand(text: str) -> list[dict[str, Any]]:
 
 
 def nodes_from_file(path: str | Path) -> list[dict[str, Any]]:
-    """Node manifests from a YAML/JSON file: a list, a `kind: List`, or several documents."""
+    """Node manifests from a YAML/JSON file: a list, a `kind: List`, several documents, or a devcluster
+    `kind: Fleet` of node groups."""
     docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
     nodes: list[dict[str, Any]] = []
     for doc in docs:
-        if isinstance(doc, list):
+        if isinstance(doc, Mapping) and doc.get("kind") == "Fleet":
+            # devcluster/fleet.yaml: node groups, rendered exactly as the local cluster creates them
+            from kubetune.devcluster.fleet import node_manifests, parse_fleet
+
+            nodes.extend(node_manifests(parse_fleet(dict(doc))))
+        elif isinstance(doc, list):
             nodes.extend(doc)
         elif isinstance(doc, Mapping) and "items" in doc:
             nodes.extend(doc["items"] or [])

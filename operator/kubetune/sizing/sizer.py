@@ -190,9 +190,26 @@ def _need_ratio(c: _Candidate) -> float:
 _STRATEGY_RANK = {("none", 0): 0, ("ddp", 0): 1, ("deepspeed", 1): 2, ("deepspeed", 2): 3, ("deepspeed", 3): 4}
 
 
+# Relative price class for GPUs of (nearly) the same memory: the older generation is preferred.
+_GENERATION = (("B200", 8), ("H200", 7), ("H100", 6), ("GH200", 7), ("A100", 5), ("L40", 4), ("A6000", 4),
+               ("A40", 4), ("L4", 3), ("A10", 3), ("V100", 2), ("T4", 1))
+
+
+def gpu_generation(product: str) -> int:
+    """Price class used to break ties between GPU types with the same memory (unknown: 6)."""
+    up = product.upper()
+    for tag, rank in _GENERATION:
+        if tag in up:
+            return rank
+    return 6
+
+
 def _rank(c: _Candidate) -> tuple:
-    """Preference: no offload before offload, fewest GPUs, smallest GPU, simplest strategy, fewest pods."""
-    return (c.tier, c.n, c.pool.memory_mib, _STRATEGY_RANK.get((c.par.strategy, c.par.zero), 9), c.pods, c.pool.product)
+    """Preference: no offload before offload, fewest GPUs, smallest GPU memory (in 4 GiB steps, so
+    79.6 and 80 GiB cards tie), older generation, simplest strategy, fewest pods."""
+    bucket = round(c.pool.memory_mib / 4096)
+    return (c.tier, c.n, bucket, gpu_generation(c.pool.product), c.pool.memory_mib,
+            _STRATEGY_RANK.get((c.par.strategy, c.par.zero), 9), c.pods, c.pool.product)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""`kubetune estimate`: GPU memory estimate for a model/method, a comparison table, or a FineTuneJob manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .architecture import ArchitectureError, architecture_from_config
+from .catalog import catalog_names, load_catalog, resolve_architecture
+from .defaults import apply_spec_defaults
+from .estimator import MemoryEstimate, Parallelism, TrainingSetup, estimate_memory, gib
+from .fleet import fleet_from_nodes, nodes_from_file, parse_gpu_shorthand
+from .sizer import size_job
+
+DEFAULT_FLEET = Path("devcluster/fleet.yaml")
+TABLE_MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen2.5-14b", "llama-3.1-70b")
+TABLE_METHODS = ("full", "lora", "qlora")
+
+TERM_LABELS = {
+    "weights": "weights", "masterWeights": "fp32 master weights", "gradients": "gradients",
+    "optimizerStates": "optimizer states", "activations": "activations", "logits": "logits + loss",
+    "commBuffers": "NCCL/DDP/ZeRO buffers", "cudaContext": "CUDA context", "fragmentation": "allocator fragmentation",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubetune estimate", description=__doc__)
+    p.add_argument("model", nargs="?", help="catalog name (e.g. llama-3.1-8b) or hf://org/name URI")
+    p.add_argument("--config", help="path to a config.json instead of a catalog model")
+    p.add_argument("-f", "--file", help="FineTuneJob manifest to size against a fleet (no cluster needed)")
+    p.add_argument("--fleet", help=f"YAML of Node manifests (default {DEFAULT_FLEET} when it exists)")
+    p.add_argument("--gpu", action="append", default=[], metavar="PRODUCT:GPUS[xNODES]",
+                   help="fleet shorthand, e.g. H100-80GB:8 or NVIDIA-L4:1x4 (repeatable; replaces --fleet)")
+    p.add_argument("--table", action="store_true", help="GiB per GPU for a few catalog models x full/LoRA/QLoRA")
+    p.add_argument("--list", action="store_true", help="list the catalog models")
+    p.add_argument("--method", choices=("full", "lora", "qlora"), default="lora")
+    p.add_argument("--seq", type=int, default=2048, help="max sequence length (default 2048)")
+    p.add_argument("--batch", type=int, default=1, help="micro batch size (default 1)")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--targets", default="all-linear", help="LoRA target modules, comma separated (default all-linear)")
+    p.add_argument("--optimizer", default="adamw",
+                   choices=("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"))
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "eager"))
+    p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
+    p.add_argument("--packing", action="store_true")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs in total (default 1)")
+    p.add_argument("--strategy", default="auto", choices=("auto", "none", "ddp", "zero1", "zero2", "zero3"))
+    p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--offload-params", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def _setup(args: argparse.Namespace, method: str | None = None) -> TrainingSetup:
+    return TrainingSetup(
+        method=method or args.method, lora_r=args.r, target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        precision=args.precision, optimizer=args.optimizer, micro_batch_size=args.batch, seq_length=args.seq,
+        packing=args.packing, gradient_checkpointing=not args.no_checkpointing, attention=args.attention,
+    )
+
+
+def _parallelism(args: argparse.Namespace) -> Parallelism:
+    n = max(args.gpus, 1)
+    strategy = args.strategy
+    if strategy == "auto":
+        strategy = "zero3" if args.offload_params else "zero2" if args.offload_optimizer else ("ddp" if n > 1 else "none")
+    if strategy.startswith("zero"):
+        return Parallelism("deepspeed", int(strategy[-1]), args.offload_optimizer, args.offload_params, n)
+    return Parallelism("ddp" if n > 1 and strategy == "ddp" else "none", world_size=n if strategy == "ddp" else 1)
+
+
+def format_breakdown(title: str, e: MemoryEstimate) -> str:
+    """A text table of the estimate's terms in GiB."""
+    lines = [title, f"  parameters {e.total_params:,} (trainable {e.trainable_params:,})"]
+    for key, value in e.breakdown().items():
+        if key == "total":
+            continue
+        lines.append(f"  {TERM_LABELS[key]:<26} {gib(value):>9.2f} GiB")
+    lines.append(f"  {'total per GPU':<26} {gib(e.total):>9.2f} GiB")
+    if e.host_offload:
+        lines.append(f"  {'host RAM (offload)':<26} {gib(e.host_offload):>9.2f} GiB per GPU")
+    for note in e.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def _table(args: argparse.Namespace) -> str:
+    rows = [f"{'model':<16}" + "".join(f"{m:>10}" for m in TABLE_METHODS) + "   (GiB per GPU, 1 GPU, "
+            f"seq {args.seq}, micro batch {args.batch}, {'no ' if args.no_checkpointing else ''}checkpointing)"]
+    catalog = load_catalog()
+    for name in TABLE_MODELS:
+        arch = catalog[name]
+        cells = [gib(estimate_memory(arch, _setup(args, m), _parallelism(args)).total) for m in TABLE_METHODS]
+        rows.append(f"{name:<16}" + "".join(f"{c:>10.1f}" for c in cells))
+    return "\n".join(rows)
+
+
+def _fleet(args: argparse.Namespace):
+    if args.gpu:
+        nodes = [n for g in args.gpu for n in parse_gpu_shorthand(g)]
+    else:
+        path = Path(args.fleet) if args.fleet else DEFAULT_FLEET
+        if not path.exists():
+            raise FileNotFoundError(f"fleet file {path} not found; pass --fleet FILE or --gpu PRODUCT:GPUS")
+        nodes = nodes_from_file(path)
+    return fleet_from_nodes(nodes)
+
+
+def _size_manifest(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    docs = [d for d in yaml.safe_load_all(Path(args.file).read_text()) if d]
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
+    if not jobs:
+        raise ValueError(f"{args.file}: no FineTuneJob found")
+    fleet = _fleet(args)
+    results, texts = [], []
+    for job in jobs:
+        spec = apply_spec_defaults(job.get("spec") or {})
+        config = json.loads(Path(args.config).read_text()) if args.config else None
+        decision = size_job(spec, fleet, config=config)
+        status = decision.to_status()
+        name = (job.get("metadata") or {}).get("name", "?")
+        results.append({"name": name, "plan": status})
+        text = [f"FineTuneJob {name}: {'fits' if decision.fits else 'DOES NOT FIT'}", f"  {decision.reason}"]
+        if decision.fits:
+            d = decision.distributed
+            text.append(f"  layout: {decision.pods} pod(s) x {decision.gpus_per_pod} "
+                        f"{decision.gpu_product or 'CPU'}; strategy {d['strategy']}"
+                        + (f" ZeRO-{d['zeroStage']}" if d["strategy"] == "deepspeed" else "")
+                        + (" + offload optimizer" if d["offloadOptimizer"] else "")
+                        + (" + offload params" if d["offloadParams"] else ""))
+        if decision.estimate is not None:
+            text.append(format_breakdown("  per-GPU estimate:" if decision.device == "gpu" else "  host estimate:",
+                                         decision.estimate))
+        if not decision.fits:
+            text.append(f"  {decision.message}")
+            if decision.suggestion:
+                text.append(f"  suggestion: {decision.suggestion}")
+        texts.append("\n".join(text))
+    return {"fleet": fleet.describe(), "jobs": results}, f"fleet: {fleet.describe()}\n" + "\n".join(texts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kubetune estimate`; returns the exit code (1 when a manifest does not fit)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.list:
+            catalog = load_catalog()
+            for name in catalog_names():
+                a = catalog[name]
+                print(f"{name:<20} {a.family:<8} {a.total_params() / 1e9:6.2f}B  vocab {a.vocab_size}")
+            return 0
+        if args.table:
+            print(_table(args))
+            return 0
+        if args.file:
+            data, text = _size_manifest(args)
+            print(json.dumps(data, indent=2) if args.json else text)
+            return 0 if all(j["plan"]["fits"] for j in data["jobs"]) else 1
+        if args.config:
+            arch = architecture_from_config(json.loads(Path(args.config).read_text()), name=args.config)
+        elif args.model:
+            uri = args.model if "://" in args.model else f"hf://{args.model}" if "/" in args.model else args.model
+            arch = resolve_architecture({"uri": uri})
+        else:
+            _parser().print_usage(sys.stderr)
+            print("kubetune estimate: give a model, --config, --table, --list or -f job.yaml", file=sys.stderr)
+            return 2
+        setup, par = _setup(args), _parallelism(args)
+        e = estimate_memory(arch, setup, par)
+        if args.json:
+            print(json.dumps({"model": arch.name, "method": setup.method, "parallelism": par.describe(),
+                              "breakdownBytes": e.breakdown(), "estimate": e.to_dict()}, indent=2))
+        else:
+            print(format_breakdown(f"{arch.name} ({arch.source}), {setup.method}, seq {setup.seq_length}, "
+                                   f"micro batch {setup.micro_batch_size}, {par.describe()}:", e))
+        return 0
+    except (ArchitectureError, ValueError, FileNotFoundError) as exc:
+        print(f"kubetune estimate: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
