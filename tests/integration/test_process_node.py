@@ -45,6 +45,9 @@ def test_paths_and_service_names_are_localized():
                                          "T": "/tmp/p/term", "MASTER": "127.0.0.1", "URL": "http://127.0.0.1:9090/x",
                                          "NOT": "svc.example.com"}
     assert rewrite_path("/etc/kubetune/plan/x", mounts) == "/tmp/p/plan/x"
+    pvcs = [("/mnt/pvc/models", "/data/pvc/models"), ("/mnt/pvc/outputs", "/data/pvc/outputs"), ("/mnt/x", "/y")]
+    assert rewrite_path("/mnt/pvc", pvcs) == "/data/pvc" and rewrite_path("/mnt/pvc/", pvcs) == "/data/pvc"
+    assert rewrite_path("/mnt", pvcs) == "/mnt", "mounts under /mnt map to different roots: left alone"
     assert expand_vars("$(A)/b $$(A) $(MISSING)", {"A": "/a"}) == "/a/b $(A) $(MISSING)"
 
 
@@ -54,11 +57,12 @@ def test_pod_reads_configmap_via_env_and_reports_termination_message(cluster, k8
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "app"}, "data": {"greeting": "hello from cm"}})
     create_local_pvc(k8s, namespace, "outputs", data_root)
     script = ('cat "$GREETING_FILE" > "$TERMINATION_LOG"; echo "$POD_NAME $NS $MASTER $SECRETLESS" > "$OUT/result.txt";'
-              ' echo scratch > "$SCRATCH/x"; echo "ran in $PWD"')
+              ' echo scratch > "$SCRATCH/x"; echo via-root > "$PVC_ROOT/outputs/via-root"; echo "ran in $PWD"')
     env = [{"name": "GREETING_FILE", "value": "/etc/app/greeting"},
            {"name": "TERMINATION_LOG", "value": "/dev/termination-log"},
            {"name": "OUT", "value": "/mnt/pvc/outputs/run1"},
            {"name": "SCRATCH", "value": "/scratch"},
+           {"name": "PVC_ROOT", "value": "/mnt/pvc"},
            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
            {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
            {"name": "MASTER", "value": f"demo-trainer-0.demo-trainer.{namespace}.svc"},
@@ -77,6 +81,7 @@ def test_pod_reads_configmap_via_env_and_reports_termination_message(cluster, k8
     assert pod.status.pod_ip == "127.0.0.1" and pod.spec.node_name == "process-node-0"
     result = (Path(data_root) / "pvc" / "outputs" / "run1" / "result.txt").read_text()
     assert result == f"reader {namespace} 127.0.0.1 hello from cm\n"
+    assert (Path(data_root) / "pvc" / "outputs" / "via-root").read_text() == "via-root\n"
     pod_dir = Path(pod.metadata.annotations[POD_DIR_ANNOTATION])
     assert (pod_dir / "volumes" / "scratch" / "x").read_text() == "scratch\n"
     assert f"ran in {pod_dir / 'work'}" in (pod_dir / "logs" / "main.log").read_text()

@@ -17,7 +17,11 @@ plus a status heartbeat), and runs every pod bound to it (`spec.nodeName == name
   downwardAPI and namespace files);
 - every env value (and every command/args word) that starts with a volume's mountPath is rewritten
   to the local directory backing it (docs/contracts.md §3), and the container's
-  terminationMessagePath (default /dev/termination-log) to a per-container file;
+  terminationMessagePath (default /dev/termination-log) to a per-container file; a parent of
+  mountPaths that all map below one local directory is rewritten too (KUBETUNE_PVC_ROOT=/mnt/pvc with
+  PVCs mounted at /mnt/pvc/<claim> becomes <data-root>/pvc);
+- PATH: the node's environment is inherited, with the node's Python bin dir (the venv) first, so
+  `command: [kubetune-train, ...]` finds the venv's console script;
 - in-cluster DNS names (`*.svc`, `*.svc.cluster.local`, e.g. KUBETUNE_MASTER_ADDR
   `<job>-trainer-0.<job>-trainer.<ns>.svc`) in env values are rewritten to 127.0.0.1: all pods of
   all process nodes run on this machine, and /etc/hosts cannot be changed per process;
@@ -82,13 +86,30 @@ def expand_vars(value: str, env: dict[str, str]) -> str:
 
 
 def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
-    """Map a path under a mountPath (longest first) to the local directory backing it."""
+    """Map a path under a mountPath (longest first) to the local directory backing it; a parent directory
+    of mountPaths that all map below one local directory (e.g. /mnt/pvc for /mnt/pvc/<claim> ->
+    <data-root>/pvc/<claim>) maps to that directory."""
     for mount_path, local in mounts:
         base = mount_path.rstrip("/") or "/"
         if value == base or value.startswith(base + "/") or (base == "/" and value.startswith("/")):
             rest = value[len(base):] if base != "/" else value
             return local.rstrip("/") + rest if rest else local
-    return value
+    parent = _common_parent_mapping(value, mounts)
+    return parent if parent is not None else value
+
+
+def _common_parent_mapping(value: str, mounts: list[tuple[str, str]]) -> str | None:
+    base = value.rstrip("/")
+    if not base.startswith("/"):
+        return None
+    roots = set()
+    for mount_path, local in mounts:
+        if mount_path.startswith(base + "/"):
+            rel = mount_path[len(base):].rstrip("/")
+            if not local.rstrip("/").endswith(rel):
+                return None
+            roots.add(local.rstrip("/")[: -len(rel)])
+    return roots.pop() if len(roots) == 1 else None
 
 
 def rewrite_service_names(value: str) -> str:
@@ -652,7 +673,7 @@ class ProcessNode:
                 mounts = volume_mounts(container, volume_dirs,
                                        (container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH, str(term)))
                 declared = container_env(pod, container, self._lookup)
-                env = {**os.environ, "HOSTNAME": spec.get("hostname") or name, **localize_env(declared, mounts)}
+                env = {**self._base_env(), "HOSTNAME": spec.get("hostname") or name, **localize_env(declared, mounts)}
                 plans.append((container, term, env, container_argv(container, declared, mounts), mounts))
         except MissingReference as e:
             self._report_waiting(pod, "CreateContainerConfigError", str(e))
@@ -685,6 +706,16 @@ class ProcessNode:
         self._annotate(pod, pod_dir)
         self._patch_status(run, phase="Running")
         self._report_if_finished(run)
+
+    @staticmethod
+    def _base_env() -> dict[str, str]:
+        """The node's environment, with this Python's bin dir (the venv's console scripts) first on PATH."""
+        env = dict(os.environ)
+        bin_dir = os.path.dirname(sys.executable)
+        path = env.get("PATH", "")
+        if bin_dir not in path.split(os.pathsep):
+            env["PATH"] = bin_dir + (os.pathsep + path if path else "")
+        return env
 
     def _annotate(self, pod: dict[str, Any], pod_dir: Path) -> None:
         meta = pod["metadata"]
