@@ -58,7 +58,11 @@ def run_worker(plan_path: str | None = None) -> int:
     env = RunEnv.from_env()
     reporter = env.rank == 0
     recipe = None
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
 
     def progress() -> dict:
         if recipe is None:
@@ -105,6 +109,8 @@ def run_worker(plan_path: str | None = None) -> int:
     finally:
         if recipe is not None:
             recipe.cleanup()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def validate_plan(path: str | None) -> int:
