@@ -33,6 +33,13 @@ class GpuPool:
     product: str
     memory_mib: int
     node_gpus: dict[str, int] = field(default_factory=dict)  # node name -> allocatable GPUs
+    node_memory: dict[str, int] = field(default_factory=dict)  # node name -> allocatable host RAM bytes (0 unknown)
+
+    @property
+    def host_memory_bytes(self) -> int:
+        """Smallest allocatable host RAM of the pool's nodes (0 when unknown): bounds CPU offload."""
+        known = [m for m in self.node_memory.values() if m > 0]
+        return min(known) if known else 0
 
     @property
     def memory_bytes(self) -> int:
@@ -117,6 +124,22 @@ def _quantity_int(value: Any) -> int:
         return 0
 
 
+def parse_quantity_bytes(text: str) -> int:
+    """Kubernetes memory quantity ('64Gi', '512Mi', '8G', '1000') -> bytes; 0 for empty/invalid."""
+    text = str(text or "").strip()
+    if not text:
+        return 0
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "k": 10**3, "K": 10**3,
+             "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+    try:
+        for suffix in sorted(units, key=len, reverse=True):
+            if text.endswith(suffix):
+                return int(float(text[: -len(suffix)]) * units[suffix])
+        return int(float(text))
+    except ValueError:
+        return 0
+
+
 def gpu_memory_from_product(product: str) -> int:
     """Memory in MiB guessed from a product name (known table, else an 'NNGB' in the name); 0 if unknown."""
     up = product.upper().replace("NVIDIA-", "").replace("NVIDIA ", "")
@@ -163,6 +186,7 @@ def fleet_from_nodes(nodes: Iterable[Mapping[str, Any]]) -> Fleet:
             continue
         pool = pools.setdefault((product, memory), GpuPool(product, memory))
         pool.node_gpus[name] = gpus
+        pool.node_memory[name] = parse_quantity_bytes(str(allocatable.get("memory", "") or ""))
     fleet.pools = sorted(pools.values(), key=lambda p: (p.memory_mib, p.product))
     return fleet
 

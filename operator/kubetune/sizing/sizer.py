@@ -14,7 +14,7 @@ from .architecture import Architecture, ArchitectureError
 from .catalog import resolve_architecture
 from .defaults import setup_from_spec
 from .estimator import GiB, MemoryEstimate, Parallelism, TrainingSetup, estimate_memory, gib
-from .fleet import PRODUCT_LABEL, Fleet, GpuPool
+from .fleet import PRODUCT_LABEL, Fleet, GpuPool, parse_quantity_bytes
 
 DEFAULT_HEADROOM = 0.10  # keep 10% of each GPU free: estimate error, allocator spikes, other processes
 CPU_AUTO_MAX_PARAMS = 100_000_000  # with no GPU nodes, only tiny models run on CPU without asking
@@ -92,8 +92,16 @@ class _Candidate:
     def n(self) -> int:
         return self.gpus_per_pod * self.pods
 
+    host_limit: int = 0  # host RAM per pod available for offload (0 = unknown, not checked)
+
+    def host_need(self) -> int:
+        """Host RAM a pod needs for offloaded tensors (all its ranks)."""
+        return self.estimate.host_offload * self.gpus_per_pod
+
     def fits(self, headroom: float) -> bool:
-        return self.estimate.total <= self.pool.memory_bytes * (1 - headroom)
+        gpu_ok = self.estimate.total <= int(self.pool.memory_bytes * (1 - headroom))
+        host_ok = not self.host_limit or self.host_need() <= int(self.host_limit * (1 - headroom))
+        return gpu_ok and host_ok
 
     def describe(self) -> str:
         return f"{self.pods} pod(s) x {self.gpus_per_pod} {self.pool.product}, {self.par.describe()}"
@@ -164,23 +172,36 @@ def _search(arch: Architecture, spec: Mapping[str, Any], fleet: Fleet, headroom:
     pools = [p for p in fleet.pools if not pinned or p.product.lower() == pinned.lower()]
     best: _Candidate | None = None
     closest: _Candidate | None = None
+    host_blocked: list[_Candidate] = []
     setups: dict[bool, TrainingSetup] = {}
     for pool in pools:
         setup = setups.get(pool.bf16) or setups.setdefault(pool.bf16, setup_from_spec(spec, bf16_capable=pool.bf16))
         found_in_pool: dict[int, bool] = {}
+        pod_limit = parse_quantity_bytes(str(res.get("memory") or ""))
+        host_limit = min(x for x in (pool.host_memory_bytes, pod_limit) if x) if (pool.host_memory_bytes or pod_limit) else 0
         for g, pods in _layouts(pool, res):
             n = g * pods
             for tier, par in _strategies(dist, n):
                 if found_in_pool.get(tier):
                     continue  # a smaller layout of this pool already fits in this tier
-                cand = _Candidate(pool, g, pods, par, tier, estimate_memory(arch, setup, par))
-                if closest is None or _need_ratio(cand) < _need_ratio(closest):
+                cand = _Candidate(pool, g, pods, par, tier, estimate_memory(arch, setup, par), host_limit)
+                host_ok = not cand.host_limit or cand.host_need() <= int(cand.host_limit * (1 - headroom))
+                if host_ok and (closest is None or _need_ratio(cand) < _need_ratio(closest)):
                     closest = cand
+                if not host_ok and cand.estimate.total <= int(pool.memory_bytes * (1 - headroom)):
+                    host_blocked.append(cand)
                 if cand.fits(headroom):
                     found_in_pool[tier] = True
                     if best is None or _rank(cand) < _rank(best):
                         best = cand
+    if best is None and host_blocked:
+        h = min(host_blocked, key=lambda c: c.host_need() / c.host_limit)
+        _HOST_NOTE[id(arch)] = (f"with CPU offload ({h.describe()}) the GPUs would suffice but each pod needs "
+                                f"{gib(h.host_need())} GiB of host RAM and only {gib(h.host_limit)} GiB is allocatable")
     return best, closest
+
+
+_HOST_NOTE: dict[int, str] = {}
 
 
 def _need_ratio(c: _Candidate) -> float:
@@ -277,6 +298,9 @@ def size_job(spec: Mapping[str, Any], fleet: Fleet, headroom: float = DEFAULT_HE
         message = (f"{reason}{pins}. Largest GPU in the cluster: {largest.product} with "
                    f"{gib(largest.memory_bytes)} GiB. Breakdown of the closest layout: {_brief(c.estimate)}")
         est = c.estimate
+        note = _HOST_NOTE.pop(id(arch), "")
+        if note:
+            message += f". Note: {note}"
     else:
         reason = f"{what} does not fit: no layout of the cluster's GPUs satisfies the pins"
         message = f"{reason}{pins}. GPU pools: {fleet.describe()}"
@@ -320,15 +344,7 @@ def _cpu_requested(res: Mapping[str, Any]) -> bool:
 
 def parse_memory_quantity(text: str) -> int:
     """Kubernetes memory quantity ('64Gi', '512Mi', '8G', '1000') -> bytes; 0 for empty."""
-    text = str(text or "").strip()
-    if not text:
-        return 0
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "k": 10**3, "M": 10**6,
-             "G": 10**9, "T": 10**12}
-    for suffix in sorted(units, key=len, reverse=True):
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * units[suffix])
-    return int(float(text))
+    return parse_quantity_bytes(text)
 
 
 def _size_cpu(spec: Mapping[str, Any], fleet: Fleet, arch: Architecture | None, headroom: float) -> SizingDecision:
@@ -421,12 +437,28 @@ def _alternatives(spec: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]
         yield "use method: qlora (4-bit NF4 base weights)", _deep_merge(relax, {"method": "qlora"})
 
 
+def _dedupe_seq(texts: list[str]) -> list[str]:
+    """Keep only the last 'reduce training.maxSeqLength' step of an accumulated list."""
+    seq = [t for t in texts if "maxSeqLength" in t]
+    return [t for t in texts if "maxSeqLength" not in t or t == seq[-1]]
+
+
 def _with_suggestion(decision: SizingDecision, spec: Mapping[str, Any], fleet: Fleet, headroom: float,
                      config: Mapping[str, Any] | None) -> SizingDecision:
     """Attach the first alternative that fits (each one actually re-sized)."""
     from .defaults import apply_spec_defaults
 
-    for text, patch in _alternatives(spec):
+    singles = list(_alternatives(spec))
+    # one change at a time first; then the changes accumulated in order (least disruptive first)
+    combos: list[tuple[str, dict[str, Any]]] = list(singles)
+    texts: list[str] = []
+    acc: dict[str, Any] = {}
+    for text, patch in singles:
+        texts.append(text)
+        acc = _deep_merge(acc, patch)
+        if len(texts) > 1:
+            combos.append(("; ".join(_dedupe_seq(texts)), acc))
+    for text, patch in combos:
         alt = apply_spec_defaults(_deep_merge(spec, patch))
         try:
             d = size_job(alt, fleet, headroom, config, suggest=False)
@@ -442,6 +474,6 @@ def _with_suggestion(decision: SizingDecision, spec: Mapping[str, Any], fleet: F
             decision.suggestion_patch = patch
             decision.message = f"{decision.message}. Cheapest change that fits: {decision.suggestion}"
             return decision
-    decision.suggestion = "no single change found that fits this cluster; add larger GPUs or more GPU nodes"
+    decision.suggestion = "no change of method, sequence length or batch fits this cluster; add larger GPUs or more GPU nodes"
     decision.message = f"{decision.message}. {decision.suggestion}"
     return decision
