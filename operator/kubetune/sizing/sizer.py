@@ -111,8 +111,12 @@ class _Candidate:
 # strategies
 # ------------------------------------------------------------------------------------------
 
-def _strategies(dist: Mapping[str, Any], n: int) -> Iterator[tuple[int, Parallelism]]:
-    """(tier, Parallelism) options for n GPUs in the order the sizer prefers them."""
+def _strategies(dist: Mapping[str, Any], n: int, method: str = "lora") -> Iterator[tuple[int, Parallelism]]:
+    """(tier, Parallelism) options for n GPUs in the order the sizer prefers them.
+
+    For QLoRA the automatic choice stops at ZeRO-2: sharding 4-bit weights with ZeRO-3 needs
+    bnb_4bit_quant_storage and offloading them is not supported; an explicit ZeRO-3 is honoured.
+    """
     strategy = str(dist.get("strategy", "auto"))
     stage = int(dist.get("zeroStage") or 0)
     off_opt = bool(dist.get("offloadOptimizer"))
@@ -133,8 +137,11 @@ def _strategies(dist: Mapping[str, Any], n: int) -> Iterator[tuple[int, Parallel
     else:
         yield 0, Parallelism("ddp", world_size=n)
         yield 0, Parallelism("deepspeed", 2, world_size=n)
-        yield 0, Parallelism("deepspeed", 3, world_size=n)
+        if method != "qlora":
+            yield 0, Parallelism("deepspeed", 3, world_size=n)
     yield 1, Parallelism("deepspeed", 2, True, False, n)
+    if method == "qlora":
+        return
     yield 1, Parallelism("deepspeed", 3, True, False, n)
     yield 2, Parallelism("deepspeed", 3, True, True, n)
 
@@ -181,7 +188,7 @@ def _search(arch: Architecture, spec: Mapping[str, Any], fleet: Fleet, headroom:
         host_limit = min(x for x in (pool.host_memory_bytes, pod_limit) if x) if (pool.host_memory_bytes or pod_limit) else 0
         for g, pods in _layouts(pool, res):
             n = g * pods
-            for tier, par in _strategies(dist, n):
+            for tier, par in _strategies(dist, n, str(spec.get("method", "lora"))):
                 if found_in_pool.get(tier):
                     continue  # a smaller layout of this pool already fits in this tier
                 cand = _Candidate(pool, g, pods, par, tier, estimate_memory(arch, setup, par), host_limit)
