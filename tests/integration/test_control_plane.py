@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client
 
 from kubetune.devcluster.procs import pid_alive
@@ -29,6 +30,22 @@ def _pod(name: str, gpus: int = 0, **spec: object) -> dict:
             "spec": {"containers": [{"name": "main", "image": "busybox", "command": ["true"],
                                      "resources": resources}],
                      "restartPolicy": "Never", "nodeSelector": {"type": "kwok"}, **spec}}
+
+
+@pytest.mark.unit
+def test_generated_fleet_cycles_through_default_groups():
+    from kubetune.devcluster.fleet import generate_fleet, load_fleet, node_manifests, parse_fleet
+
+    default = load_fleet()
+    assert [(g.gpuProduct, g.count, g.gpusPerNode) for g in default.groups] == [
+        ("NVIDIA-H100-80GB-HBM3", 2, 8), ("NVIDIA-A100-SXM4-80GB", 2, 8), ("NVIDIA-L4", 2, 4)]
+    big = generate_fleet(10)
+    assert [g.count for g in big.groups] == [4, 3, 3] and len(big.node_names) == 10
+    assert parse_fleet(yaml.safe_load(big.to_yaml())) == big
+    l4 = [n for n in node_manifests(big) if n["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-L4"][0]
+    assert l4["status"]["allocatable"][GPU] == "4" and l4["metadata"]["labels"]["nvidia.com/gpu.memory"] == "23034"
+    with pytest.raises(ValueError, match="unknown keys"):
+        parse_fleet({"kind": "Fleet", "groups": [{"namePrefix": "x", "count": 1, "gpus": 8}]})
 
 
 def test_kubectl_apply_creates_objects(cluster, namespace):

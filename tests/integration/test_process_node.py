@@ -157,3 +157,33 @@ def test_two_pod_indexed_job_runs_one_pod_on_each_process_node(k8s, namespace, p
     written = {p.name: p.read_text().split() for p in (Path(data_root) / "pvc" / "shared").glob("index-*")}
     assert sorted(written) == ["index-0", "index-1"]
     assert {node for _, node in written.values()} == {"process-node-0", "process-node-1"}
+
+
+@pytest.mark.unit
+def test_container_env_resolves_downward_api_and_references():
+    from kubetune.devcluster.process_node import MissingReference, container_env
+
+    pod = {"metadata": {"name": "p-0", "namespace": "ns", "uid": "u1", "labels": {"app": "a"},
+                        "annotations": {"batch.kubernetes.io/job-completion-index": "1"}},
+           "spec": {"nodeName": "process-node-1"}}
+    data = {("configMap", "ns", "cm"): {"k": "from-cm", "x": "1"}, ("secret", "ns", "s"): {"token": "t0p"}}
+    lookup = lambda kind, ns, name: data.get((kind, ns, name))  # noqa: E731
+    container = {"name": "c", "resources": {"limits": {"cpu": "1500m", "memory": "1Gi"}},
+                 "envFrom": [{"prefix": "CM_", "configMapRef": {"name": "cm"}}],
+                 "env": [{"name": "IDX", "valueFrom": {"fieldRef": {
+                             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+                         {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                         {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                         {"name": "RANK", "value": "rank-$(IDX)"},
+                         {"name": "K", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}},
+                         {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}}},
+                         {"name": "OPT", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "a", "optional": True}}},
+                         {"name": "CPUS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+                         {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory",
+                                                                               "divisor": "1Mi"}}}]}
+    env = container_env(pod, container, lookup)
+    assert env == {"CM_k": "from-cm", "CM_x": "1", "IDX": "1", "APP": "a", "IP": "127.0.0.1", "RANK": "rank-1",
+                   "K": "from-cm", "TOKEN": "t0p", "CPUS": "2", "MEM_MI": "1024"}
+    with pytest.raises(MissingReference, match="secret ns/nope"):
+        container_env(pod, {"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "nope",
+                                                                                               "key": "a"}}}]}, lookup)
