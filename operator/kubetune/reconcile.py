@@ -382,7 +382,8 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
     if running and not job_suspended:
         if old_phase != "Running":
             acc["runningSince"] = now_s
-            ckpt_step = int((st.get("checkpoint") or {}).get("step") or 0)
+            # The checkpoint known before this start is the one the trainer resumes from.
+            ckpt_step = int((old.get("checkpoint") or {}).get("step") or 0)
             if ckpt_step > 0:
                 st["resumedFromStep"] = ckpt_step
         elif "runningSince" not in acc:

@@ -1,0 +1,313 @@
+"""The operator's lifecycle on the real control plane: one operator subprocess for the module,
+KWOK pods driven to Succeeded/Failed with `complete_pod`, real Job controller and garbage collector."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from kubetune.devcluster.testing import complete_pod, wait_for
+from kubetune.operator_process import OperatorProcess, install_crds
+from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def progress():
+    server = ProgressServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, progress, tmp_path_factory):
+    install_crds(cluster.kubectl)
+    metrics_port = free_port()
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = OperatorProcess(cluster.kubeconfig, [
+        "--all-namespaces", "--liveness-port", "0", "--metrics-port", str(metrics_port),
+        "--resync-seconds", "1", "--sizing-retry-seconds", "2",
+        "--lease-namespace", "default", "--lease-name", f"lifecycle-{uuid.uuid4().hex[:6]}",
+        "--lease-seconds", "5", "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
+    ], log)
+    op.start()
+    op.metrics_port = metrics_port
+    try:
+        op.wait_for_log("leading as", 60)
+        yield op
+    finally:
+        op.stop()
+        print(op.log_text()[-4000:])
+
+
+@pytest.fixture
+def ftj(k8s, operator, progress):
+    progress.set(None)
+    return FtjClient(k8s)
+
+
+def wait_phase(ftj: FtjClient, ns: str, name: str, phase: str, timeout: float = 30) -> dict:
+    """Wait for status.phase == phase; the timeout message shows the last status."""
+    last: dict = {}
+
+    def check():
+        nonlocal last
+        last = ftj.status(ns, name)
+        return last if last.get("phase") == phase else None
+
+    return wait_for(check, timeout, lambda: f"{ns}/{name} phase {phase}; last status: {json.dumps(last)[:1500]}")
+
+
+def wait_running_pod(ftj: FtjClient, ns: str, name: str, index: int = 0, timeout: float = 30):
+    return wait_for(lambda: ftj.running_pod(ns, name, index), timeout, f"running trainer pod {name} index {index}")
+
+
+def test_job_runs_pending_to_running_to_succeeded(ftj, k8s, namespace):
+    ftj.create(namespace, ftj_manifest("demo", pods=2))
+    st = wait_phase(ftj, namespace, "demo", "Running")
+    assert st["startTime"] and st["layout"]["totalGpus"] == 2 and st["layout"]["source"] == "spec"
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    # Children: names, labels, owner references, headless Service, plan ConfigMap.
+    owner_uid = ftj.get(namespace, "demo")["metadata"]["uid"]
+    job = ftj.batch.read_namespaced_job("demo-trainer", namespace)
+    assert job.spec.completion_mode == "Indexed" and job.spec.completions == job.spec.parallelism == 2
+    assert job.metadata.owner_references[0].uid == owner_uid
+    assert job.metadata.labels["kubetune.io/job-name"] == "demo"
+    svc = ftj.core.read_namespaced_service("demo-trainer", namespace)
+    assert svc.spec.cluster_ip == "None"
+    plan = json.loads(ftj.core.read_namespaced_config_map("demo-plan", namespace).data["plan.json"])
+    assert plan["version"] == 1 and plan["distributed"]["numNodes"] == 2 and plan["job"]["uid"] == owner_uid
+    pod0 = wait_running_pod(ftj, namespace, "demo", 0)
+    pod1 = wait_running_pod(ftj, namespace, "demo", 1)
+    assert pod0.spec.hostname == "demo-trainer-0" and pod0.spec.subdomain == "demo-trainer"
+    assert pod0.spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    complete_pod(k8s, namespace, pod1.metadata.name)
+    complete_pod(k8s, namespace, pod0.metadata.name, message=summary_json("demo"))
+    st = wait_phase(ftj, namespace, "demo", "Succeeded")
+    assert st["artifacts"] == {"adapter": "s3://outputs/demo/final/adapter",
+                               "metrics": "s3://outputs/demo/final/metrics.json"}
+    assert st["metrics"]["trainLoss"] == 1.23 and st["metrics"]["perplexity"] == 3.7
+    assert st["checkpoint"]["step"] == 100 and st["accounting"]["tokens"] == 123456
+    assert st["completionTime"] and st["progress"]["percent"] == 100.0
+    assert st["accounting"]["gpuHours"] > 0
+    assert st["observedGeneration"] == ftj.get(namespace, "demo")["metadata"]["generation"]
+    reasons = [r for r, _ in ftj.events(namespace, "demo")]
+    assert "ChildrenCreated" in reasons and "PodsRunning" in reasons and "Completed" in reasons
+    # No duplicate children after all those passes.
+    assert [j.metadata.name for j in ftj.jobs(namespace)] == ["demo-trainer"]
+
+
+def test_failing_pods_are_retried_then_job_fails_with_pod_message(ftj, k8s, namespace):
+    ftj.create(namespace, ftj_manifest("flaky", backoffLimit=1))
+    first = wait_running_pod(ftj, namespace, "flaky")
+    failure = summary_json("flaky", status="Failed", reason="NonFiniteLoss",
+                           message="loss became NaN at step 17", step=17)
+    complete_pod(k8s, namespace, first.metadata.name, exit_code=1, message=failure)
+    second = wait_for(lambda: (p := ftj.running_pod(namespace, "flaky", 0)) and
+                      p.metadata.name != first.metadata.name and p, 60, "a retried trainer pod")
+    st = wait_phase(ftj, namespace, "flaky", "Running")
+    assert st["accounting"]["restarts"] == 1 and "loss became NaN" in st["message"]
+    complete_pod(k8s, namespace, second.metadata.name, exit_code=1, message=failure)
+    st = wait_phase(ftj, namespace, "flaky", "Failed", timeout=60)
+    assert st["reason"] == "BackoffLimitExceeded"
+    assert "NonFiniteLoss" in st["message"] and "loss became NaN at step 17" in st["message"]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and "loss became NaN" in failed["message"]
+    assert ("BackoffLimitExceeded" in [r for r, _ in ftj.events(namespace, "flaky")])
+
+
+def test_permanent_trainer_error_fails_without_retry(ftj, k8s, namespace):
+    ftj.create(namespace, ftj_manifest("baddata", backoffLimit=5))
+    pod = wait_running_pod(ftj, namespace, "baddata")
+    message = summary_json("baddata", status="Failed", reason="DataError",
+                           message="/mnt/pvc/data/train.jsonl:3: invalid JSON", step=0)
+    complete_pod(k8s, namespace, pod.metadata.name, exit_code=3, message=message)
+    st = wait_phase(ftj, namespace, "baddata", "Failed")
+    assert st["reason"] == "PodFailurePolicy" and "train.jsonl:3: invalid JSON" in st["message"]
+    assert len(ftj.pods(namespace, "baddata")) == 1
+
+
+def test_progress_checkpoint_and_resume_after_failure(ftj, k8s, namespace, progress):
+    progress.set({"version": 1, "phase": "training", "step": 40, "totalSteps": 100, "epoch": 0.4,
+                  "trainLoss": 1.9, "evalLoss": None, "learningRate": 0.0002, "tokens": 40960,
+                  "tokensPerSecond": 2100.0, "etaSeconds": 38.0,
+                  "checkpoint": {"step": 40, "uri": "s3://outputs/resume/checkpoints/step-40"}})
+    ftj.create(namespace, ftj_manifest("resume", backoffLimit=2))
+    first = wait_running_pod(ftj, namespace, "resume")
+    st = wait_for(lambda: (s := ftj.status(namespace, "resume")).get("checkpoint", {}).get("step") == 40 and s,
+                  30, "checkpoint from /progress in status")
+    assert st["progress"]["display"] == "40% (40/100)" and st["metrics"]["tokensPerSecond"] == 2100.0
+    complete_pod(k8s, namespace, first.metadata.name, exit_code=1,
+                 message=summary_json("resume", status="Failed", reason="TrainingError", message="node lost"))
+    wait_for(lambda: (p := ftj.running_pod(namespace, "resume", 0)) and p.metadata.name != first.metadata.name,
+             60, "retried pod")
+    st = wait_for(lambda: (s := ftj.status(namespace, "resume")).get("resumedFromStep") == 40 and s, 30,
+                  "status.resumedFromStep")
+    assert st["phase"] == "Running"
+    # The plan (and so the output location the trainer resumes from) is unchanged across the retry.
+    plan = json.loads(ftj.core.read_namespaced_config_map("resume-plan", namespace).data["plan.json"])
+    assert plan["output"]["uri"] == "s3://outputs/resume"
+    # The operator relays trainer metrics per job.
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ftj_operator_metrics_port()}/metrics", timeout=5).read().decode()
+    assert f'kubetune_job_tokens_per_second{{name="resume",namespace="{namespace}"}} 2100.0' in text
+    assert f'kubetune_job_progress_ratio{{name="resume",namespace="{namespace}"}} 0.4' in text
+
+
+_METRICS_PORT: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _remember_metrics_port(operator):
+    _METRICS_PORT[:] = [operator.metrics_port]
+
+
+def ftj_operator_metrics_port() -> int:
+    return _METRICS_PORT[0]
+
+
+def test_suspend_and_resume(ftj, namespace):
+    ftj.create(namespace, ftj_manifest("pausable"))
+    wait_running_pod(ftj, namespace, "pausable")
+    wait_phase(ftj, namespace, "pausable", "Running")
+    ftj.patch_spec(namespace, "pausable", {"suspend": True})
+    st = wait_phase(ftj, namespace, "pausable", "Suspended")
+    assert ftj.batch.read_namespaced_job("pausable-trainer", namespace).spec.suspend is True
+    wait_for(lambda: not ftj.pods(namespace, "pausable", "Running"), 30, "trainer pods stopped")
+    assert st["accounting"].get("runningSince") is None
+    ftj.patch_spec(namespace, "pausable", {"suspend": False})
+    wait_phase(ftj, namespace, "pausable", "Running")
+    assert ftj.batch.read_namespaced_job("pausable-trainer", namespace).spec.suspend is False
+    reasons = [r for r, _ in ftj.events(namespace, "pausable")]
+    assert "SuspendedBySpec" in reasons
+
+
+def test_spec_change_refused_while_running_then_applied_via_suspend(ftj, namespace):
+    ftj.create(namespace, ftj_manifest("changer"))
+    wait_phase(ftj, namespace, "changer", "Running")
+    with pytest.raises(ApiException) as refused:
+        ftj.patch_spec(namespace, "changer", {"training": {"maxSteps": 300}})
+    assert refused.value.status == 422 and "set spec.suspend: true first" in refused.value.body
+    old_hash = ftj.batch.read_namespaced_job("changer-trainer", namespace).metadata.annotations["kubetune.io/spec-hash"]
+    ftj.patch_spec(namespace, "changer", {"suspend": True})
+    wait_phase(ftj, namespace, "changer", "Suspended")
+    ftj.patch_spec(namespace, "changer", {"training": {"maxSteps": 300}})
+
+    def recreated():
+        try:
+            job = ftj.batch.read_namespaced_job("changer-trainer", namespace)
+        except ApiException:
+            return None
+        return job if job.metadata.annotations["kubetune.io/spec-hash"] != old_hash else None
+
+    wait_for(recreated, 30, "the Job recreated from the new spec")
+    plan = json.loads(ftj.core.read_namespaced_config_map("changer-plan", namespace).data["plan.json"])
+    assert plan["training"]["maxSteps"] == 300
+    ftj.patch_spec(namespace, "changer", {"suspend": False})
+    wait_phase(ftj, namespace, "changer", "Running")
+    assert len(ftj.jobs(namespace)) == 1
+
+
+def test_deleting_the_job_garbage_collects_children(ftj, namespace):
+    ftj.create(namespace, ftj_manifest("gone"))
+    wait_phase(ftj, namespace, "gone", "Running")
+    ftj.delete(namespace, "gone")
+
+    def all_gone():
+        left = [j.metadata.name for j in ftj.jobs(namespace)]
+        left += [c.metadata.name for c in ftj.core.list_namespaced_config_map(namespace).items
+                 if c.metadata.name == "gone-plan"]
+        left += [s.metadata.name for s in ftj.core.list_namespaced_service(namespace).items]
+        left += [p.metadata.name for p in ftj.pods(namespace, "gone")]
+        return not left or None
+
+    wait_for(all_gone, 60, "garbage collection of the Job, pods, Service and ConfigMap")
+
+
+def test_cancel_stops_the_run_and_keeps_the_record(ftj, namespace):
+    ftj.create(namespace, ftj_manifest("stopme"))
+    wait_phase(ftj, namespace, "stopme", "Running")
+    ftj.patch_spec(namespace, "stopme", {"cancel": True})
+    st = wait_phase(ftj, namespace, "stopme", "Cancelled")
+    assert st["completionTime"] and st["layout"]["totalGpus"] == 1
+    wait_for(lambda: not ftj.jobs(namespace) or None, 30, "the trainer Job deleted")
+    assert ftj.get(namespace, "stopme")["status"]["phase"] == "Cancelled"
+
+
+def test_kueue_label_keeps_job_queued_until_admitted(ftj, namespace):
+    ftj.create(namespace, ftj_manifest("queued", labels={"kueue.x-k8s.io/queue-name": "team-a"}))
+    st = wait_phase(ftj, namespace, "queued", "Queued")
+    assert "team-a" in st["message"]
+    job = ftj.batch.read_namespaced_job("queued-trainer", namespace)
+    assert job.spec.suspend is True and job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert not ftj.pods(namespace, "queued")
+    # Kueue admits the workload by unsuspending the Job.
+    ftj.batch.patch_namespaced_job("queued-trainer", namespace, {"spec": {"suspend": False}})
+    wait_phase(ftj, namespace, "queued", "Running")
+    assert ftj.batch.read_namespaced_job("queued-trainer", namespace).spec.suspend is False
+
+
+def test_ttl_after_finished_deletes_children_and_keeps_status(ftj, k8s, namespace):
+    ftj.create(namespace, ftj_manifest("short", ttlSecondsAfterFinished=2))
+    pod = wait_running_pod(ftj, namespace, "short")
+    complete_pod(k8s, namespace, pod.metadata.name, message=summary_json("short"))
+    wait_phase(ftj, namespace, "short", "Succeeded")
+    st = wait_for(lambda: (s := ftj.status(namespace, "short")).get("childrenDeleted") and s, 30,
+                  "status.childrenDeleted")
+    assert st["phase"] == "Succeeded" and st["artifacts"]["adapter"] == "s3://outputs/short/final/adapter"
+    wait_for(lambda: not ftj.jobs(namespace) or None, 30, "the Job deleted after the TTL")
+    with pytest.raises(ApiException):
+        ftj.core.read_namespaced_config_map("short-plan", namespace)
+
+
+def _sizer_available() -> bool:
+    try:
+        from kubetune.sizing import fleet_from_nodes, size_job  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_sizer = pytest.mark.skipif(not _sizer_available(), reason="kubetune.sizing (size_job) is not available yet")
+
+
+@needs_sizer
+@pytest.mark.parametrize("case,spec,products", [
+    ("qlora-70b", {"model": {"uri": "hf://meta-llama/Llama-3.1-70B"}, "method": "qlora",
+                   "quantization": {"bits": 4}, "training": {"maxSteps": 100, "maxSeqLength": 2048}},
+     {"NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"}),
+    ("qlora-8b-2k", {"model": {"uri": "hf://meta-llama/Llama-3.1-8B"}, "method": "qlora",
+                     "quantization": {"bits": 4}, "training": {"maxSteps": 100, "maxSeqLength": 2048}},
+     {"NVIDIA-L4"}),
+])
+def test_operator_sized_job_lands_on_expected_gpu(ftj, namespace, case, spec, products):
+    manifest = ftj_manifest(case, **spec)
+    manifest["spec"].pop("resources")
+    ftj.create(namespace, manifest)
+    st = wait_phase(ftj, namespace, case, "Running")
+    assert st["layout"]["source"] == "sizer" and st["layout"]["gpusPerPod"] == 1 and st["layout"]["pods"] == 1
+    assert st["layout"]["gpuType"] in products and st["plan"]["gpuType"] == st["layout"]["gpuType"]
+    pod = wait_running_pod(ftj, namespace, case)
+    node = ftj.core.read_node(pod.spec.node_name)
+    assert node.metadata.labels["nvidia.com/gpu.product"] in products
+
+
+@needs_sizer
+def test_job_that_fits_no_gpu_stays_pending_with_reason(ftj, namespace):
+    manifest = ftj_manifest("toolarge", model={"uri": "hf://meta-llama/Llama-3.1-70B"}, method="full",
+                            distributed={"strategy": "ddp"})
+    manifest["spec"]["resources"] = {"maxGpus": 1}
+    ftj.create(namespace, manifest)
+    st = wait_phase(ftj, namespace, "toolarge", "Pending")
+    sized = wait_for(lambda: next((c for c in ftj.status(namespace, "toolarge").get("conditions", [])
+                                   if c["type"] == "Sized"), None), 30, "Sized condition")
+    assert sized["status"] == "False" and sized["reason"] == "InsufficientGPU" and sized["message"]
+    assert not ftj.jobs(namespace)
+    assert "InsufficientGPU" in [r for r, _ in ftj.events(namespace, "toolarge")]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ftj_operator_metrics_port()}/metrics", timeout=5).read().decode()
+    assert "kubetune_sizing_refusals_total" in text
