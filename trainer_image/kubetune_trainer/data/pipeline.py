@@ -24,7 +24,7 @@ MAX_LISTED_LOCATIONS = 10
 def _local_path(uri_or_path: str | Path) -> tuple[Path, str]:
     """Resolve/fetch a dataset URI to a local file; returns (path, name used in messages)."""
     text = str(uri_or_path)
-    if "://" not in text:
+    if "://" not in text and Path(text).is_file():
         return Path(text), text
     from ..storage import fetch_dataset
 
