@@ -193,13 +193,26 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_stopping_cluster_up_leaves_no_process(tmp_path, how):
     env_file = tmp_path / "env"
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "cluster", "up", "--nodes", "1",
+                             "--process-nodes", "1", "--data-root", str(tmp_path / "data"),
                              "--env-file", str(env_file), "--work-dir", str(tmp_path / "work")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_file(env_file, proc, 90)
         state = json.loads((tmp_path / "work" / "state.json").read_text())
         pids = state["pids"]
-        assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
+        assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}, pids
+        # a pod process on the cluster's process node must go too
+        kubectl = ["kubectl", f"--kubeconfig={state['kubeconfig']}"]
+        subprocess.run(kubectl + ["run", "sleeper", "--image=unused", "--restart=Never", "--overrides",
+                                  '{"spec": {"nodeName": "process-node-0"}}', "--command", "--", "sleep", "600"],
+                       check=True, capture_output=True, timeout=30)
+
+        def sleeper_pid():
+            out = subprocess.run(kubectl + ["get", "pod", "sleeper", "-o",
+                                            "jsonpath={.status.containerStatuses[0].containerID}"],
+                                 capture_output=True, text=True, timeout=30).stdout
+            return out.startswith("process://") and int(out.removeprefix("process://"))
+        pids["pod sleeper"] = wait_for(sleeper_pid, 30, "pod sleeper running on process-node-0")
         assert all(pid_alive(p) for p in pids.values())
         if how == "ctrl-c":
             proc.send_signal(signal.SIGINT)

@@ -104,6 +104,7 @@ class Cluster:
     ports: dict[str, int] = field(default_factory=dict)
     process_nodes: list[Any] = field(default_factory=list)
     work_dir: Path | None = None
+    bin_dir: Path | None = None          # where the component binaries (and helm) are
     pki: ClusterPKI | None = None
     _stopped: bool = False
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -151,7 +152,7 @@ class Cluster:
         """Start all components and wait until they are ready; stops everything if any step fails."""
         t0 = time.monotonic()
         opts = self.options
-        bin_dir = opts.bin_dir or binaries.find_bin_dir()
+        bin_dir = self.bin_dir = opts.bin_dir or binaries.find_bin_dir()
         self.work_dir = Path(opts.work_dir or tempfile.mkdtemp(prefix="kubetune-cluster-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with _live_lock:
