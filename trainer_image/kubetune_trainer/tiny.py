@@ -143,6 +143,10 @@ def build_tiny_model(out_dir: str | Path, arch: str = "llama", hidden_size: int 
     try:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # The default init (std 0.02) caps the logit range of a 64-wide model at ~1, so an adapter that
+        # cannot touch lm_head (LoRA) could never make confident predictions. 1/sqrt(hidden) fixes that.
+        with torch.no_grad():
+            model.get_output_embeddings().weight.normal_(0.0, hidden_size ** -0.5)
     finally:
         torch.random.set_rng_state(state)
     model.generation_config = GenerationConfig(
