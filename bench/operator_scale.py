@@ -1,0 +1,578 @@
+"""Operator at scale: N FineTuneJobs applied at once on a simulated GPU fleet, against a direct-Job baseline.
+
+    python bench/operator_scale.py [--nodes 250 --jobs 1000] [--concurrency 16] [--quick]
+
+Starts the local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK) with a
+generated fleet of `--nodes` simulated GPU nodes, then in one run:
+
+1. baseline: creates `--jobs` plain batch/v1 Jobs directly from `--concurrency` client threads (the same
+   Job object the operator renders, suspended so it creates no pods) and times until a watch has seen
+   every one: the apiserver's own ceiling for Job creation on this machine;
+2. kubetune: starts `python -m kubetune operator`, creates `--jobs` FineTuneJobs (a LoRA spec the sizer
+   places on GPUs) from the same number of threads, and times until every FineTuneJob has its
+   ConfigMap, Service, Job and `status.plan`. Apply-to-Job latency is the time between the watch events
+   of the FineTuneJob's and of its Job's creation (wall clock at event arrival, one watcher process);
+3. completion: marks every running trainer pod complete through KWOK (kwok.kubetune.io/complete) until
+   every FineTuneJob is Succeeded, and times that.
+
+Also recorded: operator peak RSS (VmHWM) and CPU time (utime+stime) from /proc, the apiserver's
+`apiserver_request_total` delta by verb/resource for each phase, the load average, and errors / lost
+jobs. Results go to bench/results/operator_scale-<nodes>n-<jobs>j.json (or --out); a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import json
+import os
+import platform
+import re
+import ssl
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "operator"))
+
+RESULTS_DIR = REPO / "bench" / "results"
+FTJ_NS = "bench-kubetune"
+DIRECT_NS = "bench-direct"
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+MANAGED = "app.kubernetes.io/managed-by=kubetune"
+COMPLETE_ANNOTATION = "kwok.kubetune.io/complete"
+
+# A realistic LoRA run the sizer places on one GPU of the fleet (no PVCs: every URI is remote, so the
+# scheduler does not wait for volumes that do not exist on the simulated fleet).
+FTJ_SPEC: dict[str, Any] = {
+    "model": {"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"},
+    "dataset": {"uri": "s3://bench/datasets/support-chats.jsonl", "format": "messages"},
+    "method": "lora",
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]},
+    "training": {"epochs": 1, "learningRate": "2e-4", "microBatchSize": 1, "gradientAccumulationSteps": 16,
+                 "maxSeqLength": 2048, "gradientCheckpointing": True},
+    "output": {"uri": "s3://bench/outputs/run"},
+}
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+
+def percentile(values: list[float], q: float) -> float:
+    """q-th percentile (0..100) by linear interpolation; nan for an empty list."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+_METRIC_RE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\}\s+(?P<value>[0-9.eE+-]+)$')
+_LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_request_totals(text: str) -> Counter:
+    """Sum apiserver_request_total by (verb, resource) from Prometheus text."""
+    out: Counter = Counter()
+    for line in text.splitlines():
+        m = _METRIC_RE.match(line)
+        if not m:
+            continue
+        labels = dict(_LABEL_RE.findall(m.group("labels")))
+        key = f"{labels.get('verb', '?')} {labels.get('resource', '?')}"
+        if labels.get("subresource"):
+            key += "/" + labels["subresource"]
+        out[key] += float(m.group("value"))
+    return out
+
+
+def counter_delta(after: Counter, before: Counter, top: int = 25) -> dict[str, int]:
+    """after - before, the `top` largest non-zero entries (largest first) plus a total."""
+    delta = {k: int(round(after[k] - before.get(k, 0))) for k in after}
+    delta = {k: v for k, v in delta.items() if v > 0}
+    ordered = dict(sorted(delta.items(), key=lambda kv: -kv[1])[:top])
+    ordered["TOTAL"] = sum(delta.values())
+    return ordered
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (seconds) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A '<key>: N kB' line of /proc/<pid>/status (VmHWM, VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"no {key} in /proc/{pid}/status")
+
+
+def loadavg() -> list[float]:
+    """1, 5, 15 minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def ftj_manifest(name: str) -> dict[str, Any]:
+    """One benchmark FineTuneJob."""
+    spec = json.loads(json.dumps(FTJ_SPEC))
+    spec["output"]["uri"] = f"s3://bench/outputs/{name}"
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": FTJ_NS}, "spec": spec}
+
+
+# ------------------------------------------------------------------------------------------ watching
+
+class Watcher(threading.Thread):
+    """Streams watch events of one collection and records, per object name, the wall-clock time its
+    ADDED event arrived and a small digest of its latest state (digest(obj) -> any)."""
+
+    def __init__(self, api: Any, path: str, digest: Callable[[dict], Any] | None = None,
+                 label_selector: str = "") -> None:
+        super().__init__(daemon=True, name=f"watch {path}")
+        self.api, self.path, self.digest, self.selector = api, path, digest, label_selector
+        self.added: dict[str, float] = {}
+        self.state: dict[str, Any] = {}
+        self.deleted: set[str] = set()
+        self.errors: list[str] = []
+        self.ready = threading.Event()
+        self.stopping = False
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+
+    def run(self) -> None:
+        from kubernetes.watch.watch import iter_resp_lines
+
+        rv = self._list()
+        while not self.stopping:
+            query = [("watch", "true"), ("resourceVersion", rv), ("allowWatchBookmarks", "true"),
+                     ("timeoutSeconds", "3600")]
+            if self.selector:
+                query.append(("labelSelector", self.selector))
+            try:
+                resp = self.api.call_api(self.path, "GET", query_params=query, auth_settings=["BearerToken"],
+                                         _preload_content=False, _request_timeout=(10, 3700))
+                for line in iter_resp_lines(resp):
+                    ev = json.loads(line)
+                    now = time.time()
+                    obj = ev.get("object") or {}
+                    if ev.get("type") == "ERROR":
+                        self.errors.append(str(obj.get("message")))
+                        rv = self._list()
+                        break
+                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                    if ev.get("type") == "BOOKMARK":
+                        continue
+                    self._record(ev["type"], obj, now)
+            except Exception as exc:  # noqa: BLE001 - reconnect and keep watching
+                if self.stopping:
+                    return
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.5)
+
+    def _list(self) -> str:
+        query = [("labelSelector", self.selector)] if self.selector else []
+        resp = self.api.call_api(self.path, "GET", query_params=query, auth_settings=["BearerToken"],
+                                 _preload_content=False, _request_timeout=(10, 120))
+        data = json.loads(resp.data)
+        now = time.time()
+        for obj in data.get("items") or []:
+            self._record("ADDED", obj, now)
+        self.ready.set()
+        return data["metadata"]["resourceVersion"]
+
+    def _record(self, etype: str, obj: dict, now: float) -> None:
+        name = obj["metadata"]["name"]
+        with self.changed:
+            if etype == "DELETED":
+                self.deleted.add(name)
+                self.state.pop(name, None)
+            else:
+                self.added.setdefault(name, now)
+                if self.digest is not None:
+                    self.state[name] = self.digest(obj)
+            self.changed.notify_all()
+
+    def wait_until(self, predicate: Callable[["Watcher"], bool], timeout: float) -> bool:
+        """Block until predicate(self) (checked under the lock after every event) or timeout."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(min(left, 1.0))
+        return True
+
+
+def ftj_digest(obj: dict) -> dict[str, Any]:
+    """What the benchmark needs of a FineTuneJob: phase, reason and whether status.plan is set."""
+    st = obj.get("status") or {}
+    return {"phase": st.get("phase") or "", "reason": st.get("reason") or "", "plan": bool(st.get("plan")),
+            "message": (st.get("message") or "")[:200]}
+
+
+def pod_digest(obj: dict) -> dict[str, Any]:
+    """A trainer pod's phase, node and whether completion was requested."""
+    return {"phase": (obj.get("status") or {}).get("phase") or "Pending",
+            "node": (obj.get("spec") or {}).get("nodeName") or "",
+            "completing": COMPLETE_ANNOTATION in ((obj.get("metadata") or {}).get("annotations") or {}),
+            "deleting": bool(obj["metadata"].get("deletionTimestamp"))}
+
+
+# ------------------------------------------------------------------------------------------ cluster I/O
+
+def ssl_context(cluster: Any) -> ssl.SSLContext:
+    """Admin client-certificate TLS context for the devcluster apiserver."""
+    ctx = ssl.create_default_context(cafile=str(cluster.pki.ca_crt))
+    ctx.load_cert_chain(str(cluster.pki.admin_crt), str(cluster.pki.admin_key))
+    return ctx
+
+
+def request_totals(cluster: Any) -> Counter:
+    """The apiserver's apiserver_request_total by verb/resource right now."""
+    with urllib.request.urlopen(cluster.server + "/metrics", context=ssl_context(cluster), timeout=30) as r:
+        return parse_request_totals(r.read().decode())
+
+
+def make_api(cluster: Any, pool: int) -> Any:
+    """An ApiClient whose connection pool fits `pool` concurrent threads."""
+    from kubernetes import client, config as kconfig
+
+    cfg = client.Configuration()
+    kconfig.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=cfg)
+    cfg.connection_pool_maxsize = max(pool, 4)
+    return client.ApiClient(cfg)
+
+
+def create_namespace(api: Any, name: str) -> None:
+    """Create a namespace and wait for its default service account."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name}})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            core.read_namespaced_service_account("default", name)
+            return
+        except client.ApiException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def create_all(n: int, concurrency: int, create: Callable[[int], None]) -> tuple[float, float, list[str]]:
+    """Call create(i) for i in range(n) from `concurrency` threads; (start, end, errors)."""
+    errors: list[str] = []
+    t0 = time.time()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        for fut in cf.as_completed([pool.submit(create, i) for i in range(n)]):
+            exc = fut.exception()
+            if exc is not None:
+                errors.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+    return t0, time.time(), errors
+
+
+def baseline_job(cluster: Any, spec_dict: dict[str, Any]) -> dict[str, Any]:
+    """The Job the operator would render for FTJ_SPEC on this fleet, suspended and without owner."""
+    from kubetune.api import parse_spec
+    from kubetune.builders import BuildConfig, JobRef, build_children
+    from kubetune.devcluster.fleet import node_manifests
+    from kubetune.layout import size_job_layout
+
+    spec = parse_spec(spec_dict)
+    outcome = size_job_layout(spec_dict, spec, node_manifests(cluster.fleet))
+    if not outcome.fits or outcome.layout is None:
+        raise SystemExit(f"the benchmark spec does not fit the fleet: {outcome.message}")
+    job = build_children(JobRef("direct", DIRECT_NS, "00000000-0000-0000-0000-000000000000"), spec_dict, spec,
+                         outcome.layout, BuildConfig())[-1]
+    job["metadata"].pop("ownerReferences", None)
+    job["spec"]["suspend"] = True
+    return job
+
+
+def defaulted_spec(api: Any) -> dict[str, Any]:
+    """FTJ_SPEC with the CRD's defaults applied by the apiserver (dry-run create)."""
+    from kubernetes import client
+
+    obj = ftj_manifest("defaults")
+    obj["metadata"]["namespace"] = DIRECT_NS
+    out = client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, DIRECT_NS, PLURAL, obj,
+                                                                       dry_run="All")
+    return out["spec"]
+
+
+# ------------------------------------------------------------------------------------------ phases
+
+def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: dict, timeout: float) -> dict:
+    """Create n plain Jobs directly; time until the watch saw them all."""
+    from kubernetes import client
+
+    template = baseline_job(cluster, spec_dict)
+    batch = client.BatchV1Api(api)
+    watcher = Watcher(api, f"/apis/batch/v1/namespaces/{DIRECT_NS}/jobs")
+    watcher.start()
+    watcher.ready.wait(60)
+    before = request_totals(cluster)
+
+    def create(i: int) -> None:
+        body = json.loads(json.dumps(template))
+        body["metadata"]["name"] = f"direct-{i:05d}-trainer"
+        body["metadata"]["namespace"] = DIRECT_NS
+        batch.create_namespaced_job(DIRECT_NS, body, _preload_content=False)
+
+    t0, t_return, errors = create_all(n, concurrency, create)
+    ok = watcher.wait_until(lambda w: len(w.added) >= n, timeout)
+    after = request_totals(cluster)
+    watcher.stopping = True
+    t_end = max(watcher.added.values()) if watcher.added else time.time()
+    wall = t_end - t0
+    return {"jobs": n, "created": len(watcher.added), "complete": ok, "errors": errors[:10],
+            "error_count": len(errors), "wall_s": round(wall, 3), "client_return_s": round(t_return - t0, 3),
+            "throughput_per_s": round(n / wall, 2) if wall > 0 else None,
+            "apiserver_requests": counter_delta(after, before)}
+
+
+def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str], concurrency: int,
+                        timeout: float) -> dict:
+    """Complete every Running trainer pod (KWOK) until every FineTuneJob is Succeeded or Failed."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    patched: set[str] = set()
+    errors: list[str] = []
+    t0 = time.time()
+    deadline = time.monotonic() + timeout
+
+    def complete(name: str) -> None:
+        core.patch_namespaced_pod(name, FTJ_NS, {"metadata": {"annotations": {
+            COMPLETE_ANNOTATION: "succeeded", "kwok.kubetune.io/exit-code": "0"}}}, _preload_content=False)
+
+    def terminal(w: Watcher) -> bool:
+        return all(w.state.get(n, {}).get("phase") in ("Succeeded", "Failed") for n in names)
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        while time.monotonic() < deadline:
+            with pods.lock:
+                todo = [n for n, d in pods.state.items()
+                        if d["phase"] == "Running" and not d["completing"] and not d["deleting"] and n not in patched]
+            futures = {pool.submit(complete, n): n for n in todo}
+            for fut in cf.as_completed(futures):
+                if fut.exception() is not None:
+                    errors.append(f"{futures[fut]}: {fut.exception()}"[:300])
+                else:
+                    patched.add(futures[fut])
+            if ftjs.wait_until(terminal, 0.5 if todo else 1.0):
+                break
+    done = time.time()
+    phases = Counter(ftjs.state.get(n, {}).get("phase") or "?" for n in names)
+    return {"wall_s": round(done - t0, 3), "pods_completed": len(patched), "phases": dict(phases),
+            "all_succeeded": phases.get("Succeeded", 0) == len(names), "errors": errors[:10],
+            "error_count": len(errors)}
+
+
+def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: float, workdir: Path,
+                 operator_args: list[str]) -> dict:
+    """Start the operator, create n FineTuneJobs, time children + status.plan, then completion."""
+    from kubernetes import client
+
+    from kubetune.operator_process import OperatorProcess
+
+    objects = client.CustomObjectsApi(api)
+    ftjs = Watcher(api, f"/apis/{GROUP}/{VERSION}/namespaces/{FTJ_NS}/{PLURAL}", ftj_digest)
+    jobs = Watcher(api, f"/apis/batch/v1/namespaces/{FTJ_NS}/jobs", label_selector=MANAGED)
+    cms = Watcher(api, f"/api/v1/namespaces/{FTJ_NS}/configmaps", label_selector=MANAGED)
+    svcs = Watcher(api, f"/api/v1/namespaces/{FTJ_NS}/services", label_selector=MANAGED)
+    pods = Watcher(api, f"/api/v1/namespaces/{FTJ_NS}/pods", pod_digest, label_selector=MANAGED)
+    for w in (ftjs, jobs, cms, svcs, pods):
+        w.start()
+        w.ready.wait(60)
+
+    log_path = workdir / "operator.log"
+    op = OperatorProcess(cluster.kubeconfig, ["--namespace", FTJ_NS, "--metrics-port", "0", "--liveness-port", "0",
+                                              *operator_args], log_path)
+    op.start()
+    try:
+        if "--no-leader-election" not in operator_args:
+            op.wait_for_log("leading as", timeout=120)
+        time.sleep(3.0)  # let kopf start its watches
+        cpu0 = proc_cpu_seconds(op.pid)
+        rss_idle = proc_status_kib(op.pid, "VmRSS")
+        before = request_totals(cluster)
+        names = [f"ftj-{i:05d}" for i in range(n)]
+
+        def create(i: int) -> None:
+            objects.create_namespaced_custom_object(GROUP, VERSION, FTJ_NS, PLURAL, ftj_manifest(names[i]),
+                                                    _preload_content=False)
+
+        t0, t_return, errors = create_all(n, concurrency, create)
+
+        def all_children(_: Watcher) -> bool:
+            return (len(jobs.added) >= n and len(cms.added) >= n and len(svcs.added) >= n
+                    and sum(1 for d in ftjs.state.values() if d["plan"]) >= n)
+
+        deadline = time.monotonic() + timeout
+        ok = False
+        while time.monotonic() < deadline and op.alive():
+            if jobs.wait_until(all_children, 1.0) and all_children(jobs):
+                ok = True
+                break
+        t_children = time.time()
+        t_jobs = max(jobs.added.values()) if jobs.added else t_children
+        t_ready = max([t_jobs, max(cms.added.values(), default=t0), max(svcs.added.values(), default=t0)])
+        after = request_totals(cluster)
+        cpu1 = proc_cpu_seconds(op.pid) if op.alive() else float("nan")
+        latencies = [jobs.added[f"{nm}-trainer"] - ftjs.added[nm] for nm in names
+                     if f"{nm}-trainer" in jobs.added and nm in ftjs.added]
+        with_plan = sum(1 for nm in names if ftjs.state.get(nm, {}).get("plan"))
+        lost = [nm for nm in names if f"{nm}-trainer" not in jobs.added or not ftjs.state.get(nm, {}).get("plan")]
+        wall = t_jobs - t0
+        creation = {
+            "jobs": n, "complete": ok, "create_errors": errors[:10], "create_error_count": len(errors),
+            "client_return_s": round(t_return - t0, 3), "wall_to_last_job_s": round(wall, 3),
+            "wall_to_all_children_and_plan_s": round(max(t_ready, t_children if ok else t_ready) - t0, 3),
+            "throughput_per_s": round(len(latencies) / wall, 2) if wall > 0 else None,
+            "latency_s": {"p50": round(percentile(latencies, 50), 3), "p95": round(percentile(latencies, 95), 3),
+                          "p99": round(percentile(latencies, 99), 3), "max": round(max(latencies, default=0), 3),
+                          "samples": len(latencies)},
+            "with_jobs": len(jobs.added), "with_configmaps": len(cms.added), "with_services": len(svcs.added),
+            "with_plan": with_plan, "lost": lost[:20], "lost_count": len(lost),
+            "phases": dict(Counter(ftjs.state.get(nm, {}).get("phase") or "?" for nm in names)),
+            "operator_cpu_s": round(cpu1 - cpu0, 2),
+            "apiserver_requests": counter_delta(after, before),
+        }
+        completion = drive_to_completion(api, pods, ftjs, names, concurrency, timeout) if ok else {"skipped": True}
+        completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
+        alive = op.alive()
+        creation["operator_peak_rss_mib"] = round(proc_status_kib(op.pid, "VmHWM") / 1024, 1) if alive else None
+        operator = {"alive_at_end": alive, "idle_rss_mib": round(rss_idle / 1024, 1),
+                    "peak_rss_mib": creation["operator_peak_rss_mib"],
+                    "cpu_s_total": round(proc_cpu_seconds(op.pid) - cpu0, 2) if alive else None,
+                    "log_errors": sum(1 for line in op.log_text().splitlines() if " ERROR " in line),
+                    "log_error_samples": [line[:300] for line in op.log_text().splitlines() if " ERROR " in line][:5],
+                    "args": operator_args}
+        failed = [(nm, ftjs.state[nm]["reason"], ftjs.state[nm]["message"]) for nm in names
+                  if ftjs.state.get(nm, {}).get("phase") == "Failed"][:5]
+        completion["failed_samples"] = failed
+        return {"creation": creation, "completion": completion, "operator": operator,
+                "watch_errors": sum(len(w.errors) for w in (ftjs, jobs, cms, svcs, pods))}
+    finally:
+        for w in (ftjs, jobs, cms, svcs, pods):
+            w.stopping = True
+        op.stop()
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def table(result: dict) -> str:
+    """The printed summary."""
+    b, c = result["baseline"], result["kubetune"]["creation"]
+    comp, op = result["kubetune"]["completion"], result["kubetune"]["operator"]
+    rows = [
+        ("fleet", f"{result['nodes']} KWOK nodes, {result['gpus']} GPUs"),
+        ("jobs / client concurrency", f"{result['jobs']} / {result['concurrency']}"),
+        ("direct Jobs/s (baseline)", f"{b['throughput_per_s']}  ({b['wall_s']} s)"),
+        ("kubetune FTJ->Job/s", f"{c['throughput_per_s']}  ({c['wall_to_last_job_s']} s)"),
+        ("ratio kubetune/direct", f"{result['ratio']}  (target >= 0.5)"),
+        ("all children + status.plan", f"{c['wall_to_all_children_and_plan_s']} s"),
+        ("apply->Job latency p50/p95/p99", f"{c['latency_s']['p50']} / {c['latency_s']['p95']} / "
+                                           f"{c['latency_s']['p99']} s"),
+        ("all FTJs Succeeded after", f"{comp.get('wall_s')} s  (phases {comp.get('phases')})"),
+        ("operator peak RSS", f"{op['peak_rss_mib']} MiB  (idle {op['idle_rss_mib']} MiB; target < 300)"),
+        ("operator CPU (creation/total)", f"{c['operator_cpu_s']} s / {op['cpu_s_total']} s"),
+        ("apiserver requests (creation)", f"{c['apiserver_requests'].get('TOTAL')} "
+                                          f"({c['apiserver_requests'].get('TOTAL', 0) / max(1, result['jobs']):.1f}/job)"),
+        ("errors / lost jobs", f"create {c['create_error_count']}, operator log {op['log_errors']}, "
+                               f"complete {comp.get('error_count', 0)} / lost {c['lost_count']}"),
+        ("load average before/after", f"{result['loadavg_before']} / {result['loadavg_after']}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    top = list(c["apiserver_requests"].items())[:8]
+    lines.append("apiserver requests by verb/resource (creation phase): "
+                 + ", ".join(f"{k}={v}" for k, v in top if k != "TOTAL"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, write the JSON result, print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=250)
+    p.add_argument("--jobs", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=16, help="client threads creating objects (both phases)")
+    p.add_argument("--quick", action="store_true", help="20 nodes, 50 jobs (smoke test)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds allowed per phase")
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/...)")
+    p.add_argument("--operator-arg", action="append", default=[],
+                   help="extra flag for `kubetune operator` (repeatable)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.nodes, args.jobs = 20, 50
+    from kubetune.devcluster import Cluster, ClusterOptions, generate_fleet
+    from kubetune.operator_process import install_crds
+
+    fleet = generate_fleet(args.nodes)
+    out = args.out or RESULTS_DIR / f"operator_scale-{'quick' if args.quick else f'{args.nodes}n-{args.jobs}j'}.json"
+    result: dict[str, Any] = {
+        "benchmark": "operator_scale", "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "nodes": len(fleet.node_names), "gpus": fleet.total_gpus, "jobs": args.jobs,
+        "concurrency": args.concurrency, "quick": args.quick, "host": {"cpus": os.cpu_count(),
+                                                                        "python": platform.python_version()},
+        "loadavg_before": loadavg(),
+        "note": "2-core machine shared with other processes: absolute numbers are noisy; the ratio is measured "
+                "in the same run. Operator reads /progress from 127.0.0.1:<closed port> because KWOK pod IPs "
+                "are not routable here.",
+    }
+    t_start = time.time()
+    closed_port = _closed_port()
+    operator_args = ["--progress-host", "127.0.0.1", "--progress-port", str(closed_port), *args.operator_arg]
+    with Cluster(ClusterOptions(fleet=fleet)) as cluster:
+        result["cluster_start_s"] = round(cluster.timings.get("all_ready_s", 0), 2)
+        install_crds(cluster.kubectl)
+        api = make_api(cluster, args.concurrency + 8)
+        create_namespace(api, DIRECT_NS)
+        create_namespace(api, FTJ_NS)
+        spec_dict = defaulted_spec(api)
+        result["baseline"] = run_baseline(cluster, api, args.jobs, args.concurrency, spec_dict, args.timeout)
+        workdir = Path(cluster.work_dir)
+        result["kubetune"] = run_kubetune(cluster, api, args.jobs, args.concurrency, args.timeout, workdir,
+                                          operator_args)
+        result["peak_rss_mib"] = {name: round(proc_status_kib(pid, "VmHWM") / 1024, 1)
+                                  for name, pid in cluster.pids.items()}
+    b, c = result["baseline"], result["kubetune"]["creation"]
+    result["ratio"] = (round(c["throughput_per_s"] / b["throughput_per_s"], 3)
+                       if c.get("throughput_per_s") and b.get("throughput_per_s") else None)
+    result["loadavg_after"] = loadavg()
+    result["wall_s"] = round(time.time() - t_start, 1)
+    comp = result["kubetune"]["completion"]
+    result["ok"] = bool(c["complete"] and c["lost_count"] == 0 and c["create_error_count"] == 0
+                        and b["error_count"] == 0 and comp.get("all_succeeded")
+                        and result["kubetune"]["operator"]["alive_at_end"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"result: {out}")
+    return 0 if result["ok"] else 1
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
