@@ -1,0 +1,200 @@
+"""End to end: `kubectl apply` of a FineTuneJob → the operator sizes and launches it → trainer pods run as
+local processes on process nodes and really train a tiny model → the FineTuneJob ends with a usable adapter.
+
+Everything is real: control plane, operator subprocess, Job controller, scheduler, the trainer
+(`kubetune-train launch`, torch on the CPU). Only the hardware is a process node instead of a kubelet.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.devcluster.process_node import create_local_pvc
+from kubetune.devcluster.testing import wait_for
+from kubetune.operator_process import OperatorProcess, install_crds
+from kubetune.testing_helpers import FtjClient, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+DATASET = REPO / "examples" / "data" / "quickstart.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """The quickstart's tiny Llama-style model, built locally once for the module."""
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    subprocess.run([sys.executable, "-m", "kubetune_trainer.tiny", "--out", str(out)], check=True,
+                   capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, process_nodes, tmp_path_factory):
+    """The operator as a subprocess, scheduling CPU-only trainer pods onto the process nodes."""
+    install_crds(cluster.kubectl)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = OperatorProcess(cluster.kubeconfig, [
+        "--all-namespaces", "--liveness-port", "0", "--metrics-port", str(free_port()),
+        "--resync-seconds", "1", "--lease-namespace", "default",
+        "--lease-name", f"e2e-{uuid.uuid4().hex[:6]}", "--lease-seconds", "5",
+        "--cpu-node-selector", "kubetune.io/process-node=true",
+    ], log)
+    op.start()
+    try:
+        op.wait_for_log("leading as", 60)
+        yield op
+    finally:
+        op.stop()
+        print(op.log_text()[-4000:])
+
+
+@pytest.fixture
+def ftj(k8s, operator):
+    return FtjClient(k8s)
+
+
+class Workspace:
+    """One test's PVC (unique claim name) with the tiny model and a dataset, and manifests pointing at it."""
+
+    def __init__(self, k8s, namespace: str, data_root: Path, model: Path) -> None:
+        self.namespace = namespace
+        self.claim = f"e2e-{namespace}"[:60]
+        create_local_pvc(k8s, namespace, self.claim, data_root)
+        self.root = data_root / "pvc" / self.claim
+        shutil.copytree(model, self.root / "models" / "tiny-llama")
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(DATASET, self.root / "data" / "train.jsonl")
+
+    def uri(self, rel: str) -> str:
+        return f"pvc://{self.claim}/{rel}"
+
+    def local(self, uri: str) -> Path:
+        assert uri.startswith(f"pvc://{self.claim}/"), uri
+        return self.root / uri[len(f"pvc://{self.claim}/"):]
+
+    def manifest(self, name: str, *, dataset: str = "data/train.jsonl", **training) -> dict:
+        m = copy.deepcopy(yaml.safe_load(QUICKSTART.read_text()))
+        m["metadata"] = {"name": name}
+        m["spec"]["model"]["uri"] = self.uri("models/tiny-llama")
+        m["spec"]["dataset"]["uri"] = self.uri(dataset)
+        m["spec"]["output"]["uri"] = self.uri(f"outputs/{name}")
+        m["spec"]["training"].update(training)
+        return m
+
+    def apply(self, cluster, manifest: dict) -> None:
+        """The real `kubectl apply -f -`."""
+        cluster.kubectl("-n", self.namespace, "apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+
+@pytest.fixture
+def ws(k8s, namespace, process_nodes, tiny_model) -> Workspace:
+    return Workspace(k8s, namespace, Path(process_nodes[0].config.data_root), tiny_model)
+
+
+def wait_terminal(ftj: FtjClient, ns: str, name: str, timeout: float = 600) -> dict:
+    last: dict = {}
+
+    def check():
+        nonlocal last
+        last = ftj.status(ns, name)
+        return last if last.get("phase") in ("Succeeded", "Failed", "Cancelled") else None
+
+    return wait_for(check, timeout, lambda: f"{ns}/{name} terminal; last status: {json.dumps(last)[:2000]}")
+
+
+def _pod_pids(ftj: FtjClient, ns: str, name: str) -> list[int]:
+    pids = []
+    for pod in ftj.pods(ns, name, "Running"):
+        for cs in pod.status.container_statuses or []:
+            cid = cs.container_id or ""
+            if cid.startswith("process://"):
+                pids.append(int(cid.removeprefix("process://")))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_quickstart_ends_succeeded_with_an_adapter_that_loads_and_changes_outputs(cluster, ftj, ws, tiny_model):
+    ws.apply(cluster, ws.manifest("quickstart"))
+    st = wait_terminal(ftj, ws.namespace, "quickstart")
+    assert st["phase"] == "Succeeded", json.dumps(st)[:3000]
+    assert st["progress"]["step"] == 20 and st["metrics"]["trainLoss"] > 0
+    adapter = ws.local(st["artifacts"]["adapter"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok("What is the capital of France?", return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        after = tuned(ids).logits
+    assert (after - before).abs().max().item() > 1e-3, "the adapter does not change the model's outputs"
+    # The eval loss of the trained run beats an untrained model's (ln(vocab) ~ uniform) by a margin.
+    assert st["metrics"]["trainLoss"] < 0.9 * float(torch.log(torch.tensor(float(base.config.vocab_size))))
+
+
+def test_two_pod_job_rendezvouses_over_the_headless_service(cluster, ftj, ws):
+    m = ws.manifest("pair", maxSteps=6, checkpointEverySteps=0)
+    m["spec"]["resources"].update({"pods": 2, "cpu": "1", "memory": "3Gi"})
+    ws.apply(cluster, m)
+    st = wait_terminal(ftj, ws.namespace, "pair")
+    assert st["phase"] == "Succeeded", json.dumps(st)[:3000]
+    pods = ftj.pods(ws.namespace, "pair")
+    assert len({p.metadata.annotations["batch.kubernetes.io/job-completion-index"] for p in pods}) == 2
+    # Each pod's log shows it joined a world of 2 processes through the rank-0 pod's Service name.
+    logs = []
+    for pod in pods:
+        out = subprocess.run([sys.executable, "-m", "kubetune", "node", "logs", "--kubeconfig",
+                              str(cluster.kubeconfig), f"{ws.namespace}/{pod.metadata.name}"],
+                             capture_output=True, text=True, timeout=60)
+        logs.append(out.stdout + out.stderr)
+    joined = "\n---\n".join(logs)[-4000:]
+    assert all(re.search(r"\[rank [01]\] .*strategy \S+ x2", text) for text in logs), joined
+    assert "[rank 0]" in logs[0] + logs[1] and "[rank 1]" in logs[0] + logs[1], joined
+
+
+def test_bad_dataset_line_fails_the_job_naming_the_line(cluster, ftj, ws):
+    lines = DATASET.read_text().splitlines()
+    lines.insert(6, '{"messages": [{"role": "user", "content": "unterminated')
+    (ws.root / "data" / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    ws.apply(cluster, ws.manifest("bad-data", dataset="data/bad.jsonl"))
+    st = wait_terminal(ftj, ws.namespace, "bad-data", timeout=300)
+    assert st["phase"] == "Failed", json.dumps(st)[:3000]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert "bad.jsonl:7:" in failed["message"], failed
+    # A data error is permanent: no retry.
+    assert len(ftj.pods(ws.namespace, "bad-data")) == 1
+
+
+def test_deleting_a_running_job_stops_its_processes(cluster, ftj, ws):
+    ws.apply(cluster, ws.manifest("long", maxSteps=100000, checkpointEverySteps=0))
+    pids = wait_for(lambda: _pod_pids(ftj, ws.namespace, "long"), 120, "trainer process running")
+    assert all(_alive(p) for p in pids)
+    ftj.delete(ws.namespace, "long")
+    wait_for(lambda: not any(_alive(p) for p in pids), 60, f"trainer processes {pids} gone")
+    wait_for(lambda: not ftj.jobs(ws.namespace), 60, "Job garbage-collected")
