@@ -1,0 +1,263 @@
+"""High availability and restart safety of the operator on the real local control plane.
+
+Operators run as real subprocesses (`python -m kubetune operator`) with leader election on a
+coordination.k8s.io Lease in the test namespace; crashes are SIGKILL (no Lease release, no
+cleanup). KWOK pods are driven to completion with `complete_pod`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from kubernetes import client
+
+from kubetune.builders import JOB_NAME_LABEL
+from kubetune.devcluster.testing import complete_pod, wait_for
+from kubetune.operator_process import OperatorProcess, install_crds
+from kubetune.testing_helpers import FtjClient, ProgressServer, ftj_manifest, summary_json
+
+pytestmark = pytest.mark.integration
+
+LEASE_SECONDS = 4  # short, so a takeover after a crash is quick; the standby polls every 1.33 s
+
+
+class Replicas:
+    """Starts operator replicas for one namespace/Lease and stops every one of them at the end."""
+
+    def __init__(self, cluster: Any, namespace: str, logs: Path, progress_port: int) -> None:
+        self.cluster, self.namespace, self.logs = cluster, namespace, logs
+        self.progress_port = progress_port
+        self.lease = f"ha-{uuid.uuid4().hex[:6]}"
+        self.started: list[OperatorProcess] = []
+
+    def start(self, pod_name: str) -> OperatorProcess:
+        """Start one replica whose POD_NAME (Lease identity prefix, Event reportingInstance) is pod_name."""
+        op = OperatorProcess(self.cluster.kubeconfig, [
+            "--namespace", self.namespace, "--lease-namespace", self.namespace, "--lease-name", self.lease,
+            "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--liveness-port", "0",
+            "--metrics-port", "0", "--progress-host", "127.0.0.1", "--progress-port", str(self.progress_port),
+        ], self.logs / f"{pod_name}.log", env={"POD_NAME": pod_name})
+        op.pod_name = pod_name
+        self.started.append(op.start())
+        return op
+
+    def stop_all(self) -> None:
+        """SIGTERM (then SIGKILL) every replica still running; print the log tails."""
+        for op in self.started:
+            op.stop()
+            print(f"--- {op.pod_name} log tail ---\n{op.log_text()[-2500:]}")
+
+
+@pytest.fixture(scope="module")
+def progress() -> Iterator[ProgressServer]:
+    """A /progress endpoint answering 404 (no trainer progress), so passes never wait on pod IPs."""
+    server = ProgressServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(cluster, namespace, progress, tmp_path) -> Iterator[Replicas]:
+    install_crds(cluster.kubectl)
+    r = Replicas(cluster, namespace, tmp_path, progress.port)
+    try:
+        yield r
+    finally:
+        r.stop_all()
+
+
+@pytest.fixture
+def ftj(k8s) -> FtjClient:
+    return FtjClient(k8s)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def read_lease(k8s: Any, ns: str, name: str) -> Any:
+    """The Lease object."""
+    return client.CoordinationV1Api(k8s).read_namespaced_lease(name, ns)
+
+
+def wait_phase(ftj: FtjClient, ns: str, name: str, phase: str, timeout: float = 40) -> dict:
+    """Wait for status.phase; the timeout message shows the last status."""
+    last: dict = {}
+
+    def check():
+        nonlocal last
+        last = ftj.status(ns, name)
+        return last if last.get("phase") == phase else None
+
+    return wait_for(check, timeout, lambda: f"{ns}/{name} phase {phase}; last status: {str(last)[:1200]}")
+
+
+def wait_running_pods(ftj: FtjClient, ns: str, name: str, count: int, timeout: float = 40) -> list:
+    """The Running trainer pods by completion index, once `count` of them run."""
+    def check():
+        pods = [ftj.running_pod(ns, name, i) for i in range(count)]
+        return pods if all(pods) else None
+    return wait_for(check, timeout, f"{count} running trainer pods of {ns}/{name}")
+
+
+def children(ftj: FtjClient, ns: str, name: str) -> dict[str, list[tuple[str, str]]]:
+    """(name, uid) of every Job, ConfigMap and Service labelled as a child of the FineTuneJob."""
+    sel = f"{JOB_NAME_LABEL}={name}"
+    return {
+        "Job": [(j.metadata.name, j.metadata.uid) for j in ftj.batch.list_namespaced_job(ns, label_selector=sel).items],
+        "ConfigMap": [(c.metadata.name, c.metadata.uid)
+                      for c in ftj.core.list_namespaced_config_map(ns, label_selector=sel).items],
+        "Service": [(s.metadata.name, s.metadata.uid)
+                    for s in ftj.core.list_namespaced_service(ns, label_selector=sel).items],
+    }
+
+
+def assert_one_set_of_children(ftj: FtjClient, ns: str, name: str) -> dict[str, tuple[str, str]]:
+    """Exactly one Job, ConfigMap and Service with the contract names; returns them with UIDs."""
+    found = children(ftj, ns, name)
+    assert [n for n, _ in found["Job"]] == [f"{name}-trainer"], found
+    assert [n for n, _ in found["ConfigMap"]] == [f"{name}-plan"], found
+    assert [n for n, _ in found["Service"]] == [f"{name}-trainer"], found
+    # No other Job (under any name) is owned by this FineTuneJob either.
+    uid = ftj.get(ns, name)["metadata"]["uid"]
+    owned = [j.metadata.name for j in ftj.jobs(ns)
+             if any(o.uid == uid for o in j.metadata.owner_references or [])]
+    assert owned == [f"{name}-trainer"], owned
+    return {kind: items[0] for kind, items in found.items()}
+
+
+def ftj_events(ftj: FtjClient, ns: str, name: str) -> list[Any]:
+    """core/v1 Events about the FineTuneJob."""
+    return ftj.core.list_namespaced_event(
+        ns, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob").items
+
+
+def reason_counts(events: list[Any]) -> dict[str, int]:
+    """How many Events per reason."""
+    out: dict[str, int] = {}
+    for e in events:
+        out[e.reason] = out.get(e.reason, 0) + (e.count or 1)
+    return out
+
+
+def finish(ftj: FtjClient, k8s: Any, ns: str, name: str, pods: int) -> dict:
+    """Complete every trainer pod (rank 0 last, with a summary) and wait for Succeeded."""
+    running = wait_running_pods(ftj, ns, name, pods)
+    for pod in running[1:]:
+        complete_pod(k8s, ns, pod.metadata.name)
+    complete_pod(k8s, ns, running[0].metadata.name, message=summary_json(name))
+    return wait_phase(ftj, ns, name, "Succeeded")
+
+
+def reconcile_lines(op: OperatorProcess, ns: str) -> list[str]:
+    """Log lines of the operator about FineTuneJobs in ns (child creation, Events)."""
+    return [line for line in op.log_text().splitlines() if f" {ns}/" in line]
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+def test_two_replicas_one_leader_then_failover_after_sigkill(replicas, ftj, k8s, namespace):
+    ns = namespace
+    a, b = replicas.start("replica-a"), replicas.start("replica-b")
+
+    def leader_pair():
+        holder = read_lease(k8s, ns, replicas.lease).spec.holder_identity or ""
+        for op, other in ((a, b), (b, a)):
+            if holder.startswith(f"{op.pod_name}-") and "leading as" in op.log_text():
+                return op, other
+        return None
+
+    leader, standby = wait_for(leader_pair, 60, "one replica leading and holding the Lease")
+    standby.wait_for_log("waiting to become the leader", 30)
+    assert standby.alive() and "leading as" not in standby.log_text()
+
+    # One FineTuneJob, two pods: exactly one set of children, made by the leader only.
+    ftj.create(ns, ftj_manifest("first", pods=2))
+    wait_phase(ftj, ns, "first", "Running")
+    wait_running_pods(ftj, ns, "first", 2)
+    first = assert_one_set_of_children(ftj, ns, "first")
+    events = ftj_events(ftj, ns, "first")
+    assert {e.reporting_instance for e in events} == {leader.pod_name}, [(e.reason, e.reporting_instance) for e in events]
+    assert reason_counts(events).get("ChildrenCreated") == 1
+    assert reconcile_lines(leader, ns) and not reconcile_lines(standby, ns), standby.log_text()[-2000:]
+    assert "leading as" not in standby.log_text()
+
+    # The leader crashes: the standby takes over once the Lease expires, not before.
+    before = read_lease(k8s, ns, replicas.lease).spec
+    leader.kill()
+    killed = time.monotonic()
+    standby.wait_for_log("leading as", LEASE_SECONDS + 20)
+    takeover = time.monotonic() - killed
+    after = read_lease(k8s, ns, replicas.lease).spec
+    print(f"takeover after SIGKILL: {takeover:.1f}s (lease {LEASE_SECONDS}s)")
+    assert after.holder_identity.startswith(f"{standby.pod_name}-")
+    assert after.lease_transitions == (before.lease_transitions or 0) + 1
+    assert after.acquire_time >= before.renew_time + dt.timedelta(seconds=LEASE_SECONDS), (before, after)
+    # Poll period is lease/3: expiry + one poll + process slack on 2 busy cores.
+    assert takeover <= LEASE_SECONDS + LEASE_SECONDS / 3 + 4
+
+    # The new leader finishes the job the old one started (same children) and runs a new one.
+    ftj.create(ns, ftj_manifest("second"))
+    st = finish(ftj, k8s, ns, "first", pods=2)
+    assert st["artifacts"]["adapter"] == "s3://outputs/first/final/adapter"
+    assert assert_one_set_of_children(ftj, ns, "first") == first
+    wait_phase(ftj, ns, "second", "Running")
+    st = finish(ftj, k8s, ns, "second", pods=1)
+    assert st["reason"] == "Completed"
+    assert_one_set_of_children(ftj, ns, "second")
+    second_events = ftj_events(ftj, ns, "second")
+    assert {e.reporting_instance for e in second_events} == {standby.pod_name}
+    assert reason_counts(second_events).get("ChildrenCreated") == 1
+    assert reason_counts(ftj_events(ftj, ns, "first")).get("ChildrenCreated") == 1
+
+    # A graceful stop (SIGTERM) releases the Lease: a fresh standby takes over well before expiry.
+    c = replicas.start("replica-c")
+    c.wait_for_log("waiting to become the leader", 60)
+    assert "leading as" not in c.log_text()
+    stopped = time.monotonic()
+    assert standby.stop() == 0
+    c.wait_for_log("leading as", LEASE_SECONDS + 20)
+    handover = time.monotonic() - stopped
+    print(f"handover after SIGTERM: {handover:.1f}s")
+    assert handover < LEASE_SECONDS, "a released Lease should be taken at the next poll, not after expiry"
+    assert read_lease(k8s, ns, replicas.lease).spec.holder_identity.startswith("replica-c-")
+
+
+def test_sigkill_and_restart_keeps_children_and_finishes_the_job(replicas, ftj, k8s, namespace):
+    ns = namespace
+    op = replicas.start("solo")
+    op.wait_for_log("leading as", 60)
+    ftj.create(ns, ftj_manifest("crashy", pods=2))
+    wait_phase(ftj, ns, "crashy", "Running")
+    pods = wait_running_pods(ftj, ns, "crashy", 2)
+    kids = assert_one_set_of_children(ftj, ns, "crashy")
+    pod_uids = {p.metadata.name: p.metadata.uid for p in ftj.pods(ns, "crashy")}
+    assert len(pod_uids) == 2
+
+    op.kill()
+    # While no operator runs, trainer pod 1 finishes: the restarted operator must notice it.
+    complete_pod(k8s, ns, pods[1].metadata.name)
+    wait_for(lambda: ftj.pods(ns, "crashy", "Succeeded"), 30, "pod 1 Succeeded")
+
+    restarted = replicas.start("solo-restarted")
+    restarted.wait_for_log("leading as", LEASE_SECONDS + 30)  # waits for the dead holder's Lease to expire
+    assert "took over Lease" in restarted.log_text()
+    st = wait_for(lambda: (s := ftj.status(ns, "crashy")).get("message", "").startswith("1/2 trainer pod") and s,
+                  30, "the restarted operator folding the pod that finished while it was down")
+    assert st["phase"] == "Running"
+    # Same children, same pods: nothing was recreated or duplicated by the restart.
+    assert assert_one_set_of_children(ftj, ns, "crashy") == kids
+    assert {p.metadata.name: p.metadata.uid for p in ftj.pods(ns, "crashy")} == pod_uids
+    assert ftj.running_pod(ns, "crashy", 0).metadata.uid == pods[0].metadata.uid
+
+    complete_pod(k8s, ns, pods[0].metadata.name, message=summary_json("crashy"))
+    st = wait_phase(ftj, ns, "crashy", "Succeeded")
+    assert st["artifacts"]["adapter"] == "s3://outputs/crashy/final/adapter"
+    assert st["progress"]["percent"] == 100.0
+    assert assert_one_set_of_children(ftj, ns, "crashy") == kids
+    counts = reason_counts(ftj_events(ftj, ns, "crashy"))
+    assert counts.get("ChildrenCreated") == 1 and counts.get("PodsRunning") == 1 and counts.get("Completed") == 1, counts
+    assert not [line for line in reconcile_lines(restarted, ns) if "created" in line and "crashy" in line]

@@ -1,0 +1,259 @@
+"""A real Prometheus server scrapes the real operator while FineTuneJobs run on the local control
+plane; PromQL over its HTTP API must show the operator's series with the right values, and the
+chart's alert rules (rendered by helm, loaded into that Prometheus) must evaluate on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+from kubetune.devcluster.testing import complete_pod, wait_for
+from kubetune.operator_process import REPO_ROOT, OperatorProcess, install_crds
+from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json
+
+pytestmark = pytest.mark.integration
+
+SCRAPE_JOB = "kubetune-operator"  # the `job` label Prometheus gives the operator target
+RELEASE_NS = "kubetune-system"  # namespace the chart is rendered for (static label on the target)
+PROMETHEUS = shutil.which("prometheus")
+
+
+def helm_binary() -> str | None:
+    """helm from $KUBETUNE_BIN_DIR, ~/.cache/kubetune/bin/current or PATH."""
+    dirs = [os.environ.get("KUBETUNE_BIN_DIR", ""), str(Path.home() / ".cache" / "kubetune" / "bin" / "current")]
+    for d in filter(None, dirs):
+        if (Path(d) / "helm").is_file():
+            return str(Path(d) / "helm")
+    return shutil.which("helm")
+
+
+def render_alert_rules(helm: str, out: Path) -> Path:
+    """The chart's PrometheusRule groups as a Prometheus rules file (short `for:` so alerts fire in a test)."""
+    values = {"monitoring": {"prometheusRule": {"enabled": True, "operatorJob": SCRAPE_JOB,
+                                                "jobFailedFor": "0s", "operatorDownFor": "0s"}}}
+    values_file = out / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    rendered = subprocess.run(
+        [helm, "template", "kubetune", str(REPO_ROOT / "charts" / "kubetune"), "-n", RELEASE_NS,
+         "-f", str(values_file), "--show-only", "templates/prometheusrule.yaml"],
+        capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    rule = yaml.safe_load(rendered.stdout)
+    path = out / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    return path
+
+
+class PrometheusServer:
+    """`prometheus` on a free loopback port with a generated config; stopped (and reaped) by stop()."""
+
+    def __init__(self, workdir: Path, target_port: int, rules: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [{"job_name": SCRAPE_JOB, "static_configs": [
+                {"targets": [f"127.0.0.1:{target_port}"], "labels": {"namespace": RELEASE_NS}}]}],
+        }))
+        self.log_path = workdir / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "PrometheusServer":
+        """Start the server and wait until /-/ready answers."""
+        assert PROMETHEUS is not None
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={self.config}", f"--storage.tsdb.path={self.workdir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=str(self.workdir))
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited ({self.proc.returncode}):\n{self.log_text()[-3000:]}")
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as rsp:
+                return rsp.status == 200
+
+        wait_for(ready, 60, lambda: f"prometheus ready on {self.url}; log: {self.log_text()[-1500:]}")
+        return self
+
+    def log_text(self) -> str:
+        """Prometheus' own log."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET /api/v1/<path>; the `data` of a successful answer."""
+        url = f"{self.url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        with urllib.request.urlopen(url, timeout=5) as rsp:
+            body = json.load(rsp)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """Instant query: the vector's samples as {"metric": labels, "value": float}."""
+        data = self.api("query", query=promql)
+        assert data["resultType"] == "vector", data
+        return [{"metric": r["metric"], "value": float(r["value"][1])} for r in data["result"]]
+
+    def wait_value(self, promql: str, check: Callable[[float], bool], timeout: float = 20) -> float:
+        """Wait until the query returns exactly one sample whose value passes `check`; returns it."""
+        last: list[dict[str, Any]] = []
+
+        def ok() -> float | None:
+            nonlocal last
+            last = self.query(promql)
+            return last[0]["value"] if len(last) == 1 and check(last[0]["value"]) else None
+
+        wait_for(lambda: ok() is not None, timeout, lambda: f"PromQL {promql!r} to pass; last result: {last}")
+        return last[0]["value"]
+
+    def alerts(self) -> dict[str, dict[str, Any]]:
+        """Active alerts by name."""
+        return {a["labels"]["alertname"]: a for a in self.api("alerts")["alerts"]}
+
+
+@pytest.fixture
+def progress() -> Iterator[ProgressServer]:
+    server = ProgressServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def operator(cluster, namespace, progress, tmp_path) -> Iterator[OperatorProcess]:
+    install_crds(cluster.kubectl)
+    op = OperatorProcess(cluster.kubeconfig, [
+        "--namespace", namespace, "--lease-namespace", namespace, "--lease-name", f"prom-{uuid.uuid4().hex[:6]}",
+        "--lease-seconds", "5", "--resync-seconds", "1", "--liveness-port", "0",
+        "--metrics-port", str(free_port()), "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
+    ], tmp_path / "operator.log")
+    op.metrics_port = int(op.args[op.args.index("--metrics-port") + 1])
+    op.start()
+    try:
+        op.wait_for_log("leading as", 60)
+        yield op
+    finally:
+        op.stop()
+        print(op.log_text()[-3000:])
+
+
+@pytest.fixture
+def prometheus(operator, tmp_path) -> Iterator[PrometheusServer]:
+    if PROMETHEUS is None:
+        pytest.skip("prometheus is not on PATH (scripts/install-system-deps.sh installs Debian's prometheus)")
+    helm = helm_binary()
+    if helm is None:
+        pytest.skip("helm not found (devcluster/build.sh builds it into ~/.cache/kubetune/bin/current)")
+    workdir = tmp_path / "prometheus"
+    workdir.mkdir()
+    server = PrometheusServer(workdir, operator.metrics_port, render_alert_rules(helm, workdir))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        print(server.log_text()[-2000:])
+
+
+def wait_phase(ftj: FtjClient, ns: str, name: str, phase: str, timeout: float = 40) -> dict:
+    """Wait for status.phase; the timeout message shows the last status."""
+    last: dict = {}
+
+    def check():
+        nonlocal last
+        last = ftj.status(ns, name)
+        return last if last.get("phase") == phase else None
+
+    return wait_for(check, timeout, lambda: f"{ns}/{name} phase {phase}; last status: {str(last)[:1200]}")
+
+
+def test_prometheus_scrapes_operator_series_and_chart_alerts_fire(prometheus, operator, progress, k8s, namespace):
+    prom, ns, ftj = prometheus, namespace, FtjClient(k8s)
+    up = f'up{{job="{SCRAPE_JOB}"}}'
+    prom.wait_value(up, lambda v: v == 1)
+    # Every rule of the chart loads and evaluates without error against the real series.
+    groups = prom.api("rules")["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert {r["name"] for r in rules} >= {"KubetuneJobFailed", "KubetuneOperatorDown", "KubetuneTrainingStalled",
+                                          "KubetuneTrainingLossNotFinite", "KubetuneReconcileErrors"}
+    wait_for(lambda: all(r.get("health") == "ok" for g in prom.api("rules")["groups"] for r in g["rules"]), 15,
+             lambda: f"all rules healthy: {[(r['name'], r.get('health'), r.get('lastError')) for r in rules]}")
+    wait_for(lambda: "KubetuneOperatorDown" not in prom.alerts(), 15, "KubetuneOperatorDown inactive while up")
+    prom.wait_value('kubetune_jobs{phase="Running"}', lambda v: v == 0)
+
+    # A running job: phase gauge, GPUs requested and the rank-0 progress the operator relays.
+    progress.set({"version": 1, "phase": "training", "step": 40, "totalSteps": 100, "epoch": 0.4,
+                  "trainLoss": 1.9, "evalLoss": None, "learningRate": 0.0002, "tokens": 40960,
+                  "tokensPerSecond": 2100.0, "etaSeconds": 38.0, "checkpoint": {"step": 0, "uri": ""}})
+    ftj.create(ns, ftj_manifest("scraped", gpus=2))
+    wait_phase(ftj, ns, "scraped", "Running")
+    job_sel = f'namespace="{ns}",name="scraped"'
+    prom.wait_value('kubetune_jobs{phase="Running"}', lambda v: v == 1)
+    assert prom.wait_value('kubetune_gpus_requested{gpu_type="NVIDIA-L4"}', lambda v: v == 2) == 2
+    prom.wait_value(f"kubetune_job_progress_ratio{{{job_sel}}}", lambda v: v == 0.4)
+    prom.wait_value(f"kubetune_job_tokens_per_second{{{job_sel}}}", lambda v: v == 2100)
+    prom.wait_value(f"kubetune_job_train_loss{{{job_sel}}}", lambda v: v == 1.9)
+
+    # It succeeds: Succeeded=1, nothing Running, final loss and progress from the summary.
+    pod = wait_for(lambda: ftj.running_pod(ns, "scraped", 0), 30, "running trainer pod")
+    complete_pod(k8s, ns, pod.metadata.name, message=summary_json("scraped"))
+    wait_phase(ftj, ns, "scraped", "Succeeded")
+    prom.wait_value('kubetune_jobs{phase="Succeeded"}', lambda v: v == 1)
+    assert prom.query('kubetune_jobs{phase="Running"}')[0]["value"] == 0
+    assert prom.query('kubetune_jobs{phase="Failed"}')[0]["value"] == 0
+    prom.wait_value(f"kubetune_job_progress_ratio{{{job_sel}}}", lambda v: v == 1.0)
+    prom.wait_value(f"kubetune_job_train_loss{{{job_sel}}}", lambda v: v == 1.23)
+    wait_for(lambda: not prom.query("kubetune_gpus_requested"), 15, "GPU request series gone once finished")
+    # Scraping followed the whole run, not just its end.
+    assert prom.query('max_over_time(kubetune_jobs{phase="Running"}[10m])')[0]["value"] == 1
+    # One job became Running once; the reconcile histogram counted passes, and none failed.
+    assert prom.wait_value("kubetune_job_time_to_running_seconds_count", lambda v: v == 1) == 1
+    assert prom.query("kubetune_job_time_to_running_seconds_sum")[0]["value"] > 0
+    passes = prom.wait_value("kubetune_reconcile_duration_seconds_count", lambda v: v > 0)
+    inf_bucket = prom.query('kubetune_reconcile_duration_seconds_bucket{le="+Inf"}')[0]["value"]
+    assert inf_bucket >= passes > 0
+    assert prom.query("kubetune_reconcile_duration_seconds_sum")[0]["value"] > 0
+    assert prom.query("kubetune_reconcile_errors_total")[0]["value"] == 0
+    print(f"reconcile passes seen by Prometheus: {passes:.0f}")
+    assert "KubetuneJobFailed" not in prom.alerts()
+
+    # A trainer data error fails a second job: Failed=1 and the chart's KubetuneJobFailed fires.
+    progress.set(None)
+    ftj.create(ns, ftj_manifest("broken"))
+    pod = wait_for(lambda: ftj.running_pod(ns, "broken", 0), 40, "running trainer pod of broken")
+    complete_pod(k8s, ns, pod.metadata.name, exit_code=3,
+                 message=summary_json("broken", status="Failed", reason="DataError", message="bad line 3", step=0))
+    wait_phase(ftj, ns, "broken", "Failed")
+    prom.wait_value('kubetune_jobs{phase="Failed"}', lambda v: v == 1)
+    assert prom.query('kubetune_jobs{phase="Succeeded"}')[0]["value"] == 1
+    alert = wait_for(lambda: prom.alerts().get("KubetuneJobFailed", {}).get("state") == "firing"
+                     and prom.alerts()["KubetuneJobFailed"], 15, "KubetuneJobFailed firing")
+    assert float(alert["value"]) == 1 and alert["labels"]["severity"] == "warning"
+
+    # The operator dies: its target goes down and KubetuneOperatorDown fires.
+    operator.kill()
+    prom.wait_value(up, lambda v: v == 0)
+    wait_for(lambda: prom.alerts().get("KubetuneOperatorDown", {}).get("state") == "firing", 15,
+             lambda: f"KubetuneOperatorDown firing; alerts: {prom.alerts()}")
