@@ -78,8 +78,9 @@ def parse_uri(uri: str) -> Uri:
     scheme, rest = text.split("://", 1)
     scheme = scheme.lower()
     if scheme == "file":
-        path = urlparse(text).path
-        if not path.startswith("/"):
+        parsed = urlparse(text)
+        path = parsed.path
+        if parsed.netloc not in ("", "localhost") or not path.startswith("/"):
             raise StorageError(f"{uri}: file:// URIs need an absolute path (file:///abs/path)")
         return Uri("file", path=path, raw=uri)
     if scheme == "pvc":
