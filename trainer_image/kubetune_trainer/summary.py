@@ -55,24 +55,46 @@ def build_summary(*, status: str, reason: str, message: str = "", step: int = 0,
     }
 
 
+def _clip(text: str, max_bytes: int, marker: str = "") -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes (on a character boundary), `marker` appended when cut."""
+    raw = text.encode()
+    if len(raw) <= max_bytes:
+        return text
+    keep = max(0, max_bytes - len(marker.encode()))
+    return raw[:keep].decode(errors="ignore") + marker
+
+
 def encode_summary(summary: dict[str, Any], limit: int = MAX_SUMMARY_BYTES) -> bytes:
-    """Compact JSON under `limit` bytes; the message (then URIs) is truncated to fit."""
+    """Compact, always valid JSON under `limit` bytes: over-long URIs are cut first, then the message."""
     summary = json.loads(json.dumps(summary))
-    data = json.dumps(summary, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def dump() -> bytes:
+        return json.dumps(summary, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def cut_uris(max_bytes: int) -> None:
+        for key in summary.get("artifacts", {}):
+            summary["artifacts"][key] = _clip(summary["artifacts"][key], max_bytes)
+        if "checkpoint" in summary:
+            summary["checkpoint"]["uri"] = _clip(summary["checkpoint"]["uri"], max_bytes)
+
+    data = dump()
+    if len(data) < limit:
+        return data
+    cut_uris(512)  # a URI this long is unusable anyway; the message says what went wrong
+    data = dump()
     if len(data) < limit:
         return data
     message = summary.get("message", "")
     over = len(data) - limit + 1
-    keep = max(0, len(message.encode()) - over - 16)
-    summary["message"] = message.encode()[:keep].decode(errors="ignore") + " …[truncated]"
-    data = json.dumps(summary, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(data) < limit:
-        return data
-    for key in ("adapter", "merged", "model", "metrics"):
-        summary["artifacts"][key] = summary["artifacts"][key][:256]
-    summary["checkpoint"]["uri"] = summary["checkpoint"]["uri"][:256]
-    summary["message"] = summary["message"][:512]
-    return json.dumps(summary, separators=(",", ":"), ensure_ascii=False).encode()[:limit - 1]
+    summary["message"] = _clip(message, max(0, len(message.encode()) - over), " …[truncated]")
+    max_uri = 512
+    data = dump()
+    while len(data) >= limit and max_uri > 0:  # only when the other fields alone overflow
+        max_uri //= 2
+        cut_uris(max_uri)
+        summary["message"] = _clip(summary["message"], max_uri, " …[truncated]")
+        data = dump()
+    return data
 
 
 def termination_log_path() -> Path:
