@@ -143,12 +143,38 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
 
 
 @pytest.mark.unit
+def test_invalid_utf8_names_its_own_line_and_a_bom_is_accepted(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(1, 40)).encode()
+    path.write_bytes("\ufeff".encode() + good + b'{"text": "caf\xe9"}\n')  # latin-1 byte on line 40
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    assert err.value.line == 40 and "not valid UTF-8" in str(err.value)
+    path.write_bytes("\ufeff".encode() + good)
+    examples = load_examples(path)
+    assert len(examples) == 39 and examples[0].text == "line 1"
+
+
+@pytest.mark.unit
 def test_malformed_json_array_names_the_line(tmp_path):
     path = tmp_path / "train.json"
     path.write_text('[\n  {"text": "a"},\n  {"text": "b",}\n]\n')
     with pytest.raises(DataError) as err:
         load_examples(path)
     assert err.value.line == 3 and str(path) in str(err.value)
+
+
+@pytest.mark.unit
+def test_json_object_must_hold_exactly_one_list(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"train": [TEXT], "test": [TEXT]}))
+    assert len(load_examples(path)) == 1  # 'train' is a known list key
+    path.write_text(json.dumps({"a": [TEXT], "b": [TEXT]}))
+    with pytest.raises(DataError, match=r"exactly one list of examples .* found list keys \['a', 'b'\]"):
+        load_examples(path)
+    path.write_text('"just a string"')
+    with pytest.raises(DataError, match="must be an array of examples, not str"):
+        load_examples(path)
 
 
 @pytest.mark.unit

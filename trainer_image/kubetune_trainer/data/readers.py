@@ -42,16 +42,15 @@ def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    with path.open("r", encoding="utf-8") as handle:
-        lineno = 0
-        while True:
+    # Binary lines decoded one by one: a text-mode reader decodes whole buffers, so an invalid byte
+    # would be reported at the line being read when the buffer was filled, not at its own line.
+    with path.open("rb") as handle:
+        for lineno, raw_bytes in enumerate(handle, start=1):
             try:
-                raw = handle.readline()
+                raw = raw_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"not valid UTF-8 ({exc.reason})", path=str(path), line=lineno + 1) from exc
-            if not raw:
-                return
-            lineno += 1
+                raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1} of the line)",
+                                path=str(path), line=lineno) from exc
             if not raw.strip():
                 continue
             try:
