@@ -448,3 +448,31 @@ def test_data_error_fails_the_run_with_reason_file_and_line(tmp_path, tokenizer,
     summary = read_summary(tmp_path)
     assert summary["status"] == "Failed" and summary["reason"] == "DataError"
     assert f"{data}:3:" in summary["message"] and "invalid JSON" in summary["message"]
+
+
+@pytest.mark.trainer
+def test_packed_dataset_trains_through_the_recipe(tmp_path, monkeypatch):
+    """packing: true end to end: packed blocks (position_ids, no attention mask) train and evaluate on CPU."""
+    pytest.importorskip("peft")
+    from kubetune_trainer import cli
+
+    from ._support import build_model, make_plan, read_summary, trainer_env, write_dataset, write_plan
+
+    model_dir = build_model(tmp_path / "model", hidden=32)
+    data = write_dataset(tmp_path / "d.jsonl", n=60)
+    out = tmp_path / "out"
+    plan = make_plan(model_dir, data, out, "lora", maxSteps=3, microBatchSize=2, packing=True, maxSeqLength=96)
+    env = trainer_env(tmp_path, write_plan(tmp_path / "plan.json", plan))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "KUBETUNE_METRICS_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("KUBETUNE_PLAN", "KUBETUNE_WORK_DIR", "KUBETUNE_TERMINATION_LOG", "KUBETUNE_PVC_ROOT",
+                "DS_ACCELERATOR"):
+        monkeypatch.setenv(key, env[key])
+    assert cli.run_worker() == 0, read_summary(tmp_path)
+    summary = read_summary(tmp_path)
+    report = json.loads((out / "final" / "metrics.json").read_text())["data"]
+    assert report["packing"] is True
+    assert 0 < report["packedTrainBlocks"] < report["trainExamples"] / 2
+    assert summary["evalLoss"] is not None and summary["trainLoss"] is not None
+    # Each step is 2 blocks of up to 96 tokens: more tokens per step than 2 unpacked examples would give.
+    assert summary["tokens"] > 3 * 2 * report["tokens"]["max"]
