@@ -1,0 +1,49 @@
+"""The README's promises: it starts with the two commands, they exist, and the commands it shows work."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def _first_block() -> list[str]:
+    match = re.match(r"```sh\n(.*?)\n```", README, re.S)
+    assert match, "README must start with a sh code block"
+    return [line.split("#", 1)[0].strip() for line in match.group(1).splitlines()]
+
+
+def test_readme_starts_with_exactly_two_commands_that_exist():
+    commands = _first_block()
+    assert commands == ["scripts/demo.sh", "scripts/test.sh"]
+    for cmd in commands:
+        assert (ROOT / cmd).is_file()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/test.sh" in ci
+
+
+@pytest.mark.parametrize("line", [l for l in README.splitlines() if l.startswith("kubetune estimate")])
+def test_readme_estimate_commands_run(line):
+    args = shlex.split(line.split("#", 1)[0])[1:]
+    result = subprocess.run([sys.executable, "-m", "kubetune", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "GiB" in result.stdout or "GB" in result.stdout, result.stdout
+
+
+def test_readme_links_exist():
+    for target in re.findall(r"\]\(([^)#]+)\)", README):
+        if target.startswith("http"):
+            continue
+        assert (ROOT / target).exists(), target
