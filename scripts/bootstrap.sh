@@ -12,6 +12,12 @@ mkdir -p "$cache"
 export PIP_CACHE_DIR=$cache/pip
 log() { echo "[bootstrap] $*" >&2; }
 
+# The control-plane build (Go, minutes when cold) runs while pip installs; its output is the bin dir.
+build_out=$(mktemp) build_err=$(mktemp)
+"$root/devcluster/build.sh" >"$build_out" 2>"$build_err" &
+build_pid=$!
+trap 'kill $build_pid 2>/dev/null || true; rm -f "$build_out" "$build_err"' EXIT
+
 if [[ ! -x $venv/bin/python ]]; then
   log "creating virtualenv $venv"
   python3 -m venv "$venv"
@@ -32,7 +38,13 @@ else
 fi
 
 if [[ $(id -u) -eq 0 ]] || sudo -n true 2>/dev/null; then "$root/scripts/install-system-deps.sh" >&2; fi  # prometheus + promtool for the monitoring tests
-bin=$("$root/devcluster/build.sh")
+if ! wait $build_pid; then
+  cat "$build_err" >&2
+  log "devcluster/build.sh failed"
+  exit 1
+fi
+grep -v '^go: downloading' "$build_err" >&2 || true
+bin=$(tail -n1 "$build_out")
 echo "export PATH=\"$venv/bin:$bin:\$PATH\""
 echo "export KUBETUNE_BIN_DIR=\"$bin\""
 echo "export VIRTUAL_ENV=\"$venv\""
