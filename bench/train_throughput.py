@@ -254,6 +254,10 @@ def run_kubetune_child(spec: dict) -> dict:
     """Train with FineTuneRecipe on the spec's plan; return measurements."""
     import torch
 
+    import datasets  # noqa: F401 - imported before the clock like the baseline's; the recipe imports lazily
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
     from kubetune_trainer.plan import parse_plan
     from kubetune_trainer.recipe import FineTuneRecipe, RunEnv
 
