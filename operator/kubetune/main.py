@@ -124,9 +124,15 @@ def load_kube_client() -> Any:
     return client.ApiClient()
 
 
-async def _hold_lease(elector: LeaseElector, renew_every: float, stop: asyncio.Event) -> None:
-    """Renew the Lease; if it cannot be renewed within its duration, stop the operator."""
+async def _hold_lease(elector: LeaseElector, renew_every: float, stop: asyncio.Event,
+                      stop_waiter: asyncio.Future[Any] | None = None) -> None:
+    """Renew the Lease; if it cannot be renewed within its duration, stop the operator.
+
+    stop_waiter: a task awaiting `stop`, created before kopf starts. kopf waits up to 5 s at exit for
+    every task created while it runs, so the renew loop must not spawn a new waiter per round."""
     loop = asyncio.get_running_loop()
+    if stop_waiter is None:
+        stop_waiter = loop.create_task(stop.wait())
     last_ok = loop.time()
     while not stop.is_set():
         try:
@@ -146,10 +152,7 @@ async def _hold_lease(elector: LeaseElector, renew_every: float, stop: asyncio.E
             log.error("could not renew the Lease for %ss: stopping", elector.lease_seconds)
             stop.set()
             return
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=renew_every)
-        except asyncio.TimeoutError:
-            pass
+        await asyncio.wait([stop_waiter], timeout=renew_every)
 
 
 async def run_operator(args: argparse.Namespace) -> int:
@@ -183,15 +186,18 @@ async def run_operator(args: argparse.Namespace) -> int:
         log.info("leading as %s", elector.identity)
 
     lost = asyncio.Event()
-    tasks = []
+    # Every helper task exists before kopf.operator() starts: kopf treats tasks created while it runs
+    # as its own and, at exit, waits up to 5 s for them to finish before the Lease can be released.
+    stop_waiter, lost_waiter = loop.create_task(stop.wait()), loop.create_task(lost.wait())
+    tasks = [stop_waiter, lost_waiter]
     if elector is not None:
-        tasks.append(loop.create_task(_hold_lease(elector, max(1.0, args.lease_seconds / 3), lost)))
-    memo = kopf.Memo(reconciler=reconciler)
+        tasks.append(loop.create_task(_hold_lease(elector, max(1.0, args.lease_seconds / 3), lost,
+                                                  lost_waiter)))
     kopf_stop: asyncio.Future[None] = loop.create_future()
+    memo = kopf.Memo(reconciler=reconciler, stop_flag=kopf_stop)  # the cleanup handler resolves it
 
     async def _watch_stops() -> None:
-        done, _ = await asyncio.wait([loop.create_task(stop.wait()), loop.create_task(lost.wait())],
-                                     return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([stop_waiter, lost_waiter], return_when=asyncio.FIRST_COMPLETED)
         if not kopf_stop.done():
             kopf_stop.set_result(None)
     tasks.append(loop.create_task(_watch_stops()))

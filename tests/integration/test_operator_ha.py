@@ -154,7 +154,7 @@ def finish(ftj: FtjClient, k8s: Any, ns: str, name: str, pods: int) -> dict:
 
 def reconcile_lines(op: OperatorProcess, ns: str) -> list[str]:
     """Log lines of the operator about FineTuneJobs in ns (child creation, Events)."""
-    return [line for line in op.log_text().splitlines() if f" {ns}/" in line]
+    return [line for line in op.log_text().splitlines() if f": {ns}/" in line]
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -224,6 +224,10 @@ def test_two_replicas_one_leader_then_failover_after_sigkill(replicas, ftj, k8s,
     print(f"handover after SIGTERM: {handover:.1f}s")
     assert handover < LEASE_SECONDS, "a released Lease should be taken at the next poll, not after expiry"
     assert read_lease(k8s, ns, replicas.lease).spec.holder_identity.startswith("replica-c-")
+    # The new leader resumes the (finished) jobs it inherited: kopf's resume handler ran for both.
+    wait_for(lambda: c.log_text().count("Resuming is processed: 1 succeeded") >= 2, 30,
+             lambda: f"replica-c resuming both jobs; log: {c.log_text()[-1500:]}")
+    assert ftj.status(ns, "first")["phase"] == ftj.status(ns, "second")["phase"] == "Succeeded"
 
 
 def test_sigkill_and_restart_keeps_children_and_finishes_the_job(replicas, ftj, k8s, namespace):

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 SCRAPE_JOB = "kubetune-operator"  # the `job` label Prometheus gives the operator target
 RELEASE_NS = "kubetune-system"  # namespace the chart is rendered for (static label on the target)
 PROMETHEUS = shutil.which("prometheus")
+KUBE_VERSION = "1.33.13"  # the devcluster's; helm built without ldflags would assume 1.20
 
 
 def helm_binary() -> str | None:
@@ -37,27 +38,30 @@ def helm_binary() -> str | None:
     return shutil.which("helm")
 
 
-def render_alert_rules(helm: str, out: Path) -> Path:
-    """The chart's PrometheusRule groups as a Prometheus rules file (short `for:` so alerts fire in a test)."""
-    values = {"monitoring": {"prometheusRule": {"enabled": True, "operatorJob": SCRAPE_JOB,
+def render_monitoring(helm: str, out: Path) -> tuple[Path, dict[str, Any]]:
+    """The chart's PrometheusRule groups as a rules file (short `for:` so alerts fire in a test) and
+    the endpoint of its ServiceMonitor (what a Prometheus Operator would turn into a scrape config)."""
+    values = {"monitoring": {"serviceMonitor": {"enabled": True},
+                             "prometheusRule": {"enabled": True, "operatorJob": SCRAPE_JOB,
                                                 "jobFailedFor": "0s", "operatorDownFor": "0s"}}}
     values_file = out / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     rendered = subprocess.run(
         [helm, "template", "kubetune", str(REPO_ROOT / "charts" / "kubetune"), "-n", RELEASE_NS,
-         "-f", str(values_file), "--show-only", "templates/prometheusrule.yaml"],
+         "-f", str(values_file), "--kube-version", KUBE_VERSION,
+         "--show-only", "templates/prometheusrule.yaml", "--show-only", "templates/servicemonitor.yaml"],
         capture_output=True, text=True, timeout=60)
     assert rendered.returncode == 0, rendered.stderr
-    rule = yaml.safe_load(rendered.stdout)
+    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered.stdout) if d}
     path = out / "rules.yaml"
-    path.write_text(yaml.safe_dump(rule["spec"]))
-    return path
+    path.write_text(yaml.safe_dump(docs["PrometheusRule"]["spec"]))
+    return path, docs["ServiceMonitor"]["spec"]["endpoints"][0]
 
 
 class PrometheusServer:
     """`prometheus` on a free loopback port with a generated config; stopped (and reaped) by stop()."""
 
-    def __init__(self, workdir: Path, target_port: int, rules: Path) -> None:
+    def __init__(self, workdir: Path, target_port: int, rules: Path, endpoint: dict[str, Any]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -65,8 +69,11 @@ class PrometheusServer:
         self.config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(rules)],
-            "scrape_configs": [{"job_name": SCRAPE_JOB, "static_configs": [
-                {"targets": [f"127.0.0.1:{target_port}"], "labels": {"namespace": RELEASE_NS}}]}],
+            # Like the scrape config the Prometheus Operator makes from the chart's ServiceMonitor
+            # (path, honorLabels), with the `namespace`/`pod` target labels it adds; 1 s interval for the test.
+            "scrape_configs": [{"job_name": SCRAPE_JOB, "metrics_path": endpoint.get("path", "/metrics"),
+                                "honor_labels": bool(endpoint.get("honorLabels", False)), "static_configs": [
+                {"targets": [f"127.0.0.1:{target_port}"], "labels": {"namespace": RELEASE_NS, "pod": "kubetune-operator-0"}}]}],
         }))
         self.log_path = workdir / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -169,7 +176,8 @@ def prometheus(operator, tmp_path) -> Iterator[PrometheusServer]:
         pytest.skip("helm not found (devcluster/build.sh builds it into ~/.cache/kubetune/bin/current)")
     workdir = tmp_path / "prometheus"
     workdir.mkdir()
-    server = PrometheusServer(workdir, operator.metrics_port, render_alert_rules(helm, workdir))
+    rules, endpoint = render_monitoring(helm, workdir)
+    server = PrometheusServer(workdir, operator.metrics_port, rules, endpoint)
     try:
         yield server.start()
     finally:
