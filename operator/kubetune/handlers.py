@@ -148,7 +148,7 @@ class Reconciler:
             self.post_event(obj, etype, reason, message)
         created = parse_time(meta.get("creationTimestamp"))
         self.metrics.observe_job(ns, name, decision.status,
-                                 (now - created).total_seconds() if created else None)
+                                 (now - created).total_seconds() if created else None, previous=status)
         return decision
 
     def _patch_status(self, ns: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:

@@ -41,8 +41,13 @@ class OperatorMetrics:
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 
-    def observe_job(self, namespace: str, name: str, status: dict[str, Any], age_seconds: float | None) -> None:
-        """Update the per-job gauges from a FineTuneJob's status."""
+    def observe_job(self, namespace: str, name: str, status: dict[str, Any], age_seconds: float | None,
+                    previous: dict[str, Any] | None = None) -> None:
+        """Update the per-job gauges from a FineTuneJob's status.
+
+        previous: the status before this pass. When given, time-to-running is observed only if this
+        pass made the job's first start (status.startTime appeared), so a restarted or newly elected
+        operator does not count jobs that were already running as new starts."""
         key = (namespace, name)
         phase = status.get("phase") or ""
         if phase:
@@ -54,7 +59,8 @@ class OperatorMetrics:
             self._gpus.pop(key, None)
         if phase == "Running" and key not in self._running_seen:
             self._running_seen.add(key)
-            if age_seconds is not None:
+            first_start = previous is None or not previous.get("startTime")
+            if age_seconds is not None and first_start:
                 self.time_to_running.observe(max(age_seconds, 0.0))
         metrics = status.get("metrics") or {}
         if metrics.get("trainLoss") is not None:

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.builders import JOB_NAME_LABEL
 from kubetune.devcluster.testing import complete_pod, wait_for
 from kubetune.operator_process import OperatorProcess, install_crds
-from kubetune.testing_helpers import FtjClient, ProgressServer, ftj_manifest, summary_json
+from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +37,14 @@ class Replicas:
         self.lease = f"ha-{uuid.uuid4().hex[:6]}"
         self.started: list[OperatorProcess] = []
 
-    def start(self, pod_name: str) -> OperatorProcess:
+    def start(self, pod_name: str, metrics_port: int = 0) -> OperatorProcess:
         """Start one replica whose POD_NAME (Lease identity prefix, Event reportingInstance) is pod_name."""
         op = OperatorProcess(self.cluster.kubeconfig, [
             "--namespace", self.namespace, "--lease-namespace", self.namespace, "--lease-name", self.lease,
             "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--liveness-port", "0",
-            "--metrics-port", "0", "--progress-host", "127.0.0.1", "--progress-port", str(self.progress_port),
+            "--metrics-port", str(metrics_port), "--progress-host", "127.0.0.1", "--progress-port", str(self.progress_port),
         ], self.logs / f"{pod_name}.log", env={"POD_NAME": pod_name})
-        op.pod_name = pod_name
+        op.pod_name, op.metrics_port = pod_name, metrics_port
         self.started.append(op.start())
         return op
 
@@ -152,6 +154,17 @@ def finish(ftj: FtjClient, k8s: Any, ns: str, name: str, pods: int) -> dict:
     return wait_phase(ftj, ns, name, "Succeeded")
 
 
+def scrape(op: OperatorProcess) -> dict[str, float]:
+    """The operator's /metrics as {'name{k="v",...}': value} (labels sorted)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
 def reconcile_lines(op: OperatorProcess, ns: str) -> list[str]:
     """Log lines of the operator about FineTuneJobs in ns (child creation, Events)."""
     return [line for line in op.log_text().splitlines() if f": {ns}/" in line]
@@ -232,11 +245,12 @@ def test_two_replicas_one_leader_then_failover_after_sigkill(replicas, ftj, k8s,
 
 def test_sigkill_and_restart_keeps_children_and_finishes_the_job(replicas, ftj, k8s, namespace):
     ns = namespace
-    op = replicas.start("solo")
+    op = replicas.start("solo", metrics_port=free_port())
     op.wait_for_log("leading as", 60)
     ftj.create(ns, ftj_manifest("crashy", pods=2))
     wait_phase(ftj, ns, "crashy", "Running")
     pods = wait_running_pods(ftj, ns, "crashy", 2)
+    assert scrape(op)["kubetune_job_time_to_running_seconds_count"] == 1
     kids = assert_one_set_of_children(ftj, ns, "crashy")
     pod_uids = {p.metadata.name: p.metadata.uid for p in ftj.pods(ns, "crashy")}
     assert len(pod_uids) == 2
@@ -246,12 +260,16 @@ def test_sigkill_and_restart_keeps_children_and_finishes_the_job(replicas, ftj, 
     complete_pod(k8s, ns, pods[1].metadata.name)
     wait_for(lambda: ftj.pods(ns, "crashy", "Succeeded"), 30, "pod 1 Succeeded")
 
-    restarted = replicas.start("solo-restarted")
+    restarted = replicas.start("solo-restarted", metrics_port=free_port())
     restarted.wait_for_log("leading as", LEASE_SECONDS + 30)  # waits for the dead holder's Lease to expire
     assert "took over Lease" in restarted.log_text()
     st = wait_for(lambda: (s := ftj.status(ns, "crashy")).get("message", "").startswith("1/2 trainer pod") and s,
                   30, "the restarted operator folding the pod that finished while it was down")
     assert st["phase"] == "Running"
+    # The restarted operator counts the job as Running, but not as a new start (it started before).
+    metrics = scrape(restarted)
+    assert metrics['kubetune_jobs{phase="Running"}'] == 1
+    assert metrics["kubetune_job_time_to_running_seconds_count"] == 0
     # Same children, same pods: nothing was recreated or duplicated by the restart.
     assert assert_one_set_of_children(ftj, ns, "crashy") == kids
     assert {p.metadata.name: p.metadata.uid for p in ftj.pods(ns, "crashy")} == pod_uids
@@ -262,6 +280,9 @@ def test_sigkill_and_restart_keeps_children_and_finishes_the_job(replicas, ftj, 
     assert st["artifacts"]["adapter"] == "s3://outputs/crashy/final/adapter"
     assert st["progress"]["percent"] == 100.0
     assert assert_one_set_of_children(ftj, ns, "crashy") == kids
+    metrics = wait_for(lambda: (m := scrape(restarted))['kubetune_jobs{phase="Succeeded"}'] == 1 and m, 10,
+                       "Succeeded counted in the restarted operator's metrics")
+    assert metrics['kubetune_jobs{phase="Running"}'] == 0 and metrics["kubetune_reconcile_errors_total"] == 0
     counts = reason_counts(ftj_events(ftj, ns, "crashy"))
     assert counts.get("ChildrenCreated") == 1 and counts.get("PodsRunning") == 1 and counts.get("Completed") == 1, counts
     assert not [line for line in reconcile_lines(restarted, ns) if "created" in line and "crashy" in line]
