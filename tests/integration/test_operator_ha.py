@@ -286,3 +286,37 @@ def test_sigkill_and_restart_keeps_children_and_finishes_the_job(replicas, ftj, 
     counts = reason_counts(ftj_events(ftj, ns, "crashy"))
     assert counts.get("ChildrenCreated") == 1 and counts.get("PodsRunning") == 1 and counts.get("Completed") == 1, counts
     assert not [line for line in reconcile_lines(restarted, ns) if "created" in line and "crashy" in line]
+
+
+def test_leader_that_loses_its_lease_stops_and_the_standby_takes_over(replicas, ftj, k8s, namespace):
+    ns = namespace
+    a = replicas.start("replica-a")
+    a.wait_for_log("leading as", 60)
+    b = replicas.start("replica-b")
+    b.wait_for_log("waiting to become the leader", 60)
+    # Someone else holds the Lease now (e.g. the leader was partitioned away and its Lease moved on).
+    coord = client.CoordinationV1Api(k8s)
+
+    def take_lease() -> bool:
+        lease = coord.read_namespaced_lease(replicas.lease, ns)
+        now = dt.datetime.now(dt.timezone.utc)
+        lease.spec.holder_identity, lease.spec.renew_time, lease.spec.acquire_time = "intruder", now, now
+        lease.spec.lease_duration_seconds = LEASE_SECONDS
+        coord.replace_namespaced_lease(replicas.lease, ns, lease)  # 409 if the leader renewed meanwhile
+        return True
+
+    wait_for(take_lease, 10, "replacing the Lease holder", interval=0.05)
+    stolen = time.monotonic()
+    # The old leader notices at its next renewal and exits (1), so its kopf stops acting.
+    wait_for(lambda: not a.alive(), LEASE_SECONDS / 3 + 10, "the old leader exiting after losing its Lease")
+    print(f"old leader exited {time.monotonic() - stolen:.1f}s after losing the Lease")
+    assert a.proc.returncode == 1 and "lost the Lease to 'intruder': stopping" in a.log_text()
+    assert "released Lease" not in a.log_text()  # it must not clear a Lease it no longer holds
+    # The standby waits for the intruder's Lease to expire, then leads and acts alone.
+    b.wait_for_log("leading as", LEASE_SECONDS + 20)
+    assert read_lease(k8s, ns, replicas.lease).spec.holder_identity.startswith("replica-b-")
+    ftj.create(ns, ftj_manifest("afterloss"))
+    wait_phase(ftj, ns, "afterloss", "Running")
+    assert_one_set_of_children(ftj, ns, "afterloss")
+    assert {e.reporting_instance for e in ftj_events(ftj, ns, "afterloss")} == {"replica-b"}
+    assert not reconcile_lines(a, ns)
