@@ -8,6 +8,8 @@ cleanup). KWOK pods are driven to completion with `complete_pod`.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
 import time
 import urllib.request
 import uuid
@@ -320,3 +322,33 @@ def test_leader_that_loses_its_lease_stops_and_the_standby_takes_over(replicas, 
     assert_one_set_of_children(ftj, ns, "afterloss")
     assert {e.reporting_instance for e in ftj_events(ftj, ns, "afterloss")} == {"replica-b"}
     assert not reconcile_lines(a, ns)
+
+
+def test_sigkill_while_creating_children_then_restart_completes_the_set(replicas, ftj, k8s, namespace):
+    ns = namespace
+    op = replicas.start("early")
+    op.wait_for_log("leading as", 60)
+    ftj.create(ns, ftj_manifest("halfway", pods=2))
+    # Freeze the operator the moment it reports its first child (the ConfigMap), then crash it.
+    deadline = time.monotonic() + 30
+    while "created ConfigMap halfway-plan" not in op.log_text():
+        assert time.monotonic() < deadline and op.alive(), op.log_text()[-2000:]
+        time.sleep(0.005)
+    os.kill(op.pid, signal.SIGSTOP)
+    at_crash = {kind: [n for n, _ in items] for kind, items in children(ftj, ns, "halfway").items()}
+    op.kill()
+    print(f"children when the operator was killed: {at_crash}")
+    assert at_crash["ConfigMap"] == ["halfway-plan"]
+    plan_uid = children(ftj, ns, "halfway")["ConfigMap"][0][1]
+
+    restarted = replicas.start("early-restarted")
+    restarted.wait_for_log("leading as", LEASE_SECONDS + 30)
+    wait_phase(ftj, ns, "halfway", "Running")
+    kids = assert_one_set_of_children(ftj, ns, "halfway")
+    assert kids["ConfigMap"][1] == plan_uid  # kept (updated in place), not deleted and recreated
+    for kind, names in at_crash.items():  # whatever existed at the crash is the same object now
+        if names:
+            assert kids[kind][0] == names[0]
+    finish(ftj, k8s, ns, "halfway", pods=2)
+    assert assert_one_set_of_children(ftj, ns, "halfway") == kids
+    assert len(ftj.pods(ns, "halfway")) == 2
