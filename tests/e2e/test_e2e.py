@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -95,8 +96,8 @@ class Workspace:
         return m
 
     def apply(self, cluster, manifest: dict) -> None:
-        """The real `kubectl apply -f -`."""
-        cluster.kubectl("-n", self.namespace, "apply", "-f", "-", input=yaml.safe_dump(manifest))
+        """The real `kubectl apply -f -` (JSON: PyYAML would dump the string "1e-3" unquoted, which kubectl reads as a number)."""
+        cluster.kubectl("-n", self.namespace, "apply", "-f", "-", input=json.dumps(manifest))
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def test_quickstart_ends_succeeded_with_an_adapter_that_loads_and_changes_output
     ws.apply(cluster, ws.manifest("quickstart"))
     st = wait_terminal(ftj, ws.namespace, "quickstart")
     assert st["phase"] == "Succeeded", json.dumps(st)[:3000]
-    assert st["progress"]["step"] == 20 and st["metrics"]["trainLoss"] > 0
+    assert st["progress"]["step"] == 120 and st["metrics"]["trainLoss"] > 0
     adapter = ws.local(st["artifacts"]["adapter"])
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
@@ -154,12 +155,12 @@ def test_quickstart_ends_succeeded_with_an_adapter_that_loads_and_changes_output
     with torch.no_grad():
         after = tuned(ids).logits
     assert (after - before).abs().max().item() > 1e-3, "the adapter does not change the model's outputs"
-    # The eval loss of the trained run beats an untrained model's (ln(vocab) ~ uniform) by a margin.
-    assert st["metrics"]["trainLoss"] < 0.9 * float(torch.log(torch.tensor(float(base.config.vocab_size))))
+    # The held-out loss of the trained run beats an untrained model's (~ln(vocab), uniform) by a wide margin.
+    assert st["metrics"]["evalLoss"] < 0.8 * math.log(base.config.vocab_size), st["metrics"]
 
 
 def test_two_pod_job_rendezvouses_over_the_headless_service(cluster, ftj, ws):
-    m = ws.manifest("pair", maxSteps=6, checkpointEverySteps=0)
+    m = ws.manifest("pair", maxSteps=6, checkpointEverySteps=1000)
     m["spec"]["resources"].update({"pods": 2, "cpu": "1", "memory": "3Gi"})
     ws.apply(cluster, m)
     st = wait_terminal(ftj, ws.namespace, "pair")
@@ -192,7 +193,7 @@ def test_bad_dataset_line_fails_the_job_naming_the_line(cluster, ftj, ws):
 
 
 def test_deleting_a_running_job_stops_its_processes(cluster, ftj, ws):
-    ws.apply(cluster, ws.manifest("long", maxSteps=100000, checkpointEverySteps=0))
+    ws.apply(cluster, ws.manifest("long", maxSteps=100000, checkpointEverySteps=100000))
     pids = wait_for(lambda: _pod_pids(ftj, ws.namespace, "long"), 120, "trainer process running")
     assert all(_alive(p) for p in pids)
     ftj.delete(ws.namespace, "long")
