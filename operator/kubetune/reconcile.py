@@ -399,6 +399,16 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
         cond(C.READY, True, reason, message)
         return finish()
 
+    finished = [p for p in pods if _phase_of(p) == "Succeeded"]
+    if finished and not job_suspended and old_phase == "Running" and len(finished) >= len(pods) - len(failed_pods):
+        # Every live trainer pod exited 0 and the Job controller has not marked the Job complete yet: the run is
+        # finishing, not starting again (reporting Pending here would flap the phase right before Succeeded).
+        message = f"{len(finished)} trainer pod(s) finished; waiting for the Job to complete"
+        set_phase("Running", R.COMPLETING, message)
+        cond(C.RUNNING, True, R.COMPLETING, message)
+        cond(C.READY, True, R.COMPLETING, message)
+        return finish()
+
     _close_running(st, now)
     waiting = unschedulable_message(pods)
     reason = R.RETRYING if failed_pods else R.WAITING_FOR_PODS

@@ -134,6 +134,18 @@ def test_running_sets_start_time_accounting_and_ready() -> None:
     assert cond_of(later.status, C.READY)["lastTransitionTime"] == "2026-01-01T12:00:00Z"
 
 
+def test_finished_pods_before_job_completion_keep_running_not_pending() -> None:
+    d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job_obj(), pods=[pod("Succeeded")]))
+    assert d.status["phase"] == "Running" and d.status["reason"] == "PodsCompleted", d.status
+    assert cond_of(d.status, C.READY)["status"] == "True"
+    # A pod that never started is still Pending, and a finished pod of a job that was not running is not "completing".
+    assert run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+               observed=Observed(job=job_obj(), pods=[pod("Pending")])).status["phase"] == "Pending"
+    assert run(status={"phase": "Pending", "layout": LAYOUT.to_status()},
+               observed=Observed(job=job_obj(), pods=[pod("Succeeded")])).status["phase"] == "Pending"
+
+
 def test_progress_is_folded_into_status() -> None:
     progress = {"version": 1, "phase": "training", "step": 40, "totalSteps": 100, "epoch": 0.4,
                 "trainLoss": 1.9, "evalLoss": None, "tokens": 40960, "tokensPerSecond": 2100.0,
