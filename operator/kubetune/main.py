@@ -155,6 +155,22 @@ async def _hold_lease(elector: LeaseElector, renew_every: float, stop: asyncio.E
         await asyncio.wait([stop_waiter], timeout=renew_every)
 
 
+async def _serve_standby_health(port: int) -> Any:
+    """Answer GET /healthz with 200 while this replica waits for the Lease (kopf's own endpoint
+    replaces it once leading), so a standby pod passes its liveness/readiness probes."""
+    from aiohttp import web
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"leader": False, "state": "standby"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
 async def run_operator(args: argparse.Namespace) -> int:
     """Acquire leadership (if enabled), then run kopf until a signal or the Lease is lost."""
     api = load_kube_client()
@@ -174,14 +190,23 @@ async def run_operator(args: argparse.Namespace) -> int:
         elector = LeaseElector(api, lease_ns, args.lease_name, default_identity(), args.lease_seconds)
         log.info("waiting to become the leader (Lease %s/%s, identity %s)", lease_ns, args.lease_name,
                  elector.identity)
-        while not stop.is_set():
-            if await asyncio.to_thread(elector.try_acquire_or_renew):
-                break
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=max(1.0, args.lease_seconds / 3))
-            except asyncio.TimeoutError:
-                pass
+        health = await _serve_standby_health(args.liveness_port) if args.liveness_port else None
+        try:
+            while not stop.is_set():
+                try:
+                    if await asyncio.to_thread(elector.try_acquire_or_renew):
+                        break
+                except Exception as exc:  # noqa: BLE001 - an API blip must not end a standby; retry
+                    log.warning("could not read or take the Lease: %s", exc)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=max(1.0, args.lease_seconds / 3))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if health is not None:
+                await health.cleanup()  # frees the port for kopf's liveness endpoint
         if stop.is_set():
+            await asyncio.to_thread(elector.release)  # in case the Lease was taken just before the signal
             return 0
         log.info("leading as %s", elector.identity)
 

@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import signal
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -39,14 +40,14 @@ class Replicas:
         self.lease = f"ha-{uuid.uuid4().hex[:6]}"
         self.started: list[OperatorProcess] = []
 
-    def start(self, pod_name: str, metrics_port: int = 0) -> OperatorProcess:
+    def start(self, pod_name: str, metrics_port: int = 0, liveness_port: int = 0) -> OperatorProcess:
         """Start one replica whose POD_NAME (Lease identity prefix, Event reportingInstance) is pod_name."""
         op = OperatorProcess(self.cluster.kubeconfig, [
             "--namespace", self.namespace, "--lease-namespace", self.namespace, "--lease-name", self.lease,
-            "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--liveness-port", "0",
+            "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--liveness-port", str(liveness_port),
             "--metrics-port", str(metrics_port), "--progress-host", "127.0.0.1", "--progress-port", str(self.progress_port),
         ], self.logs / f"{pod_name}.log", env={"POD_NAME": pod_name})
-        op.pod_name, op.metrics_port = pod_name, metrics_port
+        op.pod_name, op.metrics_port, op.liveness_port = pod_name, metrics_port, liveness_port
         self.started.append(op.start())
         return op
 
@@ -167,6 +168,15 @@ def scrape(op: OperatorProcess) -> dict[str, float]:
     return out
 
 
+def healthz(op: OperatorProcess) -> tuple[int, str]:
+    """GET /healthz on the replica's liveness port: (HTTP status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{op.liveness_port}/healthz", timeout=5) as rsp:
+            return rsp.status, rsp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def reconcile_lines(op: OperatorProcess, ns: str) -> list[str]:
     """Log lines of the operator about FineTuneJobs in ns (child creation, Events)."""
     return [line for line in op.log_text().splitlines() if f": {ns}/" in line]
@@ -176,7 +186,8 @@ def reconcile_lines(op: OperatorProcess, ns: str) -> list[str]:
 
 def test_two_replicas_one_leader_then_failover_after_sigkill(replicas, ftj, k8s, namespace):
     ns = namespace
-    a, b = replicas.start("replica-a"), replicas.start("replica-b")
+    a = replicas.start("replica-a", liveness_port=free_port())
+    b = replicas.start("replica-b", liveness_port=free_port())
 
     def leader_pair():
         holder = read_lease(k8s, ns, replicas.lease).spec.holder_identity or ""
@@ -188,6 +199,10 @@ def test_two_replicas_one_leader_then_failover_after_sigkill(replicas, ftj, k8s,
     leader, standby = wait_for(leader_pair, 60, "one replica leading and holding the Lease")
     standby.wait_for_log("waiting to become the leader", 30)
     assert standby.alive() and "leading as" not in standby.log_text()
+    # Both pass their health probes (a standby that failed them would be restarted by the kubelet).
+    assert healthz(leader)[0] == 200
+    status, body = wait_for(lambda: (h := healthz(standby))[0] == 200 and h, 15, "standby /healthz 200")
+    assert "standby" in body
 
     # One FineTuneJob, two pods: exactly one set of children, made by the leader only.
     ftj.create(ns, ftj_manifest("first", pods=2))
@@ -213,6 +228,9 @@ def test_two_replicas_one_leader_then_failover_after_sigkill(replicas, ftj, k8s,
     assert after.acquire_time >= before.renew_time + dt.timedelta(seconds=LEASE_SECONDS), (before, after)
     # Poll period is lease/3: expiry + one poll + process slack on 2 busy cores.
     assert takeover <= LEASE_SECONDS + LEASE_SECONDS / 3 + 4
+    # kopf's own liveness endpoint took over the port from the standby one.
+    wait_for(lambda: (h := healthz(standby))[0] == 200 and "standby" not in h[1], 15,
+             lambda: f"kopf's /healthz on the new leader; last: {healthz(standby)}")
 
     # The new leader finishes the job the old one started (same children) and runs a new one.
     ftj.create(ns, ftj_manifest("second"))
