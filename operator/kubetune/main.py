@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     peering = p.add_mutually_exclusive_group()
     peering.add_argument("--peering", metavar="NAME", default=None,
                          help="also take part in kopf peering under this (Cluster)KopfPeering name "
-                              "(needs crds/kopf.dev_*.yaml)")
+                              "(needs crds/kopf.dev_*.yaml; ignored with --leader-election)")
     peering.add_argument("--standalone", action="store_true", help="no kopf peering (default)")
     p.add_argument("--leader-election", dest="leader_election", action=argparse.BooleanOptionalAction,
                    default=env("KUBETUNE_LEADER_ELECTION", "true").lower() != "false",
@@ -173,6 +173,12 @@ async def _serve_standby_health(port: int) -> Any:
 
 async def run_operator(args: argparse.Namespace) -> int:
     """Acquire leadership (if enabled), then run kopf until a signal or the Lease is lost."""
+    if args.leader_election and args.peering:
+        # The Lease already keeps a single replica active, and a standby does not run kopf at all.
+        # With kopf peering on top, a crashed leader's peering record (same priority) keeps its
+        # successor's kopf paused for the whole peering lifetime (60 s) after the takeover.
+        log.info("leader election is on: kopf peering %r is not used", args.peering)
+        args.peering = None
     api = load_kube_client()
     metrics = OperatorMetrics()
     if args.metrics_port:

@@ -40,12 +40,14 @@ class Replicas:
         self.lease = f"ha-{uuid.uuid4().hex[:6]}"
         self.started: list[OperatorProcess] = []
 
-    def start(self, pod_name: str, metrics_port: int = 0, liveness_port: int = 0) -> OperatorProcess:
+    def start(self, pod_name: str, metrics_port: int = 0, liveness_port: int = 0,
+              extra_args: tuple[str, ...] = ()) -> OperatorProcess:
         """Start one replica whose POD_NAME (Lease identity prefix, Event reportingInstance) is pod_name."""
         op = OperatorProcess(self.cluster.kubeconfig, [
             "--namespace", self.namespace, "--lease-namespace", self.namespace, "--lease-name", self.lease,
             "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--liveness-port", str(liveness_port),
             "--metrics-port", str(metrics_port), "--progress-host", "127.0.0.1", "--progress-port", str(self.progress_port),
+            *extra_args,
         ], self.logs / f"{pod_name}.log", env={"POD_NAME": pod_name})
         op.pod_name, op.metrics_port, op.liveness_port = pod_name, metrics_port, liveness_port
         self.started.append(op.start())
@@ -370,3 +372,32 @@ def test_sigkill_while_creating_children_then_restart_completes_the_set(replicas
     finish(ftj, k8s, ns, "halfway", pods=2)
     assert assert_one_set_of_children(ftj, ns, "halfway") == kids
     assert len(ftj.pods(ns, "halfway")) == 2
+
+
+def test_failover_with_kopf_peering_as_the_chart_runs_replicas(replicas, ftj, k8s, namespace):
+    """The chart passes --peering (plus leader election) when replicaCount > 1: a crashed leader's
+    peering record must not hold the new leader back beyond the Lease time."""
+    ns = namespace
+    ftj.objects.create_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings",
+                                                {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                                                 "metadata": {"name": "kubetune"}})
+    # A slow resync, so only kopf's own handlers can act within the wait below.
+    peering = ("--peering", "kubetune", "--resync-seconds", "60")
+    a = replicas.start("peer-a", extra_args=peering)
+    a.wait_for_log("leading as", 60)
+    ftj.create(ns, ftj_manifest("peered"))
+    wait_phase(ftj, ns, "peered", "Running")
+    b = replicas.start("peer-b", extra_args=peering)
+    b.wait_for_log("waiting to become the leader", 60)
+    a.kill()
+    killed = time.monotonic()
+    b.wait_for_log("leading as", LEASE_SECONDS + 20)
+    ftj.create(ns, ftj_manifest("peered2"))
+    wait_phase(ftj, ns, "peered2", "Running", timeout=LEASE_SECONDS + 25)
+    acting = time.monotonic() - killed
+    print(f"new leader acting {acting:.1f}s after the SIGKILL (with --peering)")
+    assert "conflicting operators" not in b.log_text() and "Pausing" not in b.log_text(), b.log_text()[-2000:]
+    assert acting <= LEASE_SECONDS + LEASE_SECONDS / 3 + 8
+    assert_one_set_of_children(ftj, ns, "peered2")
+    assert {e.reporting_instance for e in ftj_events(ftj, ns, "peered2")} == {"peer-b"}
+    finish(ftj, k8s, ns, "peered", pods=1)
