@@ -507,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="print the configurations and estimates (and check the parameter counts); no GPU")
     parser.add_argument("--configs", default="", help="comma-separated configuration ids (default: all)")
     parser.add_argument("--list", action="store_true", help="print the configuration ids and exit")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the rows as JSON instead of a table")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per configuration")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     parser.add_argument("--model-cache", default="", help="keep the random-weight models here (default: temp)")
@@ -520,10 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--steps must be at least 2 (the optimizer states exist from the first step on)")
     if args.dry_run:
         rows = dry_run_rows(configs, args.steps)
-        print_table(rows, measured=False)
         bad = [r["config"]["id"] for r in rows if r["builtParams"] != r["totalParams"]]
-        print(f"{len(rows)} configurations; methods {sorted({r['config']['method'] for r in rows})}; "
-              f"models {sorted({r['config']['model'] for r in rows})}; dry run, nothing trained or written")
+        if args.json:
+            print(json.dumps({"dryRun": True, "stepsPerConfig": args.steps, "rows": rows}, indent=2))
+        else:
+            print_table(rows, measured=False)
+            print(f"{len(rows)} configurations; methods {sorted({r['config']['method'] for r in rows})}; "
+                  f"models {sorted({r['config']['model'] for r in rows})}; parameter counts "
+                  f"{'differ' if bad else 'match'} the models transformers builds; dry run, nothing trained or written")
         if bad:
             print(f"parameter count of the built model differs from the estimator's for: {', '.join(bad)}",
                   file=sys.stderr)
