@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fnmatch
 import json
 import os
 import platform
@@ -121,15 +122,16 @@ def within_target(err_pct: float) -> bool:
 
 
 def select_configs(ids: str | None) -> list[BenchConfig]:
-    """The configurations named in a comma-separated list (all when None/empty)."""
+    """The configurations named in a comma-separated list of ids or shell patterns (all when None/empty)."""
     if not ids:
         return list(CONFIGS)
-    chosen = []
+    chosen: list[BenchConfig] = []
     for raw in ids.split(","):
         key = raw.strip()
-        if key not in CONFIGS_BY_ID:
+        matches = [c for c in CONFIGS if fnmatch.fnmatchcase(c.id, key)]
+        if not matches:
             raise SystemExit(f"vram_accuracy: unknown configuration {key!r}; known: {', '.join(CONFIGS_BY_ID)}")
-        chosen.append(CONFIGS_BY_ID[key])
+        chosen.extend(c for c in matches if c not in chosen)
     return chosen
 
 
@@ -505,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
                         help="print the configurations and estimates (and check the parameter counts); no GPU")
-    parser.add_argument("--configs", default="", help="comma-separated configuration ids (default: all)")
+    parser.add_argument("--configs", default="", help="comma-separated configuration ids or patterns, e.g. 'qwen*' (default: all; see --list)")
     parser.add_argument("--list", action="store_true", help="print the configuration ids and exit")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the rows as JSON instead of a table")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per configuration")
