@@ -507,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
                         help="print the configurations and estimates (and check the parameter counts); no GPU")
-    parser.add_argument("--configs", default="", help="comma-separated configuration ids or patterns, e.g. 'qwen*' (default: all; see --list)")
+    parser.add_argument("--configs", default="",
+                        help="comma-separated configuration ids or patterns, e.g. 'qwen*' (default: all; see --list)")
     parser.add_argument("--list", action="store_true", help="print the configuration ids and exit")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the rows as JSON instead of a table")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per configuration")
