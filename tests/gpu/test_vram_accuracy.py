@@ -35,7 +35,7 @@ def results(tmp_path_factory) -> dict:
     out = tmp / "vram_accuracy.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--configs", ",".join(CONFIGS), "--out", str(out),
                            "--model-cache", str(tmp / "models"), "--timeout", "600"],
-                          capture_output=True, text=True, timeout=1500, cwd=REPO)
+                          capture_output=True, text=True, timeout=840, cwd=REPO)
     assert proc.returncode in (0, 1), f"benchmark crashed (exit {proc.returncode}):\n{proc.stderr[-5000:]}"
     assert out.is_file(), proc.stderr[-3000:]
     doc = json.loads(out.read_text())
