@@ -212,13 +212,25 @@ class StepClock:
         self._tokens = self._sq = self._positions = 0
 
 
+def _logical_numel(param) -> int:
+    """Elements of a parameter as the model sees it (bitsandbytes 4-bit weights store two per byte)."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    if shape is not None:
+        count = 1
+        for dim in shape:
+            count *= int(dim)
+        return count
+    return int(param.numel())
+
+
 def _model_numbers(model) -> dict[str, Any]:
     """Parameter counts (base matmul params exclude the input embedding; LoRA params excluded) and shape."""
     cfg = model.config
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = list(model.named_parameters())
     lora = sum(p.numel() for n, p in params if "lora_" in n)
-    total = sum(p.numel() for _, p in params) - lora
+    total = sum(_logical_numel(p) for _, p in params) - lora
     embed = model.get_input_embeddings().weight.numel()
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     heads = int(getattr(cfg, "num_attention_heads"))
@@ -657,7 +669,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return {
         "schemaVersion": SCHEMA_VERSION, "benchmark": "train_throughput",
         "createdAt": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/train_throughput.py " + " ".join(args.argv),
+        "command": " ".join(["python bench/train_throughput.py", *args.argv]),
         "config": {"device": args.device, "method": args.method, "quick": args.quick, "model": model_info,
                    "steps": steps, "warmupSteps": warmup, "threads": threads, "precision": precision,
                    "microBatchSize": preset["micro_batch"], "gradientAccumulationSteps": 2,

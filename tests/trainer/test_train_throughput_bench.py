@@ -63,6 +63,16 @@ def test_rates_exclude_warmup_and_lengths_follow_position_restarts():
     assert b.example_lengths(7, [0, 1, 2, 0, 1, 0, 1]) == [3, 2, 2]
 
 
+@pytest.mark.unit
+def test_quantized_weights_count_their_logical_elements():
+    from types import SimpleNamespace
+
+    b = _bench()
+    packed = SimpleNamespace(quant_state=SimpleNamespace(shape=(64, 32)), numel=lambda: 1024)
+    assert b._logical_numel(packed) == 2048
+    assert b._logical_numel(SimpleNamespace(numel=lambda: 10)) == 10
+
+
 @pytest.mark.trainer
 @pytest.mark.slow
 def test_quick_cpu_run_is_complete_and_kubetune_keeps_pace_with_the_baseline(tmp_path):
