@@ -21,8 +21,6 @@ from kubetune.devcluster.testing import complete_pod, wait_for
 from kubetune.operator_process import REPO_ROOT, OperatorProcess, install_crds
 from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json
 
-pytestmark = pytest.mark.integration
-
 SCRAPE_JOB = "kubetune-operator"  # the `job` label Prometheus gives the operator target
 RELEASE_NS = "kubetune-system"  # namespace the chart is rendered for (static label on the target)
 PROMETHEUS = shutil.which("prometheus")
@@ -36,6 +34,16 @@ def helm_binary() -> str | None:
         if (Path(d) / "helm").is_file():
             return str(Path(d) / "helm")
     return shutil.which("helm")
+
+
+HELM = helm_binary()
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not on PATH "
+                       "(scripts/install-system-deps.sh installs Debian's prometheus package)"),
+    pytest.mark.skipif(HELM is None, reason="helm not found (devcluster/build.sh builds it into "
+                       "~/.cache/kubetune/bin/current); the chart's monitoring objects are rendered with it"),
+]
 
 
 def render_monitoring(helm: str, out: Path) -> tuple[Path, dict[str, Any]]:
@@ -169,14 +177,9 @@ def operator(cluster, namespace, progress, tmp_path) -> Iterator[OperatorProcess
 
 @pytest.fixture
 def prometheus(operator, tmp_path) -> Iterator[PrometheusServer]:
-    if PROMETHEUS is None:
-        pytest.skip("prometheus is not on PATH (scripts/install-system-deps.sh installs Debian's prometheus)")
-    helm = helm_binary()
-    if helm is None:
-        pytest.skip("helm not found (devcluster/build.sh builds it into ~/.cache/kubetune/bin/current)")
     workdir = tmp_path / "prometheus"
     workdir.mkdir()
-    rules, endpoint = render_monitoring(helm, workdir)
+    rules, endpoint = render_monitoring(HELM, workdir)
     server = PrometheusServer(workdir, operator.metrics_port, rules, endpoint)
     try:
         yield server.start()
