@@ -146,3 +146,25 @@ class ProgressServer:
         """Shut the server down."""
         self.server.shutdown()
         self.server.server_close()
+
+
+def free_gpus_by_node(api: client.ApiClient, product: str) -> dict[str, int]:
+    """Unrequested `nvidia.com/gpu` per node with this `nvidia.com/gpu.product`, counting every pod bound to
+    the node that has not finished (a Terminating pod still holds its GPUs for the scheduler)."""
+    core = client.CoreV1Api(api)
+    nodes = core.list_node(label_selector=f"nvidia.com/gpu.product={product}").items
+    free = {n.metadata.name: int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) for n in nodes}
+    for pod in core.list_pod_for_all_namespaces(field_selector="status.phase!=Succeeded,status.phase!=Failed").items:
+        if pod.spec.node_name in free:
+            for c in pod.spec.containers:
+                free[pod.spec.node_name] -= int(((c.resources and c.resources.limits) or {}).get("nvidia.com/gpu", "0"))
+    return free
+
+
+def wait_for_free_gpus(api: client.ApiClient, product: str, gpus: int, timeout: float = 120) -> None:
+    """Wait until one node of this GPU product has `gpus` unrequested GPUs (jobs of earlier tests in namespaces
+    still being deleted can hold a small GPU type for a while)."""
+    from kubetune.devcluster.testing import wait_for
+
+    wait_for(lambda: max(free_gpus_by_node(api, product).values(), default=0) >= gpus, timeout,
+             lambda: f"{gpus} free {product} GPU(s) on one node; free now: {free_gpus_by_node(api, product)}")

@@ -19,7 +19,8 @@ import yaml
 
 from kubetune.devcluster.testing import complete_pod, wait_for
 from kubetune.operator_process import REPO_ROOT, OperatorProcess, install_crds
-from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json
+from kubetune.testing_helpers import (FtjClient, ProgressServer, free_port, ftj_manifest, summary_json,
+                                      wait_for_free_gpus)
 
 SCRAPE_JOB = "kubetune-operator"  # the `job` label Prometheus gives the operator target
 RELEASE_NS = "kubetune-system"  # namespace the chart is rendered for (static label on the target)
@@ -218,6 +219,7 @@ def test_prometheus_scrapes_operator_series_and_chart_alerts_fire(prometheus, op
     progress.set({"version": 1, "phase": "training", "step": 40, "totalSteps": 100, "epoch": 0.4,
                   "trainLoss": 1.9, "evalLoss": None, "learningRate": 0.0002, "tokens": 40960,
                   "tokensPerSecond": 2100.0, "etaSeconds": 38.0, "checkpoint": {"step": 0, "uri": ""}})
+    wait_for_free_gpus(k8s, "NVIDIA-L4", 2)
     ftj.create(ns, ftj_manifest("scraped", gpus=2))
     wait_phase(ftj, ns, "scraped", "Running")
     job_sel = f'namespace="{ns}",name="scraped"'
@@ -252,6 +254,7 @@ def test_prometheus_scrapes_operator_series_and_chart_alerts_fire(prometheus, op
 
     # A trainer data error fails a second job: Failed=1 and the chart's KubetuneJobFailed fires.
     progress.set(None)
+    wait_for_free_gpus(k8s, "NVIDIA-L4", 1)
     ftj.create(ns, ftj_manifest("broken"))
     pod = wait_for(lambda: ftj.running_pod(ns, "broken", 0), 40, "running trainer pod of broken")
     complete_pod(k8s, ns, pod.metadata.name, exit_code=3,
