@@ -315,8 +315,11 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
     if observed.progress:
         _fold_trainer_report(st, observed.progress, now_s, final=False)
 
-    complete = job_condition(job, "Complete")
-    failed = job_condition(job, "Failed")
+    # The Job controller sets FailureTarget / SuccessCriteriaMet as soon as the outcome is decided and
+    # Failed / Complete only once every pod has terminated: act on the first, so a permanent failure is not
+    # reported as a retry in between.
+    complete = job_condition(job, "Complete") or job_condition(job, "SuccessCriteriaMet")
+    failed = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
     if complete is not None:
         _close_running(st, now)
         zero = [p for p in pods if pod_index(p) == 0 and _phase_of(p) == "Succeeded"]

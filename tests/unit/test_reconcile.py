@@ -205,6 +205,25 @@ def test_failed_job_reports_reason_and_pod_message() -> None:
     assert d.events[0][0] == "Warning"
 
 
+def test_failure_target_fails_at_once_without_a_retry_report() -> None:
+    summary = {"version": 1, "status": "Failed", "reason": "DataError", "message": "train.jsonl:7: not JSON"}
+    job = job_obj(conditions=[{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy",
+                               "message": "Container trainer for pod ns/demo-trainer-0 failed with exit code 3"}],
+                  failed=1)
+    d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job, pods=[pod("Failed", summary=summary, exit_code=3)]))
+    assert d.status["phase"] == "Failed" and d.status["reason"] == "PodFailurePolicy", d.status
+    assert "train.jsonl:7" in d.status["message"]
+    assert all(reason != "PodFailedRetrying" for _, reason, *_ in d.events), d.events
+
+
+def test_success_criteria_met_completes() -> None:
+    job = job_obj(conditions=[{"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"}])
+    d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job, pods=[pod("Succeeded")]))
+    assert d.status["phase"] == "Succeeded", d.status
+
+
 def test_suspend_patches_job_and_resume_unsuspends() -> None:
     spec = {**SPEC, "suspend": True}
     d = run(spec=spec, status={"phase": "Running", "layout": LAYOUT.to_status(),
