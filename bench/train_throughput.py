@@ -245,10 +245,11 @@ def _model_numbers(model) -> dict[str, Any]:
 def _finish(clock: StepClock, spec: dict, extra: dict, training_peak: int | None, losses: list[float]) -> dict:
     tps, tokens, seconds = windowed_rate(clock.times, clock.tokens, spec["warmup_steps"])
     median = median_step_rate(clock.times, clock.tokens, spec["warmup_steps"])
-    out = {"tokensPerSecond": round(tps, 3), "medianStepTokensPerSecond": round(median, 3), "timedTokens": tokens, "timedSeconds": round(seconds, 4),
+    out = {"tokensPerSecond": round(tps, 3), "medianStepTokensPerSecond": round(median, 3),
+           "timedTokens": tokens, "timedSeconds": round(seconds, 4),
            "timedSteps": len(clock.times) - spec["warmup_steps"], "steps": len(clock.times),
-           "totalTokens": int(sum(clock.tokens)), "timedSumSquaredLengths": int(sum(clock.sq_lengths[
-               spec["warmup_steps"]:])),
+           "totalTokens": int(sum(clock.tokens)),
+           "timedSumSquaredLengths": int(sum(clock.sq_lengths[spec["warmup_steps"]:])),
            "paddingFraction": round(1 - tokens / max(1, sum(clock.positions[spec["warmup_steps"]:])), 4),
            "stepSeconds": [round(b - a, 5) for a, b in zip(clock.times, clock.times[1:])],
            "peakRssBytes": _proc_status_bytes("VmHWM"), "trainingPeakRssBytes": training_peak,
@@ -504,7 +505,8 @@ def build_model(work: Path, model_arg: str, preset: dict) -> tuple[Path, dict]:
     raw.update({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
     config = AutoConfig.for_model(**raw)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out, {"source": str(config_path), "modelType": raw["model_type"], "hidden": raw.get("hidden_size"),
@@ -567,6 +569,8 @@ def run_side(side: str, spec: dict, work: Path, timeout: float) -> dict:
                 "DS_ACCELERATOR": "cuda" if spec["device"] == "cuda" else "cpu"})
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    else:  # one GPU per side: with several visible, transformers.Trainer would wrap the model in DataParallel
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", side, spec_path], env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -579,7 +583,7 @@ def run_side(side: str, spec: dict, work: Path, timeout: float) -> dict:
 
 
 def add_mfu(side: dict, method: str, peak: float | None) -> None:
-    """Attach model FLOPs and MFU (CUDA only; None without a known peak)."""
+    """Attach achieved model TFLOP/s and MFU (None without a known GPU peak, e.g. on CPU)."""
     flops = training_flops(method, side["matmulParameters"], side["trainableParameters"], side["timedTokens"],
                            side["layers"], side["attentionWidth"], side["timedSumSquaredLengths"])
     side["modelTflopsPerSecond"] = round(flops / side["timedSeconds"] / 1e12, 6) if side["timedSeconds"] > 0 else None
@@ -591,7 +595,8 @@ def compare(kt: dict, hf: dict, cuda: bool) -> dict:
     """kubetune / baseline ratios for one row."""
     mem_key = "peakCudaAllocatedBytes" if cuda else "peakRssBytes"
     return {"tokensPerSecond": ratio(kt["tokensPerSecond"], hf["tokensPerSecond"]),
-            "medianStepTokensPerSecond": ratio(kt["medianStepTokensPerSecond"], hf["medianStepTokensPerSecond"]),
+            "medianStepTokensPerSecond": ratio(kt["medianStepTokensPerSecond"],
+                                               hf["medianStepTokensPerSecond"]),
             "peakMemory": ratio(kt.get(mem_key), hf.get(mem_key)), "peakMemoryMetric": mem_key,
             "trainingPeakRss": ratio(kt.get("trainingPeakRssBytes"), hf.get("trainingPeakRssBytes"))}
 
@@ -605,19 +610,21 @@ def print_table(report: dict) -> None:
     cuda = report["config"]["device"] == "cuda"
     mem = "cuda peak" if cuda else "peak RSS"
     head = (f"{'row':<24}{'kubetune tok/s':>16}{'baseline tok/s':>16}{'ratio':>8}{'median':>8}  "
-            f"{'kt ' + mem:>14}{'hf ' + mem:>14}{'ratio':>8}{'kt pad':>8}{'hf pad':>8}{'kt setup':>10}{'hf setup':>10}")
+            f"{'kt ' + mem:>14}{'hf ' + mem:>14}{'ratio':>8}{'kt pad':>8}{'hf pad':>8}"
+            f"{'kt setup':>10}{'hf setup':>10}")
     if cuda:
-        head += f"{'kt MFU':>9}{'hf MFU':>9}"
+        head += f"{'kt MFU':>8}{'hf MFU':>8}"
     print(head)
     for row in report["rows"]:
         kt, hf, r = row["kubetune"], row["baseline"], row["ratio"]
         mkey = r["peakMemoryMetric"]
         line = (f"{row['name']:<24}{kt['tokensPerSecond']:>16.1f}{hf['tokensPerSecond']:>16.1f}"
-                f"{r['tokensPerSecond']:>8.3f}{r['medianStepTokensPerSecond']:>8.3f}  {_fmt_bytes(kt.get(mkey)):>14}{_fmt_bytes(hf.get(mkey)):>14}"
+                f"{r['tokensPerSecond']:>8.3f}{r['medianStepTokensPerSecond']:>8.3f}  "
+                f"{_fmt_bytes(kt.get(mkey)):>14}{_fmt_bytes(hf.get(mkey)):>14}"
                 f"{(r['peakMemory'] or 0):>8.3f}{kt['paddingFraction']:>8.2f}{hf['paddingFraction']:>8.2f}"
                 f"{kt['setupSeconds']:>9.1f}s{hf['setupSeconds']:>9.1f}s")
         if cuda:
-            line += f"{(kt.get('mfu') or 0):>9.4f}{(hf.get('mfu') or 0):>9.4f}"
+            line += "".join(f"{'-' if s.get('mfu') is None else format(s['mfu'], '.1%'):>8}" for s in (kt, hf))
         print(line)
     print("feature effect (tokens/s relative to the default row, same side):")
     for name, eff in report["featureEffects"].items():
@@ -655,10 +662,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                                  row_precision, **{k: v for k, v in overrides.items() if k != "precision"})
                 spec = {"row": name, "plan": plan, "device": args.device, "precision": row_precision,
                         "threads": threads, "warmup_steps": warmup, "work_dir": str(wdir)}
-                print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {name}: {side} ...", file=sys.stderr, flush=True)
+                now = dt.datetime.now(dt.timezone.utc)
+                print(f"[{now:%H:%M:%S}] {name}: {side} ...", file=sys.stderr, flush=True)
                 sides[side] = run_side(side, spec, work, args.timeout)
-                if args.device == "cuda":
-                    add_mfu(sides[side], args.method, peak)
+                add_mfu(sides[side], args.method, peak)  # achieved model FLOP/s everywhere; MFU needs a known GPU
             rows.append({"name": name, "meaning": meaning, "overrides": overrides, "kubetune": sides["kubetune"],
                          "baseline": sides["baseline"],
                          "ratio": compare(sides["kubetune"], sides["baseline"], args.device == "cuda")})
@@ -679,9 +686,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                      "its own fresh subprocess; peakRssBytes = the child's VmHWM (whole process), "
                      "trainingPeakRssBytes = VmHWM reset just before training (null where the kernel refuses); "
                      "CUDA: torch.cuda.max_memory_allocated during training"),
-        "mfuMethod": ("CUDA only: model FLOPs (full 6N, LoRA/QLoRA 4N + 6N_trainable per token, N = matmul "
-                      "parameters without the input embedding, plus attention 12*layers*width*sum(L^2), no "
-                      "recomputation) / timed seconds / the GPU's dense bf16 peak"),
+        "mfuMethod": ("modelTflopsPerSecond on every device, mfu on CUDA only: model FLOPs (full 6N, LoRA/QLoRA "
+                      "4N + 6N_trainable per token, N = matmul parameters without the input embedding, plus "
+                      "attention 12*layers*width*sum(L^2), no recomputation) / timed seconds / the GPU's dense "
+                      "bf16 peak"),
         "unsupportedFeatures": {"attentionImplementation": "the plan has no attention field; both sides use "
                                 "transformers' default (see attnImplementation per side)"},
         "machine": info, "rows": rows, "featureEffects": effects,
@@ -704,7 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="'tiny' or a config.json path (random weights)")
     parser.add_argument("--method", choices=("lora", "full", "qlora"), default="lora")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (default 1 on cpu: stable on shared cores; 4 on cuda)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per side (default 1 on cpu: stable on shared cores; 4 on cuda)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per side")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/...)")
     args = parser.parse_args(argv)
