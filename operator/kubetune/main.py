@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -35,11 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of kopf's /healthz endpoint (0 = off)")
     p.add_argument("--metrics-port", type=int, default=int(env("KUBETUNE_METRICS_PORT_OPERATOR", "8000")),
                    help="port of the Prometheus /metrics endpoint (0 = off)")
-    peering = p.add_mutually_exclusive_group()
-    peering.add_argument("--peering", metavar="NAME", default=None,
-                         help="also take part in kopf peering under this (Cluster)KopfPeering name "
-                              "(needs crds/kopf.dev_*.yaml; ignored with --leader-election)")
-    peering.add_argument("--standalone", action="store_true", help="no kopf peering (default)")
     p.add_argument("--leader-election", dest="leader_election", action=argparse.BooleanOptionalAction,
                    default=env("KUBETUNE_LEADER_ELECTION", "true").lower() != "false",
                    help="hold a coordination.k8s.io Lease so only one replica acts (default on)")
@@ -59,8 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON list of tolerations added to every trainer pod")
     p.add_argument("--cpu-node-selector", default=env("KUBETUNE_CPU_NODE_SELECTOR", ""),
                    help="key=value[,key=value] nodeSelector for CPU-only trainer pods (e.g. local process nodes)")
-    p.add_argument("--priority", type=int, default=int(env("KUBETUNE_PEERING_PRIORITY", "0")),
-                   help="kopf peering priority (with --peering: the highest live priority acts)")
     p.add_argument("--progress-host", default=env("KUBETUNE_PROGRESS_HOST", ""),
                    help="read /progress from this host instead of the rank-0 pod IP (local process nodes)")
     p.add_argument("--progress-port", type=int, default=int(env("KUBETUNE_PROGRESS_PORT", "9090")))
@@ -69,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
-    """kopf settings: bookkeeping under kubetune.io, events, watch timeouts, peering."""
+    """kopf settings: bookkeeping under kubetune.io, events, watch timeouts; no kopf peering
+    (high availability is the Lease of --leader-election)."""
     s = kopf.OperatorSettings()
     s.persistence.finalizer = f"{API_GROUP}/finalizer"
     s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
@@ -86,12 +81,7 @@ def make_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
     s.networking.request_timeout = 60
     s.queueing.error_delays = (1, 2, 5, 10, 30, 60)
     s.execution.max_workers = 8
-    s.peering.standalone = args.peering is None
-    s.peering.priority = args.priority
-    if args.peering:
-        s.peering.name = args.peering
-        s.peering.clusterwide = not args.namespace
-        s.peering.mandatory = True
+    s.peering.standalone = True
     return s
 
 
@@ -113,15 +103,23 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
                           progress_host=args.progress_host)
 
 
+# Reconcile passes are blocking client calls run in threads: this many run at once (the default executor has
+# only cpu+4 threads, which serialized a burst of new FineTuneJobs behind a handful of passes), over as many
+# pooled connections.
+RECONCILE_THREADS = 32
+
+
 def load_kube_client() -> Any:
     """A kubernetes ApiClient from the in-cluster service account or the kubeconfig."""
     from kubernetes import client, config
 
+    cfg = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+        config.load_kube_config(client_configuration=cfg)
+    cfg.connection_pool_maxsize = RECONCILE_THREADS
+    return client.ApiClient(cfg)
 
 
 async def _hold_lease(elector: LeaseElector, renew_every: float, stop: asyncio.Event,
@@ -173,12 +171,6 @@ async def _serve_standby_health(port: int) -> Any:
 
 async def run_operator(args: argparse.Namespace) -> int:
     """Acquire leadership (if enabled), then run kopf until a signal or the Lease is lost."""
-    if args.leader_election and args.peering:
-        # The Lease already keeps a single replica active, and a standby does not run kopf at all.
-        # With kopf peering on top, a crashed leader's peering record (same priority) keeps its
-        # successor's kopf paused for the whole peering lifetime (60 s) after the takeover.
-        log.info("leader election is on: kopf peering %r is not used", args.peering)
-        args.peering = None
     api = load_kube_client()
     metrics = OperatorMetrics()
     if args.metrics_port:
@@ -187,6 +179,7 @@ async def run_operator(args: argparse.Namespace) -> int:
     reconciler = Reconciler(api, config, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(RECONCILE_THREADS, "reconcile"))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
@@ -236,7 +229,7 @@ async def run_operator(args: argparse.Namespace) -> int:
     try:
         await kopf.operator(registry=registry, settings=make_settings(args), memo=memo,
                             namespaces=list(args.namespace), clusterwide=not args.namespace,
-                            standalone=args.peering is None, peering_name=args.peering, priority=args.priority,
+                            standalone=True,
                             liveness_endpoint=liveness, stop_flag=kopf_stop)
     finally:
         for task in tasks:

@@ -152,11 +152,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_rendered_chart_passes_server_side_dry_run(case, cluster, crds, helm, namespace, watch_namespaces):
     values = json.loads(json.dumps(CASES[case]).replace('"WATCHED"', json.dumps(watch_namespaces)))
-    manifest = helm.template(f"dry-{case}"[:20], namespace, values)
+    release = f"dry-{case}"[:20]
+    manifest = helm.template(release, namespace, values)
     objects = [d for d in yaml.safe_load_all(manifest) if d]
     # Every namespaced object names its namespace (the release's or a watched one).
     assert all(o["metadata"].get("namespace") for o in objects
-               if o["kind"] not in {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"})
+               if o["kind"] not in {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"})
     result = cluster.kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts",
                              "-f", "-", input=manifest, check=False)
     assert result.returncode == 0, result.stderr
@@ -166,7 +167,12 @@ def test_rendered_chart_passes_server_side_dry_run(case, cluster, crds, helm, na
     if case == "namespaced-monitoring":
         assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"} <= kinds
     if case.startswith("ha"):
-        assert kinds & {"KopfPeering", "ClusterKopfPeering"}
+        # High availability is the leader-election Lease alone: its Role, and nothing of kopf peering.
+        deployment = next(o for o in objects if o["kind"] == "Deployment")
+        assert "--leader-election" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert ("Role", f"{release}-kubetune-leader-election") in {(o["kind"], o["metadata"]["name"]) for o in objects}
+        assert not [o for o in objects if o["apiVersion"].startswith("kopf.dev/")
+                    or any("kopf.dev" in r["apiGroups"] for r in o.get("rules") or [])]
 
 
 def test_server_side_dry_run_really_validates(cluster, crds, helm, namespace):
@@ -202,16 +208,27 @@ def test_helm_install_upgrade_uninstall(cluster, crds, helm, namespace, watch_na
     assert status["version"] == 2 and status["info"]["status"] == "deployed"
     dep = json.loads(get("deployment", full, "-n", namespace).stdout)
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert dep["spec"]["replicas"] == 2 and f"--peering={full}" in args
+    assert dep["spec"]["replicas"] == 2 and {"--leader-election", f"--lease-name={full}"} <= set(args)
+    assert not [a for a in args if a.startswith(("--peering", "--standalone"))]
     assert [a for a in args if a.startswith("--namespace=")] == [f"--namespace={n}" for n in watch_namespaces]
     assert get("clusterrole", full).returncode != 0, "the cluster-wide ClusterRole is removed in namespaced mode"
     assert get("clusterrole", f"{full}-cluster-read").returncode == 0
     for ns in watch_namespaces:
         assert get("role", full, "-n", ns).returncode == 0
         assert get("rolebinding", full, "-n", ns).returncode == 0
-        assert get("kopfpeering", full, "-n", ns).returncode == 0
     for kind, name in (("servicemonitor", full), ("podmonitor", f"{full}-trainers"), ("prometheusrule", full)):
         assert get(kind, name, "-n", namespace).returncode == 0, kind
+    # The replicas' only coordination right is their own Lease; nothing of kopf peering.
+    kc = sa_kubeconfig(cluster, namespace, full, helm.home / f"{release}.kubeconfig")
+    assert allowed(kc, "update", "leases.coordination.k8s.io", namespace, name=full)
+    for ns in watch_namespaces:
+        assert not allowed(kc, "patch", "kopfpeerings.kopf.dev", ns, name=full)
+    assert not allowed(kc, "patch", "clusterkopfpeerings.kopf.dev", name=full)
+    # Several replicas without leader election would all reconcile: the chart refuses that upgrade.
+    refused = helm("upgrade", release, str(CHART), "-n", namespace, "-f", values, "--set", "operator.leaderElection=false",
+                   check=False)
+    assert refused.returncode != 0 and "replicaCount 2 needs operator.leaderElection: true" in refused.stderr
+    assert json.loads(helm("status", release, "-n", namespace, "-o", "json").stdout)["version"] == 2
 
     helm("uninstall", release, "-n", namespace)
     assert get("deployment", full, "-n", namespace).returncode != 0
@@ -278,7 +295,7 @@ def test_operator_reconciles_as_the_chart_service_account(cluster, namespaced_re
              f"--progress-port={free_port()}", "--resync-seconds=2"]
     log_path = tmp_path / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(r["kubeconfig"]), "POD_NAMESPACE": r["release_ns"],
-           "POD_NAME": "operator-test", "POD_ID": "operator-test", "PYTHONUNBUFFERED": "1"}
+           "POD_NAME": "operator-test", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kubetune", *(["operator"] + args)], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,6 +32,17 @@ from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_m
 pytestmark = pytest.mark.integration
 
 LEASE_SECONDS = 4  # short, so a takeover after a crash is quick; the standby polls every 1.33 s
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
+
+
+def helm_binary() -> str | None:
+    """helm from $KUBETUNE_BIN_DIR, ~/.cache/kubetune/bin/current or PATH."""
+    dirs = [os.environ.get("KUBETUNE_BIN_DIR", ""),
+            str(Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "bin" / "current")]
+    for d in filter(None, dirs):
+        if os.access(Path(d) / "helm", os.X_OK):
+            return str(Path(d) / "helm")
+    return shutil.which("helm")
 
 
 class Replicas:
@@ -41,14 +55,18 @@ class Replicas:
         self.started: list[OperatorProcess] = []
 
     def start(self, pod_name: str, metrics_port: int = 0, liveness_port: int = 0,
-              extra_args: tuple[str, ...] = ()) -> OperatorProcess:
-        """Start one replica whose POD_NAME (Lease identity prefix, Event reportingInstance) is pod_name."""
-        op = OperatorProcess(self.cluster.kubeconfig, [
-            "--namespace", self.namespace, "--lease-namespace", self.namespace, "--lease-name", self.lease,
-            "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--liveness-port", str(liveness_port),
-            "--metrics-port", str(metrics_port), "--progress-host", "127.0.0.1", "--progress-port", str(self.progress_port),
-            *extra_args,
-        ], self.logs / f"{pod_name}.log", env={"POD_NAME": pod_name})
+              extra_args: tuple[str, ...] = (), args: list[str] | None = None) -> OperatorProcess:
+        """Start one replica whose POD_NAME (Lease identity prefix, Event reportingInstance) is pod_name;
+        `args` replaces the default flags (this namespace and Lease, short timings) when given."""
+        if args is None:
+            args = [
+                "--namespace", self.namespace, "--lease-namespace", self.namespace, "--lease-name", self.lease,
+                "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--liveness-port", str(liveness_port),
+                "--metrics-port", str(metrics_port), "--progress-host", "127.0.0.1",
+                "--progress-port", str(self.progress_port),
+            ]
+        op = OperatorProcess(self.cluster.kubeconfig, [*args, *extra_args], self.logs / f"{pod_name}.log",
+                             env={"POD_NAME": pod_name})
         op.pod_name, op.metrics_port, op.liveness_port = pod_name, metrics_port, liveness_port
         self.started.append(op.start())
         return op
@@ -374,30 +392,57 @@ def test_sigkill_while_creating_children_then_restart_completes_the_set(replicas
     assert len(ftj.pods(ns, "halfway")) == 2
 
 
-def test_failover_with_kopf_peering_as_the_chart_runs_replicas(replicas, ftj, k8s, namespace):
-    """The chart passes --peering (plus leader election) when replicaCount > 1: a crashed leader's
-    peering record must not hold the new leader back beyond the Lease time."""
-    ns = namespace
-    ftj.objects.create_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings",
-                                                {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
-                                                 "metadata": {"name": "kubetune"}})
-    # A slow resync, so only kopf's own handlers can act within the wait below.
-    peering = ("--peering", "kubetune", "--resync-seconds", "60")
-    a = replicas.start("peer-a", extra_args=peering)
+def chart_operator_args(release: str, namespace: str, tmp_path: Path) -> list[str]:
+    """`kubetune operator` flags (after `operator`) as `helm template` renders them for replicaCount 2,
+    the release installed in `namespace` and watching only it."""
+    helm = helm_binary()
+    if helm is None:
+        pytest.skip("helm not found (devcluster/build.sh builds it into ~/.cache/kubetune/bin/current)")
+    values = tmp_path / "ha-values.yaml"
+    values.write_text(yaml.safe_dump({"replicaCount": 2, "watchNamespaces": [namespace]}))
+    out = subprocess.run([helm, "template", release, str(CHART), "-n", namespace, "--kube-version", "1.33.13",
+                          "-f", str(values), "--show-only", "templates/deployment.yaml"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    args = yaml.safe_load(out.stdout)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "operator", args
+    return args[1:]
+
+
+def test_failover_with_the_flags_the_chart_gives_two_replicas(replicas, ftj, k8s, namespace, tmp_path):
+    """replicaCount 2 as the chart renders it: the Lease is the only coordination (no kopf peering
+    flags), one replica acts, and a SIGKILLed leader's standby acts within the Lease time."""
+    ns, release = namespace, f"ha-{uuid.uuid4().hex[:5]}"
+    lease = f"{release}-kubetune"
+    chart_args = chart_operator_args(release, ns, tmp_path)
+    assert {f"--namespace={ns}", "--leader-election", f"--lease-name={lease}", f"--lease-namespace={ns}"} \
+        <= set(chart_args), chart_args
+    assert not [a for a in chart_args if a.startswith(("--peering", "--standalone", "--priority"))], chart_args
+    # The chart's flags, with ports that are free on this machine and a short Lease (argparse: the last wins).
+    args = [*chart_args, "--liveness-port=0", "--metrics-port=0", f"--lease-seconds={LEASE_SECONDS}",
+            "--progress-host=127.0.0.1", f"--progress-port={replicas.progress_port}"]
+    a = replicas.start("chart-a", args=args)
     a.wait_for_log("leading as", 60)
-    ftj.create(ns, ftj_manifest("peered"))
-    wait_phase(ftj, ns, "peered", "Running")
-    b = replicas.start("peer-b", extra_args=peering)
+    ftj.create(ns, ftj_manifest("charted"))
+    wait_phase(ftj, ns, "charted", "Running")
+    b = replicas.start("chart-b", args=args)
     b.wait_for_log("waiting to become the leader", 60)
+    assert read_lease(k8s, ns, lease).spec.holder_identity.startswith("chart-a-")
+    assert not reconcile_lines(b, ns) and "leading as" not in b.log_text()
+
     a.kill()
     killed = time.monotonic()
     b.wait_for_log("leading as", LEASE_SECONDS + 20)
-    ftj.create(ns, ftj_manifest("peered2"))
-    wait_phase(ftj, ns, "peered2", "Running", timeout=LEASE_SECONDS + 25)
+    ftj.create(ns, ftj_manifest("charted2"))
+    wait_phase(ftj, ns, "charted2", "Running", timeout=LEASE_SECONDS + 25)
     acting = time.monotonic() - killed
-    print(f"new leader acting {acting:.1f}s after the SIGKILL (with --peering)")
-    assert "conflicting operators" not in b.log_text() and "Pausing" not in b.log_text(), b.log_text()[-2000:]
+    print(f"new leader acting {acting:.1f}s after the SIGKILL (chart flags, lease {LEASE_SECONDS}s)")
     assert acting <= LEASE_SECONDS + LEASE_SECONDS / 3 + 8
-    assert_one_set_of_children(ftj, ns, "peered2")
-    assert {e.reporting_instance for e in ftj_events(ftj, ns, "peered2")} == {"peer-b"}
-    finish(ftj, k8s, ns, "peered", pods=1)
+    assert read_lease(k8s, ns, lease).spec.holder_identity.startswith("chart-b-")
+    assert "Pausing" not in b.log_text(), b.log_text()[-2000:]  # kopf never paused by a peering record
+    assert_one_set_of_children(ftj, ns, "charted2")
+    assert {e.reporting_instance for e in ftj_events(ftj, ns, "charted2")} == {"chart-b"}
+    # The new leader finishes the job the old one started, with the children the old one made.
+    kids = assert_one_set_of_children(ftj, ns, "charted")
+    finish(ftj, k8s, ns, "charted", pods=1)
+    assert assert_one_set_of_children(ftj, ns, "charted") == kids

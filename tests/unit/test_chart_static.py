@@ -204,16 +204,16 @@ def test_schema_covers_every_default_value():
 
 # ----------------------------------------------------------------------------- rendering
 @needs_helm
-def test_default_render_is_cluster_wide_standalone_and_has_no_monitoring():
+def test_default_render_is_cluster_wide_single_replica_and_has_no_monitoring():
     objs = render()
     kinds = sorted(o["kind"] for o in objs)
     assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
                             "Service", "Deployment"]), kinds
     args = operator_container(objs)["args"]
     assert args[0] == "operator"
-    assert "--all-namespaces" in args and "--standalone" in args
+    assert "--all-namespaces" in args and "--leader-election" in args
     assert "--liveness-port=8080" in args and "--metrics-port=8000" in args
-    assert not any(a.startswith("--namespace") or a.startswith("--peering") for a in args)
+    assert not any(a.startswith(("--namespace", "--peering", "--standalone", "--priority")) for a in args)
     assert one(objs, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
 
 
@@ -239,7 +239,7 @@ def test_operator_pod_is_hardened():
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
     env = {e["name"]: e for e in c["env"]}
-    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # Lease identity
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert pod["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
 
@@ -317,9 +317,14 @@ def test_namespaced_mode_rbac(tmp_path):
     assert {ns for ns, _ in roles} == {"team-a", "team-b", "kubetune"}  # kubetune: the leader Lease only
 
 
+LEASE_RULES = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+               {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["kt-kubetune"],
+                "verbs": ["get", "update", "patch"]}]
+
+
 @needs_helm
 @pytest.mark.parametrize("namespaced", [False, True], ids=["cluster-wide", "namespaced"])
-def test_replicas_two_enable_peering(namespaced, tmp_path):
+def test_replicas_two_use_the_leader_election_lease_and_no_kopf_peering(namespaced, tmp_path):
     values: dict[str, Any] = {"replicaCount": 2}
     if namespaced:
         values["watchNamespaces"] = ["team-a", "team-b"]
@@ -327,18 +332,43 @@ def test_replicas_two_enable_peering(namespaced, tmp_path):
     dep = one(objs, "Deployment")
     assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
     args = operator_container(objs)["args"]
-    assert "--peering=kt-kubetune" in args and "--standalone" not in args
+    assert {"--leader-election", "--lease-name=kt-kubetune", "--lease-namespace=kubetune"} <= set(args)
+    assert not any(a.startswith(("--peering", "--standalone", "--priority", "--no-leader-election")) for a in args)
+    # No kopf peering objects, and no rights on anything of kopf.dev.
+    assert not [o for o in objs if o["apiVersion"].startswith("kopf.dev/") or "KopfPeering" in o["kind"]]
+    assert_no_wildcards_or_secrets(objs)
+    for role in by_kind(objs, "Role") + by_kind(objs, "ClusterRole"):
+        assert not [r for r in role["rules"] if "kopf.dev" in r["apiGroups"]], role["metadata"]
+    # The Lease RBAC: create any Lease, read/renew only the release's own one, in the release namespace.
+    lease_role = one(objs, "Role", "kt-kubetune-leader-election")
+    assert lease_role["metadata"]["namespace"] == "kubetune" and lease_role["rules"] == LEASE_RULES
+    binding = one(objs, "RoleBinding", "kt-kubetune-leader-election")
+    assert binding["roleRef"]["name"] == "kt-kubetune-leader-election"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "kubetune"}]
     if namespaced:
-        peerings = by_kind(objs, "KopfPeering")
-        assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
         for ns in ("team-a", "team-b"):
             role = next(r for r in by_kind(objs, "Role") if r["metadata"]["namespace"] == ns)
-            assert rules_of(role)[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
-        assert not by_kind(objs, "ClusterKopfPeering")
+            assert rules_of(role) == NAMESPACED_NEEDS
     else:
-        assert one(objs, "ClusterKopfPeering")["metadata"]["name"] == "kt-kubetune"
-        assert rules_of(one(objs, "ClusterRole"))[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
-    assert all(o["apiVersion"] == "kopf.dev/v1" for o in by_kind(objs, "KopfPeering") + by_kind(objs, "ClusterKopfPeering"))
+        assert rules_of(one(objs, "ClusterRole")) == {**NAMESPACED_NEEDS, **CLUSTER_READS}
+
+
+@needs_helm
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_several_replicas_without_leader_election_fail_to_render(replicas, tmp_path):
+    vf = tmp_path / "v.yaml"
+    vf.write_text(yaml.safe_dump({"replicaCount": replicas, "operator": {"leaderElection": False}}))
+    # (helm lint only logs a template's `fail` at INFO level: template/install are what stop it.)
+    result = helm("template", "kt", str(CHART), "-f", str(vf), "--kube-version", KUBE_VERSION, check=False)
+    assert result.returncode != 0, f"helm template accepted {replicas} replicas without leader election"
+    assert f"replicaCount {replicas} needs operator.leaderElection: true" in result.stderr
+    # Control: one replica without leader election renders (no Lease RBAC, --no-leader-election).
+    vf.write_text(yaml.safe_dump({"replicaCount": 1, "operator": {"leaderElection": False}}))
+    objs = [d for d in yaml.safe_load_all(helm("template", "kt", str(CHART), "-n", "kubetune", "-f", str(vf),
+                                               "--kube-version", KUBE_VERSION).stdout) if d]
+    assert "--no-leader-election" in operator_container(objs)["args"]
+    assert not [o for o in objs if o["metadata"]["name"].endswith("-leader-election")]
+    assert one(objs, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
 
 
 @needs_helm
@@ -350,8 +380,8 @@ def test_rendered_args_parse_with_the_operator_cli(tmp_path):
         parsed = main.build_parser().parse_args(args[1:])
         assert parsed.liveness_port == 8080 and parsed.metrics_port == 8000
         assert parsed.namespace == values.get("watchNamespaces", [])
-        assert parsed.peering == ("kt-kubetune" if values.get("replicaCount", 1) > 1 else None)
         assert parsed.leader_election is values.get("operator", {}).get("leaderElection", True)
+        assert not hasattr(parsed, "peering") and not hasattr(parsed, "standalone")
 
 
 @needs_helm

@@ -78,14 +78,17 @@ app.kubernetes.io/part-of: kubetune
 {{- if not .Values.watchNamespaces -}}true{{- end -}}
 {{- end -}}
 
-{{/* "true" when replicas coordinate through kopf peering (more than one replica). */}}
-{{- define "kubetune.peeringEnabled" -}}
-{{- if gt (int .Values.replicaCount) 1 -}}true{{- end -}}
+{{/*
+"true" when more than one replica runs (high availability). The replicas coordinate through the
+leader-election Lease only, so this fails when operator.leaderElection is off.
+*/}}
+{{- define "kubetune.highAvailability" -}}
+{{- if gt (int .Values.replicaCount) 1 -}}
+{{- if not .Values.operator.leaderElection -}}
+{{- fail (printf "replicaCount %d needs operator.leaderElection: true: the Lease is what keeps all but one replica idle (without it every replica would reconcile the same FineTuneJobs); set replicaCount: 1 or enable leader election" (int .Values.replicaCount)) -}}
 {{- end -}}
-
-{{/* Name of the kopf peering object. */}}
-{{- define "kubetune.peeringName" -}}
-{{- default (include "kubetune.fullname" .) .Values.peering.name -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{/* Name of the metrics Service (also the `job` label a ServiceMonitor gives its targets). */}}
@@ -112,11 +115,6 @@ app.kubernetes.io/part-of: kubetune
 - --lease-seconds={{ .Values.operator.leaseSeconds }}
 {{- else }}
 - --no-leader-election
-{{- end }}
-{{- if include "kubetune.peeringEnabled" . }}
-- --peering={{ include "kubetune.peeringName" . }}
-{{- else }}
-- --standalone
 {{- end }}
 {{- range .Values.operator.extraArgs }}
 - {{ . | quote }}
@@ -159,9 +157,4 @@ the per-namespace Roles. No Secrets: trainer pods reference them by name only.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
-{{- end -}}
-
-{{/* kopf peering permissions: the peering objects are read and patched (keep-alives). */}}
-{{- define "kubetune.peeringVerbs" -}}
-["get", "list", "watch", "patch"]
 {{- end -}}
