@@ -151,8 +151,39 @@ class Watcher(threading.Thread):
         self.changed = threading.Condition(self.lock)
 
     def run(self) -> None:
-        from kubernetes.watch.watch import iter_resp_lines
+        try:
+            self._watch()
+        except BaseException as exc:  # noqa: BLE001 - recorded; wait_until() then stops waiting
+            self.errors.append(f"watcher died: {type(exc).__name__}: {exc}")
+            with self.changed:
+                self.changed.notify_all()
+            raise
 
+    def _get(self, query: list[tuple[str, str]], stream: bool, read_timeout: float) -> Any:
+        """GET this collection through the ApiClient's own urllib3 pool (admin client certificate)."""
+        import urllib.parse
+
+        import urllib3
+
+        url = self.api.configuration.host + self.path + ("?" + urllib.parse.urlencode(query) if query else "")
+        resp = self.api.rest_client.pool_manager.request(
+            "GET", url, preload_content=not stream, timeout=urllib3.Timeout(connect=10, read=read_timeout))
+        if resp.status != 200:
+            body = resp.data if not stream else resp.read()
+            raise RuntimeError(f"GET {url}: HTTP {resp.status}: {body[:300]!r}")
+        return resp
+
+    @staticmethod
+    def _lines(resp: Any):
+        buf = b""
+        for chunk in resp.stream(65536):
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    yield line
+
+    def _watch(self) -> None:
         rv = self._list()
         while not self.stopping:
             query = [("watch", "true"), ("resourceVersion", rv), ("allowWatchBookmarks", "true"),
@@ -160,9 +191,8 @@ class Watcher(threading.Thread):
             if self.selector:
                 query.append(("labelSelector", self.selector))
             try:
-                resp = self.api.call_api(self.path, "GET", query_params=query, auth_settings=["BearerToken"],
-                                         _preload_content=False, _request_timeout=(10, 3700))
-                for line in iter_resp_lines(resp):
+                resp = self._get(query, stream=True, read_timeout=3700)
+                for line in self._lines(resp):
                     ev = json.loads(line)
                     now = time.time()
                     obj = ev.get("object") or {}
@@ -182,9 +212,7 @@ class Watcher(threading.Thread):
 
     def _list(self) -> str:
         query = [("labelSelector", self.selector)] if self.selector else []
-        resp = self.api.call_api(self.path, "GET", query_params=query, auth_settings=["BearerToken"],
-                                 _preload_content=False, _request_timeout=(10, 120))
-        data = json.loads(resp.data)
+        data = json.loads(self._get(query, stream=False, read_timeout=120).data)
         now = time.time()
         for obj in data.get("items") or []:
             self._record("ADDED", obj, now)
@@ -208,6 +236,8 @@ class Watcher(threading.Thread):
         deadline = time.monotonic() + timeout
         with self.changed:
             while not predicate(self):
+                if not self.is_alive():
+                    raise RuntimeError(f"watcher of {self.path} stopped: {self.errors[-3:]}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

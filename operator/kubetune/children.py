@@ -55,8 +55,10 @@ class ChildClient:
         return False
 
     def list_nodes(self) -> list[dict[str, Any]]:
-        """All Nodes as dicts (for the sizer)."""
-        return [self.to_dict(n) for n in self.core.list_node().items]
+        """All Nodes as dicts (for the sizer), from the apiserver's watch cache (resourceVersion=0) as raw JSON:
+        a 250-node list is ~1.5 MB, and client models would only be converted back to dicts."""
+        resp = self.core.list_node(resource_version="0", _preload_content=False)
+        return list(json.loads(resp.data).get("items") or [])
 
     def apply(self, obj: dict[str, Any]) -> str:
         """Create a child; if it exists keep it (Job, Service) or update its data (ConfigMap)."""

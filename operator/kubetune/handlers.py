@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any
@@ -42,6 +43,7 @@ class OperatorConfig:
     progress_timeout: float = 1.0
     progress_port: int = METRICS_PORT
     progress_host: str = ""  # override the rank-0 pod IP (local process nodes, tests)
+    node_cache_seconds: float = 5.0  # how long one Node list serves sizing passes
 
 
 class Reconciler:
@@ -55,6 +57,18 @@ class Reconciler:
         self.objects = client.CustomObjectsApi(api)
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str]] = set()
+        self._nodes_lock = threading.Lock()
+        self._nodes: tuple[float, list[dict[str, Any]]] | None = None
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's Nodes for sizing, listed at most once per `node_cache_seconds`: a burst of new
+        FineTuneJobs shares one list instead of each pass listing every node (the scheduler still places pods
+        on live data; a layout sized on a list a few seconds old is at worst re-sized on the next retry)."""
+        with self._nodes_lock:
+            now = time.monotonic()
+            if self._nodes is None or now - self._nodes[0] > self.config.node_cache_seconds:
+                self._nodes = (now, self.children.list_nodes())
+            return self._nodes[1]
 
     async def run(self, namespace: str, name: str) -> Decision | None:
         """Reconcile one FineTuneJob now (waits for a pass already in flight)."""
@@ -124,7 +138,7 @@ class Reconciler:
                     sizing_retry_seconds=cfg.sizing_retry_seconds)
         decision = decide(observed=observed, **args)
         if decision.needs_sizing:
-            outcome = size_job_layout(spec_dict, spec, self.children.list_nodes())
+            outcome = size_job_layout(spec_dict, spec, self.nodes())
             observed.sizing = outcome
             if outcome.fits and outcome.layout is not None:
                 ref = JobRef(name, ns, meta["uid"], labels)
