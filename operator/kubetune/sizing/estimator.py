@@ -31,6 +31,7 @@ FRAGMENTATION_TRANSIENT = 0.15
 FRAGMENTATION_PERSISTENT = 0.02
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size (one absmax per 64 weights)
 DQ_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax values
+QLORA_UNQUANTIZED_BYTES = 4  # QLoRA: parameters left unquantized are upcast to fp32 by k-bit preparation
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=True)
 
 
@@ -193,8 +194,10 @@ def weight_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int) -> 
 
     full: every parameter in the compute dtype (bf16/fp16: 2 B, fp32: 4 B); the fp32 master
     copy mixed precision needs is a separate term. lora: frozen base in the compute dtype plus
-    fp32 adapters. qlora: decoder linears in NF4 (see nf4_bytes_per_param) or int8, embeddings, lm_head,
-    norms and biases in the compute dtype, fp32 adapters.
+    fp32 adapters. qlora: decoder linears in NF4 (see nf4_bytes_per_param) or int8, fp32 adapters, and
+    embeddings, lm_head, norms and biases in fp32: the trainer's k-bit preparation
+    (peft.prepare_model_for_kbit_training) upcasts every parameter that is not quantized to fp32
+    (checked on the trainer's own QLoRA path in tests/trainer/test_qlora_dtypes.py).
     """
     p = arch.total_params()
     b = setup.compute_bytes
@@ -204,7 +207,8 @@ def weight_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int) -> 
     if setup.method == "lora":
         return p * b + adapters
     q = arch.quantizable_params()
-    return int(q * quantized_bytes_per_param(setup.quant_bits, setup.quant_double)) + (p - q) * b + adapters
+    return int(q * quantized_bytes_per_param(setup.quant_bits, setup.quant_double)) + (p - q) * QLORA_UNQUANTIZED_BYTES \
+        + adapters
 
 
 def master_weight_bytes(setup: TrainingSetup, n_trainable: int) -> int:

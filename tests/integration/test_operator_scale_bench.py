@@ -1,0 +1,31 @@
+"""The operator-scale benchmark as a regression check: its quick preset (20 KWOK nodes, 50 FineTuneJobs at
+once) must end with every job sized, launched and Succeeded, nothing lost, no errors, the operator under its
+memory target, and a throughput ratio measured against direct Job creation in the same run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_operator_scale_run_completes_every_job(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "operator_scale.py"), "--quick", "--out", str(out),
+                           "--timeout", "300"], capture_output=True, text=True, timeout=840)
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    creation, completion = result["kubetune"]["creation"], result["kubetune"]["completion"]
+    assert creation["complete"] and creation["lost_count"] == 0 and creation["create_error_count"] == 0, creation
+    assert completion["all_succeeded"], completion
+    assert result["baseline"]["error_count"] == 0
+    assert result["ratio"] and result["ratio"] > 0, result
+    operator_rss = result["kubetune"]["operator"]["peak_rss_mib"]
+    assert operator_rss < 300, operator_rss
+    assert proc.returncode == 0 and result["ok"], proc.stdout[-3000:]
