@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -38,6 +39,10 @@ class OperatorMetrics:
         self._phases: dict[tuple[str, str], str] = {}
         self._gpus: dict[tuple[str, str], tuple[str, int]] = {}
         self._running_seen: set[tuple[str, str]] = set()
+        # Reconcile passes run on many threads at once: the per-job maps and the gauges derived from them
+        # change under this lock only (iterating them while another pass inserted raised "dictionary changed
+        # size during iteration" at 1,000 jobs).
+        self._lock = threading.RLock()
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 
@@ -48,6 +53,11 @@ class OperatorMetrics:
         previous: the status before this pass. When given, time-to-running is observed only if this
         pass made the job's first start (status.startTime appeared), so a restarted or newly elected
         operator does not count jobs that were already running as new starts."""
+        with self._lock:
+            self._observe_job(namespace, name, status, age_seconds, previous)
+
+    def _observe_job(self, namespace: str, name: str, status: dict[str, Any], age_seconds: float | None,
+                     previous: dict[str, Any] | None) -> None:
         key = (namespace, name)
         phase = status.get("phase") or ""
         if phase:
@@ -75,6 +85,10 @@ class OperatorMetrics:
 
     def forget_job(self, namespace: str, name: str) -> None:
         """Drop a deleted FineTuneJob from the gauges."""
+        with self._lock:
+            self._forget_job(namespace, name)
+
+    def _forget_job(self, namespace: str, name: str) -> None:
         key = (namespace, name)
         self._phases.pop(key, None)
         self._gpus.pop(key, None)
