@@ -29,18 +29,21 @@ class ChildClient:
         return self.api.sanitize_for_serialization(obj)
 
     def read_job(self, ns: str, job: str) -> dict[str, Any] | None:
-        """The child Job, or None."""
+        """The child Job, or None (raw JSON: every pass reads it, and client models would only be converted
+        back to dicts)."""
         try:
-            return self.to_dict(self.batch.read_namespaced_job(trainer_name(job), ns))
+            resp = self.batch.read_namespaced_job(trainer_name(job), ns, _preload_content=False)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        return json.loads(resp.data)
 
     def list_pods(self, ns: str, job: str) -> list[dict[str, Any]]:
-        """Trainer pods of the job."""
+        """Trainer pods of the job (raw JSON, as read_job)."""
         selector = f"{JOB_NAME_LABEL}={job},{COMPONENT_LABEL}=trainer"
-        return [self.to_dict(p) for p in self.core.list_namespaced_pod(ns, label_selector=selector).items]
+        resp = self.core.list_namespaced_pod(ns, label_selector=selector, _preload_content=False)
+        return list(json.loads(resp.data).get("items") or [])
 
     def other_children_exist(self, ns: str, job: str) -> bool:
         """Whether the ConfigMap or Service still exist."""

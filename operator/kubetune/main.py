@@ -106,7 +106,7 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
 # Reconcile passes are blocking client calls run in threads: this many run at once (the default executor has
 # only cpu+4 threads, which serialized a burst of new FineTuneJobs behind a handful of passes), over as many
 # pooled connections.
-RECONCILE_THREADS = 32
+RECONCILE_THREADS = 12
 
 
 def load_kube_client() -> Any:
