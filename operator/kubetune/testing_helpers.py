@@ -7,6 +7,7 @@ import http.server
 import json
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client
@@ -161,6 +162,17 @@ def free_gpus_by_node(api: client.ApiClient, product: str) -> dict[str, int]:
     return free
 
 
+def gpu_type_with_free_gpus(api: client.ApiClient, gpus: int, products: tuple[str, ...] = (
+        "NVIDIA-L4", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3")) -> str:
+    """The first GPU product (in the given order) with a node that has `gpus` unrequested GPUs, so a test does not
+    depend on what earlier tests' jobs (in namespaces still terminating) hold; raises when none has."""
+    free = {product: max(free_gpus_by_node(api, product).values(), default=0) for product in products}
+    for product in products:
+        if free[product] >= gpus:
+            return product
+    raise RuntimeError(f"no node has {gpus} free GPUs: {free}")
+
+
 def wait_for_free_gpus(api: client.ApiClient, product: str, gpus: int, timeout: float = 120) -> None:
     """Wait until one node of this GPU product has `gpus` unrequested GPUs (jobs of earlier tests in namespaces
     still being deleted can hold a small GPU type for a while)."""
@@ -168,3 +180,30 @@ def wait_for_free_gpus(api: client.ApiClient, product: str, gpus: int, timeout: 
 
     wait_for(lambda: max(free_gpus_by_node(api, product).values(), default=0) >= gpus, timeout,
              lambda: f"{gpus} free {product} GPU(s) on one node; free now: {free_gpus_by_node(api, product)}")
+
+
+def wait_phase(ftj: FtjClient, ns: str, name: str, phase: str, timeout: float = 40) -> dict[str, Any]:
+    """Wait for the FineTuneJob's status.phase == phase; the timeout message shows the last status."""
+    from kubetune.devcluster.testing import wait_for
+
+    last: dict[str, Any] = {}
+
+    def check() -> dict[str, Any] | None:
+        nonlocal last
+        last = ftj.status(ns, name)
+        return last if last.get("phase") == phase else None
+
+    return wait_for(check, timeout, lambda: f"{ns}/{name} phase {phase}; last status: {json.dumps(last)[:1500]}")
+
+
+ARGOCD_HEALTH_SCRIPT = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "argocd" / "health-finetunejob.lua"
+
+
+def argocd_health(obj: dict[str, Any]) -> tuple[str, str]:
+    """Run the chart's Argo CD health check (Lua, via lupa from the dev extra) on a FineTuneJob: (status, message)."""
+    import lupa
+
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    hs = lua.execute(ARGOCD_HEALTH_SCRIPT.read_text())
+    return hs["status"], hs["message"]

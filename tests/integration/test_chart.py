@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from kubetune.devcluster.binaries import helm_binary
 from kubetune.devcluster.testing import wait_for
 
 pytestmark = pytest.mark.integration
@@ -27,14 +26,6 @@ CHART = ROOT / "charts" / "kubetune"
 MONITORING_CRDS = ROOT / "tests" / "data" / "prometheus-operator-crds"
 
 
-def helm_binary() -> str | None:
-    """helm from $KUBETUNE_BIN_DIR, ~/.cache/kubetune/bin/current or PATH."""
-    dirs = [os.environ.get("KUBETUNE_BIN_DIR", ""),
-            str(Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "bin" / "current")]
-    for d in filter(None, dirs):
-        if os.access(Path(d) / "helm", os.X_OK):
-            return str(Path(d) / "helm")
-    return shutil.which("helm")
 
 
 HELM = helm_binary()

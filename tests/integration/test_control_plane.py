@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,39 @@ def test_deleting_owner_garbage_collects_children(k8s, namespace):
     wait_for(children_gone, 60, lambda: "owner's children deleted; left: "
              f"{[c.metadata.name for c in core.list_namespaced_config_map(namespace).items]} "
              f"{[p.metadata.name for p in core.list_namespaced_pod(namespace).items]}")
+
+
+def test_deleting_a_namespace_with_a_running_job_frees_its_pods_and_gpus(k8s):
+    """Pods of a deleted Job are killed as a kubelet would (KWOK stage kubetune-pod-kill), so the Job controller
+    drops its tracking finalizer and the pods, with the GPUs they hold, go away instead of staying Running and
+    Terminating forever (which also kept the namespace Terminating)."""
+    core, batch = client.CoreV1Api(k8s), client.BatchV1Api(k8s)
+    ns = f"doomed-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": ns}})
+    wait_for(lambda: core.read_namespaced_service_account("default", ns), 30, "default service account")
+    batch.create_namespaced_job(ns, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "doomed"},
+                                     "spec": {"backoffLimit": 0, "template": {"spec": _pod("x", gpus=1)["spec"]},
+                                              # as the operator's trainer Jobs have: with a pod failure policy the
+                                              # Job controller keeps a deleted pod's finalizer until it is terminal
+                                              "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                                                  "containerName": "main", "operator": "In", "values": [3]}}]}}})
+
+    def running():
+        return [p for p in core.list_namespaced_pod(ns).items if p.status.phase == "Running"]
+    pod = wait_for(running, 60, "running pod of job doomed")[0]
+    assert "batch.kubernetes.io/job-tracking" in (pod.metadata.finalizers or [])
+    core.delete_namespace(ns)
+
+    def gone():
+        try:
+            core.read_namespace(ns)
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    def left():
+        return [(p.metadata.name, p.status.phase, p.metadata.finalizers) for p in core.list_namespaced_pod(ns).items]
+    wait_for(gone, 90, lambda: f"namespace {ns} deleted; pods left: {left()}")
 
 
 @pytest.mark.parametrize("exit_code,message,phase,reason", [(0, "all good", "Succeeded", "Completed"),

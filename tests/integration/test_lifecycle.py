@@ -12,7 +12,8 @@ from kubernetes.client.rest import ApiException
 
 from kubetune.devcluster.testing import complete_pod, wait_for
 from kubetune.operator_process import OperatorProcess, install_crds
-from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json
+from kubetune.testing_helpers import (FtjClient, ProgressServer, argocd_health, free_port, ftj_manifest, summary_json,
+                                      wait_phase)
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +52,6 @@ def ftj(k8s, operator, progress):
     return FtjClient(k8s)
 
 
-def wait_phase(ftj: FtjClient, ns: str, name: str, phase: str, timeout: float = 30) -> dict:
-    """Wait for status.phase == phase; the timeout message shows the last status."""
-    last: dict = {}
-
-    def check():
-        nonlocal last
-        last = ftj.status(ns, name)
-        return last if last.get("phase") == phase else None
-
-    return wait_for(check, timeout, lambda: f"{ns}/{name} phase {phase}; last status: {json.dumps(last)[:1500]}")
 
 
 def wait_running_pod(ftj: FtjClient, ns: str, name: str, index: int = 0, timeout: float = 30):
@@ -87,9 +78,12 @@ def test_job_runs_pending_to_running_to_succeeded(ftj, k8s, namespace):
     pod1 = wait_running_pod(ftj, namespace, "demo", 1)
     assert pod0.spec.hostname == "demo-trainer-0" and pod0.spec.subdomain == "demo-trainer"
     assert pod0.spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    # The chart's Argo CD health check judges the real objects: Progressing while running, Healthy when done.
+    assert argocd_health(ftj.get(namespace, "demo"))[0] == "Progressing"
     complete_pod(k8s, namespace, pod1.metadata.name)
     complete_pod(k8s, namespace, pod0.metadata.name, message=summary_json("demo"))
     st = wait_phase(ftj, namespace, "demo", "Succeeded")
+    assert argocd_health(ftj.get(namespace, "demo"))[0] == "Healthy"
     assert st["artifacts"] == {"adapter": "s3://outputs/demo/final/adapter",
                                "metrics": "s3://outputs/demo/final/metrics.json"}
     assert st["metrics"]["trainLoss"] == 1.23 and st["metrics"]["perplexity"] == 3.7
@@ -119,6 +113,8 @@ def test_failing_pods_are_retried_then_job_fails_with_pod_message(ftj, k8s, name
     assert "NonFiniteLoss" in st["message"] and "loss became NaN at step 17" in st["message"]
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and "loss became NaN" in failed["message"]
+    health, message = argocd_health(ftj.get(namespace, "flaky"))
+    assert health == "Degraded" and "BackoffLimitExceeded" in message, message
     assert ("BackoffLimitExceeded" in [r for r, _ in ftj.events(namespace, "flaky")])
 
 
@@ -177,6 +173,7 @@ def test_suspend_and_resume(ftj, namespace):
     wait_phase(ftj, namespace, "pausable", "Running")
     ftj.patch_spec(namespace, "pausable", {"suspend": True})
     st = wait_phase(ftj, namespace, "pausable", "Suspended")
+    assert argocd_health(ftj.get(namespace, "pausable"))[0] == "Suspended"
     assert ftj.batch.read_namespaced_job("pausable-trainer", namespace).spec.suspend is True
     wait_for(lambda: not ftj.pods(namespace, "pausable", "Running"), 30, "trainer pods stopped")
     assert st["accounting"].get("runningSince") is None

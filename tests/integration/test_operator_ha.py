@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -25,9 +24,10 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.builders import JOB_NAME_LABEL
+from kubetune.devcluster.binaries import helm_binary
 from kubetune.devcluster.testing import complete_pod, wait_for
 from kubetune.operator_process import OperatorProcess, install_crds
-from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json
+from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json, wait_phase
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +35,6 @@ LEASE_SECONDS = 4  # short, so a takeover after a crash is quick; the standby po
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
 
 
-def helm_binary() -> str | None:
-    """helm from $KUBETUNE_BIN_DIR, ~/.cache/kubetune/bin/current or PATH."""
-    dirs = [os.environ.get("KUBETUNE_BIN_DIR", ""),
-            str(Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "bin" / "current")]
-    for d in filter(None, dirs):
-        if os.access(Path(d) / "helm", os.X_OK):
-            return str(Path(d) / "helm")
-    return shutil.which("helm")
 
 
 class Replicas:
@@ -108,16 +100,6 @@ def read_lease(k8s: Any, ns: str, name: str) -> Any:
     return client.CoordinationV1Api(k8s).read_namespaced_lease(name, ns)
 
 
-def wait_phase(ftj: FtjClient, ns: str, name: str, phase: str, timeout: float = 40) -> dict:
-    """Wait for status.phase; the timeout message shows the last status."""
-    last: dict = {}
-
-    def check():
-        nonlocal last
-        last = ftj.status(ns, name)
-        return last if last.get("phase") == phase else None
-
-    return wait_for(check, timeout, lambda: f"{ns}/{name} phase {phase}; last status: {str(last)[:1200]}")
 
 
 def wait_running_pods(ftj: FtjClient, ns: str, name: str, count: int, timeout: float = 40) -> list:

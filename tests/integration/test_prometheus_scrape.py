@@ -5,7 +5,6 @@ chart's alert rules (rendered by helm, loaded into that Prometheus) must evaluat
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import urllib.parse
@@ -17,10 +16,11 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
+from kubetune.devcluster.binaries import helm_binary
 from kubetune.devcluster.testing import complete_pod, wait_for
 from kubetune.operator_process import REPO_ROOT, OperatorProcess, install_crds
 from kubetune.testing_helpers import (FtjClient, ProgressServer, free_port, ftj_manifest, summary_json,
-                                      wait_for_free_gpus)
+                                      gpu_type_with_free_gpus, wait_phase)
 
 SCRAPE_JOB = "kubetune-operator"  # the `job` label Prometheus gives the operator target
 RELEASE_NS = "kubetune-system"  # namespace the chart is rendered for (static label on the target)
@@ -28,13 +28,6 @@ PROMETHEUS = shutil.which("prometheus")
 KUBE_VERSION = "1.33.13"  # the devcluster's; helm built without ldflags would assume 1.20
 
 
-def helm_binary() -> str | None:
-    """helm from $KUBETUNE_BIN_DIR, ~/.cache/kubetune/bin/current or PATH."""
-    dirs = [os.environ.get("KUBETUNE_BIN_DIR", ""), str(Path.home() / ".cache" / "kubetune" / "bin" / "current")]
-    for d in filter(None, dirs):
-        if (Path(d) / "helm").is_file():
-            return str(Path(d) / "helm")
-    return shutil.which("helm")
 
 
 HELM = helm_binary()
@@ -189,16 +182,6 @@ def prometheus(operator, tmp_path) -> Iterator[PrometheusServer]:
         print(server.log_text()[-2000:])
 
 
-def wait_phase(ftj: FtjClient, ns: str, name: str, phase: str, timeout: float = 40) -> dict:
-    """Wait for status.phase; the timeout message shows the last status."""
-    last: dict = {}
-
-    def check():
-        nonlocal last
-        last = ftj.status(ns, name)
-        return last if last.get("phase") == phase else None
-
-    return wait_for(check, timeout, lambda: f"{ns}/{name} phase {phase}; last status: {str(last)[:1200]}")
 
 
 def test_prometheus_scrapes_operator_series_and_chart_alerts_fire(prometheus, operator, progress, k8s, namespace):
@@ -219,12 +202,12 @@ def test_prometheus_scrapes_operator_series_and_chart_alerts_fire(prometheus, op
     progress.set({"version": 1, "phase": "training", "step": 40, "totalSteps": 100, "epoch": 0.4,
                   "trainLoss": 1.9, "evalLoss": None, "learningRate": 0.0002, "tokens": 40960,
                   "tokensPerSecond": 2100.0, "etaSeconds": 38.0, "checkpoint": {"step": 0, "uri": ""}})
-    wait_for_free_gpus(k8s, "NVIDIA-L4", 2)
-    ftj.create(ns, ftj_manifest("scraped", gpus=2))
+    gpu_type = gpu_type_with_free_gpus(k8s, 2)  # jobs of earlier tests may still hold the small L4 nodes
+    ftj.create(ns, ftj_manifest("scraped", gpus=2, gpu_type=gpu_type))
     wait_phase(ftj, ns, "scraped", "Running")
     job_sel = f'namespace="{ns}",name="scraped"'
     prom.wait_value('kubetune_jobs{phase="Running"}', lambda v: v == 1)
-    assert prom.wait_value('kubetune_gpus_requested{gpu_type="NVIDIA-L4"}', lambda v: v == 2) == 2
+    assert prom.wait_value(f'kubetune_gpus_requested{{gpu_type="{gpu_type}"}}', lambda v: v == 2) == 2
     prom.wait_value(f"kubetune_job_progress_ratio{{{job_sel}}}", lambda v: v == 0.4)
     prom.wait_value(f"kubetune_job_tokens_per_second{{{job_sel}}}", lambda v: v == 2100)
     prom.wait_value(f"kubetune_job_train_loss{{{job_sel}}}", lambda v: v == 1.9)
@@ -254,8 +237,7 @@ def test_prometheus_scrapes_operator_series_and_chart_alerts_fire(prometheus, op
 
     # A trainer data error fails a second job: Failed=1 and the chart's KubetuneJobFailed fires.
     progress.set(None)
-    wait_for_free_gpus(k8s, "NVIDIA-L4", 1)
-    ftj.create(ns, ftj_manifest("broken"))
+    ftj.create(ns, ftj_manifest("broken", gpu_type=gpu_type_with_free_gpus(k8s, 1)))
     pod = wait_for(lambda: ftj.running_pod(ns, "broken", 0), 40, "running trainer pod of broken")
     complete_pod(k8s, ns, pod.metadata.name, exit_code=3,
                  message=summary_json("broken", status="Failed", reason="DataError", message="bad line 3", step=0))

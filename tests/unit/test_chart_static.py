@@ -5,7 +5,6 @@ helm, promtool and lupa are required (each test skips with the reason when one i
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kubetune.devcluster.binaries import helm_binary
 import yaml
 
 pytestmark = pytest.mark.unit
@@ -22,16 +23,6 @@ CHART = ROOT / "charts" / "kubetune"
 KUBE_VERSION = "1.33.13"  # the devcluster's version; helm built without ldflags defaults to 1.20
 
 
-def helm_binary() -> str | None:
-    """helm from $KUBETUNE_BIN_DIR, ~/.cache/kubetune/bin/current or PATH."""
-    candidates = []
-    if os.environ.get("KUBETUNE_BIN_DIR"):
-        candidates.append(Path(os.environ["KUBETUNE_BIN_DIR"]) / "helm")
-    candidates.append(Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "bin" / "current" / "helm")
-    for c in candidates:
-        if os.access(c, os.X_OK):
-            return str(c)
-    return shutil.which("helm")
 
 
 HELM = helm_binary()
@@ -519,11 +510,11 @@ LUA_SCRIPT = CHART / "argocd" / "health-finetunejob.lua"
 
 def argocd_health(obj: dict[str, Any]) -> tuple[str, str]:
     """Run the Argo CD health script on a FineTuneJob dict; (status, message)."""
-    lupa = pytest.importorskip("lupa", reason="lupa (dev extra) is not installed")
-    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
-    lua.globals().obj = lua.table_from(obj, recursive=True)
-    hs = lua.execute(LUA_SCRIPT.read_text())
-    return hs["status"], hs["message"]
+    pytest.importorskip("lupa", reason="lupa (dev extra) is not installed")
+    from kubetune.testing_helpers import ARGOCD_HEALTH_SCRIPT, argocd_health as run_script
+
+    assert ARGOCD_HEALTH_SCRIPT == LUA_SCRIPT
+    return run_script(obj)
 
 
 def _ftj(generation: int, status: dict[str, Any] | None) -> dict[str, Any]:

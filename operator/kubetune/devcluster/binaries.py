@@ -34,3 +34,14 @@ def find_bin_dir(build: bool = False) -> Path:
         raise FileNotFoundError(f"control-plane binaries {missing} not found in {bin_dir}: run devcluster/build.sh "
                                 "(or scripts/bootstrap.sh) or set KUBETUNE_BIN_DIR")
     return bin_dir
+
+
+def helm_binary() -> str | None:
+    """helm from $KUBETUNE_BIN_DIR, ~/.cache/kubetune/bin/current or PATH (None when there is none)."""
+    import shutil
+
+    dirs = [os.environ.get("KUBETUNE_BIN_DIR", ""), str(_cache_dir() / "bin" / "current")]
+    for d in filter(None, dirs):
+        if os.access(Path(d) / "helm", os.X_OK):
+            return str(Path(d) / "helm")
+    return shutil.which("helm")
