@@ -47,3 +47,29 @@ def test_readme_links_exist():
         if target.startswith("http"):
             continue
         assert (ROOT / target).exists(), target
+
+
+def _helm_lines() -> list[str]:
+    text = README.replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(("helm install", "helm upgrade"))]
+
+
+@pytest.mark.parametrize("line", _helm_lines())
+def test_readme_helm_values_render(line):
+    from kubetune.devcluster.binaries import helm_binary
+
+    helm = helm_binary()
+    if helm is None:
+        pytest.skip("helm not found (devcluster/build.sh builds it into ~/.cache/kubetune/bin/current)")
+    args = shlex.split(line.split("#", 1)[0])
+    sets = [a for i, a in enumerate(args) if i > 0 and args[i - 1] == "--set"]
+    assert sets or "helm install kubetune charts/kubetune -n kubetune --create-namespace" == " ".join(args)
+    cmd = [helm, "template", "kubetune", str(ROOT / "charts" / "kubetune"), "-n", "kubetune", "--kube-version", "1.33.0"]
+    for s in sets:
+        cmd += ["--set", s]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    if "watchNamespaces" in line:
+        assert "kind: Role\n" in result.stdout
+    if "monitoring." in line:
+        assert "kind: ServiceMonitor" in result.stdout and "kind: PrometheusRule" in result.stdout
