@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO_ROOT / "crds"
@@ -75,6 +76,18 @@ class OperatorProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"operator did not log {needle!r} in {timeout}s:\n" + self.log_text()[-3000:])
             time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def leading(self, timeout: float = 60, log_tail: int = 4000) -> Iterator["OperatorProcess"]:
+        """Start, wait until it leads (holds its Lease), and on exit stop it and print its log tail (pytest shows
+        it for a failing test)."""
+        self.start()
+        try:
+            self.wait_for_log("leading as", timeout)
+            yield self
+        finally:
+            self.stop()
+            print(self.log_text()[-log_tail:])
 
     def kill(self) -> None:
         """SIGKILL (a crash: no Lease release, no cleanup)."""

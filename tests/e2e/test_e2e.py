@@ -53,13 +53,8 @@ def operator(cluster, process_nodes, tmp_path_factory):
         "--lease-name", f"e2e-{uuid.uuid4().hex[:6]}", "--lease-seconds", "5",
         "--cpu-node-selector", "kubetune.io/process-node=true",
     ], log)
-    op.start()
-    try:
-        op.wait_for_log("leading as", 60)
+    with op.leading():
         yield op
-    finally:
-        op.stop()
-        print(op.log_text()[-4000:])
 
 
 @pytest.fixture

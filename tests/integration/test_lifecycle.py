@@ -36,14 +36,9 @@ def operator(cluster, progress, tmp_path_factory):
         "--lease-namespace", "default", "--lease-name", f"lifecycle-{uuid.uuid4().hex[:6]}",
         "--lease-seconds", "5", "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
     ], log)
-    op.start()
     op.metrics_port = metrics_port
-    try:
-        op.wait_for_log("leading as", 60)
+    with op.leading():
         yield op
-    finally:
-        op.stop()
-        print(op.log_text()[-4000:])
 
 
 @pytest.fixture

@@ -160,13 +160,8 @@ def operator(cluster, namespace, progress, tmp_path) -> Iterator[OperatorProcess
         "--metrics-port", str(free_port()), "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
     ], tmp_path / "operator.log")
     op.metrics_port = int(op.args[op.args.index("--metrics-port") + 1])
-    op.start()
-    try:
-        op.wait_for_log("leading as", 60)
+    with op.leading(log_tail=3000):
         yield op
-    finally:
-        op.stop()
-        print(op.log_text()[-3000:])
 
 
 @pytest.fixture

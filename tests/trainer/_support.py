@@ -123,3 +123,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def use_trainer_env(monkeypatch, tmp: Path, plan_path: Path) -> dict[str, str]:
+    """Set this process's environment as `trainer_env` describes (for running `cli.run_worker()` in-process)."""
+    env = trainer_env(tmp, plan_path)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "KUBETUNE_METRICS_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("KUBETUNE_PLAN", "KUBETUNE_WORK_DIR", "KUBETUNE_TERMINATION_LOG", "KUBETUNE_PVC_ROOT",
+                "DS_ACCELERATOR"):
+        monkeypatch.setenv(key, env[key])
+    return env

@@ -432,18 +432,14 @@ def test_data_error_fails_the_run_with_reason_file_and_line(tmp_path, tokenizer,
     """Contract §5: a data error is a permanent failure (exit 3) whose summary names the file and line."""
     from kubetune_trainer import cli
 
-    from ._support import make_plan, read_summary, trainer_env, write_plan
+    from ._support import make_plan, read_summary, use_trainer_env, write_plan
 
     model_dir = tmp_path / "model"
     tokenizer.save_pretrained(str(model_dir))  # the run fails before the model is loaded
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps(spell(12)) + "\n" + json.dumps(spell(13)) + "\nnot json\n")
     plan_path = write_plan(tmp_path / "plan.json", make_plan(model_dir, data, tmp_path / "out"))
-    env = trainer_env(tmp_path, plan_path)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "KUBETUNE_METRICS_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    for key in ("KUBETUNE_PLAN", "KUBETUNE_WORK_DIR", "KUBETUNE_TERMINATION_LOG", "KUBETUNE_PVC_ROOT"):
-        monkeypatch.setenv(key, env[key])
+    use_trainer_env(monkeypatch, tmp_path, plan_path)
     assert cli.run_worker() == cli.PERMANENT_FAILURE_EXIT
     summary = read_summary(tmp_path)
     assert summary["status"] == "Failed" and summary["reason"] == "DataError"
@@ -456,18 +452,13 @@ def test_packed_dataset_trains_through_the_recipe(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     from kubetune_trainer import cli
 
-    from ._support import build_model, make_plan, read_summary, trainer_env, write_dataset, write_plan
+    from ._support import build_model, make_plan, read_summary, use_trainer_env, write_dataset, write_plan
 
     model_dir = build_model(tmp_path / "model", hidden=32)
     data = write_dataset(tmp_path / "d.jsonl", n=60)
     out = tmp_path / "out"
     plan = make_plan(model_dir, data, out, "lora", maxSteps=3, microBatchSize=2, packing=True, maxSeqLength=96)
-    env = trainer_env(tmp_path, write_plan(tmp_path / "plan.json", plan))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "KUBETUNE_METRICS_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    for key in ("KUBETUNE_PLAN", "KUBETUNE_WORK_DIR", "KUBETUNE_TERMINATION_LOG", "KUBETUNE_PVC_ROOT",
-                "DS_ACCELERATOR"):
-        monkeypatch.setenv(key, env[key])
+    use_trainer_env(monkeypatch, tmp_path, write_plan(tmp_path / "plan.json", plan))
     assert cli.run_worker() == 0, read_summary(tmp_path)
     summary = read_summary(tmp_path)
     report = json.loads((out / "final" / "metrics.json").read_text())["data"]

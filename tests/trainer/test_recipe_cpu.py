@@ -15,7 +15,8 @@ pytest.importorskip("peft")
 
 from kubetune_trainer import cli  # noqa: E402
 
-from ._support import build_model, losses, make_plan, read_summary, trainer_env, write_dataset, write_plan  # noqa: E402
+from ._support import (build_model, losses, make_plan, read_summary, use_trainer_env, write_dataset,  # noqa: E402
+                       write_plan)
 
 SUMMARY_KEYS = {"version", "status", "reason", "message", "step", "totalSteps", "epoch", "trainLoss", "evalLoss",
                 "perplexity", "tokens", "runtimeSeconds", "tokensPerSecond", "artifacts", "checkpoint"}
@@ -30,12 +31,7 @@ def assets(tmp_path_factory):
 def run_in_process(tmp_path, monkeypatch, plan: dict) -> tuple[int, dict]:
     """Run `kubetune-train run` in this process; returns (exit code, summary)."""
     plan_path = write_plan(tmp_path / "plan.json", plan)
-    env = trainer_env(tmp_path, plan_path)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "KUBETUNE_METRICS_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    for key in ("KUBETUNE_PLAN", "KUBETUNE_WORK_DIR", "KUBETUNE_TERMINATION_LOG", "KUBETUNE_PVC_ROOT",
-                "DS_ACCELERATOR"):
-        monkeypatch.setenv(key, env[key])
+    use_trainer_env(monkeypatch, tmp_path, plan_path)
     code = cli.run_worker()
     return code, read_summary(tmp_path)
 

@@ -15,7 +15,7 @@ import pytest
 from kubetune_trainer import checkpoints
 from kubetune_trainer.summary import MAX_SUMMARY_BYTES, build_summary, encode_summary, failure_summary, write_summary
 
-from ._support import build_model, make_plan, trainer_env, write_dataset, write_plan
+from ._support import build_model, make_plan, use_trainer_env, write_dataset, write_plan
 
 SUMMARY_KEYS = {"version", "status", "reason", "message", "step", "totalSteps", "epoch", "trainLoss", "evalLoss",
                 "perplexity", "tokens", "runtimeSeconds", "tokensPerSecond", "artifacts", "checkpoint"}
@@ -112,12 +112,7 @@ def _run(tmp: Path, monkeypatch, plan: dict, metrics_port: str | None = None) ->
     from kubetune_trainer import cli
 
     tmp.mkdir(parents=True, exist_ok=True)
-    env = trainer_env(tmp, write_plan(tmp / "plan.json", plan))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "KUBETUNE_METRICS_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    for key in ("KUBETUNE_PLAN", "KUBETUNE_WORK_DIR", "KUBETUNE_TERMINATION_LOG", "KUBETUNE_PVC_ROOT",
-                "DS_ACCELERATOR"):
-        monkeypatch.setenv(key, env[key])
+    use_trainer_env(monkeypatch, tmp, write_plan(tmp / "plan.json", plan))
     if metrics_port is not None:
         monkeypatch.setenv("KUBETUNE_METRICS_PORT", metrics_port)
     code = cli.run_worker()
