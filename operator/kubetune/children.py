@@ -24,10 +24,6 @@ class ChildClient:
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
 
-    def to_dict(self, obj: Any) -> dict[str, Any]:
-        """A client model as a plain k8s JSON dict."""
-        return self.api.sanitize_for_serialization(obj)
-
     def read_job(self, ns: str, job: str) -> dict[str, Any] | None:
         """The child Job, or None (raw JSON: every pass reads it, and client models would only be converted
         back to dicts)."""
