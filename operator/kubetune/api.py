@@ -86,6 +86,11 @@ class TrainingSpec(_Model):
     checkpoint_every_steps: int = 200
     eval_every_steps: int = 0
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    # Speed features: no CRD default (absent = off / transformers' default); the plan carries them only when
+    # set (builders.SPEED_FIELD_DEFAULTS).
+    attention_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    torch_compile: bool = False
+    liger_kernels: bool = False
 
     @field_validator("learning_rate", mode="before")
     @classmethod

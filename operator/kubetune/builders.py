@@ -27,6 +27,10 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune"}
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 # Spec fields that do not change what the trainer runs (so they are not part of the spec hash).
 LIFECYCLE_FIELDS = ("suspend", "cancel", "ttlSecondsAfterFinished")
+# spec.training fields added after the first release, with their defaults. The plan carries them only when they
+# differ, so plans of jobs that do not use them stay readable by older trainer images (which reject unknown keys).
+SPEED_FIELD_DEFAULTS: dict[str, Any] = {"attentionImplementation": "auto", "torchCompile": False,
+                                        "ligerKernels": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +107,9 @@ def build_plan(ref: JobRef, spec: FineTuneJobSpec, layout: Layout) -> dict[str, 
     """The training plan JSON (docs/contracts.md §2)."""
     training = spec.training.dump()
     training["learningRate"] = float(spec.training.learning_rate)
+    for key, default in SPEED_FIELD_DEFAULTS.items():
+        if training.get(key) == default:
+            del training[key]  # only the speed features a job asks for (older trainer images reject the keys)
     if spec.training.max_steps > 0:
         training["epochs"] = 0
     lora = spec.effective_lora()

@@ -57,13 +57,19 @@ def lora_target_modules(names: list[str]) -> str | list[str]:
     return list(names)
 
 
-def load_base_model(model_dir: str, plan: Plan, precision: str, device, quantize: bool | None = None):
-    """Load the base causal LM for the plan's method on `device` (QLoRA: quantized with bitsandbytes)."""
+def load_base_model(model_dir: str, plan: Plan, precision: str, device, quantize: bool | None = None,
+                    attn_implementation: str | None = None):
+    """Load the base causal LM for the plan's method on `device` (QLoRA: quantized with bitsandbytes).
+
+    `attn_implementation` (sdpa|eager|flash_attention_2) is passed to from_pretrained; None keeps its default.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     quantize = plan.method == "qlora" if quantize is None else quantize
     kwargs: dict[str, Any] = {"trust_remote_code": plan.model.trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if quantize:
         assert plan.quantization is not None
         kwargs["quantization_config"] = bnb_config(plan.quantization)

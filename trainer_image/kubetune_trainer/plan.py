@@ -86,6 +86,10 @@ class TrainingPlan(_Model):
     checkpoint_every_steps: int = Field(default=200, ge=1)
     eval_every_steps: int = Field(default=0, ge=0)
     early_stopping: EarlyStoppingPlan = Field(default_factory=EarlyStoppingPlan)
+    # Speed features (optional; absent = today's behaviour). Where each applies: kubetune_trainer.speedups.
+    attention_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    torch_compile: bool = False
+    liger_kernels: bool = False
 
     @field_validator("learning_rate", mode="before")
     @classmethod
@@ -174,6 +178,10 @@ class Plan(_Model):
             raise PlanError("lora: only allowed for methods lora/qlora (method is full)")
         if self.output.merge_adapter and self.method == "full":
             raise PlanError("output.mergeAdapter: only meaningful for methods lora/qlora")
+        if self.training.torch_compile and self.distributed.strategy == "deepspeed":
+            raise PlanError("training.torchCompile: not supported with distributed.strategy deepspeed (ZeRO's "
+                            "parameter hooks and torch.compile are not combined by this trainer); "
+                            "use strategy ddp or turn torchCompile off")
         if self.method == "qlora" and self.distributed.zero_stage == 3:
             raise PlanError("distributed.zeroStage: ZeRO-3 cannot shard bitsandbytes-quantized weights; "
                             "use zeroStage 2 or ddp for qlora")

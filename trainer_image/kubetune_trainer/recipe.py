@@ -24,6 +24,7 @@ from typing import Any
 
 from kubetune_trainer.errors import NonFiniteLossError, PlanError
 from kubetune_trainer.plan import Plan
+from kubetune_trainer.speedups import SpeedReport
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -130,6 +131,8 @@ class FineTuneRecipe:
         self._dist = False
         self._shards: dict[int, list[int]] = {}
         self.data_report: dict[str, Any] = {}
+        self.speed = SpeedReport(attention_requested=plan.training.attention_implementation)
+        self.attn_implementation: str | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -154,6 +157,7 @@ class FineTuneRecipe:
         if cuda:
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(self.t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+        self._check_speed_features(cuda)
         self.strategy = self.plan.distributed.strategy
         if self.strategy == "none" and self.env.world_size > 1:
             raise PlanError(f"distributed.strategy: none, but {self.env.world_size} processes were launched")
@@ -167,6 +171,17 @@ class FineTuneRecipe:
         self._load_data()
         self._build_model_and_engine()
         self._resume()
+
+    def _check_speed_features(self, cuda: bool) -> None:
+        """Refuse speed features that cannot run here (InvalidPlan) before any data or model is loaded."""
+        from kubetune_trainer.speedups import compiler_problem, package_available, resolve_attention
+
+        self.attn_implementation = resolve_attention(self.t.attention_implementation, cuda=cuda,
+                                                     precision=self.precision,
+                                                     flash_attn_installed=package_available("flash_attn"))
+        problem = compiler_problem(cuda=cuda) if self.t.torch_compile else ""
+        if problem:
+            raise PlanError(f"training.torchCompile: {problem}; install one or turn torchCompile off")
 
     def _init_distributed(self) -> None:
         import torch
@@ -231,14 +246,25 @@ class FineTuneRecipe:
         from kubetune_trainer.engine import DeepSpeedEngine, NativeEngine
         from kubetune_trainer.methods import (apply_method, build_optimizer, build_scheduler, load_base_model,
                                               parameter_groups)
+        from kubetune_trainer.speedups import apply_liger, compile_in_place
 
         self._set_phase("loading model")
-        model = load_base_model(str(self.model_dir), self.plan, self.precision, self.device)
+        cuda = self.device.type == "cuda"
+        model = load_base_model(str(self.model_dir), self.plan, self.precision, self.device,
+                                attn_implementation=self.attn_implementation)
+        zero_stage = self.plan.distributed.zero_stage if self.strategy == "deepspeed" else 0
+        apply_liger(model, enabled=self.t.liger_kernels, cuda=cuda, zero_stage=zero_stage, report=self.speed)
         model = apply_method(model, self.plan)
+        self.speed.attention_implementation = str(getattr(model.config, "_attn_implementation", ""))
+        if self.t.torch_compile:
+            # After LoRA wrapping and gradient checkpointing, before DDP: the compiled graph covers the adapters.
+            model = compile_in_place(model, cuda=cuda, report=self.speed)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        log.info("method %s: %d trainable of %d parameters; precision %s; strategy %s x%d",
-                 self.plan.method, n_train, n_all, self.precision, self.strategy, self.env.world_size)
+        log.info("method %s: %d trainable of %d parameters; precision %s; strategy %s x%d; attention %s; "
+                 "torch.compile %s; Liger %s", self.plan.method, n_train, n_all, self.precision, self.strategy,
+                 self.env.world_size, self.speed.attention_implementation, self.speed.torch_compile,
+                 self.speed.liger_kernels)
         groups = parameter_groups(model, self.t.weight_decay)
         ds = self.plan.distributed
         ds_cpu_adam = (self.strategy == "deepspeed" and ds.offload_optimizer and torch.cuda.is_available()
@@ -567,6 +593,7 @@ class FineTuneRecipe:
             "earlyStopped": r.early_stopped, "stopMessage": r.stop_message,
             "peakGpuMemoryBytes": _peak_gpu_memory(), "artifacts": r.artifacts,
             "history": r.history, "evalHistory": r.eval_history, "data": self.data_report,
+            "speed": self.speed.to_json(),
         }
 
     def _release_model(self) -> None:
