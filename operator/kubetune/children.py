@@ -46,7 +46,7 @@ class ChildClient:
         for read, name in ((self.core.read_namespaced_config_map, plan_name(job)),
                            (self.core.read_namespaced_service, trainer_name(job))):
             try:
-                read(name, ns)
+                read(name, ns, _preload_content=False)
                 return True
             except ApiException as exc:
                 if exc.status != 404:
@@ -59,32 +59,38 @@ class ChildClient:
         resp = self.core.list_node(resource_version="0", _preload_content=False)
         return list(json.loads(resp.data).get("items") or [])
 
-    def apply(self, obj: dict[str, Any]) -> str:
-        """Create a child; if it exists keep it (Job, Service) or update its data (ConfigMap)."""
+    def apply(self, obj: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """Create a child; if it exists keep it (Job, Service) or update its data (ConfigMap).
+
+        Returns what happened ("created" | "updated" | "exists") and, for a created Job, the Job as the
+        apiserver returned it (raw JSON: no client models are built for responses nobody reads)."""
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         create = {"ConfigMap": self.core.create_namespaced_config_map,
                   "Service": self.core.create_namespaced_service,
                   "Job": self.batch.create_namespaced_job}[kind]
         try:
-            create(ns, obj)
-            return "created"
+            resp = create(ns, obj, _preload_content=False)
+            return "created", json.loads(resp.data) if kind == "Job" else None
         except ApiException as exc:
             if exc.status != 409:
                 raise
         if kind == "ConfigMap":
             self.core.patch_namespaced_config_map(name, ns, {"data": obj["data"],
-                                                             "metadata": {"labels": obj["metadata"]["labels"]}})
-            return "updated"
-        return "exists"
+                                                             "metadata": {"labels": obj["metadata"]["labels"]}},
+                                                  _preload_content=False)
+            return "updated", None
+        return "exists", None
 
     def set_job_suspend(self, ns: str, job: str, value: bool) -> None:
         """Patch the Job's .spec.suspend."""
-        self.batch.patch_namespaced_job(trainer_name(job), ns, {"spec": {"suspend": value}})
+        self.batch.patch_namespaced_job(trainer_name(job), ns, {"spec": {"suspend": value}},
+                                        _preload_content=False)
 
     def delete_job(self, ns: str, job: str) -> None:
         """Delete the Job; its pods go with it (background propagation)."""
         try:
-            self.batch.delete_namespaced_job(trainer_name(job), ns, propagation_policy="Background")
+            self.batch.delete_namespaced_job(trainer_name(job), ns, propagation_policy="Background",
+                                             _preload_content=False)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -95,7 +101,7 @@ class ChildClient:
         for delete, name in ((self.core.delete_namespaced_service, trainer_name(job)),
                              (self.core.delete_namespaced_config_map, plan_name(job))):
             try:
-                delete(name, ns)
+                delete(name, ns, _preload_content=False)
             except ApiException as exc:
                 if exc.status != 404:
                     raise

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
-import threading
 import time
 import uuid
 from typing import Any
@@ -21,10 +21,11 @@ from pydantic import ValidationError
 from kubetune import API_GROUP, API_VERSION, PLURAL
 from kubetune import conditions as C
 from kubetune import reasons as R
-from kubetune.api import TERMINAL_PHASES, parse_spec
-from kubetune.builders import JOB_NAME_LABEL, MANAGED_BY, METRICS_PORT, BuildConfig, JobRef, build_children
+from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
+from kubetune.builders import MANAGED_BY, METRICS_PORT, BuildConfig, JobRef, build_children
+from kubetune.cache import ClusterCache
 from kubetune.children import ChildClient, fetch_progress, merge_patch, rank0_address
-from kubetune.layout import size_job_layout
+from kubetune.fleet_sizer import FleetSizer
 from kubetune.metrics import OperatorMetrics
 from kubetune.reconcile import Decision, Observed, decide, iso, parse_time, status_changed
 
@@ -46,8 +47,16 @@ class OperatorConfig:
     node_cache_seconds: float = 5.0  # how long one Node list serves sizing passes
 
 
+class StaleCache(Exception):
+    """The cache was behind the apiserver (a child already existed, or the status write conflicted); the
+    entry was refreshed and the pass must run again."""
+
+
 class Reconciler:
-    """Runs reconcile passes, at most one at a time per FineTuneJob, coalescing extra triggers."""
+    """Runs reconcile passes, at most one at a time per FineTuneJob, coalescing extra triggers.
+
+    Passes read the FineTuneJob, its Job and its pods from `cache` (fed by kopf's watch events) and
+    write only what changed: a new job costs three creates, one status patch and one Event."""
 
     def __init__(self, api: client.ApiClient, config: OperatorConfig, metrics: OperatorMetrics) -> None:
         self.api = api
@@ -55,20 +64,11 @@ class Reconciler:
         self.metrics = metrics
         self.children = ChildClient(api)
         self.objects = client.CustomObjectsApi(api)
+        self.cache = ClusterCache()
+        self.sizer = FleetSizer(self.children.list_nodes, config.node_cache_seconds)
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str]] = set()
-        self._nodes_lock = threading.Lock()
-        self._nodes: tuple[float, list[dict[str, Any]]] | None = None
-
-    def nodes(self) -> list[dict[str, Any]]:
-        """The cluster's Nodes for sizing, listed at most once per `node_cache_seconds`: a burst of new
-        FineTuneJobs shares one list instead of each pass listing every node (the scheduler still places pods
-        on live data; a layout sized on a list a few seconds old is at worst re-sized on the next retry)."""
-        with self._nodes_lock:
-            now = time.monotonic()
-            if self._nodes is None or now - self._nodes[0] > self.config.node_cache_seconds:
-                self._nodes = (now, self.children.list_nodes())
-            return self._nodes[1]
+        self._progress_at: dict[tuple[str, str], float] = {}
 
     async def run(self, namespace: str, name: str) -> Decision | None:
         """Reconcile one FineTuneJob now (waits for a pass already in flight)."""
@@ -83,6 +83,8 @@ class Reconciler:
                 raise
             finally:
                 self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+                if not self.cache.has_ftj(key) and not lock.locked() and key not in self._pending:
+                    self._locks.pop(key, None)
 
     def kick(self, namespace: str, name: str) -> None:
         """Schedule a pass soon; triggers arriving while one is queued are merged."""
@@ -104,14 +106,52 @@ class Reconciler:
     # --- the pass itself (worker thread) -------------------------------------------------------
 
     def reconcile_sync(self, ns: str, name: str) -> Decision | None:
-        """Read, decide, act, write status once (only if it changed)."""
-        try:
-            obj = self.objects.get_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                self.metrics.forget_job(ns, name)
-                return None
-            raise
+        """One pass; re-run (at most twice) when the cache turned out to be behind the apiserver."""
+        for _ in range(2):
+            try:
+                return self._pass(ns, name)
+            except StaleCache as exc:
+                log.debug("%s/%s: %s; running the pass again", ns, name, exc)
+        return self._pass(ns, name)
+
+    def _observe_children(self, ns: str, name: str, status: dict[str, Any], spec: FineTuneJobSpec) -> Observed:
+        """The Job and pods of a FineTuneJob from the cache; read once from the apiserver the first time
+        this operator sees the job (its watches may not have delivered them yet)."""
+        key = (ns, name)
+        synced, job, pods = self.cache.children(key)
+        if not synced:
+            phase = status.get("phase") or ""
+            if phase:
+                log.info("%s/%s: resuming a job in phase %s", ns, name, phase)
+            # Children may exist from before this operator started: read them once, unless the job is
+            # finished and nothing is left to do with them (no cancel to carry out, no TTL pending).
+            settled = phase in TERMINAL_PHASES and phase != "Cancelled" and not (
+                spec.ttl_seconds_after_finished > 0 and not status.get("childrenDeleted"))
+            if status.get("layout") and not settled:
+                job = self.children.read_job(ns, name)
+                self.cache.store_job(key, job)
+                pods = self.children.list_pods(ns, name) if job is not None else []
+                self.cache.store_pods(key, pods)
+                synced, job, pods = self.cache.children(key)
+            self.cache.mark_synced(key)
+        return Observed(job=job, pods=pods if job is not None else [])
+
+    def _progress_due(self, key: tuple[str, str]) -> bool:
+        """Poll a running job's /progress at most about once per resync period, not on every pod event."""
+        now = time.monotonic()
+        if now - self._progress_at.get(key, float("-inf")) < 0.9 * self.config.resync_seconds:
+            return False
+        self._progress_at[key] = now
+        return True
+
+    def _pass(self, ns: str, name: str) -> Decision | None:
+        """Read (from the cache), decide, act, write status once (only if it changed)."""
+        key = (ns, name)
+        obj = self.cache.ftj(key)
+        if obj is None:
+            self.metrics.forget_job(ns, name)
+            self._progress_at.pop(key, None)
+            return None
         meta, spec_dict = obj["metadata"], obj.get("spec") or {}
         status = obj.get("status") or {}
         now = dt.datetime.now(dt.timezone.utc)
@@ -121,16 +161,17 @@ class Reconciler:
             self._write_invalid(obj, str(exc), now)
             return None
         cfg = self.config
-        observed = Observed(job=self.children.read_job(ns, name))
+        observed = self._observe_children(ns, name, status, spec)
         if observed.job is not None:
-            observed.pods = self.children.list_pods(ns, name)
             observed.children_exist = True
             if (status.get("phase") not in TERMINAL_PHASES and not spec.cancel
                     and not spec.suspend):
                 host = cfg.progress_host or rank0_address(observed.pods)
-                if host and any((p.get("status") or {}).get("phase") == "Running" for p in observed.pods):
+                if host and any((p.get("status") or {}).get("phase") == "Running" for p in observed.pods) \
+                        and self._progress_due(key):
                     observed.progress = fetch_progress(host, cfg.progress_port, cfg.progress_timeout)
-        elif status.get("phase") in TERMINAL_PHASES and spec.ttl_seconds_after_finished > 0:
+        elif status.get("phase") in TERMINAL_PHASES and spec.ttl_seconds_after_finished > 0 \
+                and not status.get("childrenDeleted"):
             observed.children_exist = self.children.other_children_exist(ns, name)
         labels = meta.get("labels") or {}
         args = dict(name=name, generation=int(meta.get("generation") or 0), labels=labels,
@@ -138,7 +179,7 @@ class Reconciler:
                     sizing_retry_seconds=cfg.sizing_retry_seconds)
         decision = decide(observed=observed, **args)
         if decision.needs_sizing:
-            outcome = size_job_layout(spec_dict, spec, self.nodes())
+            outcome = self.sizer.size(spec_dict, spec)
             observed.sizing = outcome
             if outcome.fits and outcome.layout is not None:
                 ref = JobRef(name, ns, meta["uid"], labels)
@@ -148,8 +189,13 @@ class Reconciler:
             decision = decide(observed=observed, **args)
         for action in decision.actions:
             if action.kind == "apply" and action.obj is not None:
-                result = self.children.apply(action.obj)
+                result, created = self.children.apply(action.obj)
                 log.info("%s/%s: %s %s %s", ns, name, result, action.obj["kind"], action.obj["metadata"]["name"])
+                if action.obj["kind"] == "Job":
+                    if created is None:  # it existed although the cache had none: follow it instead
+                        self.cache.store_job(key, self.children.read_job(ns, name))
+                        raise StaleCache("the trainer Job already exists")
+                    self.cache.store_job(key, created)
             elif action.kind == "suspend_job":
                 self.children.set_job_suspend(ns, name, bool(action.value))
             elif action.kind == "delete_job":
@@ -157,17 +203,44 @@ class Reconciler:
             elif action.kind == "delete_children":
                 self.children.delete_children(ns, name)
         if status_changed(status, decision.status):
-            self._patch_status(ns, name, status, decision.status)
+            self._patch_status(obj, decision.status)
         for etype, reason, message in decision.events:
             self.post_event(obj, etype, reason, message)
-        created = parse_time(meta.get("creationTimestamp"))
+        created_at = parse_time(meta.get("creationTimestamp"))
         self.metrics.observe_job(ns, name, decision.status,
-                                 (now - created).total_seconds() if created else None, previous=status)
+                                 (now - created_at).total_seconds() if created_at else None, previous=status)
         return decision
 
-    def _patch_status(self, ns: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
-        patch = {"status": merge_patch(old, new)}
-        self.objects.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, ns, PLURAL, name, patch)
+    def _patch_status(self, obj: dict[str, Any], new: dict[str, Any]) -> None:
+        """Merge-patch the status from what the pass read to `new`, on the condition that the FineTuneJob is
+        still at the resourceVersion read (else the cache was behind: refresh it and run the pass again)."""
+        meta = obj["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                 "status": merge_patch(obj.get("status") or {}, new)}
+        try:
+            resp = self.objects.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, ns, PLURAL, name,
+                                                                      patch, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 409:
+                self._refresh_ftj(ns, name)
+                raise StaleCache("the FineTuneJob changed since the cache saw it") from exc
+            if exc.status == 404:
+                self.cache.forget_ftj((ns, name))
+                return
+            raise
+        self.cache.store_ftj(json.loads(resp.data))
+
+    def _refresh_ftj(self, ns: str, name: str) -> None:
+        try:
+            resp = self.objects.get_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL, name,
+                                                             _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                self.cache.forget_ftj((ns, name))
+                return
+            raise
+        self.cache.store_ftj(json.loads(resp.data))
 
     def _write_invalid(self, obj: dict[str, Any], error: str, now: dt.datetime) -> None:
         meta, status = obj["metadata"], obj.get("status") or {}
@@ -179,7 +252,7 @@ class Reconciler:
                    conditions=C.merge_conditions(status.get("conditions"), [
                        C.make_condition(C.FAILED, True, R.INVALID_SPEC, message, now=iso(now), generation=gen),
                        C.make_condition(C.READY, False, R.INVALID_SPEC, message, now=iso(now), generation=gen)]))
-        self._patch_status(meta["namespace"], meta["name"], status, new)
+        self._patch_status(obj, new)
         self.post_event(obj, "Warning", R.INVALID_SPEC, message)
 
     def post_event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
@@ -196,39 +269,32 @@ class Reconciler:
             "reportingInstance": os.environ.get("POD_NAME", "kubetune-operator"),
         }
         try:
-            self.children.core.create_namespaced_event(meta["namespace"], body)
+            self.children.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
         except ApiException as exc:
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
         log.info("%s/%s: %s %s: %s", meta["namespace"], meta["name"], etype, reason, message)
 
-    def list_jobs(self) -> list[dict[str, Any]]:
-        """FineTuneJobs in the watched namespaces."""
-        if not self.config.namespaces:
-            rsp = self.objects.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
-            return list(rsp.get("items") or [])
-        items: list[dict[str, Any]] = []
-        for ns in self.config.namespaces:
-            rsp = self.objects.list_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL)
-            items.extend(rsp.get("items") or [])
-        return items
+    def due_for_resync(self) -> list[tuple[str, str]]:
+        """FineTuneJobs the periodic resync should reconcile: active, waiting for their TTL, or cancelled
+        (whose Job may still be there)."""
+        keys = []
+        for obj in self.cache.ftjs():
+            status, spec = obj.get("status") or {}, obj.get("spec") or {}
+            active = status.get("phase") not in TERMINAL_PHASES
+            ttl_pending = bool(spec.get("ttlSecondsAfterFinished")) and not status.get("childrenDeleted")
+            cancelling = status.get("phase") == "Cancelled"
+            if active or ttl_pending or cancelling:
+                meta = obj["metadata"]
+                keys.append((meta["namespace"], meta["name"]))
+        return keys
 
     async def resync_forever(self) -> None:
-        """Every resync interval, reconcile jobs that are active or waiting for their TTL."""
+        """Every resync interval, reconcile jobs that are active or waiting for their TTL (from the cache:
+        the watches keep it current, so a resync costs no apiserver reads)."""
         while True:
             await asyncio.sleep(self.config.resync_seconds)
-            try:
-                items = await asyncio.to_thread(self.list_jobs)
-            except Exception:  # noqa: BLE001 - the next round retries
-                log.exception("listing FineTuneJobs failed")
-                continue
-            for obj in items:
-                status, spec = obj.get("status") or {}, obj.get("spec") or {}
-                active = status.get("phase") not in TERMINAL_PHASES
-                ttl_pending = bool(spec.get("ttlSecondsAfterFinished")) and not status.get("childrenDeleted")
-                cancelling = status.get("phase") == "Cancelled"
-                if active or ttl_pending or cancelling:
-                    meta = obj["metadata"]
-                    self.kick(meta["namespace"], meta["name"])
+            for namespace, name in self.due_for_resync():
+                self.kick(namespace, name)
 
 
 # --- kopf wiring ---------------------------------------------------------------------------------
@@ -262,27 +328,30 @@ async def cleanup(memo: Any, **_: Any) -> None:
         flag.set_result(None)
 
 
-@kopf.on.resume(API_GROUP, API_VERSION, PLURAL, registry=registry)
-@kopf.on.create(API_GROUP, API_VERSION, PLURAL, registry=registry)
-@kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec", registry=registry)
-async def reconcile_handler(name: str, namespace: str, memo: Any, **_: Any) -> None:
-    """Reconcile a FineTuneJob; retry later while no GPU layout fits."""
-    decision = await _reconciler(memo).run(namespace, name)
-    if decision is not None and decision.retry_after and decision.status.get("phase") == "Pending":
-        raise kopf.TemporaryError(f"{decision.status.get('reason')}: {decision.status.get('message')}",
-                                  delay=decision.retry_after)
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
+async def finetunejob_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    """A FineTuneJob was listed, created, changed or deleted: cache it and reconcile it.
 
-
-@kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True, registry=registry)
-async def forget(name: str, namespace: str, memo: Any, **_: Any) -> None:
-    """Drop a deleted FineTuneJob from the metrics (children go by garbage collection)."""
-    _reconciler(memo).metrics.forget_job(namespace, name)
+    A level-based pass per event instead of kopf's create/update/resume handlers: those would make kopf
+    patch its bookkeeping annotations onto every FineTuneJob (one more write per job); sizing retries and
+    progress come from the periodic resync."""
+    obj = event.get("object") or {}
+    meta = obj.get("metadata") or {}
+    if _reconciler(memo).cache.observe_ftj(event.get("type"), obj) and meta.get("name"):
+        _reconciler(memo).kick(meta.get("namespace") or "", meta["name"])
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY, registry=registry)
+async def job_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    """A child Job changed: cache it and reconcile its FineTuneJob."""
+    key = _reconciler(memo).cache.observe_job(event.get("type"), event.get("object") or {})
+    if key is not None:
+        _reconciler(memo).kick(*key)
+
+
 @kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=registry)
-async def child_changed(labels: dict[str, str], namespace: str, memo: Any, **_: Any) -> None:
-    """A child Job or trainer pod changed: reconcile its FineTuneJob."""
-    owner = labels.get(JOB_NAME_LABEL)
-    if owner:
-        _reconciler(memo).kick(namespace, owner)
+async def pod_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    """A trainer pod changed: cache it and reconcile its FineTuneJob."""
+    key = _reconciler(memo).cache.observe_pod(event.get("type"), event.get("object") or {})
+    if key is not None:
+        _reconciler(memo).kick(*key)

@@ -116,8 +116,9 @@ class SizingOutcome:
 
 
 def size_job_layout(spec_dict: dict[str, Any], spec: FineTuneJobSpec,
-                    nodes: list[dict[str, Any]]) -> SizingOutcome:
-    """Size a job against the cluster's Nodes; fall back to spec.resources when the sizer is missing."""
+                    nodes: list[dict[str, Any]], *, fleet: Any = None) -> SizingOutcome:
+    """Size a job against the cluster's Nodes (or a Fleet already built from them); fall back to
+    spec.resources when the sizer is missing."""
     try:
         from kubetune.sizing import fleet_from_nodes, size_job
     except ImportError as exc:
@@ -130,7 +131,7 @@ def size_job_layout(spec_dict: dict[str, Any], spec: FineTuneJobSpec,
             spec_dict = apply_spec_defaults(spec_dict)
         except ImportError:
             pass
-        decision = size_job(spec_dict, fleet_from_nodes(nodes))
+        decision = size_job(spec_dict, fleet if fleet is not None else fleet_from_nodes(nodes))
         plan_status = dict(decision.to_status())
     except Exception as exc:  # the sizer is pure; an error means the spec cannot be sized
         if spec.resources.pins_layout():

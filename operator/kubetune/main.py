@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        for noisy in ("kubernetes", "urllib3", "aiohttp"):
+        # kopf.objects logs "Handler ... succeeded" at INFO for every watch event of every job, pod and
+        # FineTuneJob: thousands of lines in a burst. Its warnings and errors (failed handlers) still show.
+        for noisy in ("kubernetes", "urllib3", "aiohttp", "kopf.objects"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return asyncio.run(run_operator(args))

@@ -26,6 +26,10 @@ JOB_FAILURE_REASONS = {
 }
 
 
+# Reasons that get no Event when the phase stays the same (see decide's set_phase).
+QUIET_REASONS = frozenset({R.WAITING_FOR_PODS, R.COMPLETING})
+
+
 @dataclasses.dataclass
 class Observed:
     """What the handlers saw in the cluster for one FineTuneJob."""
@@ -213,7 +217,11 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
 
     def set_phase(phase: str, reason: str, message: str, *, warning: bool = False) -> None:
         st["phase"], st["reason"], st["message"] = phase, reason, message
-        if phase != old_phase or reason != old.get("reason"):
+        # An Event per change of phase or reason, except the routine steps inside a phase (children
+        # created -> waiting for pods, pods finished -> Job completing): those only cost an apiserver write
+        # per job in a burst and tell nothing the next Event does not.
+        routine = phase == old_phase and reason in QUIET_REASONS
+        if (phase != old_phase or reason != old.get("reason")) and not routine:
             out.events.append(("Warning" if warning else "Normal", reason,
                                f"{phase}: {message}" if message else phase))
 

@@ -1,0 +1,83 @@
+"""Sizing against a recent snapshot of the cluster's GPU nodes, shared by a burst of new FineTuneJobs.
+
+Sizing one job against 250 nodes cost ~18 ms: half grouping the Node objects into GPU pools, half the
+layout search. A burst of 1,000 jobs repeated both for every job. Here the pools are built once per node
+snapshot (at most every `ttl_seconds`) and outcomes are memoized per snapshot by the part of the spec the
+sizer reads, so a sweep of jobs that differ only in data, output or learning-rate-like fields sizes once.
+The scheduler still places pods on live data; a layout sized on a snapshot a few seconds old is at worst
+re-sized on the next retry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from typing import Any, Callable
+
+from kubetune.api import FineTuneJobSpec
+from kubetune.layout import SizingOutcome, size_job_layout
+
+# The spec fields the sizer and the layout read (kubetune.sizing.size_job, kubetune.layout). Anything
+# else (dataset, output, image, secrets, suspend, cancel, limits, TTL) cannot change a layout.
+SIZING_FIELDS = ("model", "method", "lora", "quantization", "training", "resources", "distributed")
+MEMO_LIMIT = 512
+
+
+def sizing_key(spec_dict: dict[str, Any]) -> str:
+    """The memo key of a spec: its sizing fields as canonical JSON."""
+    return json.dumps({k: spec_dict.get(k) for k in SIZING_FIELDS}, sort_keys=True, default=str)
+
+
+def _build_fleet(nodes: list[dict[str, Any]]) -> Any:
+    try:
+        from kubetune.sizing import fleet_from_nodes
+    except ImportError:  # the layout falls back to spec.resources; nothing to pre-build
+        return None
+    return fleet_from_nodes(nodes)
+
+
+class FleetSizer:
+    """size(spec_dict, spec) -> SizingOutcome against a node snapshot refreshed at most every ttl_seconds."""
+
+    def __init__(self, list_nodes: Callable[[], list[dict[str, Any]]], ttl_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._list_nodes = list_nodes
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._taken = float("-inf")
+        self._nodes: list[dict[str, Any]] = []
+        self._fleet: Any = None
+        self._memo: dict[str, SizingOutcome] = {}
+        self.hits = 0
+        self.misses = 0
+        self.snapshots = 0
+
+    def _snapshot(self) -> tuple[list[dict[str, Any]], Any, dict[str, SizingOutcome]]:
+        with self._lock:
+            now = self._clock()
+            if now - self._taken > self._ttl:
+                nodes = self._list_nodes()
+                self._nodes, self._fleet, self._memo = nodes, _build_fleet(nodes), {}
+                self._taken = now
+                self.snapshots += 1
+            return self._nodes, self._fleet, self._memo
+
+    def size(self, spec_dict: dict[str, Any], spec: FineTuneJobSpec) -> SizingOutcome:
+        """The layout for this spec on the current snapshot (a private copy: callers may change it)."""
+        nodes, fleet, memo = self._snapshot()
+        key = sizing_key(spec_dict)
+        with self._lock:
+            hit = memo.get(key)
+        if hit is not None:
+            self.hits += 1
+            return copy.deepcopy(hit)
+        self.misses += 1
+        outcome = size_job_layout(spec_dict, spec, nodes, fleet=fleet)
+        with self._lock:
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            memo[key] = outcome
+        return copy.deepcopy(outcome)
