@@ -1,0 +1,252 @@
+"""Unit tests of the operator's watch-fed cache (kubetune.cache) and the snapshot sizer (kubetune.fleet_sizer)."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+
+import pytest
+
+from kubetune.api import parse_spec
+from kubetune.builders import BuildConfig, JobRef, build_children
+from kubetune.cache import ClusterCache, slim_ftj, slim_job, slim_pod
+from kubetune.devcluster.fleet import generate_fleet, node_manifests
+from kubetune.fleet_sizer import SIZING_FIELDS, FleetSizer, sizing_key
+from kubetune.layout import Layout, size_job_layout
+from kubetune.reconcile import Observed, decide
+
+pytestmark = pytest.mark.unit
+
+NS = "team"
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+SPEC = {
+    "model": {"uri": "hf://meta-llama/Llama-3.1-8B"},
+    "dataset": {"uri": "s3://data/train.jsonl"},
+    "method": "lora",
+    "training": {"maxSteps": 100, "learningRate": "2e-4"},
+    "output": {"uri": "s3://out/run"},
+}
+LAYOUT = Layout(gpu_type="NVIDIA-L4", gpus_per_pod=1, pods=2, strategy="ddp",
+                node_selector={"nvidia.com/gpu.product": "NVIDIA-L4"})
+
+
+def ftj(rv: str, *, uid: str = "ftj-uid", phase: str = "", name: str = "demo") -> dict:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": NS, "uid": uid, "resourceVersion": rv, "generation": 1,
+                         "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": json.dumps(SPEC),
+                                         "team.example/owner": "alice"}},
+            "spec": copy.deepcopy(SPEC), "status": {"phase": phase} if phase else {}}
+
+
+def full_job(rv: str = "10", *, uid: str = "job-uid", conditions: list | None = None) -> dict:
+    """The trainer Job as the apiserver returns it (rendered children plus server-side fields)."""
+    job = copy.deepcopy(build_children(JobRef("demo", NS, "ftj-uid"), SPEC, parse_spec(SPEC), LAYOUT,
+                                       BuildConfig())[2])
+    job["metadata"].update(uid=uid, resourceVersion=rv, creationTimestamp="2026-01-01T11:59:00Z",
+                           managedFields=[{"manager": "kubetune-operator"}])
+    job["status"] = {"active": 2, "ready": 2, "startTime": "2026-01-01T11:59:01Z",
+                     "conditions": conditions or []}
+    return job
+
+
+def full_pod(index: int, phase: str, rv: str = "20", *, summary: dict | None = None, exit_code: int = 0,
+             unschedulable: bool = False, job_uid: str = "job-uid") -> dict:
+    """A trainer pod with the bulk a real one carries (spec, managedFields, all conditions)."""
+    job = full_job()
+    status: dict = {"phase": phase, "podIP": f"10.0.0.{index + 5}", "hostIP": "10.1.0.1", "qosClass": "Burstable",
+                    "startTime": "2026-01-01T11:59:02Z",
+                    "conditions": [{"type": "Initialized", "status": "True"},
+                                   {"type": "PodScheduled", "status": "False" if unschedulable else "True",
+                                    "reason": "Unschedulable" if unschedulable else "",
+                                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+                                    if unschedulable else ""}]}
+    if phase in ("Succeeded", "Failed"):
+        status["containerStatuses"] = [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x",
+                                        "state": {"terminated": {"exitCode": exit_code, "reason": "Completed",
+                                                                 "message": json.dumps(summary or {}),
+                                                                 "startedAt": "2026-01-01T11:59:03Z"}}}]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"demo-trainer-{index}-abcde", "namespace": NS, "uid": f"pod-{index}",
+                         "resourceVersion": rv, "creationTimestamp": f"2026-01-01T11:59:0{index}Z",
+                         "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
+                         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo-trainer",
+                                              "uid": job_uid, "controller": True}],
+                         "managedFields": [{"manager": "kube-controller-manager"}]},
+            "spec": copy.deepcopy(job["spec"]["template"]["spec"]), "status": status}
+
+
+def decide_with(job: dict | None, pods: list[dict], status: dict) -> tuple:
+    d = decide(name="demo", generation=1, labels={}, spec_dict=copy.deepcopy(SPEC), spec=parse_spec(SPEC),
+               status=copy.deepcopy(status), observed=Observed(job=job, pods=pods, children_exist=True), now=T0)
+    return d.status, [(a.kind, a.value) for a in d.actions], d.events
+
+
+SCENARIOS = {
+    "running": (full_job(), [full_pod(0, "Running"), full_pod(1, "Running")], {"phase": "Pending"}),
+    "unschedulable": (full_job(), [full_pod(0, "Pending", unschedulable=True)], {"phase": "Pending"}),
+    "succeeded": (full_job(conditions=[{"type": "Complete", "status": "True"}]),
+                  [full_pod(0, "Succeeded", summary={"status": "Succeeded", "step": 100, "trainLoss": 1.5,
+                                                     "artifacts": {"adapter": "s3://out/run/final/adapter"}}),
+                   full_pod(1, "Succeeded")], {"phase": "Running"}),
+    "retrying": (full_job(), [full_pod(0, "Failed", exit_code=1,
+                                       summary={"status": "Failed", "reason": "NonFiniteLoss", "message": "NaN"}),
+                              full_pod(1, "Running", rv="21")], {"phase": "Running"}),
+    "foreign pods": (full_job(), [full_pod(0, "Running", job_uid="old-job")], {"phase": "Pending"}),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_slim_copies_decide_exactly_like_the_full_objects(scenario):
+    job, pods, status = SCENARIOS[scenario]
+    full = decide_with(job, pods, status)
+    slim = decide_with(slim_job(job), [slim_pod(p) for p in pods], status)
+    assert slim == full
+    assert len(json.dumps(slim_pod(pods[0]))) * 4 < len(json.dumps(pods[0]))  # the point of slimming
+
+
+def test_slim_ftj_drops_managed_fields_and_last_applied_only():
+    obj = slim_ftj(ftj("5"))
+    assert "managedFields" not in obj["metadata"]
+    assert obj["metadata"]["annotations"] == {"team.example/owner": "alice"}
+    assert obj["spec"] == SPEC and obj["metadata"]["resourceVersion"] == "5"
+
+
+def test_own_write_echo_and_older_events_are_not_news_but_newer_ones_are():
+    cache = ClusterCache()
+    assert cache.observe_ftj(None, ftj("5")) is True  # listed at start
+    cache.store_ftj(ftj("7", phase="Pending"))  # the response of our status patch
+    assert cache.observe_ftj("MODIFIED", ftj("7", phase="Pending")) is False  # its watch echo
+    assert cache.observe_ftj("MODIFIED", ftj("6")) is False  # an older event arriving late
+    assert cache.ftj((NS, "demo"))["status"]["phase"] == "Pending"
+    assert cache.observe_ftj("MODIFIED", ftj("9", phase="Running")) is True  # someone else's change
+    assert cache.ftj((NS, "demo"))["status"]["phase"] == "Running"
+    cache.store_ftj(ftj("8", phase="Pending"))  # a write-through older than what the watch delivered
+    assert cache.ftj((NS, "demo"))["status"]["phase"] == "Running"
+
+
+def test_recreated_object_with_the_same_name_replaces_the_old_one():
+    cache = ClusterCache()
+    cache.observe_ftj("ADDED", ftj("50"))
+    assert cache.observe_ftj("DELETED", ftj("40", uid="older-uid")) is True  # not the cached object
+    assert cache.has_ftj((NS, "demo"))
+    assert cache.observe_ftj("DELETED", ftj("51")) is True
+    assert not cache.has_ftj((NS, "demo")) and cache.ftj((NS, "demo")) is None
+    assert cache.observe_ftj("ADDED", ftj("3", uid="new-uid")) is True  # new uid: news whatever its version
+    assert cache.ftj((NS, "demo"))["metadata"]["uid"] == "new-uid"
+
+
+def test_children_follow_events_by_owner_label_and_reads_are_copies():
+    cache = ClusterCache()
+    key = (NS, "demo")
+    assert cache.children(key) == (False, None, [])
+    assert cache.observe_job("ADDED", full_job("10")) == key
+    assert cache.observe_pod("ADDED", full_pod(0, "Pending", rv="11")) == key
+    assert cache.observe_pod("MODIFIED", full_pod(0, "Running", rv="12")) == key
+    assert cache.observe_pod("MODIFIED", full_pod(0, "Pending", rv="11")) == key  # stale: ignored
+    cache.mark_synced(key)
+    synced, job, pods = cache.children(key)
+    assert synced and job["metadata"]["uid"] == "job-uid"
+    assert [p["status"]["phase"] for p in pods] == ["Running"]
+    pods[0]["status"]["phase"] = "Failed"
+    job["status"]["failed"] = 9
+    assert cache.children(key)[2][0]["status"]["phase"] == "Running"
+    assert "failed" not in cache.children(key)[1]["status"]
+    cache.observe_pod("DELETED", full_pod(0, "Running", rv="13"))
+    cache.observe_job("DELETED", full_job("14"))
+    assert cache.children(key) == (True, None, [])
+    assert cache.observe_job("ADDED", {"metadata": {"name": "x", "namespace": NS, "labels": {}}}) is None
+    assert cache.sizes() == {"finetunejobs": 0, "jobs": 0, "pods": 0}
+
+
+def test_listed_pods_replace_the_cached_set_but_newer_events_win():
+    cache = ClusterCache()
+    key = (NS, "demo")
+    cache.observe_pod("MODIFIED", full_pod(0, "Running", rv="30"))
+    cache.observe_pod("ADDED", full_pod(1, "Running", rv="31"))
+    cache.store_pods(key, [full_pod(0, "Pending", rv="25")])  # a LIST older than the event for pod 0
+    assert [p["status"]["phase"] for p in cache.children(key)[2]] == ["Running"]  # pod 1 is gone from the LIST
+    cache.store_pods(key, [])
+    assert cache.children(key)[2] == []
+
+
+def test_forgetting_a_finetunejob_drops_its_children_and_sync_mark():
+    cache = ClusterCache()
+    key = (NS, "demo")
+    cache.observe_ftj("ADDED", ftj("1"))
+    cache.store_job(key, full_job("2"))
+    cache.mark_synced(key)
+    cache.forget_ftj(key)
+    assert cache.children(key) == (False, None, [])
+
+
+# --- the snapshot sizer -----------------------------------------------------------------------------
+
+BENCH_SPEC = {
+    "model": {"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"},
+    "dataset": {"uri": "s3://bench/datasets/chats.jsonl", "format": "messages"},
+    "method": "lora",
+    "training": {"epochs": 1, "microBatchSize": 1, "maxSeqLength": 2048, "gradientCheckpointing": True},
+    "output": {"uri": "s3://bench/outputs/run"},
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_lister(nodes: list[dict]):
+    calls = []
+
+    def list_nodes() -> list[dict]:
+        calls.append(1)
+        return nodes
+    return list_nodes, calls
+
+
+def test_sizer_lists_nodes_once_per_snapshot_and_memoizes_by_sizing_fields():
+    nodes = node_manifests(generate_fleet(40))
+    list_nodes, calls = counting_lister(nodes)
+    clock = Clock()
+    sizer = FleetSizer(list_nodes, ttl_seconds=5.0, clock=clock)
+    first = sizer.size(BENCH_SPEC, parse_spec(BENCH_SPEC))
+    direct = size_job_layout(BENCH_SPEC, parse_spec(BENCH_SPEC), nodes)
+    assert first == direct and first.fits
+    other = copy.deepcopy(BENCH_SPEC)
+    other["output"]["uri"], other["dataset"]["uri"] = "s3://elsewhere/out", "s3://elsewhere/data.jsonl"
+    assert sizer.size(other, parse_spec(other)) == first
+    assert (sizer.hits, sizer.misses, len(calls)) == (1, 1, 1)
+    longer = copy.deepcopy(BENCH_SPEC)
+    longer["training"]["maxSeqLength"] = 8192
+    assert sizer.size(longer, parse_spec(longer)) == size_job_layout(longer, parse_spec(longer), nodes)
+    assert sizer.misses == 2
+    clock.now = 6.0  # the snapshot expired: nodes are listed again and the memo starts over
+    sizer.size(BENCH_SPEC, parse_spec(BENCH_SPEC))
+    assert (len(calls), sizer.misses, sizer.snapshots) == (2, 3, 2)
+
+
+def test_sizer_returns_private_copies():
+    sizer = FleetSizer(counting_lister(node_manifests(generate_fleet(10)))[0])
+    first = sizer.size(BENCH_SPEC, parse_spec(BENCH_SPEC))
+    first.plan_status["tampered"] = True
+    assert "tampered" not in sizer.size(BENCH_SPEC, parse_spec(BENCH_SPEC)).plan_status
+
+
+def test_fields_outside_the_sizing_key_do_not_change_the_layout():
+    """Guards SIZING_FIELDS: if the sizer starts reading another spec field, this fails."""
+    nodes = node_manifests(generate_fleet(40))
+    base = size_job_layout(BENCH_SPEC, parse_spec(BENCH_SPEC), nodes)
+    varied = copy.deepcopy(BENCH_SPEC)
+    varied.update(dataset={"uri": "pvc://data/other.jsonl", "format": "alpaca", "evalSplit": 0.2},
+                  output={"uri": "pvc://out/x", "mergeAdapter": True}, image="example/trainer:2",
+                  suspend=True, cancel=False, backoffLimit=9, activeDeadlineSeconds=60, ttlSecondsAfterFinished=5,
+                  secrets={"hfTokenSecretRef": {"name": "hf", "key": "token"}})
+    assert set(varied) - set(SIZING_FIELDS) >= {"dataset", "output", "image", "secrets"}
+    assert sizing_key(varied) == sizing_key(BENCH_SPEC)
+    assert size_job_layout(varied, parse_spec(varied), nodes) == base
