@@ -24,7 +24,7 @@ from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
 from kubetune.builders import MANAGED_BY, METRICS_PORT, BuildConfig, JobRef, build_children
 from kubetune.cache import ClusterCache
-from kubetune.children import ChildClient, fetch_progress, merge_patch, rank0_address
+from kubetune.children import ChildClient, body_of, fetch_progress, merge_patch, rank0_address
 from kubetune.fleet_sizer import FleetSizer
 from kubetune.metrics import OperatorMetrics
 from kubetune.reconcile import Decision, Observed, decide, iso, parse_time, status_changed
@@ -269,7 +269,7 @@ class Reconciler:
             "reportingInstance": os.environ.get("POD_NAME", "kubetune-operator"),
         }
         try:
-            self.children.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
+            body_of(self.children.core.create_namespaced_event(meta["namespace"], body, _preload_content=False))
         except ApiException as exc:
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
         log.info("%s/%s: %s %s: %s", meta["namespace"], meta["name"], etype, reason, message)

@@ -435,5 +435,6 @@ def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     def strip(s: dict[str, Any]) -> dict[str, Any]:
         s = copy.deepcopy(s or {})
         (s.get("progress") or {}).pop("updatedAt", None)
+        (s.get("accounting") or {}).pop("gpuHours", None)  # grows every second while running
         return s
     return strip(old) != strip(new)

@@ -284,6 +284,21 @@ def test_observed_generation_and_status_changed() -> None:
     assert not status_changed(d.status, same)
 
 
+def test_running_gpu_hours_alone_do_not_rewrite_the_status() -> None:
+    """A resync a few seconds later only moves accounting.gpuHours: no write (it is written with the next
+    real change); any real change is still a change."""
+    running = {"phase": "Running", "reason": "PodsRunning", "layout": LAYOUT.to_status(),
+               "accounting": {"runningSince": "2026-01-01T11:00:00Z"}}
+    pods = [pod("Running", 0)]
+    first = run(status=running, observed=Observed(job=job_obj(), pods=pods))
+    later = run(status=first.status, observed=Observed(job=job_obj(), pods=pods), now=T0 + dt.timedelta(seconds=30))
+    assert later.status["accounting"]["gpuHours"] > first.status["accounting"]["gpuHours"]
+    assert not status_changed(first.status, later.status)
+    moved = copy.deepcopy(later.status)
+    moved["progress"] = {"step": 3}
+    assert status_changed(first.status, moved)
+
+
 def test_merge_patch_nulls_removed_keys() -> None:
     old = {"phase": "Running", "accounting": {"runningSince": "t", "tokens": 5}, "conditions": [1]}
     new = {"phase": "Succeeded", "accounting": {"tokens": 5, "runningSeconds": 3.0}, "conditions": [1, 2]}
