@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 
 import pytest
 
@@ -103,22 +104,41 @@ def test_auto_attention_keeps_transformers_default(assets, tmp_path, monkeypatch
     assert metrics["speed"]["attentionImplementation"] == "sdpa"  # transformers 5's default where torch has it
 
 
+def write_fixed_length_dataset(path, n: int = 64, seed: int = 0):
+    """'Repeat: 3 1 4' -> '3 1 4': every example has the same token count, so every batch has one shape."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(n):
+            digits = " ".join(str(rng.randrange(10)) for _ in range(3))
+            fh.write(json.dumps({"messages": [{"role": "user", "content": "Repeat: " + digits},
+                                              {"role": "assistant", "content": digits}]}) + "\n")
+    return path
+
+
+@pytest.mark.slow
 def test_torch_compile_trains_lora_with_gradient_checkpointing(assets, tmp_path, monkeypatch):
-    """Inductor on CPU (C++ kernels); packed blocks keep one input shape, so the run compiles once."""
-    model_dir, data = assets
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))  # cold, as on a fresh node
-    plan = make_plan(model_dir, data, tmp_path / "out", "lora", maxSteps=4, microBatchSize=4, packing=True,
+    """Inductor on CPU (C++ kernels), cold cache as on a fresh node; one input shape, so the run compiles once
+    (50-75 s on 2 shared cores, nearly all compilation; varied lengths would add a dynamic-shape recompile)."""
+    model_dir, _ = assets
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
+    data = write_fixed_length_dataset(tmp_path / "fixed.jsonl")
+    plan = make_plan(model_dir, data, tmp_path / "out", "lora", maxSteps=4, microBatchSize=4,
                      gradientCheckpointing=True, torchCompile=True)
     plan["dataset"]["evalSplit"] = 0.0
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     recipe, metrics = train(tmp_path, monkeypatch, plan)
     model = recipe.model_after_training
     assert model._compiled_call_impl is not None, "the training module was not compiled"
+    assert counters["stats"]["unique_graphs"] >= 1, "torch.compile captured no graph: the model ran eagerly"
     assert metrics["speed"]["torchCompile"] is True
     history = [h["loss"] for h in metrics["history"]]
     assert len(history) == 4 and all(math.isfinite(x) for x in history)
     assert history[-1] < history[0]
-    names = json.loads((tmp_path / "out" / "final" / "adapter" / "adapter_config.json").read_text())
-    assert names["r"] == 8
+    config = json.loads((tmp_path / "out" / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "out" / "final" / "adapter" / "adapter_model.safetensors"))
