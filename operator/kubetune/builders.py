@@ -76,6 +76,13 @@ def master_addr(job: str, namespace: str) -> str:
     return f"{trainer_name(job)}-0.{trainer_name(job)}.{namespace}.svc"
 
 
+def needs_service(layout: Layout) -> bool:
+    """Only a multi-pod run rendezvouses over the network and needs the headless Service; one pod talks
+    to itself on 127.0.0.1. (A Service per single-pod job cost the cluster an Endpoints and an
+    EndpointSlice object and their updates: ~4 of the ~15 apiserver writes per job in a burst.)"""
+    return layout.pods > 1
+
+
 def child_labels(job: str, component: str) -> dict[str, str]:
     """Labels of every child (docs/contracts.md §7)."""
     return {**MANAGED_BY, JOB_NAME_LABEL: job, COMPONENT_LABEL: component}
@@ -181,7 +188,8 @@ def _env(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig) -
         {"name": "KUBETUNE_NODE_RANK", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
         {"name": "KUBETUNE_PROCS_PER_NODE", "value": str(layout.procs_per_node)},
-        {"name": "KUBETUNE_MASTER_ADDR", "value": master_addr(ref.name, ref.namespace)},
+        {"name": "KUBETUNE_MASTER_ADDR",
+         "value": master_addr(ref.name, ref.namespace) if needs_service(layout) else "127.0.0.1"},
         {"name": "KUBETUNE_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": "KUBETUNE_METRICS_PORT", "value": str(METRICS_PORT)},
         {"name": "HF_HOME", "value": f"{cfg.work_dir}/hf"},
@@ -263,7 +271,6 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "subdomain": name,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": cfg.run_as_user,
@@ -272,6 +279,8 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
         "containers": [container],
         "volumes": volumes,
     }
+    if needs_service(layout):
+        pod_spec["subdomain"] = name
     selector = dict(layout.node_selector)
     if layout.gpus_per_pod == 0:
         selector.update(dict(cfg.cpu_node_selector))
@@ -302,7 +311,8 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
 
 def build_children(ref: JobRef, spec_dict: dict[str, Any], spec: FineTuneJobSpec, layout: Layout,
                    cfg: BuildConfig) -> list[dict[str, Any]]:
-    """All children in creation order: ConfigMap, Service, Job (the Job carries the spec hash)."""
+    """All children in creation order: ConfigMap, Service (multi-pod runs only), Job (the Job carries the
+    spec hash, and comes last)."""
     hash_ = spec_hash(spec_dict)
-    return [build_configmap(ref, spec, layout), build_service(ref),
-            build_job(ref, spec, layout, cfg, hash_=hash_)]
+    service = [build_service(ref)] if needs_service(layout) else []
+    return [build_configmap(ref, spec, layout), *service, build_job(ref, spec, layout, cfg, hash_=hash_)]

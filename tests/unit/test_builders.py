@@ -79,7 +79,16 @@ def test_job_invariants(case: str) -> None:
     container = pod["containers"][0]
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] >= 1
-    assert pod["subdomain"] == job["metadata"]["name"]
+    children = _render(case)
+    services = [c for c in children if c["kind"] == "Service"]
+    if spec["completions"] > 1:  # pods rendezvous at pod 0 through the headless Service
+        assert pod["subdomain"] == job["metadata"]["name"] == services[0]["metadata"]["name"]
+        assert services[0]["spec"]["clusterIP"] == "None"
+        assert _env(job)["KUBETUNE_MASTER_ADDR"]["value"].startswith(f"{job['metadata']['name']}-0.")
+    else:  # one pod: no Service, the trainer's processes meet on localhost
+        assert "subdomain" not in pod and services == []
+        assert _env(job)["KUBETUNE_MASTER_ADDR"]["value"] == "127.0.0.1"
+    assert [c["kind"] for c in children] == ["ConfigMap", *(["Service"] if services else []), "Job"]
     assert pod["restartPolicy"] == "Never"
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True

@@ -43,7 +43,7 @@ def ftj(rv: str, *, uid: str = "ftj-uid", phase: str = "", name: str = "demo") -
 def full_job(rv: str = "10", *, uid: str = "job-uid", conditions: list | None = None) -> dict:
     """The trainer Job as the apiserver returns it (rendered children plus server-side fields)."""
     job = copy.deepcopy(build_children(JobRef("demo", NS, "ftj-uid"), SPEC, parse_spec(SPEC), LAYOUT,
-                                       BuildConfig())[2])
+                                       BuildConfig())[-1])
     job["metadata"].update(uid=uid, resourceVersion=rv, creationTimestamp="2026-01-01T11:59:00Z",
                            managedFields=[{"manager": "kubetune-operator"}])
     job["status"] = {"active": 2, "ready": 2, "startTime": "2026-01-01T11:59:01Z",

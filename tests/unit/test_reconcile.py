@@ -49,7 +49,7 @@ def fits(spec: dict | None = None) -> Observed:
 def job_obj(spec: dict | None = None, *, suspend: bool = False, conditions: list | None = None,
             failed: int = 0, completion: str | None = None) -> dict:
     spec = spec or SPEC
-    job = build_children(JobRef("demo", "ns", "uid-1"), spec, parse_spec(spec), LAYOUT, BuildConfig())[2]
+    job = build_children(JobRef("demo", "ns", "uid-1"), spec, parse_spec(spec), LAYOUT, BuildConfig())[-1]
     job = copy.deepcopy(job)
     job["metadata"]["uid"] = "job-uid"
     job["spec"]["suspend"] = suspend
@@ -99,7 +99,7 @@ def test_insufficient_gpu_is_pending_with_reason_suggestion_and_retry() -> None:
 def test_fitting_job_creates_children_once_and_records_layout() -> None:
     d = run(observed=fits())
     kinds = [a.obj["kind"] for a in d.actions if a.kind == "apply"]
-    assert kinds == ["ConfigMap", "Service", "Job"]
+    assert kinds == ["ConfigMap", "Job"]  # one pod: no rendezvous Service
     assert d.status["phase"] == "Pending"
     assert d.status["layout"]["totalGpus"] == 1 and d.status["layout"]["specHash"] == spec_hash(SPEC)
     assert cond_of(d.status, C.SIZED)["status"] == "True"
