@@ -65,6 +65,23 @@ def test_rates_exclude_warmup_and_lengths_follow_position_restarts():
 
 
 @pytest.mark.unit
+def test_rows_per_device_and_row_selection():
+    b = _bench()
+    names = lambda rows: [name for name, _, _ in rows]  # noqa: E731
+    assert names(b.scenarios("cpu")) == ["default", "packing", "gradient_checkpointing", "eager", "torch_compile"]
+    assert names(b.scenarios("cpu", quick=True)) == ["default", "packing", "gradient_checkpointing", "eager"]
+    assert names(b.scenarios("cuda")) == ["default", "packing", "gradient_checkpointing", "eager", "torch_compile",
+                                          "liger", "fp32"]
+    overrides = {name: o for name, _, o in b.scenarios("cuda")}
+    assert overrides["eager"] == {"attentionImplementation": "eager"} and overrides["default"] == {}
+    assert overrides["torch_compile"] == {"torchCompile": True} and overrides["liger"] == {"ligerKernels": True}
+    assert names(b.select_rows(b.scenarios("cpu"), "torch_compile")) == ["default", "torch_compile"]
+    assert names(b.select_rows(b.scenarios("cpu"), "")) == names(b.scenarios("cpu"))
+    with pytest.raises(SystemExit, match="liger"):
+        b.select_rows(b.scenarios("cpu"), "liger")
+
+
+@pytest.mark.unit
 def test_quantized_weights_count_their_logical_elements():
     from types import SimpleNamespace
 
@@ -91,7 +108,8 @@ def test_quick_cpu_run_is_complete_and_kubetune_keeps_pace_with_the_baseline(tmp
     machine = report["machine"]
     assert machine["cpuCount"] >= 1 and machine["cpuModel"] and machine["versions"]["torch"]
     names = [row["name"] for row in report["rows"]]
-    assert names == ["default", "packing", "gradient_checkpointing"]
+    assert names == ["default", "packing", "gradient_checkpointing", "eager"]
+    assert set(report["featureRowsLeftOut"]) == {"torch_compile", "liger", "fp32"}
     timed_steps = report["config"]["steps"] - report["config"]["warmupSteps"]
     for row in report["rows"]:
         kt, hf = row["kubetune"], row["baseline"]
@@ -105,13 +123,15 @@ def test_quick_cpu_run_is_complete_and_kubetune_keeps_pace_with_the_baseline(tmp
         # Same model and method on both sides: the same trainable LoRA parameters out of the same model.
         assert kt["trainableParameters"] == hf["trainableParameters"] > 0
         assert kt["parameters"] == hf["parameters"] > kt["trainableParameters"]
-        assert kt["attnImplementation"] == hf["attnImplementation"]
+        # What each side really ran with: eager only in the eager row, transformers' default (sdpa) elsewhere.
+        assert kt["attnImplementation"] == hf["attnImplementation"] == ("eager" if row["name"] == "eager" else "sdpa")
+        assert kt["torchCompile"] is hf["torchCompile"] is False and kt["ligerKernels"] is hf["ligerKernels"] is False
         assert row["ratio"]["tokensPerSecond"] == pytest.approx(kt["tokensPerSecond"] / hf["tokensPerSecond"], rel=1e-3)
         assert row["ratio"]["peakMemory"] > 0
     default, packing = report["rows"][0], report["rows"][1]
     assert packing["kubetune"]["paddingFraction"] < default["kubetune"]["paddingFraction"]
     assert packing["baseline"]["paddingFraction"] == 0.0
-    assert set(report["featureEffects"]) == {"packing", "gradient_checkpointing"}
+    assert set(report["featureEffects"]) == {"packing", "gradient_checkpointing", "eager"}
 
     # Speed: per-step medians (robust to other jobs' bursts on a shared runner); window ratio in the message.
     speed = default["ratio"]["medianStepTokensPerSecond"]
