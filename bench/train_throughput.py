@@ -1,7 +1,8 @@
 """Training throughput: the kubetune trainer against a plain Hugging Face baseline, side by side in one run.
 
     python bench/train_throughput.py [--quick] [--device cpu|cuda] [--model tiny|<config.json>]
-                                     [--method lora|full|qlora] [--steps N] [--out PATH]
+                                     [--method lora|full|qlora] [--steps N] [--rows NAME,...]
+                                     [--lock-file PATH] [--out PATH]
 
 Both sides train the same model (a seeded random-weight tiny llama, or any config.json with random
 weights), on the same JSONL chat data (a spell-out task with lengths spread up to the maximum sequence
@@ -23,9 +24,13 @@ tokens fed to the model, and times only optimizer steps: from the end of warm-up
 of the last step (wall clock after each optimizer step, CUDA synchronised), so imports, model load,
 data preparation and the first W steps are excluded (setup time is reported separately).
 
-Extra rows show the speed features the plan exposes (training.packing, training.gradientCheckpointing,
-and on CUDA training.precision fp32 vs the default bf16), each measured on both sides in the same run.
-The plan has no attention-implementation field: both sides use transformers' default (recorded per row).
+Extra rows show the speed features the plan exposes, each measured on both sides in the same run with the
+baseline's own way of doing the same: training.packing (baseline: DataCollatorWithFlattening),
+training.gradientCheckpointing, training.attentionImplementation eager against the default sdpa (baseline:
+from_pretrained(attn_implementation="eager")), training.torchCompile (baseline: TrainingArguments
+torch_compile; not in --quick: compiling takes minutes on CPU, inside the warm-up steps), and on CUDA only
+training.ligerKernels (baseline: TrainingArguments use_liger_kernel) and training.precision fp32 vs bf16.
+What each side actually ran with is recorded per side (attnImplementation, torchCompile, ligerKernels).
 On CUDA, MFU is computed against the GPU's dense bf16 peak from a small table (see `PEAK_BF16_TFLOPS`).
 
 Results: bench/results/train_throughput-<device>-<method>.json (or --out) and a printed table.
@@ -312,7 +317,9 @@ def run_kubetune_child(spec: dict) -> dict:
     training_peak = _proc_status_bytes("VmHWM") if reset else None
     losses = [h["loss"] for h in result.history]
     extra = {"side": "kubetune", "precision": recipe.precision, "setupSeconds": round(setup_done - imported, 3),
-             "trainerReportedTokensPerSecond": round(result.tokens_per_second, 3), **numbers}
+             "trainerReportedTokensPerSecond": round(result.tokens_per_second, 3), **numbers,
+             "torchCompile": recipe.speed.torch_compile, "ligerKernels": recipe.speed.liger_kernels,
+             "ligerSkippedReason": recipe.speed.liger_skipped_reason}
     out = _finish(clock, spec, extra, training_peak, losses)
     recipe.cleanup()
     return out
@@ -358,6 +365,8 @@ def run_baseline_child(spec: dict) -> dict:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     kwargs: dict[str, Any] = {}
+    attention = t.get("attentionImplementation", "auto")
+    compile_model, liger = bool(t.get("torchCompile", False)), bool(t.get("ligerKernels", False))
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -370,6 +379,8 @@ def run_baseline_child(spec: dict) -> dict:
         kwargs = {"dtype": dtype}
     else:
         kwargs = {"dtype": torch.float32}
+    if attention != "auto":
+        kwargs["attn_implementation"] = attention
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if method != "qlora" and cuda:
         model.to("cuda")
@@ -419,7 +430,7 @@ def run_baseline_child(spec: dict) -> dict:
         gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=cuda, remove_unused_columns=False,
-        label_names=["labels"], use_cpu=not cuda)
+        label_names=["labels"], use_cpu=not cuda, torch_compile=compile_model, use_liger_kernel=liger)
     if t["packing"]:
         collator = DataCollatorWithFlattening(return_position_ids=True)
     else:
@@ -436,7 +447,8 @@ def run_baseline_child(spec: dict) -> dict:
     numbers = _model_numbers(model)  # after train(): the Trainer enables gradient checkpointing itself
     step_losses = [sum(losses[i:i + gas]) for i in range(0, len(losses), gas)]
     extra = {"side": "baseline", "precision": precision, "setupSeconds": round(setup_done - imported, 3),
-             "collator": type(collator).__name__, **numbers}
+             "collator": type(collator).__name__, **numbers, "torchCompile": bool(args.torch_compile),
+             "ligerKernels": bool(args.use_liger_kernel)}
     return _finish(clock, spec, extra, training_peak, step_losses)
 
 
@@ -541,20 +553,62 @@ def make_plan(model_dir: Path, data: Path, out: Path, method: str, preset: dict,
     return plan
 
 
-def scenarios(device: str) -> list[tuple[str, str, dict]]:
+def scenarios(device: str, quick: bool = False) -> list[tuple[str, str, dict]]:
     """(row name, what it shows, training overrides) for the default row and each speed feature."""
     rows = [("default", "padded batches, no gradient checkpointing", {}),
             ("packing", "training.packing: kubetune packs examples into maxSeqLength blocks; the baseline uses "
                         "DataCollatorWithFlattening (padding-free)", {"packing": True}),
             ("gradient_checkpointing", "training.gradientCheckpointing: recompute activations in backward",
-             {"gradientCheckpointing": True})]
+             {"gradientCheckpointing": True}),
+            ("eager", "training.attentionImplementation eager (plain matmul + softmax attention) instead of the "
+                      "default sdpa (torch scaled_dot_product_attention); baseline: attn_implementation='eager'",
+             {"attentionImplementation": "eager"})]
+    if not quick:  # compilation takes minutes on CPU (inside the warm-up steps, outside the timed window)
+        rows.append(("torch_compile", "training.torchCompile: torch.compile (inductor) of the LoRA-wrapped model; "
+                                      "baseline: TrainingArguments(torch_compile=True)", {"torchCompile": True}))
     if device == "cuda":
+        rows.append(("liger", "training.ligerKernels: Liger fused RMSNorm/RoPE/SwiGLU/linear+cross-entropy; "
+                              "baseline: TrainingArguments(use_liger_kernel=True)", {"ligerKernels": True}))
         rows.append(("fp32", "training.precision fp32 instead of the default bf16", {"precision": "fp32"}))
     return rows
 
 
-def run_side(side: str, spec: dict, work: Path, timeout: float) -> dict:
-    """Run one side in a fresh subprocess and return its measurements (raises with its stderr on failure)."""
+def select_rows(rows: list[tuple[str, str, dict]], wanted: str) -> list[tuple[str, str, dict]]:
+    """The rows named in a comma-separated list (empty = all); 'default' is always run first (the reference)."""
+    if not wanted:
+        return rows
+    names = {n.strip() for n in wanted.split(",") if n.strip()}
+    known = {name for name, _, _ in rows}
+    unknown = sorted(names - known)
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {', '.join(unknown)}; this device has {', '.join(sorted(known))}")
+    return [row for row in rows if row[0] == "default" or row[0] in names]
+
+
+def _locked(lock_file: Path | None):
+    """An exclusive flock on `lock_file` for the duration (a no-op without one)."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def hold():
+        if lock_file is None:
+            yield
+            return
+        with open(lock_file, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    return hold()
+
+
+def run_side(side: str, spec: dict, work: Path, timeout: float, lock_file: Path | None = None) -> dict:
+    """Run one side in a fresh subprocess and return its measurements (raises with its stderr on failure).
+
+    With `lock_file`, the subprocess runs under an exclusive flock on it (shared benchmark machines)."""
     spec_path = work / f"spec-{side}-{spec['row']}.json"
     spec["result_path"] = str(work / f"result-{side}-{spec['row']}.json")
     spec_path.write_text(json.dumps(spec))
@@ -571,10 +625,11 @@ def run_side(side: str, spec: dict, work: Path, timeout: float) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""
     else:  # one GPU per side: with several visible, transformers.Trainer would wrap the model in DataParallel
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", side, spec_path], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - started
+    with _locked(lock_file):
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", side, spec_path], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{side} run for row {spec['row']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(Path(spec["result_path"]).read_text())
@@ -652,7 +707,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         model_dir, model_info = build_model(work, args.model, preset)
         data = write_dataset(work / "train.jsonl", preset["examples"], max_digits=max(3, preset["max_seq"] // 4))
         rows = []
-        for name, meaning, overrides in scenarios(args.device):
+        for name, meaning, overrides in select_rows(scenarios(args.device, args.quick and not args.rows), args.rows):
             row_precision = overrides.get("precision", precision)
             sides = {}
             order = ("kubetune", "baseline") if len(rows) % 2 == 0 else ("baseline", "kubetune")
@@ -664,7 +719,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         "threads": threads, "warmup_steps": warmup, "work_dir": str(wdir)}
                 now = dt.datetime.now(dt.timezone.utc)
                 print(f"[{now:%H:%M:%S}] {name}: {side} ...", file=sys.stderr, flush=True)
-                sides[side] = run_side(side, spec, work, args.timeout)
+                sides[side] = run_side(side, spec, work, args.timeout, args.lock_file)
                 add_mfu(sides[side], args.method, peak)  # achieved model FLOP/s everywhere; MFU needs a known GPU
             rows.append({"name": name, "meaning": meaning, "overrides": overrides, "kubetune": sides["kubetune"],
                          "baseline": sides["baseline"],
@@ -690,8 +745,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                       "4N + 6N_trainable per token, N = matmul parameters without the input embedding, plus "
                       "attention 12*layers*width*sum(L^2), no recomputation) / timed seconds / the GPU's dense "
                       "bf16 peak"),
-        "unsupportedFeatures": {"attentionImplementation": "the plan has no attention field; both sides use "
-                                "transformers' default (see attnImplementation per side)"},
+        "featureRowsLeftOut": {name: why for name, why in (
+            ("torch_compile", "not in --quick: compilation takes minutes on CPU" if args.quick else ""),
+            ("liger", "CUDA only (Triton kernels)" if args.device != "cuda" else ""),
+            ("fp32", "CUDA only (fp32 is already the CPU default)" if args.device != "cuda" else "")) if why},
         "machine": info, "rows": rows, "featureEffects": effects,
     }
 
@@ -715,6 +772,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per side (default 1 on cpu: stable on shared cores; 4 on cuda)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per side")
+    parser.add_argument("--rows", default="", help="comma-separated rows to run (default: all for the device; "
+                        "'default' always runs, as the reference)")
+    parser.add_argument("--lock-file", type=Path, default=None,
+                        help="hold an exclusive flock on this file while each side trains (shared machines)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/...)")
     args = parser.parse_args(argv)
     args.argv = argv
