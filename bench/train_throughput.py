@@ -748,7 +748,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "featureRowsLeftOut": {name: why for name, why in (
             ("torch_compile", "not in --quick: compilation takes minutes on CPU" if args.quick else ""),
             ("liger", "CUDA only (Triton kernels)" if args.device != "cuda" else ""),
-            ("fp32", "CUDA only (fp32 is already the CPU default)" if args.device != "cuda" else "")) if why},
+            ("fp32", "CUDA only (fp32 is already the CPU default)" if args.device != "cuda" else ""))
+            if why and name not in {row["name"] for row in rows}},
         "machine": info, "rows": rows, "featureEffects": effects,
     }
 
