@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import ctypes
 import json
 import logging
 import os
@@ -129,33 +128,6 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
 # longer than it uses the operator's CPU. (24 threads measured no faster than 12 at 1,000 jobs: the busy
 # apiserver is the bound, see bench/README.md.)
 RECONCILE_THREADS = 12
-MALLOC_ARENAS = 2
-MMAP_THRESHOLD_BYTES = 256 * 1024
-
-
-def tune_malloc(arenas: int = MALLOC_ARENAS, mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Keep glibc malloc from holding freed memory, before the worker threads start.
-
-    The operator's RSS grew with the jobs in flight (765 MiB at 1,000) while its Python objects peaked at
-    ~33 MB (tracemalloc): the rest was freed memory glibc kept. Two causes: each thread that allocates
-    concurrently gets its own arena (up to 8 per core), and every reconcile thread parses and builds JSON
-    bodies; and after large buffers (watch chunks, node lists) are freed, glibc raises its mmap threshold so
-    later large buffers come from the arenas too. So: at most `arenas` arenas, and a fixed mmap threshold
-    (large buffers always mmapped, returned on free). MALLOC_ARENA_MAX / MALLOC_MMAP_THRESHOLD_ in the
-    environment win. Returns whether anything was applied."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return False
-    applied = False
-    m_arena_max, m_mmap_threshold = -8, -3  # from glibc's malloc.h
-    if not os.environ.get("MALLOC_ARENA_MAX"):
-        applied |= bool(libc.mallopt(m_arena_max, arenas))
-    if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        applied |= bool(libc.mallopt(m_mmap_threshold, mmap_threshold))
-    return applied
 
 
 def load_kube_client() -> Any:
@@ -298,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         # FineTuneJob: thousands of lines in a burst. Its warnings and errors (failed handlers) still show.
         for noisy in ("kubernetes", "urllib3", "aiohttp", "kopf.objects"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    tune_malloc()
     try:
         return asyncio.run(run_operator(args))
     except KeyboardInterrupt:

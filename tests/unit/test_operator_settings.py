@@ -31,24 +31,3 @@ def test_a_change_handler_is_detected():
 
     assert has_change_handlers(other)
 
-
-def test_malloc_tuning_applies_on_glibc_and_yields_to_the_environment(monkeypatch):
-    import ctypes
-    import sys
-
-    from kubetune.main import tune_malloc
-
-    if not sys.platform.startswith("linux"):
-        assert tune_malloc() is False
-        return
-    try:
-        ctypes.CDLL("libc.so.6")
-    except OSError:
-        assert tune_malloc() is False  # musl and friends: nothing to tune
-        return
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert tune_malloc() is True
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    assert tune_malloc() is False  # the operator's pod spec (or the user) decided
