@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO / "operator"))
 RESULTS_DIR = REPO / "bench" / "results"
 FTJ_NS = "bench-kubetune"
 DIRECT_NS = "bench-direct"
+DIRECT_RUNNING_NS = "bench-direct-running"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 MANAGED = "app.kubernetes.io/managed-by=kubetune"
 COMPLETE_ANNOTATION = "kwok.kubetune.io/complete"
@@ -245,6 +246,38 @@ class Watcher(threading.Thread):
         return True
 
 
+class RssSampler(threading.Thread):
+    """Samples a process's VmRSS every `interval` s: the peak per phase (mark() returns the peak since the
+    previous mark) and a coarse timeline (one sample per `every` s), to see when memory grows."""
+
+    def __init__(self, pid: int, interval: float = 0.5, every: float = 5.0) -> None:
+        super().__init__(daemon=True, name=f"rss {pid}")
+        self.pid, self.interval, self.every = pid, interval, every
+        self.peak_kib = 0
+        self.timeline: list[tuple[float, float]] = []
+        self.stopping = False
+        self._t0 = time.monotonic()
+
+    def run(self) -> None:
+        next_point = 0.0
+        while not self.stopping:
+            try:
+                kib = proc_status_kib(self.pid, "VmRSS")
+            except (OSError, ValueError):
+                return
+            self.peak_kib = max(self.peak_kib, kib)
+            elapsed = time.monotonic() - self._t0
+            if elapsed >= next_point:
+                self.timeline.append((round(elapsed, 1), round(kib / 1024, 1)))
+                next_point += self.every
+            time.sleep(self.interval)
+
+    def mark(self) -> float:
+        """Peak RSS (MiB) since the previous mark."""
+        peak, self.peak_kib = self.peak_kib, 0
+        return round(peak / 1024, 1)
+
+
 def ftj_digest(obj: dict) -> dict[str, Any]:
     """What the benchmark needs of a FineTuneJob: phase, reason and whether status.plan is set."""
     st = obj.get("status") or {}
@@ -314,8 +347,8 @@ def create_all(n: int, concurrency: int, create: Callable[[int], None]) -> tuple
     return t0, time.time(), errors
 
 
-def baseline_job(cluster: Any, spec_dict: dict[str, Any]) -> dict[str, Any]:
-    """The Job the operator would render for FTJ_SPEC on this fleet, suspended and without owner."""
+def baseline_job(cluster: Any, spec_dict: dict[str, Any], suspend: bool = True) -> dict[str, Any]:
+    """The Job the operator would render for FTJ_SPEC on this fleet, without owner (suspended: no pods)."""
     from kubetune.api import parse_spec
     from kubetune.builders import BuildConfig, JobRef, build_children
     from kubetune.devcluster.fleet import node_manifests
@@ -328,8 +361,33 @@ def baseline_job(cluster: Any, spec_dict: dict[str, Any]) -> dict[str, Any]:
     job = build_children(JobRef("direct", DIRECT_NS, "00000000-0000-0000-0000-000000000000"), spec_dict, spec,
                          outcome.layout, BuildConfig())[-1]
     job["metadata"].pop("ownerReferences", None)
-    job["spec"]["suspend"] = True
+    job["spec"]["suspend"] = suspend
     return job
+
+
+def bench_layout_pods(cluster: Any, spec_dict: dict[str, Any]) -> int:
+    """How many pods the sizer gives FTJ_SPEC on this fleet (a Service is a child only when > 1)."""
+    from kubetune.api import parse_spec
+    from kubetune.devcluster.fleet import node_manifests
+    from kubetune.layout import size_job_layout
+
+    outcome = size_job_layout(spec_dict, parse_spec(spec_dict), node_manifests(cluster.fleet))
+    return outcome.layout.pods if outcome.layout is not None else 0
+
+
+def drain_namespace(api: Any, ns: str, timeout: float) -> float:
+    """Delete every Job in ns (pods with them) and wait until no pod is left; returns the seconds taken."""
+    from kubernetes import client
+
+    t0 = time.monotonic()
+    client.BatchV1Api(api).delete_collection_namespaced_job(ns, propagation_policy="Background",
+                                                            _preload_content=False).data
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    while time.monotonic() - t0 < timeout:
+        if not core.list_namespaced_pod(ns, limit=1).items and not batch.list_namespaced_job(ns, limit=1).items:
+            return round(time.monotonic() - t0, 1)
+        time.sleep(1.0)
+    raise RuntimeError(f"pods of {ns} still there after {timeout}s")
 
 
 def defaulted_spec(api: Any) -> dict[str, Any]:
@@ -345,13 +403,16 @@ def defaulted_spec(api: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ phases
 
-def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: dict, timeout: float) -> dict:
-    """Create n plain Jobs directly; time until the watch saw them all."""
+def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: dict, timeout: float,
+                 ns: str = DIRECT_NS, suspend: bool = True) -> dict:
+    """Create n plain Jobs directly in ns; time until the watch saw them all. Suspended Jobs cost the
+    apiserver one write each; running ones also bring their pods (scheduling, KWOK status, Events), as the
+    operator's Jobs do."""
     from kubernetes import client
 
-    template = baseline_job(cluster, spec_dict)
+    template = baseline_job(cluster, spec_dict, suspend)
     batch = client.BatchV1Api(api)
-    watcher = Watcher(api, f"/apis/batch/v1/namespaces/{DIRECT_NS}/jobs")
+    watcher = Watcher(api, f"/apis/batch/v1/namespaces/{ns}/jobs")
     watcher.start()
     watcher.ready.wait(60)
     before = request_totals(cluster)
@@ -359,8 +420,8 @@ def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: di
     def create(i: int) -> None:
         body = json.loads(json.dumps(template))
         body["metadata"]["name"] = f"direct-{i:05d}-trainer"
-        body["metadata"]["namespace"] = DIRECT_NS
-        batch.create_namespaced_job(DIRECT_NS, body, _preload_content=False)
+        body["metadata"]["namespace"] = ns
+        batch.create_namespaced_job(ns, body, _preload_content=False).data
 
     t0, t_return, errors = create_all(n, concurrency, create)
     ok = watcher.wait_until(lambda w: len(w.added) >= n, timeout)
@@ -368,10 +429,18 @@ def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: di
     watcher.stopping = True
     t_end = max(watcher.added.values()) if watcher.added else time.time()
     wall = t_end - t0
-    return {"jobs": n, "created": len(watcher.added), "complete": ok, "errors": errors[:10],
+    requests = counter_delta(after, before)
+    return {"jobs": n, "suspended": suspend, "created": len(watcher.added), "complete": ok, "errors": errors[:10],
             "error_count": len(errors), "wall_s": round(wall, 3), "client_return_s": round(t_return - t0, 3),
             "throughput_per_s": round(n / wall, 2) if wall > 0 else None,
-            "apiserver_requests": counter_delta(after, before)}
+            "apiserver_requests": requests, **request_rates(requests, n, wall)}
+
+
+def request_rates(requests: dict[str, int], n: int, wall: float) -> dict[str, float | None]:
+    """Apiserver requests per job and per second over a phase (the apiserver's load, whoever sent them)."""
+    total = requests.get("TOTAL", 0)
+    return {"apiserver_requests_per_job": round(total / n, 2) if n else None,
+            "apiserver_requests_per_s": round(total / wall, 1) if wall > 0 else None}
 
 
 def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str], concurrency: int,
@@ -413,7 +482,7 @@ def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str]
 
 
 def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: float, workdir: Path,
-                 operator_args: list[str]) -> dict:
+                 operator_args: list[str], services_expected: int) -> dict:
     """Start the operator, create n FineTuneJobs, time children + status.plan, then completion."""
     from kubernetes import client
 
@@ -438,6 +507,8 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             op.wait_for_log("leading as", timeout=120)
         time.sleep(3.0)  # let kopf start its watches
         cpu0 = proc_cpu_seconds(op.pid)
+        rss = RssSampler(op.pid)
+        rss.start()
         rss_idle = proc_status_kib(op.pid, "VmRSS")
         before = request_totals(cluster)
         names = [f"ftj-{i:05d}" for i in range(n)]
@@ -449,7 +520,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         t0, t_return, errors = create_all(n, concurrency, create)
 
         def all_children(_: Watcher) -> bool:
-            return (len(jobs.added) >= n and len(cms.added) >= n and len(svcs.added) >= n
+            return (len(jobs.added) >= n and len(cms.added) >= n and len(svcs.added) >= services_expected
                     and sum(1 for d in ftjs.state.values() if d["plan"]) >= n)
 
         deadline = time.monotonic() + timeout
@@ -481,13 +552,19 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             "phases": dict(Counter(ftjs.state.get(nm, {}).get("phase") or "?" for nm in names)),
             "operator_cpu_s": round(cpu1 - cpu0, 2),
             "apiserver_requests": counter_delta(after, before),
+            **request_rates(counter_delta(after, before), n, wall),
+            "services_expected": services_expected,
         }
+        creation["operator_rss_peak_mib"] = rss.mark()
         completion = drive_to_completion(api, pods, ftjs, names, concurrency, timeout) if ok else {"skipped": True}
+        completion["operator_rss_peak_mib"] = rss.mark()
+        rss.stopping = True
         completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
         alive = op.alive()
         creation["operator_peak_rss_mib"] = round(proc_status_kib(op.pid, "VmHWM") / 1024, 1) if alive else None
         operator = {"alive_at_end": alive, "idle_rss_mib": round(rss_idle / 1024, 1),
                     "peak_rss_mib": creation["operator_peak_rss_mib"],
+                    "rss_timeline_mib": rss.timeline,
                     "cpu_s_total": round(proc_cpu_seconds(op.pid) - cpu0, 2) if alive else None,
                     "log_errors": sum(1 for line in op.log_text().splitlines() if " ERROR " in line),
                     "log_error_samples": [line[:300] for line in op.log_text().splitlines() if " ERROR " in line][:5],
@@ -507,19 +584,26 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
 
 def table(result: dict) -> str:
     """The printed summary."""
-    b, c = result["baseline"], result["kubetune"]["creation"]
+    b, br, c = result["baseline"], result["baseline_running"], result["kubetune"]["creation"]
     comp, op = result["kubetune"]["completion"], result["kubetune"]["operator"]
     rows = [
         ("fleet", f"{result['nodes']} KWOK nodes, {result['gpus']} GPUs"),
         ("jobs / client concurrency", f"{result['jobs']} / {result['concurrency']}"),
-        ("direct Jobs/s (baseline)", f"{b['throughput_per_s']}  ({b['wall_s']} s)"),
+        ("direct Jobs/s, suspended (baseline)", f"{b['throughput_per_s']}  ({b['wall_s']} s)"),
+        ("direct Jobs/s, running (pods too)", f"{br['throughput_per_s']}  ({br['wall_s']} s)"),
         ("kubetune FTJ->Job/s", f"{c['throughput_per_s']}  ({c['wall_to_last_job_s']} s)"),
-        ("ratio kubetune/direct", f"{result['ratio']}  (target >= 0.5)"),
+        ("ratio kubetune/direct suspended", f"{result['ratio']}  (target >= 0.5)"),
+        ("ratio kubetune/direct running", f"{result['ratio_vs_running_jobs']}"),
+        ("apiserver req/job, req/s", f"suspended {b['apiserver_requests_per_job']}, {b['apiserver_requests_per_s']}; "
+                                     f"running {br['apiserver_requests_per_job']}, {br['apiserver_requests_per_s']}; "
+                                     f"kubetune {c['apiserver_requests_per_job']}, {c['apiserver_requests_per_s']}"),
         ("all children + status.plan", f"{c['wall_to_all_children_and_plan_s']} s"),
         ("apply->Job latency p50/p95/p99", f"{c['latency_s']['p50']} / {c['latency_s']['p95']} / "
                                            f"{c['latency_s']['p99']} s"),
         ("all FTJs Succeeded after", f"{comp.get('wall_s')} s  (phases {comp.get('phases')})"),
-        ("operator peak RSS", f"{op['peak_rss_mib']} MiB  (idle {op['idle_rss_mib']} MiB; target < 300)"),
+        ("operator peak RSS", f"{op['peak_rss_mib']} MiB  (idle {op['idle_rss_mib']} MiB; creation "
+                              f"{c.get('operator_rss_peak_mib')}, completion {comp.get('operator_rss_peak_mib')}; "
+                              "target < 300)"),
         ("operator CPU (creation/total)", f"{c['operator_cpu_s']} s / {op['cpu_s_total']} s"),
         ("apiserver requests (creation)", f"{c['apiserver_requests'].get('TOTAL')} "
                                           f"({c['apiserver_requests'].get('TOTAL', 0) / max(1, result['jobs']):.1f}/job)"),
@@ -575,25 +659,38 @@ def main(argv: list[str] | None = None) -> int:
         create_namespace(api, FTJ_NS)
         spec_dict = defaulted_spec(api)
         result["baseline"] = run_baseline(cluster, api, args.jobs, args.concurrency, spec_dict, args.timeout)
+        create_namespace(api, DIRECT_RUNNING_NS)
+        result["baseline_running"] = run_baseline(cluster, api, args.jobs, args.concurrency, spec_dict,
+                                                  args.timeout, ns=DIRECT_RUNNING_NS, suspend=False)
+        result["baseline_running"]["drain_s"] = drain_namespace(api, DIRECT_RUNNING_NS, args.timeout)
         workdir = Path(cluster.work_dir)
+        pods = bench_layout_pods(cluster, spec_dict)
         result["kubetune"] = run_kubetune(cluster, api, args.jobs, args.concurrency, args.timeout, workdir,
-                                          operator_args)
+                                          operator_args, services_expected=args.jobs if pods > 1 else 0)
         result["peak_rss_mib"] = {name: round(proc_status_kib(pid, "VmHWM") / 1024, 1)
                                   for name, pid in cluster.pids.items()}
     b, c = result["baseline"], result["kubetune"]["creation"]
-    result["ratio"] = (round(c["throughput_per_s"] / b["throughput_per_s"], 3)
-                       if c.get("throughput_per_s") and b.get("throughput_per_s") else None)
+    result["ratio"] = ratio(c, b)
+    result["ratio_vs_running_jobs"] = ratio(c, result["baseline_running"])
     result["loadavg_after"] = loadavg()
     result["wall_s"] = round(time.time() - t_start, 1)
     comp = result["kubetune"]["completion"]
     result["ok"] = bool(c["complete"] and c["lost_count"] == 0 and c["create_error_count"] == 0
-                        and b["error_count"] == 0 and comp.get("all_succeeded")
+                        and b["error_count"] == 0 and result["baseline_running"]["error_count"] == 0
+                        and comp.get("all_succeeded")
                         and result["kubetune"]["operator"]["alive_at_end"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"result: {out}")
     return 0 if result["ok"] else 1
+
+
+def ratio(kubetune: dict, baseline: dict) -> float | None:
+    """kubetune's FineTuneJob->Job throughput over a baseline's Job throughput."""
+    if kubetune.get("throughput_per_s") and baseline.get("throughput_per_s"):
+        return round(kubetune["throughput_per_s"] / baseline["throughput_per_s"], 3)
+    return None
 
 
 def _closed_port() -> int:

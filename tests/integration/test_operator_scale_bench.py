@@ -24,8 +24,11 @@ def test_quick_operator_scale_run_completes_every_job(tmp_path):
     creation, completion = result["kubetune"]["creation"], result["kubetune"]["completion"]
     assert creation["complete"] and creation["lost_count"] == 0 and creation["create_error_count"] == 0, creation
     assert completion["all_succeeded"], completion
-    assert result["baseline"]["error_count"] == 0
+    assert result["baseline"]["error_count"] == 0 and result["baseline_running"]["error_count"] == 0
+    assert result["baseline_running"]["complete"] and result["baseline_running"]["drain_s"] >= 0
     assert result["ratio"] and result["ratio"] > 0, result
+    assert result["ratio_vs_running_jobs"] and result["ratio_vs_running_jobs"] > 0, result
+    assert creation["services_expected"] == 0 and creation["with_services"] == 0  # single-pod runs: no Service
     operator_rss = result["kubetune"]["operator"]["peak_rss_mib"]
     assert operator_rss < 300, operator_rss
     assert proc.returncode == 0 and result["ok"], proc.stdout[-3000:]
