@@ -20,7 +20,7 @@ SPEC = {
     "model": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
     "dataset": {"uri": "s3://data/train.jsonl"},
     "method": "lora",
-    "resources": {"gpuType": "NVIDIA-L4", "gpusPerPod": 1, "pods": 1},
+    "resources": {"gpuType": "NVIDIA-L4", "gpusPerPod": 1, "pods": 2},  # two pods: a Service as well
     "output": {"uri": "s3://out/run"},
 }
 
@@ -47,17 +47,19 @@ def test_creates_patches_deletes_and_events_reuse_one_connection(cluster, namesp
             name = f"pool-{i}"
             objs = build_children(JobRef(name, namespace, f"00000000-0000-0000-0000-00000000000{i}"), SPEC, spec,
                                   layout_from_resources(spec), BuildConfig())
+            assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
             for obj in objs:
                 obj["metadata"].pop("ownerReferences", None)  # no FineTuneJob behind them here
                 result, created = children.apply(obj)
                 assert result == "created"
                 assert (created is not None) == (obj["kind"] == "Job")
             assert children.apply(objs[0]) == ("updated", None)  # ConfigMap again: patched
-            assert children.apply(objs[2]) == ("exists", None)  # Job again: kept
+            assert children.apply(objs[1]) == ("exists", None)  # Service again: kept
+            assert children.apply(objs[-1]) == ("exists", None)  # Job again: kept
             children.set_job_suspend(namespace, name, True)
             assert children.read_job(namespace, name)["spec"]["suspend"] is True
             assert children.other_children_exist(namespace, name)
             children.delete_children(namespace, name)
-        assert len(new_connections) <= 1, f"{len(new_connections)} connections opened for 4 x 10 requests"
+        assert len(new_connections) <= 1, f"{len(new_connections)} connections opened for 4 x 11 requests"
     finally:
         api.close()
