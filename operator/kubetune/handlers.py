@@ -27,7 +27,7 @@ from kubetune.cache import ClusterCache
 from kubetune.children import ChildClient, body_of, fetch_progress, merge_patch, rank0_address
 from kubetune.fleet_sizer import FleetSizer
 from kubetune.metrics import OperatorMetrics
-from kubetune.reconcile import Decision, Observed, decide, iso, parse_time, status_changed
+from kubetune.reconcile import Decision, Observed, decide, iso, parse_time, status_changed, still_acting
 
 log = logging.getLogger("kubetune.operator")
 registry = kopf.OperatorRegistry()
@@ -125,9 +125,7 @@ class Reconciler:
                 log.info("%s/%s: resuming a job in phase %s", ns, name, phase)
             # Children may exist from before this operator started: read them once, unless the job is
             # finished and nothing is left to do with them (no cancel to carry out, no TTL pending).
-            settled = phase in TERMINAL_PHASES and phase != "Cancelled" and not (
-                spec.ttl_seconds_after_finished > 0 and not status.get("childrenDeleted"))
-            if status.get("layout") and not settled:
+            if status.get("layout") and still_acting(status, spec.ttl_seconds_after_finished):
                 job = self.children.read_job(ns, name)
                 self.cache.store_job(key, job)
                 pods = self.children.list_pods(ns, name) if job is not None else []
@@ -279,13 +277,9 @@ class Reconciler:
         (whose Job may still be there)."""
         keys = []
         for obj in self.cache.ftjs():
-            status, spec = obj.get("status") or {}, obj.get("spec") or {}
-            active = status.get("phase") not in TERMINAL_PHASES
-            ttl_pending = bool(spec.get("ttlSecondsAfterFinished")) and not status.get("childrenDeleted")
-            cancelling = status.get("phase") == "Cancelled"
-            if active or ttl_pending or cancelling:
-                meta = obj["metadata"]
-                keys.append((meta["namespace"], meta["name"]))
+            ttl = int((obj.get("spec") or {}).get("ttlSecondsAfterFinished") or 0)
+            if still_acting(obj.get("status") or {}, ttl):
+                keys.append((obj["metadata"]["namespace"], obj["metadata"]["name"]))
         return keys
 
     async def resync_forever(self) -> None:

@@ -430,6 +430,14 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
     return finish()
 
 
+def still_acting(status: dict[str, Any], ttl_seconds: int) -> bool:
+    """Whether passes can still change anything for a FineTuneJob: it is not finished, or it was cancelled
+    (its Job may still be there), or it finished with a TTL clean-up of its children pending."""
+    phase = status.get("phase")
+    return (phase not in TERMINAL_PHASES or phase == "Cancelled"
+            or (ttl_seconds > 0 and not status.get("childrenDeleted")))
+
+
 def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether a status write is needed (ignores the progress timestamp and the running gpuHours tick)."""
     def strip(s: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from kubetune.api import parse_spec
 from kubetune.builders import BuildConfig, JobRef, build_children, spec_hash
 from kubetune.children import merge_patch, rank0_address
 from kubetune.layout import Layout, SizingOutcome, layout_from_resources
-from kubetune.reconcile import Observed, decide, status_changed
+from kubetune.reconcile import Observed, decide, status_changed, still_acting
 
 pytestmark = pytest.mark.unit
 
@@ -320,3 +320,15 @@ def test_layout_from_resources_resolves_strategy() -> None:
     assert (lay.strategy, lay.zero_stage, lay.total_gpus, lay.source) == ("deepspeed", 2, 16, "spec")
     single = layout_from_resources(parse_spec({**SPEC, "resources": {"gpusPerPod": 0, "pods": 1, "cpu": "2"}}))
     assert (single.strategy, single.procs_per_node, single.node_selector) == ("none", 1, {})
+
+
+@pytest.mark.parametrize("status, ttl, acting", [
+    ({}, 0, True),  # never reconciled yet
+    ({"phase": "Running"}, 0, True),
+    ({"phase": "Cancelled"}, 0, True),  # its Job may still need deleting
+    ({"phase": "Succeeded"}, 0, False),
+    ({"phase": "Failed"}, 60, True),  # TTL clean-up pending
+    ({"phase": "Succeeded", "childrenDeleted": True}, 60, False),
+])
+def test_still_acting_covers_active_cancelled_and_ttl_pending_jobs(status, ttl, acting) -> None:
+    assert still_acting(status, ttl) is acting
