@@ -1,9 +1,10 @@
-"""Thin kopf handlers: every trigger (create/resume/update, child Job/pod events, periodic resync)
-runs the same level-based reconcile for one FineTuneJob."""
+"""Thin kopf handlers: every trigger (a FineTuneJob watch event from kopf, a child Job/pod event from
+child_watch, the periodic resync) runs the same level-based reconcile for one FineTuneJob."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import datetime as dt
 import json
@@ -22,8 +23,9 @@ from kubetune import API_GROUP, API_VERSION, PLURAL
 from kubetune import conditions as C
 from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
-from kubetune.builders import MANAGED_BY, METRICS_PORT, BuildConfig, JobRef, build_children
+from kubetune.builders import METRICS_PORT, BuildConfig, JobRef, build_children
 from kubetune.cache import ClusterCache
+from kubetune.child_watch import ChildWatch, child_watches
 from kubetune.children import ChildClient, body_of, fetch_progress, merge_patch, rank0_address
 from kubetune.fleet_sizer import FleetSizer
 from kubetune.metrics import OperatorMetrics
@@ -55,7 +57,7 @@ class StaleCache(Exception):
 class Reconciler:
     """Runs reconcile passes, at most one at a time per FineTuneJob, coalescing extra triggers.
 
-    Passes read the FineTuneJob, its Job and its pods from `cache` (fed by kopf's watch events) and
+    Passes read the FineTuneJob, its Job and its pods from `cache` (fed by watch events) and
     write only what changed: a new job costs three creates, one status patch and one Event."""
 
     def __init__(self, api: client.ApiClient, config: OperatorConfig, metrics: OperatorMetrics) -> None:
@@ -282,6 +284,22 @@ class Reconciler:
                 keys.append((obj["metadata"]["namespace"], obj["metadata"]["name"]))
         return keys
 
+    def start_child_watches(self, loop: asyncio.AbstractEventLoop) -> list[ChildWatch]:
+        """Start the Job and pod watches (threads) that feed the cache and kick passes on `loop`; they use
+        their own ApiClient, so their long-lived requests take no connection from the reconcile pool."""
+        def notify(key: tuple[str, str]) -> None:
+            try:
+                loop.call_soon_threadsafe(self.kick, *key)
+            except RuntimeError:  # the loop closed: the operator is stopping
+                pass
+
+        api = client.ApiClient(copy.deepcopy(self.api.configuration))
+        watches = child_watches(api, self.config.namespaces, self.cache.observe_job, self.cache.observe_pod,
+                                notify)
+        for watch in watches:
+            watch.start()
+        return watches
+
     async def resync_forever(self) -> None:
         """Every resync interval, reconcile jobs that are active or waiting for their TTL (from the cache:
         the watches keep it current, so a resync costs no apiserver reads)."""
@@ -306,7 +324,9 @@ def login(**kwargs: Any) -> Any:
 @kopf.on.startup(registry=registry)
 async def startup(memo: Any, **_: Any) -> None:
     """Start the periodic resync (level-based safety net: progress, TTL, sizing retries)."""
-    memo.resync_task = asyncio.get_running_loop().create_task(_reconciler(memo).resync_forever())
+    reconciler = _reconciler(memo)
+    memo.resync_task = asyncio.get_running_loop().create_task(reconciler.resync_forever())
+    memo.child_watches = reconciler.start_child_watches(asyncio.get_running_loop())
 
 
 @kopf.on.cleanup(registry=registry)
@@ -315,6 +335,8 @@ async def cleanup(memo: Any, **_: Any) -> None:
     task = getattr(memo, "resync_task", None)
     if task is not None:
         task.cancel()
+    for watch in getattr(memo, "child_watches", None) or []:
+        watch.stop(timeout=0)
     # Stopped by a signal, kopf still has a task awaiting the stop flag and waits up to 5 s for
     # it before exiting, which delays the Lease release (and a standby's takeover) by 5 s.
     flag = getattr(memo, "stop_flag", None)
@@ -333,19 +355,3 @@ async def finetunejob_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
     meta = obj.get("metadata") or {}
     if _reconciler(memo).cache.observe_ftj(event.get("type"), obj) and meta.get("name"):
         _reconciler(memo).kick(meta.get("namespace") or "", meta["name"])
-
-
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY, registry=registry)
-async def job_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
-    """A child Job changed: cache it and reconcile its FineTuneJob."""
-    key = _reconciler(memo).cache.observe_job(event.get("type"), event.get("object") or {})
-    if key is not None:
-        _reconciler(memo).kick(*key)
-
-
-@kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=registry)
-async def pod_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
-    """A trainer pod changed: cache it and reconcile its FineTuneJob."""
-    key = _reconciler(memo).cache.observe_pod(event.get("type"), event.get("object") or {})
-    if key is not None:
-        _reconciler(memo).kick(*key)
