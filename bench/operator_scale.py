@@ -110,6 +110,26 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def cpu_by_process(cluster: Any, extra: dict[str, int] | None = None) -> dict[str, float]:
+    """CPU seconds used so far by each control-plane process, KWOK, this client and `extra` processes."""
+    pids = {**cluster.pids, "bench client": os.getpid(), **(extra or {})}
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = proc_cpu_seconds(pid)
+        except OSError:  # exited
+            pass
+    return out
+
+
+def cpu_delta(after: dict[str, float], before: dict[str, float], wall: float) -> dict[str, Any]:
+    """CPU seconds per process over a phase, their total, and the cores that total kept busy."""
+    used = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+    total = sum(used.values())
+    return {**dict(sorted(used.items(), key=lambda kv: -kv[1])), "TOTAL": round(total, 2),
+            "cores_busy": round(total / wall, 2) if wall > 0 else None}
+
+
 def proc_status_kib(pid: int, key: str) -> int:
     """A '<key>: N kB' line of /proc/<pid>/status (VmHWM, VmRSS)."""
     with open(f"/proc/{pid}/status") as f:
@@ -416,6 +436,7 @@ def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: di
     watcher.start()
     watcher.ready.wait(60)
     before = request_totals(cluster)
+    cpu_before = cpu_by_process(cluster)
 
     def create(i: int) -> None:
         body = json.loads(json.dumps(template))
@@ -426,6 +447,7 @@ def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: di
     t0, t_return, errors = create_all(n, concurrency, create)
     ok = watcher.wait_until(lambda w: len(w.added) >= n, timeout)
     after = request_totals(cluster)
+    cpu_after = cpu_by_process(cluster)
     watcher.stopping = True
     t_end = max(watcher.added.values()) if watcher.added else time.time()
     wall = t_end - t0
@@ -433,7 +455,8 @@ def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: di
     return {"jobs": n, "suspended": suspend, "created": len(watcher.added), "complete": ok, "errors": errors[:10],
             "error_count": len(errors), "wall_s": round(wall, 3), "client_return_s": round(t_return - t0, 3),
             "throughput_per_s": round(n / wall, 2) if wall > 0 else None,
-            "apiserver_requests": requests, **request_rates(requests, n, wall)}
+            "apiserver_requests": requests, **request_rates(requests, n, wall),
+            "cpu_s_by_process": cpu_delta(cpu_after, cpu_before, time.time() - t0)}
 
 
 def request_rates(requests: dict[str, int], n: int, wall: float) -> dict[str, float | None]:
@@ -511,6 +534,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         rss.start()
         rss_idle = proc_status_kib(op.pid, "VmRSS")
         before = request_totals(cluster)
+        cpu_before = cpu_by_process(cluster, {"operator": op.pid})
         names = [f"ftj-{i:05d}" for i in range(n)]
 
         def create(i: int) -> None:
@@ -533,6 +557,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         t_jobs = max(jobs.added.values()) if jobs.added else t_children
         t_ready = max([t_jobs, max(cms.added.values(), default=t0), max(svcs.added.values(), default=t0)])
         after = request_totals(cluster)
+        cpu_after = cpu_by_process(cluster, {"operator": op.pid})
         cpu1 = proc_cpu_seconds(op.pid) if op.alive() else float("nan")
         latencies = [jobs.added[f"{nm}-trainer"] - ftjs.added[nm] for nm in names
                      if f"{nm}-trainer" in jobs.added and nm in ftjs.added]
@@ -554,6 +579,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             "apiserver_requests": counter_delta(after, before),
             **request_rates(counter_delta(after, before), n, wall),
             "services_expected": services_expected,
+            "cpu_s_by_process": cpu_delta(cpu_after, cpu_before, time.time() - t0),
         }
         creation["operator_rss_peak_mib"] = rss.mark()
         completion = drive_to_completion(api, pods, ftjs, names, concurrency, timeout) if ok else {"skipped": True}
@@ -605,6 +631,9 @@ def table(result: dict) -> str:
                               f"{c.get('operator_rss_peak_mib')}, completion {comp.get('operator_rss_peak_mib')}; "
                               "target < 300)"),
         ("operator CPU (creation/total)", f"{c['operator_cpu_s']} s / {op['cpu_s_total']} s"),
+        ("CPU s by process (creation phases)", "; ".join(
+            f"{label}: " + ", ".join(f"{k}={v}" for k, v in phase.get("cpu_s_by_process", {}).items())
+            for label, phase in (("suspended", b), ("kubetune", c)))),
         ("apiserver requests (creation)", f"{c['apiserver_requests'].get('TOTAL')} "
                                           f"({c['apiserver_requests'].get('TOTAL', 0) / max(1, result['jobs']):.1f}/job)"),
         ("errors / lost jobs", f"create {c['create_error_count']}, operator log {op['log_errors']}, "

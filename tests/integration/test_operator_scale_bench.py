@@ -32,3 +32,9 @@ def test_quick_operator_scale_run_completes_every_job(tmp_path):
     operator_rss = result["kubetune"]["operator"]["peak_rss_mib"]
     assert operator_rss < 300, operator_rss
     assert proc.returncode == 0 and result["ok"], proc.stdout[-3000:]
+    # CPU per process for each creation phase: the evidence of what bounds the ratio on a saturated machine.
+    for phase in (result["baseline"], creation):
+        cpu = phase["cpu_s_by_process"]
+        assert {"kube-apiserver", "etcd", "bench client"} <= set(cpu), cpu
+        assert cpu["kube-apiserver"] > 0 and cpu["TOTAL"] >= cpu["kube-apiserver"] and cpu["cores_busy"] > 0, cpu
+    assert creation["cpu_s_by_process"]["operator"] > 0, creation["cpu_s_by_process"]
