@@ -71,6 +71,7 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str]] = set()
         self._progress_at: dict[tuple[str, str], float] = {}
+        self._watches: list[ChildWatch] = []
 
     async def run(self, namespace: str, name: str) -> Decision | None:
         """Reconcile one FineTuneJob now (waits for a pass already in flight)."""
@@ -126,8 +127,11 @@ class Reconciler:
             if phase:
                 log.info("%s/%s: resuming a job in phase %s", ns, name, phase)
             # Children may exist from before this operator started: read them once, unless the job is
-            # finished and nothing is left to do with them (no cancel to carry out, no TTL pending).
-            if status.get("layout") and still_acting(status, spec.ttl_seconds_after_finished):
+            # finished and nothing is left to do with them (no cancel to carry out, no TTL pending), or the
+            # child watches have listed every Job and pod already (after a restart or failover with N
+            # active jobs, that saves 2N reads).
+            if status.get("layout") and still_acting(status, spec.ttl_seconds_after_finished) \
+                    and not self.children_listed():
                 job = self.children.read_job(ns, name)
                 self.cache.store_job(key, job)
                 pods = self.children.list_pods(ns, name) if job is not None else []
@@ -135,6 +139,11 @@ class Reconciler:
                 synced, job, pods = self.cache.children(key)
             self.cache.mark_synced(key)
         return Observed(job=job, pods=pods if job is not None else [])
+
+    def children_listed(self) -> bool:
+        """Whether the child watches run and have each completed a LIST (the cache then holds every Job and
+        pod that existed, and follows them from there)."""
+        return bool(self._watches) and all(w.listed.is_set() for w in self._watches)
 
     def _progress_due(self, key: tuple[str, str]) -> bool:
         """Poll a running job's /progress at most about once per resync period, not on every pod event."""
@@ -298,6 +307,7 @@ class Reconciler:
                                 notify)
         for watch in watches:
             watch.start()
+        self._watches = watches
         return watches
 
     async def resync_forever(self) -> None:
