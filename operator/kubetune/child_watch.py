@@ -31,6 +31,7 @@ log = logging.getLogger("kubetune.watch")
 Key = tuple[str, str]
 Observe = Callable[[str, dict[str, Any]], "Key | None"]
 Notify = Callable[[Key], None]
+OnFailure = Callable[[str], None]
 
 SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -57,8 +58,11 @@ class ChildWatch:
 
     def __init__(self, name: str, list_call: Callable[..., Any], observe: Observe, notify: Notify, *,
                  label_selector: str = SELECTOR, page_size: int = 500, server_timeout: int = 300,
-                 retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
+                 retry_delays: tuple[float, ...] = RETRY_DELAYS, kind: str = "",
+                 on_failure: OnFailure | None = None) -> None:
         self.name = name
+        self.kind = kind or name
+        self.on_failure = on_failure  # called with `kind` for every failed LIST or WATCH
         self.list_call = list_call
         self.observe = observe
         self.notify = notify
@@ -112,6 +116,8 @@ class ChildWatch:
                     break
                 delay = self.retry_delays[min(failures, len(self.retry_delays) - 1)]
                 failures += 1
+                if self.on_failure is not None:
+                    self.on_failure(self.kind)
                 log.warning("watch %s failed (%s); retrying in %.0fs", self.name, exc, delay)
                 self._stop.wait(delay)
 
@@ -190,7 +196,7 @@ class ChildWatch:
 
 
 def child_watches(api: client.ApiClient, namespaces: list[str], observe_job: Observe, observe_pod: Observe,
-                  notify: Notify) -> list[ChildWatch]:
+                  notify: Notify, on_failure: OnFailure | None = None) -> list[ChildWatch]:
     """The Job and pod watches of the operator's scope (each namespace, or all namespaces when empty)."""
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     watches = []
@@ -201,8 +207,10 @@ def child_watches(api: client.ApiClient, namespaces: list[str], observe_job: Obs
         else:
             jobs = _in_namespace(batch.list_namespaced_job, ns)
             pods = _in_namespace(core.list_namespaced_pod, ns)
-        watches.append(ChildWatch(f"jobs in {where}", jobs, observe_job, notify))
-        watches.append(ChildWatch(f"pods in {where}", pods, observe_pod, notify))
+        watches.append(ChildWatch(f"jobs in {where}", jobs, observe_job, notify, kind="jobs",
+                                  on_failure=on_failure))
+        watches.append(ChildWatch(f"pods in {where}", pods, observe_pod, notify, kind="pods",
+                                  on_failure=on_failure))
     return watches
 
 

@@ -304,7 +304,7 @@ class Reconciler:
 
         api = client.ApiClient(copy.deepcopy(self.api.configuration))
         watches = child_watches(api, self.config.namespaces, self.cache.observe_job, self.cache.observe_pod,
-                                notify)
+                                notify, lambda kind: self.metrics.watch_failures.labels(watch=kind).inc())
         for watch in watches:
             watch.start()
         self._watches = watches

@@ -29,6 +29,9 @@ class OperatorMetrics:
                                     ["gpu_type"], registry=r)
         self.sizing_refusals = Counter("kubetune_sizing_refusals_total",
                                        "Sizing passes that found no GPU layout that fits.", registry=r)
+        self.watch_failures = Counter("kubetune_watch_failures_total",
+                                      "Failed LIST/WATCH requests of the child Job and pod watches (each is "
+                                      "retried with backoff).", ["watch"], registry=r)
         labels = ["namespace", "name"]  # not "job": that is Prometheus' scrape-target label
         self.train_loss = Gauge("kubetune_job_train_loss", "Latest training loss reported by rank 0.", labels,
                                 registry=r)

@@ -308,6 +308,7 @@ def test_sigkill_and_restart_keeps_children_and_finishes_the_job(replicas, ftj, 
     metrics = wait_for(lambda: (m := scrape(restarted))['kubetune_jobs{phase="Succeeded"}'] == 1 and m, 10,
                        "Succeeded counted in the restarted operator's metrics")
     assert metrics['kubetune_jobs{phase="Running"}'] == 0 and metrics["kubetune_reconcile_errors_total"] == 0
+    assert not {k: v for k, v in metrics.items() if k.startswith("kubetune_watch_failures_total") and v}, metrics
     counts = reason_counts(ftj_events(ftj, ns, "crashy"))
     assert counts.get("ChildrenCreated") == 1 and counts.get("PodsRunning") == 1 and counts.get("Completed") == 1, counts
     assert not [line for line in reconcile_lines(restarted, ns) if "created" in line and "crashy" in line]
