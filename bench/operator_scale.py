@@ -111,9 +111,10 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def cpu_by_process(cluster: Any, extra: dict[str, int] | None = None) -> dict[str, float]:
-    """CPU seconds used so far by each control-plane process, KWOK, this client and `extra` processes."""
+    """CPU seconds used so far by each control-plane process, KWOK, this client and `extra` processes, and
+    when they were read ("_at", monotonic seconds)."""
     pids = {**cluster.pids, "bench client": os.getpid(), **(extra or {})}
-    out = {}
+    out = {"_at": time.monotonic()}
     for name, pid in pids.items():
         try:
             out[name] = proc_cpu_seconds(pid)
@@ -122,10 +123,12 @@ def cpu_by_process(cluster: Any, extra: dict[str, int] | None = None) -> dict[st
     return out
 
 
-def cpu_delta(after: dict[str, float], before: dict[str, float], wall: float) -> dict[str, Any]:
-    """CPU seconds per process over a phase, their total, and the cores that total kept busy."""
-    used = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, Any]:
+    """CPU seconds per process between two `cpu_by_process` readings, their total, and the cores that total
+    kept busy over the time between the readings."""
+    used = {name: round(after[name] - before.get(name, 0.0), 2) for name in after if name != "_at"}
     total = sum(used.values())
+    wall = after["_at"] - before["_at"]
     return {**dict(sorted(used.items(), key=lambda kv: -kv[1])), "TOTAL": round(total, 2),
             "cores_busy": round(total / wall, 2) if wall > 0 else None}
 
@@ -400,9 +403,8 @@ def drain_namespace(api: Any, ns: str, timeout: float) -> float:
     from kubernetes import client
 
     t0 = time.monotonic()
-    client.BatchV1Api(api).delete_collection_namespaced_job(ns, propagation_policy="Background",
-                                                            _preload_content=False).data
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    batch.delete_collection_namespaced_job(ns, propagation_policy="Background", _preload_content=False).data
     while time.monotonic() - t0 < timeout:
         if not core.list_namespaced_pod(ns, limit=1).items and not batch.list_namespaced_job(ns, limit=1).items:
             return round(time.monotonic() - t0, 1)
@@ -456,7 +458,7 @@ def run_baseline(cluster: Any, api: Any, n: int, concurrency: int, spec_dict: di
             "error_count": len(errors), "wall_s": round(wall, 3), "client_return_s": round(t_return - t0, 3),
             "throughput_per_s": round(n / wall, 2) if wall > 0 else None,
             "apiserver_requests": requests, **request_rates(requests, n, wall),
-            "cpu_s_by_process": cpu_delta(cpu_after, cpu_before, time.time() - t0)}
+            "cpu_s_by_process": cpu_delta(cpu_after, cpu_before)}
 
 
 def request_rates(requests: dict[str, int], n: int, wall: float) -> dict[str, float | None]:
@@ -564,6 +566,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         with_plan = sum(1 for nm in names if ftjs.state.get(nm, {}).get("plan"))
         lost = [nm for nm in names if f"{nm}-trainer" not in jobs.added or not ftjs.state.get(nm, {}).get("plan")]
         wall = t_jobs - t0
+        requests = counter_delta(after, before)
         creation = {
             "jobs": n, "complete": ok, "create_errors": errors[:10], "create_error_count": len(errors),
             "client_return_s": round(t_return - t0, 3), "wall_to_last_job_s": round(wall, 3),
@@ -576,10 +579,10 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             "with_plan": with_plan, "lost": lost[:20], "lost_count": len(lost),
             "phases": dict(Counter(ftjs.state.get(nm, {}).get("phase") or "?" for nm in names)),
             "operator_cpu_s": round(cpu1 - cpu0, 2),
-            "apiserver_requests": counter_delta(after, before),
-            **request_rates(counter_delta(after, before), n, wall),
+            "apiserver_requests": requests,
+            **request_rates(requests, n, wall),
             "services_expected": services_expected,
-            "cpu_s_by_process": cpu_delta(cpu_after, cpu_before, time.time() - t0),
+            "cpu_s_by_process": cpu_delta(cpu_after, cpu_before),
         }
         creation["operator_rss_peak_mib"] = rss.mark()
         completion = drive_to_completion(api, pods, ftjs, names, concurrency, timeout) if ok else {"skipped": True}

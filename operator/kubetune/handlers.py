@@ -333,10 +333,11 @@ def login(**kwargs: Any) -> Any:
 
 @kopf.on.startup(registry=registry)
 async def startup(memo: Any, **_: Any) -> None:
-    """Start the periodic resync (level-based safety net: progress, TTL, sizing retries)."""
-    reconciler = _reconciler(memo)
-    memo.resync_task = asyncio.get_running_loop().create_task(reconciler.resync_forever())
-    memo.child_watches = reconciler.start_child_watches(asyncio.get_running_loop())
+    """Start the periodic resync (level-based safety net: progress, TTL, sizing retries) and the child
+    Job/pod watches."""
+    reconciler, loop = _reconciler(memo), asyncio.get_running_loop()
+    memo.resync_task = loop.create_task(reconciler.resync_forever())
+    memo.child_watches = reconciler.start_child_watches(loop)
 
 
 @kopf.on.cleanup(registry=registry)
