@@ -84,6 +84,36 @@ def test_fleet_nodes_carry_gpus_and_discovery_labels(cluster, k8s):
             assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
 
 
+# kube-controller-manager's --node-monitor-grace-period (its default): a node whose lease and status
+# are both older than this is marked NotReady and tainted unreachable.
+NODE_MONITOR_GRACE_S = 50
+
+
+def test_fleet_nodes_stay_ready_on_their_leases(k8s):
+    """KWOK renews a Lease per node, so no simulated node is ever marked NotReady and tainted (before
+    devcluster/kwok-stages.yaml had its own node stages, every node flapped NotReady once a minute)."""
+    core, leases = client.CoreV1Api(k8s), client.CoordinationV1Api(k8s)
+    nodes = core.list_node(label_selector="type=kwok").items
+    oldest = min(n.metadata.creation_timestamp for n in nodes)
+    age = time.time() - oldest.timestamp()
+    if age < NODE_MONITOR_GRACE_S + 15:  # the fleet must have lived past the grace period
+        time.sleep(NODE_MONITOR_GRACE_S + 15 - age)
+    nodes = core.list_node(label_selector="type=kwok").items
+    renewed = {lease.metadata.name: lease.spec.renew_time
+               for lease in leases.list_namespaced_lease("kube-node-lease").items}
+    now = time.time()
+    for node in nodes:
+        name = node.metadata.name
+        assert name in renewed, f"{name} has no Lease in kube-node-lease"
+        assert now - renewed[name].timestamp() < 20, f"{name}'s Lease was last renewed at {renewed[name]}"
+        ready = [c.status for c in node.status.conditions if c.type == "Ready"]
+        assert ready == ["True"], f"{name} Ready={ready}"
+        assert not node.spec.taints, f"{name} is tainted: {node.spec.taints}"
+    not_ready = [e.involved_object.name for e in core.list_namespaced_event("default").items
+                 if e.reason == "NodeNotReady"]
+    assert not not_ready, f"{len(not_ready)} NodeNotReady events, e.g. {not_ready[:3]}"
+
+
 def test_indexed_gpu_job_runs_only_on_nodes_with_enough_gpus(cluster, k8s, namespace):
     core, batch = client.CoreV1Api(k8s), client.BatchV1Api(k8s)
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "train"},

@@ -301,6 +301,7 @@ class Cluster:
             f"--manage-nodes-with-label-selector={fleetmod.KWOK_NODE_SELECTOR}",
             f"--config={self.options.kwok_stages_file}", f"--server-address=127.0.0.1:{self.ports['kwok']}",
             "--cidr=10.244.0.1/16", "--node-ip=10.250.0.1",
+            "--node-lease-duration-seconds=40",  # liveness by lease; see devcluster/kwok-stages.yaml
         ], self.logs_dir / "kwok.log")
 
     # ----------------------------------------------------------------- clients
