@@ -9,7 +9,6 @@ tests/trainer/ run it):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from kubetune.testing_helpers import load_module_from_file
+
 pytestmark = [pytest.mark.gpu]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,18 +27,8 @@ QLORA_STEPS = 6
 ZERO_STEPS = 30
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-support = _load("kubetune_tests_trainer_support", REPO / "tests" / "trainer" / "_support.py")
-bench = _load("vram_accuracy_bench_gpu2", REPO / "bench" / "vram_accuracy.py")
+support = load_module_from_file("kubetune_tests_trainer_support", REPO / "tests" / "trainer" / "_support.py")
+bench = load_module_from_file("vram_accuracy_bench_gpu2", REPO / "bench" / "vram_accuracy.py")
 
 
 def gpu_env(tmp: Path, plan_path: Path) -> dict[str, str]:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from kubetune.testing_helpers import load_module_from_file
 
 pytestmark = [pytest.mark.gpu]
 
@@ -25,17 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-support = _load("kubetune_tests_trainer_support", REPO / "tests" / "trainer" / "_support.py")
+support = load_module_from_file("kubetune_tests_trainer_support", REPO / "tests" / "trainer" / "_support.py")
 
 
 @pytest.fixture(scope="module")

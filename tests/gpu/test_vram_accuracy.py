@@ -4,13 +4,14 @@ the accuracy target (-5% .. +10% of the measured peak reserved memory and of the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from kubetune.testing_helpers import load_module_from_file
 
 pytestmark = [pytest.mark.gpu]
 
@@ -20,13 +21,7 @@ CONFIGS = ("qwen2.5-0.5b-full-s1024-b2-nogc", "qwen2.5-0.5b-lora-s2048-b4-gc", "
 
 
 def _bench():
-    if "vram_accuracy_bench_gpu" in sys.modules:
-        return sys.modules["vram_accuracy_bench_gpu"]
-    spec = importlib.util.spec_from_file_location("vram_accuracy_bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vram_accuracy_bench_gpu"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_file("vram_accuracy_bench_gpu", BENCH)
 
 
 @pytest.fixture(scope="module")

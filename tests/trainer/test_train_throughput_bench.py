@@ -3,7 +3,6 @@ and show the kubetune trainer at no less than half the plain Hugging Face baseli
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,16 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from kubetune.testing_helpers import load_module_from_file
+
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "train_throughput.py"
 MIN_SPEED_RATIO = 0.5
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("train_throughput_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_file("train_throughput_bench", BENCH)
 
 
 @pytest.mark.unit

@@ -4,7 +4,6 @@ clear message, no results file); plus the pure error/target helpers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from kubetune.testing_helpers import load_module_from_file
+
 pytestmark = [pytest.mark.unit]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,13 +21,7 @@ BENCH = REPO / "bench" / "vram_accuracy.py"
 
 
 def _bench():
-    if "vram_accuracy_bench_unit" in sys.modules:
-        return sys.modules["vram_accuracy_bench_unit"]
-    spec = importlib.util.spec_from_file_location("vram_accuracy_bench_unit", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vram_accuracy_bench_unit"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_file("vram_accuracy_bench_unit", BENCH)
 
 
 def _no_cuda_env() -> dict[str, str]:
