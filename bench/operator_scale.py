@@ -29,7 +29,9 @@ import json
 import os
 import platform
 import re
+import shutil
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -63,6 +65,37 @@ FTJ_SPEC: dict[str, Any] = {
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
+
+# Where the apiserver spends its CPU in the kubetune phase (--apiserver-profile): regular expressions
+# over function names, each summed with `go tool pprof -focus` (categories overlap; GC is Go's own).
+PROFILE_CATEGORIES: dict[str, str] = {
+    "custom resource status writes": r"customresource\.\(\*StatusREST\)\.Update",
+    "custom resource creates": r"crdHandler\)\.serveResource\.CreateResource",
+    "object creates (all kinds)": r"handlers\.CreateResource|registry\.\(\*Store\)\.Create",
+    "Job status writes": r"batch/job/storage\.\(\*StatusREST\)\.Update",
+    "pod status writes": r"core/pod/storage\.\(\*StatusREST\)\.Update",
+    "CEL validation": r"apiserver/schema/cel\.",
+    "managed fields": r"util/managedfields",
+    "client certificate checks": r"authentication/request/x509",
+    "TLS": r"crypto/tls\.",
+    "watch serving": r"WatchServer|watchEncoder|cacher\.\(\*cacheWatcher\)",
+    "etcd watch decoding": r"etcd3\.\(\*watchChan\)",
+    "Go garbage collection": r"runtime\.gcBgMarkWorker",
+}
+
+
+def parse_pprof_seconds(text: str) -> tuple[float, float] | None:
+    """(focused seconds, total seconds) from `go tool pprof -top -focus=...` output: the total from its
+    "Total samples =" line, the focused part from "Showing nodes accounting for" (absent, or a bare 0, when the
+    focus matched no sample). None when there is no total (not a profile)."""
+    unit = {"ms": 0.001, "s": 1.0, "min": 60.0, "mins": 60.0, "h": 3600.0}
+    total = re.search(r"Total samples = ([0-9.]+)(ms|s|mins?|h)\b", text)
+    if not total:
+        return None
+    shown = re.search(r"Showing nodes accounting for ([0-9.]+)(ms|s|mins?|h)?,", text)
+    focused = float(shown.group(1)) * unit[shown.group(2)] if shown and shown.group(2) else 0.0
+    return focused, float(total.group(1)) * unit[total.group(2)]
+
 
 def percentile(values: list[float], q: float) -> float:
     """q-th percentile (0..100) by linear interpolation; nan for an empty list."""
@@ -506,8 +539,54 @@ def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str]
             "error_count": len(errors)}
 
 
+class ApiserverProfile(threading.Thread):
+    """Fetch a CPU profile of kube-apiserver (/debug/pprof/profile, admin client certificate) into `path`
+    while the phase it was started in runs."""
+
+    def __init__(self, cluster: Any, path: Path, seconds: float) -> None:
+        super().__init__(daemon=True, name="apiserver-profile")
+        self.url = f"{cluster.server}/debug/pprof/profile?seconds={int(seconds)}"
+        self.context, self.path, self.seconds = ssl_context(cluster), path, seconds
+        self.error = ""
+
+    def run(self) -> None:
+        try:
+            with urllib.request.urlopen(self.url, context=self.context, timeout=self.seconds + 60) as r:
+                data = r.read()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(data)
+        except Exception as exc:  # recorded in the result, the benchmark goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def result(self, binary: Path) -> dict[str, Any]:
+        """Wait for the profile; summarise it by PROFILE_CATEGORIES when `go` is on PATH."""
+        self.join(self.seconds + 90)
+        out: dict[str, Any] = {"path": str(self.path), "seconds": self.seconds}
+        if self.error or not self.path.is_file():
+            out["error"] = self.error or "no profile was written"
+            return out
+        out["bytes"] = self.path.stat().st_size
+        go = shutil.which("go")
+        if not go:
+            out["summary_error"] = "go is not on PATH: summarise with go tool pprof -top"
+            return out
+        shares: dict[str, float] = {}
+        for name, regex in PROFILE_CATEGORIES.items():
+            proc = subprocess.run([go, "tool", "pprof", "-top", "-nodecount=1000000", "-nodefraction=0", f"-focus={regex}",
+                                   str(binary), str(self.path)], capture_output=True, text=True, timeout=120)
+            parsed = parse_pprof_seconds(proc.stdout + proc.stderr)
+            if parsed is None:
+                out["summary_error"] = f"go tool pprof: {(proc.stderr or proc.stdout)[-300:]}"
+                return out
+            out["total_cpu_s"] = round(parsed[1], 2)
+            shares[name] = round(parsed[0] / parsed[1], 4) if parsed[1] else 0.0
+        out["share_by_category"] = shares
+        return out
+
+
 def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: float, workdir: Path,
-                 operator_args: list[str], services_expected: int) -> dict:
+                 operator_args: list[str], services_expected: int,
+                 profile: tuple[Path, float] | None = None) -> dict:
     """Start the operator, create n FineTuneJobs, time children + status.plan, then completion."""
     from kubernetes import client
 
@@ -543,6 +622,9 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             objects.create_namespaced_custom_object(GROUP, VERSION, FTJ_NS, PLURAL, ftj_manifest(names[i]),
                                                     _preload_content=False)
 
+        profiler = ApiserverProfile(cluster, *profile) if profile else None
+        if profiler:
+            profiler.start()
         t0, t_return, errors = create_all(n, concurrency, create)
 
         def all_children(_: Watcher) -> bool:
@@ -584,6 +666,8 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             "services_expected": services_expected,
             "cpu_s_by_process": cpu_delta(cpu_after, cpu_before),
         }
+        if profiler:
+            creation["apiserver_profile"] = profiler.result(cluster.bin_dir / "kube-apiserver")
         creation["operator_rss_peak_mib"] = rss.mark()
         completion = drive_to_completion(api, pods, ftjs, names, concurrency, timeout) if ok else {"skipped": True}
         completion["operator_rss_peak_mib"] = rss.mark()
@@ -648,6 +732,12 @@ def table(result: dict) -> str:
     top = list(c["apiserver_requests"].items())[:8]
     lines.append("apiserver requests by verb/resource (creation phase): "
                  + ", ".join(f"{k}={v}" for k, v in top if k != "TOTAL"))
+    prof = c.get("apiserver_profile")
+    if prof:
+        shares = prof.get("share_by_category")
+        detail = (", ".join(f"{k} {v:.1%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+                  if shares else prof.get("error") or prof.get("summary_error", ""))
+        lines.append(f"apiserver CPU profile ({prof['path']}, {prof.get('total_cpu_s', '?')} CPU s): {detail}")
     return "\n".join(lines)
 
 
@@ -660,6 +750,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="20 nodes, 50 jobs (smoke test)")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per phase")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/...)")
+    p.add_argument("--apiserver-profile", type=Path, default=None, metavar="FILE",
+                   help="write a CPU profile of kube-apiserver, taken from the start of the FineTuneJob creation "
+                        "phase, to FILE, and record its share by category (needs `go` to summarise)")
+    p.add_argument("--apiserver-profile-seconds", type=float, default=45.0)
     p.add_argument("--operator-arg", action="append", default=[],
                    help="extra flag for `kubetune operator` (repeatable)")
     args = p.parse_args(argv)
@@ -683,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     closed_port = _closed_port()
     operator_args = ["--progress-host", "127.0.0.1", "--progress-port", str(closed_port), *args.operator_arg]
-    with Cluster(ClusterOptions(fleet=fleet)) as cluster:
+    with Cluster(ClusterOptions(fleet=fleet, apiserver_profiling=args.apiserver_profile is not None)) as cluster:
         result["cluster_start_s"] = round(cluster.timings.get("all_ready_s", 0), 2)
         install_crds(cluster.kubectl)
         api = make_api(cluster, args.concurrency + 8)
@@ -698,7 +792,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(cluster.work_dir)
         pods = bench_layout_pods(cluster, spec_dict)
         result["kubetune"] = run_kubetune(cluster, api, args.jobs, args.concurrency, args.timeout, workdir,
-                                          operator_args, services_expected=args.jobs if pods > 1 else 0)
+                                          operator_args, services_expected=args.jobs if pods > 1 else 0,
+                                          profile=(args.apiserver_profile, args.apiserver_profile_seconds)
+                                          if args.apiserver_profile else None)
         result["peak_rss_mib"] = {name: round(proc_status_kib(pid, "VmHWM") / 1024, 1)
                                   for name, pid in cluster.pids.items()}
     b, c = result["baseline"], result["kubetune"]["creation"]

@@ -5,20 +5,26 @@ memory target, and a throughput ratio measured against direct Job creation in th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from kubetune.testing_helpers import load_module_from_file
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
+BENCH_CATEGORIES = load_module_from_file("operator_scale_bench", ROOT / "bench" / "operator_scale.py").PROFILE_CATEGORIES
 
 
 def test_quick_operator_scale_run_completes_every_job(tmp_path):
     out = tmp_path / "scale.json"
+    profile = tmp_path / "apiserver.pprof"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "operator_scale.py"), "--quick", "--out", str(out),
-                           "--timeout", "300"], capture_output=True, text=True, timeout=840)
+                           "--timeout", "300", "--apiserver-profile", str(profile), "--apiserver-profile-seconds", "3"],
+                          capture_output=True, text=True, timeout=840)
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     creation, completion = result["kubetune"]["creation"], result["kubetune"]["completion"]
@@ -38,3 +44,12 @@ def test_quick_operator_scale_run_completes_every_job(tmp_path):
         assert {"kube-apiserver", "etcd", "bench client"} <= set(cpu), cpu
         assert cpu["kube-apiserver"] > 0 and cpu["TOTAL"] >= cpu["kube-apiserver"] and cpu["cores_busy"] > 0, cpu
     assert creation["cpu_s_by_process"]["operator"] > 0, creation["cpu_s_by_process"]
+    # The apiserver CPU profile of the creation phase: a gzipped pprof file, summarised by category with `go`.
+    prof = creation["apiserver_profile"]
+    assert "error" not in prof, prof
+    assert profile.read_bytes()[:2] == b"\x1f\x8b", prof
+    if shutil.which("go"):
+        shares = prof["share_by_category"]
+        assert prof["total_cpu_s"] > 0 and set(shares) == set(BENCH_CATEGORIES), prof
+        assert 0 < shares["object creates (all kinds)"] <= 1, shares
+        assert "apiserver CPU profile" in proc.stdout

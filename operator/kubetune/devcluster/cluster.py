@@ -92,6 +92,7 @@ class ClusterOptions:
     startup_timeout: float = 120.0
     verbosity: int = 1
     kwok_stages_file: Path = KWOK_STAGES_FILE
+    apiserver_profiling: bool = False             # serve /debug/pprof (benchmarks profile the apiserver)
 
 
 @dataclass
@@ -261,7 +262,8 @@ class Cluster:
             f"--service-account-issuer={SA_ISSUER}", f"--service-account-key-file={p.sa_pub}",
             f"--service-account-signing-key-file={p.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC",
-            "--allow-privileged=true", "--enable-priority-and-fairness=false", "--profiling=false",
+            "--allow-privileged=true", "--enable-priority-and-fairness=false",
+            f"--profiling={str(self.options.apiserver_profiling).lower()}",
             "--event-ttl=1h", f"--cert-dir={self._dir / 'apiserver-certs'}", f"--v={self.options.verbosity}",
         ], self.logs_dir / "kube-apiserver.log")
 

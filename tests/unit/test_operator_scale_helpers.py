@@ -1,0 +1,54 @@
+"""Pure helpers of bench/operator_scale.py: reading `go tool pprof -top` summaries and request deltas."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kubetune.testing_helpers import load_module_from_file
+
+pytestmark = pytest.mark.unit
+bench = load_module_from_file("operator_scale_bench", Path(__file__).resolve().parents[2] / "bench" / "operator_scale.py")
+
+HEADER = """File: kube-apiserver
+Type: cpu
+Duration: 45.06s, Total samples = {total} (106.16%)
+Active filters:
+   focus=StatusREST
+"""
+
+
+@pytest.mark.parametrize("total, shown, expected", [
+    ("47.84s", "Showing nodes accounting for 8.97s, 18.75% of 47.84s total\n", (8.97, 47.84)),
+    ("820ms", "Showing nodes accounting for 410ms, 50.00% of 820ms total\n", (0.41, 0.82)),
+    ("2.5mins", "Showing nodes accounting for 30s, 20.00% of 2.5mins total\n", (30.0, 150.0)),
+    ("47.84s", "Showing nodes accounting for 0, 0% of 47.84s total\n", (0.0, 47.84)),
+    ("47.84s", "", (0.0, 47.84)),  # "Focus expression matched no samples": no accounting line
+])
+def test_parse_pprof_seconds(total, shown, expected):
+    text = ("Focus expression matched no samples\n" if not shown else "") + HEADER.format(total=total) + shown
+    focused, whole = bench.parse_pprof_seconds(text)
+    assert focused == pytest.approx(expected[0]) and whole == pytest.approx(expected[1])
+
+
+def test_parse_pprof_seconds_rejects_what_is_not_a_profile_summary():
+    assert bench.parse_pprof_seconds("failed to fetch profile: no such file") is None
+
+
+def test_profile_categories_are_valid_regular_expressions():
+    import re
+
+    for name, regex in bench.PROFILE_CATEGORIES.items():
+        re.compile(regex)
+    assert "custom resource status writes" in bench.PROFILE_CATEGORIES
+
+
+def test_counter_delta_keeps_the_largest_changes_and_the_total():
+    before = Counter({"POST jobs": 10, "PUT leases": 5})
+    after = Counter({"POST jobs": 110, "PUT leases": 7, "POST events": 40})
+    delta = bench.counter_delta(after, before)
+    assert delta["POST jobs"] == 100 and delta["POST events"] == 40 and delta["PUT leases"] == 2
+    assert delta["TOTAL"] == 142
+    assert list(delta)[:2] == ["POST jobs", "POST events"]
