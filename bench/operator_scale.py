@@ -1,6 +1,7 @@
 """Operator at scale: N FineTuneJobs applied at once on a simulated GPU fleet, against a direct-Job baseline.
 
     python bench/operator_scale.py [--nodes 250 --jobs 1000] [--concurrency 16] [--quick]
+                                   [--apiserver-profile FILE [--apiserver-profile-seconds 45]]
 
 Starts the local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK) with a
 generated fleet of `--nodes` simulated GPU nodes, then in one run:
@@ -16,8 +17,10 @@ generated fleet of `--nodes` simulated GPU nodes, then in one run:
    every FineTuneJob is Succeeded, and times that.
 
 Also recorded: operator peak RSS (VmHWM) and CPU time (utime+stime) from /proc, the apiserver's
-`apiserver_request_total` delta by verb/resource for each phase, the load average, and errors / lost
-jobs. Results go to bench/results/operator_scale-<nodes>n-<jobs>j.json (or --out); a table is printed.
+`apiserver_request_total` delta by verb/resource for each phase, the load average, errors / lost
+jobs, CPU seconds per process for each creation phase and, with --apiserver-profile, a CPU profile of
+kube-apiserver during the FineTuneJob creation phase with its share by category. Results go to
+bench/results/operator_scale-<nodes>n-<jobs>j.json (or --out); a table is printed.
 """
 
 from __future__ import annotations
