@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import copy
 import http.server
-import importlib.util
 import json
 import socket
-import sys
 import threading
-from types import ModuleType
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +14,6 @@ from kubernetes import client
 
 from kubetune import API_GROUP, API_VERSION, PLURAL
 from kubetune.builders import COMPLETION_INDEX_ANNOTATION, COMPONENT_LABEL, JOB_NAME_LABEL
-
-
-def load_module_from_file(name: str, path: Path) -> ModuleType:
-    """Import the script at `path` (a bench/ script, a test support file outside any package) as module
-    `name`, once: it is registered in sys.modules first because dataclasses look their module up there."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 def free_port() -> int:
