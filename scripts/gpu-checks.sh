@@ -5,7 +5,8 @@
 #   here, once:  ~/.cache/kubetune/venv/bin/python scripts/gpu_wheels.py   # fills .whl/ (git-ignored)
 #   there:       device run, carry [".whl"], from the repository root, e.g.
 #                  bash scripts/gpu-checks.sh env tests vram-qwen                 (timeout_s 600)
-#                  bash scripts/gpu-checks.sh env vram-llama throughput           (timeout_s 600)
+#                  bash scripts/gpu-checks.sh env throughput                      (if time is left)
+#                  bash scripts/gpu-checks.sh env vram-llama                      (a later lease)
 #
 # Steps, run in the order given (a fresh machine is bare, so every call starts with `env`):
 #   env         install the carried wheels into /tmp/site (DeepSpeed from its source archive), then
@@ -102,7 +103,7 @@ EOF
 }
 
 if [ $# -eq 0 ]; then
-    sed -n '2,24p' "$0"
+    sed -n '2,23p' "$0"
     exit 2
 fi
 export PYTHONPATH="$site:$root/operator:$root/trainer_image${PYTHONPATH:+:$PYTHONPATH}"
