@@ -113,9 +113,14 @@ def requirements_of(path: Path) -> list[Requirement]:
     return reqs
 
 
+def carried_files(dest: Path) -> dict[str, Path]:
+    """project name -> wheel or source archive in `dest`."""
+    return {dist_name(p): p for p in dest.iterdir() if p.suffix == ".whl" or p.name.endswith(".tar.gz")}
+
+
 def missing_requirements(dest: Path) -> dict[str, Requirement]:
     """Requirements of the carried packages that are neither carried nor in the device image."""
-    carried = {dist_name(p): p for p in dest.iterdir() if p.suffix == ".whl" or p.name.endswith(".tar.gz")}
+    carried = carried_files(dest)
     have = set(carried) | {canonicalize_name(n) for n in DEVICE_HAS}
     missing: dict[str, Requirement] = {}
     for path in carried.values():
@@ -128,7 +133,7 @@ def missing_requirements(dest: Path) -> dict[str, Requirement]:
 
 def version_conflicts(dest: Path) -> list[str]:
     """Requirements of carried packages that the image's known versions do not satisfy."""
-    carried = {dist_name(p): p for p in dest.iterdir() if p.suffix == ".whl" or p.name.endswith(".tar.gz")}
+    carried = carried_files(dest)
     conflicts = []
     for name, path in sorted(carried.items()):
         for req in requirements_of(path):

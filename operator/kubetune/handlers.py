@@ -293,7 +293,7 @@ class Reconciler:
                 keys.append((obj["metadata"]["namespace"], obj["metadata"]["name"]))
         return keys
 
-    def start_child_watches(self, loop: asyncio.AbstractEventLoop) -> list[ChildWatch]:
+    def start_child_watches(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the Job and pod watches (threads) that feed the cache and kick passes on `loop`; they use
         their own ApiClient, so their long-lived requests take no connection from the reconcile pool."""
         def notify(key: tuple[str, str]) -> None:
@@ -308,7 +308,11 @@ class Reconciler:
         for watch in watches:
             watch.start()
         self._watches = watches
-        return watches
+
+    def stop_child_watches(self, timeout: float = 5.0) -> None:
+        """Stop the watch threads (each open watch request is shut down)."""
+        for watch in self._watches:
+            watch.stop(timeout=timeout)
 
     async def resync_forever(self) -> None:
         """Every resync interval, reconcile jobs that are active or waiting for their TTL (from the cache:
@@ -337,7 +341,7 @@ async def startup(memo: Any, **_: Any) -> None:
     Job/pod watches."""
     reconciler, loop = _reconciler(memo), asyncio.get_running_loop()
     memo.resync_task = loop.create_task(reconciler.resync_forever())
-    memo.child_watches = reconciler.start_child_watches(loop)
+    reconciler.start_child_watches(loop)
 
 
 @kopf.on.cleanup(registry=registry)
@@ -346,8 +350,7 @@ async def cleanup(memo: Any, **_: Any) -> None:
     task = getattr(memo, "resync_task", None)
     if task is not None:
         task.cancel()
-    for watch in getattr(memo, "child_watches", None) or []:
-        watch.stop(timeout=0)
+    _reconciler(memo).stop_child_watches(timeout=0)
     # Stopped by a signal, kopf still has a task awaiting the stop flag and waits up to 5 s for
     # it before exiting, which delays the Lease release (and a standby's takeover) by 5 s.
     flag = getattr(memo, "stop_flag", None)
