@@ -25,6 +25,7 @@ from typing import Any
 from kubetune_trainer.errors import NonFiniteLossError, PlanError
 from kubetune_trainer.plan import Plan
 from kubetune_trainer.speedups import SpeedReport
+from kubetune_trainer.storage import join_uri
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -90,11 +91,6 @@ class TrainResult:
         return None if self.eval_loss is None else math.exp(min(self.eval_loss, 80.0))
 
 
-def join_uri(uri: str, *parts: str) -> str:
-    """`uri` + '/' + parts, without doubled slashes."""
-    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
 def total_optimizer_steps(train_size: int, micro_batch: int, grad_accum: int, world: int,
                           epochs: float, max_steps: int) -> tuple[int, int]:
     """(total optimizer steps, micro-batches per epoch per process) for the plan's length."""
@@ -139,7 +135,7 @@ class FineTuneRecipe:
         """Distributed init, seeding, tokenizer + data, model + method, optimizer, engine, resume."""
         import torch
 
-        from kubetune_trainer import locations as storage
+        from kubetune_trainer import storage
         from kubetune_trainer.metrics_server import MetricsServer, TrainingMetrics
         from kubetune_trainer.methods import resolve_precision
 
@@ -164,9 +160,9 @@ class FineTuneRecipe:
         self._init_distributed()
         self._seed(self.t.seed)
 
-        self.output_dir = storage.local_output_dir(self.plan.output.uri)
+        self.output_dir = storage.output_dir(self.plan.output.uri)
         self.ckpt_root = self.output_dir / "checkpoints"
-        self.model_dir = storage.resolve_model(self.plan.model.uri)
+        self.model_dir = storage.fetch_model(self.plan.model.uri)
         self._load_tokenizer()
         self._load_data()
         self._build_model_and_engine()
@@ -540,7 +536,7 @@ class FineTuneRecipe:
     # ------------------------------------------------------------------ export
     def export(self) -> dict[str, str]:
         """Write final/adapter | final/model, final/merged (mergeAdapter), final/metrics.json; upload."""
-        from kubetune_trainer import locations as storage
+        from kubetune_trainer import storage
 
         self._set_phase("exporting")
         final = self.output_dir / "final"
@@ -574,7 +570,7 @@ class FineTuneRecipe:
         self.result.runtime_seconds = time.time() - self.started
         if self.env.is_main:
             (final / "metrics.json").write_text(json.dumps(self.final_metrics(), indent=2) + "\n")
-            storage.publish_outputs(self.output_dir, uri)
+            storage.upload_dir(self.output_dir, uri)
         self._barrier()
         self._set_phase("done")
         return arts
