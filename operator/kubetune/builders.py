@@ -49,6 +49,8 @@ class BuildConfig:
     extra_tolerations: tuple[dict[str, Any], ...] = ()
     cpu_node_selector: tuple[tuple[str, str], ...] = ()  # nodeSelector for CPU-only runs (e.g. process nodes)
     image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()  # Secret names for pulling the trainer image (imagePullSecrets)
+    gpu_node_selector: tuple[tuple[str, str], ...] = ()  # nodeSelector for GPU runs (the layout's own keys win)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,11 +286,15 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
     selector = dict(layout.node_selector)
     if layout.gpus_per_pod == 0:
         selector.update(dict(cfg.cpu_node_selector))
+    else:
+        selector = {**dict(cfg.gpu_node_selector), **selector}
     if selector:
         pod_spec["nodeSelector"] = dict(sorted(selector.items()))
     tols = tolerations(layout, cfg)
     if tols:
         pod_spec["tolerations"] = tols
+    if cfg.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in cfg.image_pull_secrets]
     job_labels = child_labels(ref.name, "trainer")
     for key in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL):
         if ref.labels.get(key):
