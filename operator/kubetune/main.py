@@ -50,11 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                    default=float(env("KUBETUNE_SIZING_RETRY_SECONDS", "60")),
                    help="retry delay while no GPU layout fits")
     p.add_argument("--trainer-image", default=env("KUBETUNE_TRAINER_IMAGE", BuildConfig.image))
+    p.add_argument("--trainer-image-pull-policy", choices=["Always", "IfNotPresent", "Never"],
+                   default=env("KUBETUNE_TRAINER_IMAGE_PULL_POLICY", BuildConfig.image_pull_policy),
+                   help="imagePullPolicy of the trainer container")
+    p.add_argument("--trainer-image-pull-secrets", default=env("KUBETUNE_TRAINER_IMAGE_PULL_SECRETS", ""),
+                   help="name[,name] of Secrets for pulling the trainer image (imagePullSecrets of trainer pods)")
     p.add_argument("--pvc-root", default=env("KUBETUNE_PVC_ROOT", BuildConfig.pvc_root))
     p.add_argument("--extra-tolerations", default=env("KUBETUNE_EXTRA_TOLERATIONS", "[]"),
                    help="JSON list of tolerations added to every trainer pod")
     p.add_argument("--cpu-node-selector", default=env("KUBETUNE_CPU_NODE_SELECTOR", ""),
                    help="key=value[,key=value] nodeSelector for CPU-only trainer pods (e.g. local process nodes)")
+    p.add_argument("--gpu-node-selector", default=env("KUBETUNE_GPU_NODE_SELECTOR", ""),
+                   help="key=value[,key=value] nodeSelector for GPU trainer pods (the sizer's own keys win)")
     p.add_argument("--progress-host", default=env("KUBETUNE_PROGRESS_HOST", ""),
                    help="read /progress from this host instead of the rank-0 pod IP (local process nodes)")
     p.add_argument("--progress-port", type=int, default=int(env("KUBETUNE_PROGRESS_PORT", "9090")))
@@ -115,8 +122,17 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
         if not sep or not key:
             raise SystemExit(f"--cpu-node-selector: {item!r} is not key=value")
         selector.append((key.strip(), value.strip()))
+    gpu_selector = []
+    for item in filter(None, (args.gpu_node_selector or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--gpu-node-selector: {item!r} is not key=value")
+        gpu_selector.append((key.strip(), value.strip()))
+    pull_secrets = tuple(n.strip() for n in (args.trainer_image_pull_secrets or "").split(",") if n.strip())
     build = BuildConfig(image=args.trainer_image, pvc_root=args.pvc_root,
-                        extra_tolerations=tuple(tolerations), cpu_node_selector=tuple(selector))
+                        extra_tolerations=tuple(tolerations), cpu_node_selector=tuple(selector),
+                        image_pull_policy=args.trainer_image_pull_policy, image_pull_secrets=pull_secrets,
+                        gpu_node_selector=tuple(gpu_selector))
     return OperatorConfig(namespaces=list(args.namespace), build=build, resync_seconds=args.resync_seconds,
                           sizing_retry_seconds=args.sizing_retry_seconds, progress_port=args.progress_port,
                           progress_host=args.progress_host)
