@@ -1,4 +1,4 @@
-"""Model/dataset/output locations (docs/contracts.md §1, §3, §4): pvc://, file:// and plain paths resolve to local
+"""Model/dataset/output URIs (docs/contracts.md §1, §3, §4): pvc://, file:// and plain paths resolve to local
 files; hf:// is served from a local hub cache with HF_HUB_OFFLINE=1; s3:// goes through the real MinIO client
 against a small S3-compatible HTTP server started by the test (path-style ListObjectsV2/HEAD/GET/PUT)."""
 
@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
-from kubetune_trainer import locations, storage
+from kubetune_trainer import storage
 from kubetune_trainer.errors import DataError, StorageError
 
 pytestmark = pytest.mark.unit
@@ -72,6 +72,64 @@ def test_bad_uris_are_rejected_with_a_clear_message(uri, fragment):
         storage.parse_uri(uri)
 
 
+# ----------------------------------------------------------------------------- join_uri
+
+@pytest.mark.parametrize("base,parts,expected", [
+    ("s3://bucket", ("final", "model"), "s3://bucket/final/model"),
+    ("s3://bucket/runs/demo/", ("checkpoints", "step-4"), "s3://bucket/runs/demo/checkpoints/step-4"),
+    ("s3://bucket/runs//", ("/final/", "metrics.json"), "s3://bucket/runs/final/metrics.json"),
+    ("pvc://outputs", ("run/final", "adapter"), "pvc://outputs/run/final/adapter"),
+    ("pvc://outputs/run", ("", "final", ".", "merged/"), "pvc://outputs/run/final/merged"),
+    ("pvc://outputs/run/", (), "pvc://outputs/run"),
+    ("hf://datasets/org/set@v1", ("data", "train.jsonl"), "hf://datasets/org/set@v1/data/train.jsonl"),
+    ("file:///srv/out/", ("final",), "file:///srv/out/final"),
+    ("file:///", ("srv", "out"), "file:///srv/out"),
+    ("file:///", (), "file:///"),
+    ("/srv/out", ("a//b", "c"), "/srv/out/a/b/c"),
+    ("/", ("srv",), "/srv"),
+    ("/", ("",), "/"),
+    ("relative/out/", ("final",), "relative/out/final"),
+])
+def test_join_uri(base, parts, expected):
+    assert storage.join_uri(base, *parts) == expected
+
+
+def test_joined_uris_parse_back_to_the_same_place(roots):
+    pvc, _ = roots
+    joined = storage.join_uri("pvc://outputs/run/", "checkpoints", "step-4")
+    assert storage.local_path(joined) == pvc / "outputs" / "run" / "checkpoints" / "step-4"
+    parsed = storage.parse_uri(storage.join_uri("s3://bucket/runs/", "final/model"))
+    assert (parsed.authority, parsed.path) == ("bucket", "runs/final/model")
+    parsed = storage.parse_uri(storage.join_uri("hf://datasets/org/set@v1/", "data/train.jsonl"))
+    assert (parsed.authority, parsed.revision, parsed.path) == ("org/set", "v1", "data/train.jsonl")
+
+
+@pytest.mark.parametrize("base,parts,fragment", [
+    ("s3://bucket/run", ("..",), r"s3://bucket/run: cannot append '\.\.': '\.\.' is not allowed"),
+    ("pvc://outputs/run", ("final", "../../etc"), r"cannot append '\.\./\.\./etc': '\.\.' is not allowed"),
+    ("/srv/out", ("a/../b",), r"cannot append 'a/\.\./b'"),
+    ("file:///srv", ("..",), r"'\.\.' is not allowed in a URI path"),
+    ("s3://", ("x",), "expected s3://bucket/prefix"),
+    ("pvc:///x", ("y",), "expected pvc://claim/path"),
+    ("gs://bucket", ("x",), "unsupported URI scheme 'gs'"),
+    ("", ("x",), "empty URI"),
+    ("s3://bucket", (7,), "path parts must be strings"),
+])
+def test_join_uri_refuses_escapes_and_bad_bases(base, parts, fragment):
+    with pytest.raises(StorageError, match=fragment):
+        storage.join_uri(base, *parts)
+
+
+def test_one_module_owns_uris():
+    """The URI helpers live in storage only: no second join_uri, no locations wrapper module."""
+    import importlib.util
+
+    from kubetune_trainer import recipe
+
+    assert importlib.util.find_spec("kubetune_trainer.locations") is None
+    assert recipe.join_uri is storage.join_uri
+
+
 # ----------------------------------------------------------------------------- pvc / local
 
 def test_pvc_and_local_paths_resolve(roots, tmp_path):
@@ -86,10 +144,10 @@ def test_pvc_and_local_paths_resolve(roots, tmp_path):
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
     assert storage.fetch_model("pvc://models/tiny") == model
-    assert locations.resolve_model("pvc://models/tiny") == model
+    assert storage.fetch_model(f"file://{model}/") == model
     assert storage.output_dir("pvc://outputs/run") == pvc / "outputs" / "run"
     assert (pvc / "outputs" / "run").is_dir()
-    assert locations.local_output_dir("pvc://outputs/run2") == pvc / "outputs" / "run2"
+    assert storage.output_dir(storage.join_uri("pvc://outputs/", "run2")) == pvc / "outputs" / "run2"
 
 
 def test_dataset_through_the_loader_resolves_pvc_uris(roots):
@@ -158,7 +216,7 @@ def test_hf_model_and_dataset_from_offline_cache(offline_hub):
     snap = _hub_repo(offline_hub, "model", "org/tiny", {"config.json": "{}", "tokenizer.json": "{}"})
     assert storage.fetch_model("hf://org/tiny") == snap
     assert storage.fetch_model(f"hf://org/tiny@{SHA}") == snap
-    assert locations.resolve_model("hf://org/tiny@main") == snap
+    assert storage.fetch_model("hf://org/tiny@main") == snap
     data_snap = _hub_repo(offline_hub, "dataset", "org/set", {"data/train.jsonl": json.dumps(ALPACA) + "\n",
                                                              "README.md": "card"})
     assert storage.fetch_dataset("hf://datasets/org/set/data/train.jsonl") == data_snap / "data" / "train.jsonl"
@@ -316,19 +374,19 @@ def test_s3_model_download(s3, roots):
     s3.put("models", "tiny/config.json", "{}")
     s3.put("models", "tiny/sub/tokenizer.json", '{"t": 1}')
     s3.put("models", "tiny-other/config.json", "{}")  # shares the prefix string, not the directory
-    local = locations.resolve_model("s3://models/tiny")
+    local = storage.fetch_model("s3://models/tiny")
     assert (local / "config.json").is_file() and (local / "sub" / "tokenizer.json").read_text() == '{"t": 1}'
     assert not (local.parent / "tiny-other").exists()
 
 
 def test_s3_outputs_stage_locally_and_upload(s3, roots):
     _, work = roots
-    staging = locations.local_output_dir("s3://outputs/runs/demo")
+    staging = storage.output_dir("s3://outputs/runs/demo")
     assert staging == work / "outputs" / "outputs" / "runs" / "demo" and staging.is_dir()
     (staging / "final" / "adapter").mkdir(parents=True)
     (staging / "final" / "adapter" / "adapter_config.json").write_text('{"r": 8}')
     (staging / "final" / "metrics.json").write_text("{}")
-    locations.publish_outputs(staging, "s3://outputs/runs/demo")
+    assert storage.upload_dir(staging, "s3://outputs/runs/demo") == 2
     assert s3.objects[("outputs", "runs/demo/final/adapter/adapter_config.json")] == b'{"r": 8}'
     assert ("outputs", "runs/demo/final/metrics.json") in s3.objects
 

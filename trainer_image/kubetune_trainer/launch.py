@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune_trainer.errors import PlanError
+from kubetune_trainer.worker import PERMANENT_FAILURE_EXIT, run_worker
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,6 @@ def _summary_fingerprint(path: Path) -> tuple | None:
 
 def launch(env: dict[str, str] | None = None) -> int:
     """Start the run: in-process for 1x1, else torchrun; node 0 reports a failure the workers did not."""
-    from kubetune_trainer.cli import run_worker
     from kubetune_trainer.summary import build_summary, termination_log_path, write_summary
 
     e = dict(os.environ if env is None else env)
@@ -110,7 +110,7 @@ def launch(env: dict[str, str] | None = None) -> int:
         rdv = rendezvous_from_env(e)
     except PlanError as exc:
         write_summary(build_summary(status="Failed", reason=exc.reason, message=str(exc)))
-        return 3
+        return PERMANENT_FAILURE_EXIT
     if rdv.world_size == 1:
         os.environ.update(worker_env(e, rdv))
         return run_worker()

@@ -1,4 +1,5 @@
-"""URI resolution, fetching and publishing for models, datasets and outputs.
+"""Every URI the trainer touches, in one module: parse, join, resolve to a local path, fetch models and
+datasets, stage and publish outputs.
 
 Schemes (docs/contracts.md §1, §3):
 
@@ -13,8 +14,10 @@ Schemes (docs/contracts.md §1, §3):
   credentials from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``,
   region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
 
-Outputs are written to `output_dir(uri)` (the PVC/local directory itself, or a staging directory
-for S3) and published with `upload_dir(local_dir, uri)`.
+Models come from `fetch_model(uri)`, datasets from `fetch_dataset(uri)`. Outputs are written to
+`output_dir(uri)` (the PVC/local directory itself, or a staging directory for S3) and published with
+`upload_dir(local_dir, uri)` (nothing to copy when that directory is already the destination).
+`join_uri(uri, *parts)` builds the URIs of artifacts under an output URI.
 """
 
 from __future__ import annotations
@@ -140,10 +143,28 @@ def local_path(uri: str) -> Path | None:
 
 
 def join_uri(uri: str, *parts: str) -> str:
-    """Append path segments to a URI (or plain path)."""
-    base = uri.rstrip("/")
-    tail = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-    return f"{base}/{tail}" if tail else base
+    """`uri` (any scheme or a plain path) with `parts` appended as path segments, '/'-separated.
+
+    Trailing slashes on `uri`, empty parts and '.' segments are dropped, so the result never holds a
+    doubled slash; a '..' segment is refused (StorageError), so a joined URI never leaves `uri`.
+    """
+    parsed = parse_uri(uri)  # refuses empty URIs, unknown schemes, pvc:// and s3:// without claim/bucket
+    segments: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise StorageError(f"{uri}: cannot append {part!r}: path parts must be strings")
+        if ".." in part.split("/"):
+            raise StorageError(f"{uri}: cannot append {part!r}: '..' is not allowed in a URI path")
+        cleaned = _clean_relative(part, uri)
+        if cleaned:
+            segments.append(cleaned)
+    if parsed.scheme == "file" and not parsed.path.strip("/"):
+        head = "file://"  # file:/// is the root: its last slash is the path
+    else:
+        head = uri.strip().rstrip("/")
+    if not segments:
+        return head + "/" if head in ("", "file://") else head  # "/" and file:/// stay roots
+    return "/".join([head, *segments])
 
 
 # --------------------------------------------------------------------------- Hugging Face
