@@ -411,10 +411,10 @@ def baseline_job(cluster: Any, spec_dict: dict[str, Any], suspend: bool = True) 
     from kubetune.api import parse_spec
     from kubetune.builders import BuildConfig, JobRef, build_children
     from kubetune.devcluster.fleet import node_manifests
-    from kubetune.layout import size_job_layout
+    from kubetune.sizing.layout import size_job_layout
 
     spec = parse_spec(spec_dict)
-    outcome = size_job_layout(spec_dict, spec, node_manifests(cluster.fleet))
+    outcome = size_job_layout(spec, node_manifests(cluster.fleet))
     if not outcome.fits or outcome.layout is None:
         raise SystemExit(f"the benchmark spec does not fit the fleet: {outcome.message}")
     job = build_children(JobRef("direct", DIRECT_NS, "00000000-0000-0000-0000-000000000000"), spec_dict, spec,
@@ -428,9 +428,9 @@ def bench_layout_pods(cluster: Any, spec_dict: dict[str, Any]) -> int:
     """How many pods the sizer gives FTJ_SPEC on this fleet (a Service is a child only when > 1)."""
     from kubetune.api import parse_spec
     from kubetune.devcluster.fleet import node_manifests
-    from kubetune.layout import size_job_layout
+    from kubetune.sizing.layout import size_job_layout
 
-    outcome = size_job_layout(spec_dict, parse_spec(spec_dict), node_manifests(cluster.fleet))
+    outcome = size_job_layout(parse_spec(spec_dict), node_manifests(cluster.fleet))
     return outcome.layout.pods if outcome.layout is not None else 0
 
 

@@ -5,8 +5,8 @@
 For each configuration (catalog architecture x method x sequence length x micro batch x gradient
 checkpointing) the benchmark
 
-1. builds the FineTuneJob spec the way a user would write it, fills the operator's defaults
-   (`kubetune.sizing.apply_spec_defaults`) and estimates the per-GPU memory exactly as the operator's
+1. builds the FineTuneJob spec the way a user would write it, parses it into the operator's typed spec
+   (`kubetune.api.parse_spec`, which fills the defaults) and estimates the per-GPU memory exactly as the operator's
    sizer does (`setup_from_spec` + `estimate_memory` on the catalog architecture, single GPU);
 2. renders the training plan with the operator's own `kubetune.builders.build_plan` (strategy none,
    one GPU) and validates it with the trainer's `parse_plan`;
@@ -135,14 +135,17 @@ def select_configs(ids: str | None) -> list[BenchConfig]:
     return chosen
 
 
-def bench_spec(cfg: BenchConfig, model_uri: str, data_uri: str, output_uri: str, steps: int) -> dict[str, Any]:
-    """The defaulted FineTuneJob spec for a configuration (operator defaults for everything not set here)."""
-    from kubetune.sizing import apply_spec_defaults
+def bench_spec(cfg: BenchConfig, model_uri: str, data_uri: str, output_uri: str, steps: int) -> Any:
+    """The typed FineTuneJob spec for a configuration (operator defaults for everything not set here)."""
+    from kubetune.api import parse_spec
 
-    return apply_spec_defaults({
+    # qlora needs its quantization block (the CRD requires it, with bits: 4); the rest of it is defaulted
+    quantization = {"quantization": {"bits": 4}} if cfg.method == "qlora" else {}
+    return parse_spec({
         "model": {"uri": model_uri},
         "dataset": {"uri": data_uri, "format": "text", "evalSplit": 0.0},
         "method": cfg.method,
+        **quantization,
         "training": {"maxSteps": steps, "microBatchSize": cfg.micro_batch_size,
                      "gradientAccumulationSteps": GRAD_ACCUM, "maxSeqLength": cfg.seq_length,
                      "gradientCheckpointing": cfg.gradient_checkpointing, "precision": "bf16",
@@ -152,7 +155,7 @@ def bench_spec(cfg: BenchConfig, model_uri: str, data_uri: str, output_uri: str,
     })
 
 
-def estimate_for(cfg: BenchConfig, spec: dict[str, Any]):
+def estimate_for(cfg: BenchConfig, spec: Any):
     """The operator's single-GPU estimate for the configuration (catalog architecture, bf16-capable GPU)."""
     from kubetune.sizing import Parallelism, estimate_memory, lookup_catalog, setup_from_spec
 
@@ -162,14 +165,13 @@ def estimate_for(cfg: BenchConfig, spec: dict[str, Any]):
     return estimate_memory(arch, setup_from_spec(spec, bf16_capable=True), Parallelism())
 
 
-def plan_for(spec: dict[str, Any]) -> dict[str, Any]:
+def plan_for(spec: Any) -> dict[str, Any]:
     """The plan JSON the operator renders for the spec on one GPU (strategy none), validated by the trainer."""
-    from kubetune.api import parse_spec
     from kubetune.builders import JobRef, build_plan
-    from kubetune.layout import Layout
+    from kubetune.sizing.layout import Layout
     from kubetune_trainer.plan import parse_plan
 
-    plan = build_plan(JobRef("vram-accuracy", "bench", "0"), parse_spec(spec),
+    plan = build_plan(JobRef("vram-accuracy", "bench", "0"), spec,
                       Layout(gpu_type="bench", gpus_per_pod=1, pods=1, strategy="none"))
     parse_plan(plan)
     return plan

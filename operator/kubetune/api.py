@@ -169,6 +169,12 @@ class FineTuneJobSpec(_Model):
             return None
         return self.lora or LoraSpec()
 
+    def effective_quantization(self) -> QuantizationSpec | None:
+        """The quantization settings for qlora (defaults when the block is omitted), None otherwise."""
+        if self.method != "qlora":
+            return None
+        return self.quantization or QuantizationSpec()
+
     def uris(self) -> list[str]:
         """Every storage URI the run reads or writes."""
         found = [self.model.uri, self.dataset.uri, self.output.uri]

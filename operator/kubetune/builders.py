@@ -10,7 +10,7 @@ from typing import Any
 
 from kubetune import API_GROUP, API_VERSION, KIND, reasons
 from kubetune.api import FineTuneJobSpec, pvc_claim
-from kubetune.layout import Layout
+from kubetune.sizing.layout import Layout
 
 PLAN_VERSION = 1
 PLAN_DIR = "/etc/kubetune"

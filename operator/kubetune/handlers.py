@@ -27,7 +27,7 @@ from kubetune.builders import METRICS_PORT, BuildConfig, JobRef, build_children
 from kubetune.cache import ClusterCache
 from kubetune.child_watch import ChildWatch, child_watches
 from kubetune.children import ChildClient, body_of, fetch_progress, merge_patch, rank0_address
-from kubetune.fleet_sizer import FleetSizer
+from kubetune.sizing.fleet_sizer import FleetSizer
 from kubetune.metrics import OperatorMetrics
 from kubetune.reconcile import Decision, Observed, decide, iso, parse_time, status_changed, still_acting
 
@@ -188,7 +188,7 @@ class Reconciler:
                     sizing_retry_seconds=cfg.sizing_retry_seconds)
         decision = decide(observed=observed, **args)
         if decision.needs_sizing:
-            outcome = self.sizer.size(spec_dict, spec)
+            outcome = self.sizer.size(spec)
             observed.sizing = outcome
             if outcome.fits and outcome.layout is not None:
                 ref = JobRef(name, ns, meta["uid"], labels)

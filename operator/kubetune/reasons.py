@@ -4,7 +4,6 @@
 SIZED = "Sized"
 PINNED_BY_SPEC = "PinnedBySpec"
 INSUFFICIENT_GPU = "InsufficientGPU"
-SIZER_UNAVAILABLE = "SizerUnavailable"
 SIZING_ERROR = "SizingError"
 INVALID_SPEC = "InvalidSpec"
 

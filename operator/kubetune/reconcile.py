@@ -17,7 +17,7 @@ from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec
 from kubetune.builders import (COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEUE_LABEL,
                                SPEC_HASH_ANNOTATION, spec_hash)
-from kubetune.layout import SizingOutcome
+from kubetune.sizing.layout import SizingOutcome
 
 JOB_FAILURE_REASONS = {
     "BackoffLimitExceeded": R.BACKOFF_LIMIT_EXCEEDED,

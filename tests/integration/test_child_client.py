@@ -12,7 +12,7 @@ import urllib3.connectionpool
 from kubetune.api import parse_spec
 from kubetune.builders import BuildConfig, JobRef, build_children
 from kubetune.children import ChildClient
-from kubetune.layout import layout_from_resources
+from kubetune.sizing.layout import layout_from_resources
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import yaml
 
 from kubetune.api import parse_spec
 from kubetune.builders import (BuildConfig, JobRef, build_children, build_job, build_plan, spec_hash)
-from kubetune.layout import Layout, layout_from_resources
+from kubetune.sizing.layout import Layout, layout_from_resources
 
 pytestmark = pytest.mark.unit
 

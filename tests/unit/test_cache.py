@@ -12,8 +12,8 @@ from kubetune.api import parse_spec
 from kubetune.builders import BuildConfig, JobRef, build_children
 from kubetune.cache import ClusterCache, slim_ftj, slim_job, slim_pod
 from kubetune.devcluster.fleet import generate_fleet, node_manifests
-from kubetune.fleet_sizer import SIZING_FIELDS, FleetSizer, sizing_key
-from kubetune.layout import Layout, size_job_layout
+from kubetune.sizing.fleet_sizer import SIZING_FIELDS, FleetSizer, sizing_key
+from kubetune.sizing.layout import Layout, size_job_layout
 from kubetune.reconcile import Observed, decide
 
 pytestmark = pytest.mark.unit
@@ -215,38 +215,38 @@ def test_sizer_lists_nodes_once_per_snapshot_and_memoizes_by_sizing_fields():
     list_nodes, calls = counting_lister(nodes)
     clock = Clock()
     sizer = FleetSizer(list_nodes, ttl_seconds=5.0, clock=clock)
-    first = sizer.size(BENCH_SPEC, parse_spec(BENCH_SPEC))
-    direct = size_job_layout(BENCH_SPEC, parse_spec(BENCH_SPEC), nodes)
+    first = sizer.size(parse_spec(BENCH_SPEC))
+    direct = size_job_layout(parse_spec(BENCH_SPEC), nodes)
     assert first == direct and first.fits
     other = copy.deepcopy(BENCH_SPEC)
     other["output"]["uri"], other["dataset"]["uri"] = "s3://elsewhere/out", "s3://elsewhere/data.jsonl"
-    assert sizer.size(other, parse_spec(other)) == first
+    assert sizer.size(parse_spec(other)) == first
     assert (sizer.hits, sizer.misses, len(calls)) == (1, 1, 1)
     longer = copy.deepcopy(BENCH_SPEC)
     longer["training"]["maxSeqLength"] = 8192
-    assert sizer.size(longer, parse_spec(longer)) == size_job_layout(longer, parse_spec(longer), nodes)
+    assert sizer.size(parse_spec(longer)) == size_job_layout(parse_spec(longer), nodes)
     assert sizer.misses == 2
     clock.now = 6.0  # the snapshot expired: nodes are listed again and the memo starts over
-    sizer.size(BENCH_SPEC, parse_spec(BENCH_SPEC))
+    sizer.size(parse_spec(BENCH_SPEC))
     assert (len(calls), sizer.misses, sizer.snapshots) == (2, 3, 2)
 
 
 def test_sizer_returns_private_copies():
     sizer = FleetSizer(counting_lister(node_manifests(generate_fleet(10)))[0])
-    first = sizer.size(BENCH_SPEC, parse_spec(BENCH_SPEC))
+    first = sizer.size(parse_spec(BENCH_SPEC))
     first.plan_status["tampered"] = True
-    assert "tampered" not in sizer.size(BENCH_SPEC, parse_spec(BENCH_SPEC)).plan_status
+    assert "tampered" not in sizer.size(parse_spec(BENCH_SPEC)).plan_status
 
 
 def test_fields_outside_the_sizing_key_do_not_change_the_layout():
     """Guards SIZING_FIELDS: if the sizer starts reading another spec field, this fails."""
     nodes = node_manifests(generate_fleet(40))
-    base = size_job_layout(BENCH_SPEC, parse_spec(BENCH_SPEC), nodes)
+    base = size_job_layout(parse_spec(BENCH_SPEC), nodes)
     varied = copy.deepcopy(BENCH_SPEC)
     varied.update(dataset={"uri": "pvc://data/other.jsonl", "format": "alpaca", "evalSplit": 0.2},
                   output={"uri": "pvc://out/x", "mergeAdapter": True}, image="example/trainer:2",
                   suspend=True, cancel=False, backoffLimit=9, activeDeadlineSeconds=60, ttlSecondsAfterFinished=5,
                   secrets={"hfTokenSecretRef": {"name": "hf", "key": "token"}})
     assert set(varied) - set(SIZING_FIELDS) >= {"dataset", "output", "image", "secrets"}
-    assert sizing_key(varied) == sizing_key(BENCH_SPEC)
-    assert size_job_layout(varied, parse_spec(varied), nodes) == base
+    assert sizing_key(parse_spec(varied)) == sizing_key(parse_spec(BENCH_SPEC))
+    assert size_job_layout(parse_spec(varied), nodes) == base

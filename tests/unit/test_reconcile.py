@@ -13,7 +13,7 @@ from kubetune import reasons as R
 from kubetune.api import parse_spec
 from kubetune.builders import BuildConfig, JobRef, build_children, spec_hash
 from kubetune.children import merge_patch, rank0_address
-from kubetune.layout import Layout, SizingOutcome, layout_from_resources
+from kubetune.sizing.layout import Layout, SizingOutcome, layout_from_resources
 from kubetune.reconcile import Observed, decide, status_changed, still_acting
 
 pytestmark = pytest.mark.unit

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.sizing import apply_spec_defaults, resolve_architecture, setup_from_spec
+from kubetune.api import parse_spec
+from kubetune.sizing import resolve_architecture, setup_from_spec
 from kubetune.sizing.architecture import ArchitectureError
 from kubetune.sizing.catalog import catalog_names, load_catalog, lookup_catalog, normalize_model_name
 
@@ -81,24 +82,30 @@ def test_hints_alone_and_missing_hints():
         resolve_architecture({"uri": "hf://acme/secret"})
 
 
-def test_apply_spec_defaults_matches_contract():
-    spec = apply_spec_defaults({"model": {"uri": "hf://Qwen/Qwen2.5-7B"}, "dataset": {"uri": "pvc://d/x"},
-                                "method": "qlora", "output": {"uri": "pvc://o/x"}, "training": {"maxSteps": 10}})
-    assert spec["training"]["maxSeqLength"] == 2048 and spec["training"]["gradientCheckpointing"] is True
-    assert spec["training"]["epochs"] == 0 and spec["training"]["maxSteps"] == 10
-    assert spec["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
-    assert spec["quantization"] == {"bits": 4, "quantType": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}
-    assert spec["resources"]["gpusPerPod"] == 0 and spec["distributed"]["strategy"] == "auto"
-    lora = apply_spec_defaults({"method": "lora", "lora": {"r": 64}})
-    assert "quantization" not in lora and lora["lora"]["r"] == 64 and lora["lora"]["alpha"] == 32
-    full = apply_spec_defaults({"method": "full"})
-    assert "lora" not in full and full["training"]["epochs"] == 1
+def _spec(**fields):
+    return parse_spec({"model": {"uri": "hf://Qwen/Qwen2.5-7B"}, "dataset": {"uri": "pvc://d/x"},
+                       "output": {"uri": "pvc://o/x"}, **fields})
+
+
+def test_typed_spec_defaults_match_contract():
+    spec = _spec(method="qlora", training={"maxSteps": 10})
+    assert spec.training.max_seq_length == 2048 and spec.training.gradient_checkpointing is True
+    assert spec.training.epochs == 0 and spec.training.max_steps == 10
+    assert spec.effective_lora().dump() == {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
+    assert spec.effective_quantization().dump() == {"bits": 4, "quantType": "nf4", "doubleQuant": True,
+                                                    "computeDtype": "bfloat16"}
+    assert spec.resources.gpus_per_pod == 0 and spec.distributed.strategy == "auto"
+    lora = _spec(method="lora", lora={"r": 64})
+    assert lora.effective_quantization() is None and lora.effective_lora().r == 64 and lora.effective_lora().alpha == 32
+    full = _spec(method="full")
+    assert full.effective_lora() is None and full.training.epochs == 1
 
 
 def test_setup_from_spec():
-    spec = apply_spec_defaults({"method": "qlora", "quantization": {"bits": 4, "computeDtype": "float16"},
-                                "training": {"maxSeqLength": 4096, "microBatchSize": 2, "optimizer": "paged_adamw_8bit"}})
+    spec = _spec(method="qlora", quantization={"bits": 4, "computeDtype": "float16"},
+                 training={"maxSeqLength": 4096, "microBatchSize": 2, "optimizer": "paged_adamw_8bit"})
     s = setup_from_spec(spec)
     assert (s.method, s.precision, s.seq_length, s.micro_batch_size, s.optimizer) == ("qlora", "fp16", 4096, 2,
                                                                                       "paged_adamw_8bit")
-    assert setup_from_spec(apply_spec_defaults({"method": "full"}), bf16_capable=False).precision == "fp16"
+    assert setup_from_spec(_spec(method="full"), bf16_capable=False).precision == "fp16"
+    assert setup_from_spec(_spec(method="qlora")).precision == "bf16"  # quantization block omitted: its default

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from kubetune.sizing import apply_spec_defaults, fleet_from_nodes, size_job
+from kubetune.api import parse_spec
+from kubetune.sizing import apply_patch, fleet_from_nodes, size_job
 from kubetune.sizing.architecture import ArchitectureError
 from kubetune.sizing.fleet import parse_gpu_shorthand
-from kubetune.sizing.sizer import _deep_merge, parse_memory_quantity
+from kubetune.sizing.sizer import parse_memory_quantity
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +50,7 @@ def job(uri, method, **blocks):
     spec = {"model": {"uri": uri}, "dataset": {"uri": "pvc://data/train.jsonl"}, "method": method,
             "output": {"uri": "pvc://outputs/x"}}
     spec.update(blocks)
-    return apply_spec_defaults(spec)
+    return parse_spec(spec)
 
 
 # ---- fleet parsing -----------------------------------------------------------------------------
@@ -171,14 +172,14 @@ def test_pinned_layout_that_does_not_fit_is_reported_with_a_suggestion_that_fits
     assert not d.fits
     assert "GiB" in d.message and "22.49" in d.message and "pinned" in d.message
     assert d.suggestion and d.suggestion_patch
-    fixed = size_job(apply_spec_defaults(_deep_merge(spec, d.suggestion_patch)), fleet)
+    fixed = size_job(apply_patch(spec, d.suggestion_patch), fleet)
     assert fixed.fits
 
 
 def test_pinned_gpu_type_not_in_cluster():
     d = size_job(job("hf://Qwen/Qwen2.5-0.5B", "lora", resources={"gpuType": "NVIDIA-B200"}), mixed_fleet())
     assert not d.fits and "NVIDIA-B200" in d.message and "not in the cluster" in d.message
-    assert size_job(apply_spec_defaults(_deep_merge(job("hf://Qwen/Qwen2.5-0.5B", "lora"), d.suggestion_patch)),
+    assert size_job(apply_patch(job("hf://Qwen/Qwen2.5-0.5B", "lora"), d.suggestion_patch),
                     mixed_fleet()).fits
 
 
@@ -197,7 +198,7 @@ def test_nothing_fits_gives_numbers_and_a_suggestion_that_fits(uri, method, bloc
     assert not d.fits
     assert "needs at least" in d.message and "GiB per GPU" in d.message and "22.49 GiB" in d.message
     assert expect in d.suggestion
-    fixed = size_job(apply_spec_defaults(_deep_merge(spec, d.suggestion_patch)), l4_only)
+    fixed = size_job(apply_patch(spec, d.suggestion_patch), l4_only)
     assert fixed.fits and fixed.estimate.total <= fixed.usable_bytes
     status = d.to_status()
     assert status["fits"] is False and status["suggestion"] == d.suggestion

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from kubetune.api import TrainingSpec, parse_spec
 from kubetune.builders import SPEED_FIELD_DEFAULTS, JobRef, build_plan
-from kubetune.layout import layout_from_resources
+from kubetune.sizing.layout import layout_from_resources
 from kubetune_trainer.errors import PlanError
 from kubetune_trainer.plan import TrainingPlan, parse_plan
 from kubetune_trainer.speedups import compiler_problem, liger_options, resolve_attention

@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from kubetune.api import ModelSource
+
 from .architecture import Architecture, ArchitectureError, apply_hints, architecture_from_config
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
@@ -84,22 +86,23 @@ def lookup_catalog(name: str) -> Architecture | None:
     return None
 
 
-def resolve_architecture(model_spec: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> Architecture:
+def resolve_architecture(model: ModelSource | Mapping[str, Any], config: Mapping[str, Any] | None = None
+                         ) -> Architecture:
     """Architecture for `spec.model`: a given config.json dict, else the catalog by URI; inline hints win.
 
-    Raises ArchitectureError with a message that says what to add when nothing matches.
+    `model` is the typed spec.model (a camelCase dict is validated into one). Raises ArchitectureError
+    with a message that says what to add when nothing matches.
     """
-    uri = str(model_spec.get("uri") or "")
-    hints = model_spec.get("architecture") or {}
+    if not isinstance(model, ModelSource):
+        model = ModelSource.model_validate(dict(model))
+    uri = model.uri
+    hints = model.architecture.dump() if model.architecture is not None else {}
     name = uri.split("@", 1)[0]
     base: Architecture | None = None
     if config:
         base = architecture_from_config(config, name=name or "config.json", source="config")
     elif uri:
         base = lookup_catalog(uri)
-    if base is None and not hints.get("family"):
-        # family alone is not enough, but a family plus sizes is; report what is missing
-        pass
     try:
         return apply_hints(base, hints, name=base.name if base else name)
     except ArchitectureError as exc:

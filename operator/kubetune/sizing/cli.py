@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,16 +11,21 @@ from typing import Any
 
 import yaml
 
+from kubetune.api import FineTuneJobSpec, parse_spec
+
 from .architecture import ArchitectureError, architecture_from_config
 from .catalog import catalog_names, load_catalog, resolve_architecture
-from .defaults import apply_spec_defaults
 from .estimator import MemoryEstimate, Parallelism, TrainingSetup, estimate_memory, gib
 from .fleet import fleet_from_nodes, nodes_from_file, parse_gpu_shorthand
 from .sizer import size_job
+from .training_setup import setup_from_spec
 
 DEFAULT_FLEET = Path("devcluster/fleet.yaml")
 TABLE_MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen2.5-14b", "llama-3.1-70b")
 TABLE_METHODS = ("full", "lora", "qlora")
+# A spec built from flags estimates memory only: nothing is read or written, so these locations are unused.
+UNUSED_URI = "pvc://unused/estimate"
+ATTENTION_FLAGS = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
 
 TERM_LABELS = {
     "weights": "weights", "masterWeights": "fp32 master weights", "gradients": "gradients",
@@ -57,12 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def spec_from_flags(args: argparse.Namespace, method: str | None = None, model_uri: str = "") -> FineTuneJobSpec:
+    """The typed FineTuneJob spec the estimate flags describe (defaults from kubetune.api)."""
+    method = method or args.method
+    lora = {"r": args.r, "targetModules": [t.strip() for t in args.targets.split(",") if t.strip()]}
+    return FineTuneJobSpec.model_validate({
+        "model": {"uri": model_uri or UNUSED_URI}, "dataset": {"uri": UNUSED_URI},
+        "output": {"uri": UNUSED_URI}, "method": method, "lora": lora if method != "full" else None,
+        "training": {"epochs": 1, "maxSeqLength": args.seq, "microBatchSize": args.batch,
+                     "optimizer": args.optimizer, "precision": args.precision, "packing": args.packing,
+                     "gradientCheckpointing": not args.no_checkpointing,
+                     "attentionImplementation": ATTENTION_FLAGS[args.attention]},
+    })
+
+
 def _setup(args: argparse.Namespace, method: str | None = None) -> TrainingSetup:
-    return TrainingSetup(
-        method=method or args.method, lora_r=args.r, target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-        precision=args.precision, optimizer=args.optimizer, micro_batch_size=args.batch, seq_length=args.seq,
-        packing=args.packing, gradient_checkpointing=not args.no_checkpointing, attention=args.attention,
-    )
+    setup = setup_from_spec(spec_from_flags(args, method), precision=args.precision)
+    return dataclasses.replace(setup, attention=args.attention)
 
 
 def _parallelism(args: argparse.Namespace) -> Parallelism:
@@ -120,7 +137,7 @@ def _size_manifest(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     fleet = _fleet(args)
     results, texts = [], []
     for job in jobs:
-        spec = apply_spec_defaults(job.get("spec") or {})
+        spec = parse_spec(job.get("spec") or {})
         config = json.loads(Path(args.config).read_text()) if args.config else None
         decision = size_job(spec, fleet, config=config)
         status = decision.to_status()

@@ -1,6 +1,6 @@
 """Choose GPU type, GPUs per pod, pods and ZeRO stage/offload for a FineTuneJob (docs/contracts.md §8).
 
-Pure: spec dict + Fleet -> SizingDecision. The search and its order of preference are described
+Pure: typed FineTuneJob spec + Fleet -> SizingDecision. The search and its order of preference are described
 in docs/sizing.md ("Sizing").
 """
 
@@ -10,11 +10,13 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+from kubetune.api import DistributedSpec, FineTuneJobSpec, ResourcesSpec
+
 from .architecture import Architecture, ArchitectureError
 from .catalog import resolve_architecture
-from .defaults import setup_from_spec
 from .estimator import GiB, MemoryEstimate, Parallelism, TrainingSetup, estimate_memory, gib
 from .fleet import PRODUCT_LABEL, Fleet, GpuPool, parse_quantity_bytes
+from .training_setup import setup_from_spec
 
 DEFAULT_HEADROOM = 0.10  # keep 10% of each GPU free: estimate error, allocator spikes, other processes
 CPU_AUTO_MAX_PARAMS = 100_000_000  # with no GPU nodes, only tiny models run on CPU without asking
@@ -111,16 +113,16 @@ class _Candidate:
 # strategies
 # ------------------------------------------------------------------------------------------
 
-def _strategies(dist: Mapping[str, Any], n: int, method: str = "lora") -> Iterator[tuple[int, Parallelism]]:
+def _strategies(dist: DistributedSpec, n: int, method: str = "lora") -> Iterator[tuple[int, Parallelism]]:
     """(tier, Parallelism) options for n GPUs in the order the sizer prefers them.
 
     For QLoRA the automatic choice stops at ZeRO-2: sharding 4-bit weights with ZeRO-3 needs
     bnb_4bit_quant_storage and offloading them is not supported; an explicit ZeRO-3 is honoured.
     """
-    strategy = str(dist.get("strategy", "auto"))
-    stage = int(dist.get("zeroStage") or 0)
-    off_opt = bool(dist.get("offloadOptimizer"))
-    off_par = bool(dist.get("offloadParams"))
+    strategy = dist.strategy
+    stage = dist.zero_stage
+    off_opt = dist.offload_optimizer
+    off_par = dist.offload_params
     tier = 2 if off_par else 1 if off_opt else 0
     if strategy == "ddp":
         yield 0, Parallelism("ddp" if n > 1 else "none", world_size=n)
@@ -146,9 +148,9 @@ def _strategies(dist: Mapping[str, Any], n: int, method: str = "lora") -> Iterat
     yield 2, Parallelism("deepspeed", 3, True, True, n)
 
 
-def _layouts(pool: GpuPool, res: Mapping[str, Any]) -> Iterator[tuple[int, int]]:
+def _layouts(pool: GpuPool, res: ResourcesSpec) -> Iterator[tuple[int, int]]:
     """(gpus_per_pod, pods) the pool can host, fewest GPUs first; honours resources pins."""
-    g_pin, p_pin, max_gpus = int(res.get("gpusPerPod") or 0), int(res.get("pods") or 0), int(res.get("maxGpus") or 0)
+    g_pin, p_pin, max_gpus = res.gpus_per_pod, res.pods, res.max_gpus
     options = []
     for g in ([g_pin] if g_pin else range(1, pool.gpus_per_node + 1)):
         available = pool.nodes_with(g)
@@ -170,12 +172,20 @@ def _layouts(pool: GpuPool, res: Mapping[str, Any]) -> Iterator[tuple[int, int]]
 # the search
 # ------------------------------------------------------------------------------------------
 
-def _search(arch: Architecture, spec: Mapping[str, Any], fleet: Fleet, headroom: float
-            ) -> tuple[_Candidate | None, _Candidate | None]:
-    """(best fitting candidate, smallest-need candidate seen) over the fleet."""
-    res = spec.get("resources") or {}
-    dist = spec.get("distributed") or {}
-    pinned = str(res.get("gpuType") or "")
+@dataclass(frozen=True)
+class _SearchResult:
+    """What the search over the fleet found, including why offload layouts were turned down."""
+
+    best: _Candidate | None  # the preferred fitting candidate
+    closest: _Candidate | None  # the candidate with the smallest GPU need relative to its GPU
+    host_note: str = ""  # set when offload would fit the GPUs but not the pods' host RAM
+
+
+def _search(arch: Architecture, spec: FineTuneJobSpec, fleet: Fleet, headroom: float) -> _SearchResult:
+    """The best fitting candidate and the smallest-need candidate over the fleet."""
+    res = spec.resources
+    dist = spec.distributed
+    pinned = res.gpu_type
     pools = [p for p in fleet.pools if not pinned or p.product.lower() == pinned.lower()]
     best: _Candidate | None = None
     closest: _Candidate | None = None
@@ -184,11 +194,11 @@ def _search(arch: Architecture, spec: Mapping[str, Any], fleet: Fleet, headroom:
     for pool in pools:
         setup = setups.get(pool.bf16) or setups.setdefault(pool.bf16, setup_from_spec(spec, bf16_capable=pool.bf16))
         found_in_pool: dict[int, bool] = {}
-        pod_limit = parse_quantity_bytes(str(res.get("memory") or ""))
+        pod_limit = parse_quantity_bytes(res.memory)
         host_limit = min(x for x in (pool.host_memory_bytes, pod_limit) if x) if (pool.host_memory_bytes or pod_limit) else 0
         for g, pods in _layouts(pool, res):
             n = g * pods
-            for tier, par in _strategies(dist, n, str(spec.get("method", "lora"))):
+            for tier, par in _strategies(dist, n, spec.method):
                 if found_in_pool.get(tier):
                     continue  # a smaller layout of this pool already fits in this tier
                 cand = _Candidate(pool, g, pods, par, tier, estimate_memory(arch, setup, par), host_limit)
@@ -201,14 +211,12 @@ def _search(arch: Architecture, spec: Mapping[str, Any], fleet: Fleet, headroom:
                     found_in_pool[tier] = True
                     if best is None or _rank(cand) < _rank(best):
                         best = cand
+    note = ""
     if best is None and host_blocked:
         h = min(host_blocked, key=lambda c: c.host_need() / c.host_limit)
-        _HOST_NOTE[id(arch)] = (f"with CPU offload ({h.describe()}) the GPUs would suffice but each pod needs "
-                                f"{gib(h.host_need())} GiB of host RAM and only {gib(h.host_limit)} GiB is allocatable")
-    return best, closest
-
-
-_HOST_NOTE: dict[int, str] = {}
+        note = (f"with CPU offload ({h.describe()}) the GPUs would suffice but each pod needs "
+                f"{gib(h.host_need())} GiB of host RAM and only {gib(h.host_limit)} GiB is allocatable")
+    return _SearchResult(best, closest, note)
 
 
 def _need_ratio(c: _Candidate) -> float:
@@ -244,18 +252,18 @@ def _rank(c: _Candidate) -> tuple:
 # public API
 # ------------------------------------------------------------------------------------------
 
-def size_job(spec: Mapping[str, Any], fleet: Fleet, headroom: float = DEFAULT_HEADROOM,
+def size_job(spec: FineTuneJobSpec, fleet: Fleet, headroom: float = DEFAULT_HEADROOM,
              config: Mapping[str, Any] | None = None, suggest: bool = True) -> SizingDecision:
-    """Size a defaulted FineTuneJob spec against a fleet (docs/contracts.md §8).
+    """Size a typed FineTuneJob spec (defaults from kubetune.api) against a fleet (docs/contracts.md §8).
 
     `config` is the model's config.json when the caller has it (it overrides the catalog; inline
     hints still win). Raises ArchitectureError only when the model cannot be resolved and the job
     is not a CPU run.
     """
-    method = str(spec.get("method", "lora"))
-    res = spec.get("resources") or {}
+    method = spec.method
+    res = spec.resources
     try:
-        arch: Architecture | None = resolve_architecture(spec.get("model") or {}, config)
+        arch: Architecture | None = resolve_architecture(spec.model, config)
     except ArchitectureError:
         if _cpu_requested(res) or (not fleet.has_gpus and _no_gpu_pins(res)):
             arch = None
@@ -266,7 +274,7 @@ def size_job(spec: Mapping[str, Any], fleet: Fleet, headroom: float = DEFAULT_HE
     assert arch is not None
     base = dict(model=arch.name, model_source=arch.source, method=method, headroom=headroom)
     what = f"{METHOD_NAMES.get(method, method)} of {arch.name}"
-    pinned = str(res.get("gpuType") or "")
+    pinned = res.gpu_type
     if pinned and fleet.pool(pinned) is None:
         decision = SizingDecision(fits=False, **base, reason=f"pinned gpuType {pinned} is not in the cluster",
                                   message=f"spec.resources.gpuType {pinned} is not in the cluster "
@@ -281,7 +289,8 @@ def size_job(spec: Mapping[str, Any], fleet: Fleet, headroom: float = DEFAULT_HE
                      f"{gib(one.total)} GiB on a single GPU. Add GPU nodes, or for a tiny model run on CPU by "
                      "setting resources.gpusPerPod: 0, resources.pods: 1 and resources.cpu"))
         return decision
-    best, closest = _search(arch, spec, fleet, headroom)
+    found = _search(arch, spec, fleet, headroom)
+    best, closest = found.best, found.closest
     if best is not None:
         e = best.estimate
         usable = best.pool.memory_bytes * (1 - headroom)
@@ -305,13 +314,12 @@ def size_job(spec: Mapping[str, Any], fleet: Fleet, headroom: float = DEFAULT_HE
         message = (f"{reason}{pins}. Largest GPU in the cluster: {largest.product} with "
                    f"{gib(largest.memory_bytes)} GiB. Breakdown of the closest layout: {_brief(c.estimate)}")
         est = c.estimate
-        note = _HOST_NOTE.pop(id(arch), "")
-        if note:
-            message += f". Note: {note}"
     else:
         reason = f"{what} does not fit: no layout of the cluster's GPUs satisfies the pins"
         message = f"{reason}{pins}. GPU pools: {fleet.describe()}"
         est = None
+    if found.host_note:
+        message += f". Note: {found.host_note}"
     decision = SizingDecision(fits=False, **base, estimate=est, reason=reason, message=message,
                               gpu_memory_bytes=closest.pool.memory_bytes if closest else 0)
     return _with_suggestion(decision, spec, fleet, headroom, config) if suggest else decision
@@ -327,26 +335,31 @@ def _brief(e: MemoryEstimate) -> str:
     return ", ".join(parts) + f" (GiB; total {gib(e.total)})"
 
 
-def _describe_pins(spec: Mapping[str, Any]) -> str:
-    res = spec.get("resources") or {}
+def _describe_pins(spec: FineTuneJobSpec) -> str:
+    res = spec.resources.dump()
     pins = [f"{k}={res[k]}" for k in ("gpuType", "gpusPerPod", "pods", "maxGpus") if res.get(k)]
-    dist = spec.get("distributed") or {}
-    if dist.get("strategy", "auto") != "auto" or dist.get("zeroStage") or dist.get("offloadOptimizer") or dist.get("offloadParams"):
-        pins.append(f"distributed={dist.get('strategy')}/zero{dist.get('zeroStage', 0)}")
+    dist = spec.distributed
+    if _dist_pinned(dist):
+        pins.append(f"distributed={dist.strategy}/zero{dist.zero_stage}")
     return f" (pinned: {', '.join(pins)})" if pins else ""
+
+
+def _dist_pinned(dist: DistributedSpec) -> bool:
+    """True when the spec fixes anything of the distributed strategy."""
+    return dist.strategy != "auto" or bool(dist.zero_stage) or dist.offload_optimizer or dist.offload_params
 
 
 # ------------------------------------------------------------------------------------------
 # CPU runs
 # ------------------------------------------------------------------------------------------
 
-def _no_gpu_pins(res: Mapping[str, Any]) -> bool:
-    return not res.get("gpuType") and not int(res.get("gpusPerPod") or 0) and not int(res.get("maxGpus") or 0)
+def _no_gpu_pins(res: ResourcesSpec) -> bool:
+    return not res.gpu_type and not res.gpus_per_pod and not res.max_gpus
 
 
-def _cpu_requested(res: Mapping[str, Any]) -> bool:
+def _cpu_requested(res: ResourcesSpec) -> bool:
     """Explicit CPU run: gpusPerPod 0 with pods and cpu set (the CRD's documented CPU-only form)."""
-    return _no_gpu_pins(res) and int(res.get("pods") or 0) > 0 and bool(res.get("cpu"))
+    return _no_gpu_pins(res) and res.pods > 0 and bool(res.cpu)
 
 
 def parse_memory_quantity(text: str) -> int:
@@ -354,14 +367,14 @@ def parse_memory_quantity(text: str) -> int:
     return parse_quantity_bytes(text)
 
 
-def _size_cpu(spec: Mapping[str, Any], fleet: Fleet, arch: Architecture | None, headroom: float) -> SizingDecision:
+def _size_cpu(spec: FineTuneJobSpec, fleet: Fleet, arch: Architecture | None, headroom: float) -> SizingDecision:
     """CPU run: explicit (gpusPerPod 0 + pods + cpu) or implicit (no GPU nodes, tiny model)."""
-    res = spec.get("resources") or {}
-    method = str(spec.get("method", "lora"))
+    res = spec.resources
+    method = spec.method
     explicit = _cpu_requested(res)
-    pods = max(int(res.get("pods") or 0), 1)
+    pods = max(res.pods, 1)
     base = dict(device="cpu", pods=pods, gpus_per_pod=0, method=method, headroom=headroom,
-                model=arch.name if arch else str((spec.get("model") or {}).get("uri", "")),
+                model=arch.name if arch else spec.model.uri,
                 model_source=arch.source if arch else "unknown")
     if arch is None:
         return SizingDecision(fits=True, **base,
@@ -371,7 +384,7 @@ def _size_cpu(spec: Mapping[str, Any], fleet: Fleet, arch: Architecture | None, 
     # CPU training runs in fp32 (no bf16 autocast on most CPUs)
     est = estimate_memory(arch, setup_from_spec(spec, precision="fp32"), Parallelism())
     need = est.reserved  # no CUDA context on CPU
-    limit = parse_memory_quantity(str(res.get("memory") or ""))
+    limit = parse_memory_quantity(res.memory)
     if not explicit and est.total_params > CPU_AUTO_MAX_PARAMS:
         return SizingDecision(
             fits=False, **{**base, "device": "gpu", "pods": 0}, estimate=est,
@@ -384,7 +397,7 @@ def _size_cpu(spec: Mapping[str, Any], fleet: Fleet, arch: Architecture | None, 
             fits=False, **base, estimate=est,
             reason=f"CPU run needs {gib(need)} GiB of RAM but resources.memory is {gib(limit)} GiB",
             message=f"CPU run of {arch.name}: needs {gib(need)} GiB of RAM per pod (fp32) but resources.memory "
-                    f"is {res.get('memory')}; raise resources.memory to at least {gib(need * 1.1)}Gi",
+                    f"is {res.memory}; raise resources.memory to at least {gib(need * 1.1)}Gi",
             suggestion=f"set resources.memory to {int(need * 1.1 / GiB) + 1}Gi",
             suggestion_patch={"resources": {"memory": f"{int(need * 1.1 / GiB) + 1}Gi"}})
     why = "explicit CPU request (gpusPerPod 0, pods, cpu)" if explicit else "no GPU nodes and a tiny model"
@@ -407,16 +420,15 @@ def _deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def _alternatives(spec: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _alternatives(spec: FineTuneJobSpec) -> Iterator[tuple[str, dict[str, Any]]]:
     """(description, spec patch) from least to most disruptive."""
-    res = spec.get("resources") or {}
-    dist = spec.get("distributed") or {}
-    training = spec.get("training") or {}
-    method = spec.get("method", "lora")
+    res = spec.resources
+    training = spec.training
+    method = spec.method
     free_res = {"gpuType": "", "gpusPerPod": 0, "pods": 0, "maxGpus": 0}
     auto_dist = {"strategy": "auto", "zeroStage": 0, "offloadOptimizer": False, "offloadParams": False}
-    pinned_res = any(res.get(k) for k in free_res)
-    pinned_dist = dist.get("strategy", "auto") != "auto" or dist.get("zeroStage") or dist.get("offloadOptimizer") or dist.get("offloadParams")
+    pinned_res = bool(res.gpu_type or res.gpus_per_pod or res.pods or res.max_gpus)
+    pinned_dist = _dist_pinned(spec.distributed)
     if pinned_dist:
         yield "let the sizer choose the distributed strategy (distributed.strategy: auto)", {"distributed": auto_dist}
     if pinned_res:
@@ -424,16 +436,16 @@ def _alternatives(spec: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]
     if pinned_res and pinned_dist:
         yield "remove the spec.resources GPU pins and set distributed.strategy: auto", {"resources": free_res, "distributed": auto_dist}
     relax = {"resources": free_res, "distributed": auto_dist} if (pinned_res or pinned_dist) else {}
-    if not training.get("gradientCheckpointing", True):
+    if not training.gradient_checkpointing:
         yield "enable training.gradientCheckpointing", _deep_merge(relax, {"training": {"gradientCheckpointing": True}})
-    mb = int(training.get("microBatchSize", 1))
+    mb = training.micro_batch_size
     if mb > 1:
-        ga = int(training.get("gradientAccumulationSteps", 1)) * mb
+        ga = training.gradient_accumulation_steps * mb
         yield (f"set training.microBatchSize: 1 and gradientAccumulationSteps: {ga} (same effective batch)",
                _deep_merge(relax, {"training": {"microBatchSize": 1, "gradientAccumulationSteps": ga}}))
-    if training.get("optimizer", "adamw") in ("adamw", "paged_adamw_32bit") and method == "full":
+    if training.optimizer in ("adamw", "paged_adamw_32bit") and method == "full":
         yield "use training.optimizer: adamw_8bit", _deep_merge(relax, {"training": {"optimizer": "adamw_8bit"}})
-    seq = int(training.get("maxSeqLength", 2048))
+    seq = training.max_seq_length
     s = seq // 2
     while s >= 512:
         yield f"reduce training.maxSeqLength to {s}", _deep_merge(relax, {"training": {"maxSeqLength": s}})
@@ -450,11 +462,14 @@ def _dedupe_seq(texts: list[str]) -> list[str]:
     return [t for t in texts if "maxSeqLength" not in t or t == seq[-1]]
 
 
-def _with_suggestion(decision: SizingDecision, spec: Mapping[str, Any], fleet: Fleet, headroom: float,
+def apply_patch(spec: FineTuneJobSpec, patch: Mapping[str, Any]) -> FineTuneJobSpec:
+    """The spec with a suggestion patch (camelCase, as in SizingDecision.suggestion_patch) applied."""
+    return FineTuneJobSpec.model_validate(_deep_merge(spec.dump(), patch))
+
+
+def _with_suggestion(decision: SizingDecision, spec: FineTuneJobSpec, fleet: Fleet, headroom: float,
                      config: Mapping[str, Any] | None) -> SizingDecision:
     """Attach the first alternative that fits (each one actually re-sized)."""
-    from .defaults import apply_spec_defaults
-
     singles = list(_alternatives(spec))
     # one change at a time first; then the changes accumulated in order (least disruptive first)
     combos: list[tuple[str, dict[str, Any]]] = list(singles)
@@ -466,9 +481,8 @@ def _with_suggestion(decision: SizingDecision, spec: Mapping[str, Any], fleet: F
         if len(texts) > 1:
             combos.append(("; ".join(_dedupe_seq(texts)), acc))
     for text, patch in combos:
-        alt = apply_spec_defaults(_deep_merge(spec, patch))
         try:
-            d = size_job(alt, fleet, headroom, config, suggest=False)
+            d = size_job(apply_patch(spec, patch), fleet, headroom, config, suggest=False)
         except (ArchitectureError, ValueError):
             continue
         if d.fits and d.device == "gpu":

@@ -17,29 +17,23 @@ import time
 from typing import Any, Callable
 
 from kubetune.api import FineTuneJobSpec
-from kubetune.layout import SizingOutcome, size_job_layout
 
-# The spec fields the sizer and the layout read (kubetune.sizing.size_job, kubetune.layout). Anything
-# else (dataset, output, image, secrets, suspend, cancel, limits, TTL) cannot change a layout.
-SIZING_FIELDS = ("model", "method", "lora", "quantization", "training", "resources", "distributed")
+from .fleet import Fleet, fleet_from_nodes
+from .layout import SizingOutcome, size_job_layout
+
+# The spec fields the sizer and the layout read (sizer.size_job, layout.size_job_layout), by their Python
+# names. Anything else (dataset, output, image, secrets, suspend, cancel, limits, TTL) cannot change a layout.
+SIZING_FIELDS = frozenset({"model", "method", "lora", "quantization", "training", "resources", "distributed"})
 MEMO_LIMIT = 512
 
 
-def sizing_key(spec_dict: dict[str, Any]) -> str:
-    """The memo key of a spec: its sizing fields as canonical JSON."""
-    return json.dumps({k: spec_dict.get(k) for k in SIZING_FIELDS}, sort_keys=True, default=str)
-
-
-def _build_fleet(nodes: list[dict[str, Any]]) -> Any:
-    try:
-        from kubetune.sizing import fleet_from_nodes
-    except ImportError:  # the layout falls back to spec.resources; nothing to pre-build
-        return None
-    return fleet_from_nodes(nodes)
+def sizing_key(spec: FineTuneJobSpec) -> str:
+    """The memo key of a spec: its sizing fields, defaults applied, as canonical JSON."""
+    return json.dumps(spec.model_dump(include=set(SIZING_FIELDS), mode="json"), sort_keys=True)
 
 
 class FleetSizer:
-    """size(spec_dict, spec) -> SizingOutcome against a node snapshot refreshed at most every ttl_seconds."""
+    """size(spec) -> SizingOutcome against a node snapshot refreshed at most every ttl_seconds."""
 
     def __init__(self, list_nodes: Callable[[], list[dict[str, Any]]], ttl_seconds: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -49,33 +43,33 @@ class FleetSizer:
         self._lock = threading.Lock()
         self._taken = float("-inf")
         self._nodes: list[dict[str, Any]] = []
-        self._fleet: Any = None
+        self._fleet: Fleet | None = None
         self._memo: dict[str, SizingOutcome] = {}
         self.hits = 0
         self.misses = 0
         self.snapshots = 0
 
-    def _snapshot(self) -> tuple[list[dict[str, Any]], Any, dict[str, SizingOutcome]]:
+    def _snapshot(self) -> tuple[list[dict[str, Any]], Fleet | None, dict[str, SizingOutcome]]:
         with self._lock:
             now = self._clock()
             if now - self._taken > self._ttl:
                 nodes = self._list_nodes()
-                self._nodes, self._fleet, self._memo = nodes, _build_fleet(nodes), {}
+                self._nodes, self._fleet, self._memo = nodes, fleet_from_nodes(nodes), {}
                 self._taken = now
                 self.snapshots += 1
             return self._nodes, self._fleet, self._memo
 
-    def size(self, spec_dict: dict[str, Any], spec: FineTuneJobSpec) -> SizingOutcome:
+    def size(self, spec: FineTuneJobSpec) -> SizingOutcome:
         """The layout for this spec on the current snapshot (a private copy: callers may change it)."""
         nodes, fleet, memo = self._snapshot()
-        key = sizing_key(spec_dict)
+        key = sizing_key(spec)
         with self._lock:
             hit = memo.get(key)
         if hit is not None:
             self.hits += 1
             return copy.deepcopy(hit)
         self.misses += 1
-        outcome = size_job_layout(spec_dict, spec, nodes, fleet=fleet)
+        outcome = size_job_layout(spec, nodes, fleet=fleet)
         with self._lock:
             if len(memo) >= MEMO_LIMIT:
                 memo.clear()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kubetune.api import FineTuneJobSpec
 from kubetune import reasons
+from kubetune.api import FineTuneJobSpec
+
+from .fleet import Fleet, fleet_from_nodes
+from .sizer import SizingDecision, size_job
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
@@ -67,7 +70,7 @@ def resolve_strategy(spec: FineTuneJobSpec, gpus_per_pod: int, pods: int) -> tup
 
 
 def layout_from_resources(spec: FineTuneJobSpec) -> Layout:
-    """The layout pinned by spec.resources (also the fallback when the sizer is unavailable)."""
+    """The layout pinned by spec.resources."""
     res = spec.resources
     pods = max(res.pods, 1)
     gpus = res.gpus_per_pod
@@ -80,19 +83,19 @@ def layout_from_resources(spec: FineTuneJobSpec) -> Layout:
                   node_selector=selector, source="spec")
 
 
-def layout_from_decision(decision: Any, spec: FineTuneJobSpec) -> Layout:
-    """The layout chosen by a `kubetune.sizing` decision (docs/contracts.md §8)."""
-    dist = dict(getattr(decision, "distributed", None) or {})
-    gpus = int(decision.gpus_per_pod or 0)
-    pods = max(int(decision.pods or 1), 1)
+def layout_from_decision(decision: SizingDecision, spec: FineTuneJobSpec) -> Layout:
+    """The layout chosen by a sizing decision (docs/contracts.md §8)."""
+    dist = decision.distributed
+    gpus = decision.gpus_per_pod
+    pods = max(decision.pods, 1)
     strategy = str(dist.get("strategy") or "auto")
     stage = int(dist.get("zeroStage") or 0)
     if strategy not in ("none", "ddp", "deepspeed"):
         strategy, stage = resolve_strategy(spec, gpus, pods)
     if strategy == "deepspeed" and stage == 0:
         stage = 2
-    selector = dict(getattr(decision, "node_selector", None) or {})
-    product = str(getattr(decision, "gpu_product", "") or "")
+    selector = dict(decision.node_selector)
+    product = decision.gpu_product
     if gpus > 0 and product and GPU_PRODUCT_LABEL not in selector:
         selector[GPU_PRODUCT_LABEL] = product
     return Layout(gpu_type=product if gpus > 0 else "", gpus_per_pod=gpus, pods=pods,
@@ -100,7 +103,7 @@ def layout_from_decision(decision: Any, spec: FineTuneJobSpec) -> Layout:
                   offload_optimizer=bool(dist.get("offloadOptimizer", False)),
                   offload_params=bool(dist.get("offloadParams", False)),
                   node_selector=selector, source="sizer",
-                  gpu_memory_bytes=int(getattr(decision, "gpu_memory_bytes", 0) or 0))
+                  gpu_memory_bytes=decision.gpu_memory_bytes)
 
 
 @dataclasses.dataclass
@@ -115,23 +118,11 @@ class SizingOutcome:
     plan_status: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def size_job_layout(spec_dict: dict[str, Any], spec: FineTuneJobSpec,
-                    nodes: list[dict[str, Any]], *, fleet: Any = None) -> SizingOutcome:
-    """Size a job against the cluster's Nodes (or a Fleet already built from them); fall back to
-    spec.resources when the sizer is missing."""
+def size_job_layout(spec: FineTuneJobSpec, nodes: list[dict[str, Any]], *, fleet: Fleet | None = None
+                    ) -> SizingOutcome:
+    """Size a job against the cluster's Nodes (or a Fleet already built from them)."""
     try:
-        from kubetune.sizing import fleet_from_nodes, size_job
-    except ImportError as exc:
-        layout = layout_from_resources(spec)
-        return SizingOutcome(True, layout, reasons.SIZER_UNAVAILABLE,
-                             f"sizer unavailable ({exc}); using spec.resources: {describe(layout)}")
-    try:
-        try:
-            from kubetune.sizing import apply_spec_defaults
-            spec_dict = apply_spec_defaults(spec_dict)
-        except ImportError:
-            pass
-        decision = size_job(spec_dict, fleet if fleet is not None else fleet_from_nodes(nodes))
+        decision = size_job(spec, fleet if fleet is not None else fleet_from_nodes(nodes))
         plan_status = dict(decision.to_status())
     except Exception as exc:  # the sizer is pure; an error means the spec cannot be sized
         if spec.resources.pins_layout():
@@ -146,8 +137,8 @@ def size_job_layout(spec_dict: dict[str, Any], spec: FineTuneJobSpec,
                              f"layout pinned by spec.resources ({describe(layout)}){note}",
                              plan_status=plan_status)
     if not decision.fits:
-        return SizingOutcome(False, None, reasons.INSUFFICIENT_GPU, str(decision.message),
-                             str(getattr(decision, "suggestion", "") or ""), plan_status)
+        return SizingOutcome(False, None, reasons.INSUFFICIENT_GPU, decision.message, decision.suggestion,
+                             plan_status)
     layout = layout_from_decision(decision, spec)
     return SizingOutcome(True, layout, reasons.SIZED, f"sized: {describe(layout)}. {decision.message}".strip(),
                          plan_status=plan_status)
