@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from kubetune.devcluster.binaries import helm_binary
-from kubetune.devcluster.testing import wait_for
+from kubetune_dev.devcluster.binaries import helm_binary
+from tests.support.cluster_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def can_i(cluster: Any, kubeconfig: Path, *args: str) -> bool:
 
 
 def free_port() -> int:
-    from kubetune.devcluster.cluster import free_port as fp
+    from kubetune_dev.devcluster.cluster import free_port as fp
 
     return fp()
 
@@ -136,7 +136,11 @@ CASES = {
                               "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
                                              "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}},
     "ha-namespaced": {"replicaCount": 2, "watchNamespaces": "WATCHED"},
-    "ha-cluster-wide": {"replicaCount": 2, "monitoring": {"prometheusRule": {"enabled": True}}},
+    "ha-cluster-wide": {"replicaCount": 2, "monitoring": {"prometheusRule": {"enabled": True}},
+                        "trainer": {"image": {"repository": "r.example/kt/trainer", "digest": "sha256:" + "e" * 64},
+                                    "imagePullSecrets": [{"name": "regcred"}],
+                                    "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+                                    "gpuNodeSelector": {"pool": "gpu"}}},
 }
 
 
@@ -164,6 +168,9 @@ def test_rendered_chart_passes_server_side_dry_run(case, cluster, crds, helm, na
         assert ("Role", f"{release}-kubetune-leader-election") in {(o["kind"], o["metadata"]["name"]) for o in objects}
         assert not [o for o in objects if o["apiVersion"].startswith("kopf.dev/")
                     or any("kopf.dev" in r["apiGroups"] for r in o.get("rules") or [])]
+        # and a PodDisruptionBudget over the operator pods (validated by the same dry-run).
+        pdb = next(o for o in objects if o["kind"] == "PodDisruptionBudget")
+        assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
 
 
 def test_server_side_dry_run_really_validates(cluster, crds, helm, namespace):
@@ -191,15 +198,30 @@ def test_helm_install_upgrade_uninstall(cluster, crds, helm, namespace, watch_na
     assert get("service", f"{full}-metrics", "-n", namespace).returncode == 0
     assert get("servicemonitor", full, "-n", namespace).returncode != 0, "monitoring objects are opt-in"
 
+    assert get("poddisruptionbudget", full, "-n", namespace).returncode != 0, "one replica: no PodDisruptionBudget"
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_TRAINER_IMAGE"].startswith("ghcr.io/kubetune/trainer:")
+
     values = helm.values_file({"replicaCount": 2, "watchNamespaces": watch_namespaces,
                                "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
-                                              "prometheusRule": {"enabled": True}}})
+                                              "prometheusRule": {"enabled": True}},
+                               "trainer": {"image": {"repository": "r.example/kt/trainer", "tag": "9.9.9",
+                                                     "pullPolicy": "Always"},
+                                           "imagePullSecrets": [{"name": "regcred"}],
+                                           "gpuNodeSelector": {"pool": "gpu"}}})
     helm("upgrade", release, str(CHART), "-n", namespace, "-f", values)
     status = json.loads(helm("status", release, "-n", namespace, "-o", "json").stdout)
     assert status["version"] == 2 and status["info"]["status"] == "deployed"
     dep = json.loads(get("deployment", full, "-n", namespace).stdout)
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert dep["spec"]["replicas"] == 2 and {"--leader-election", f"--lease-name={full}"} <= set(args)
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {k: env.get(k) for k in ("KUBETUNE_TRAINER_IMAGE", "KUBETUNE_TRAINER_IMAGE_PULL_POLICY",
+                                    "KUBETUNE_TRAINER_IMAGE_PULL_SECRETS", "KUBETUNE_GPU_NODE_SELECTOR")} == {
+        "KUBETUNE_TRAINER_IMAGE": "r.example/kt/trainer:9.9.9", "KUBETUNE_TRAINER_IMAGE_PULL_POLICY": "Always",
+        "KUBETUNE_TRAINER_IMAGE_PULL_SECRETS": "regcred", "KUBETUNE_GPU_NODE_SELECTOR": "pool=gpu"}
+    pdb = json.loads(get("poddisruptionbudget", full, "-n", namespace).stdout)
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"] == dep["spec"]["selector"]
     assert not [a for a in args if a.startswith(("--peering", "--standalone"))]
     assert [a for a in args if a.startswith("--namespace=")] == [f"--namespace={n}" for n in watch_namespaces]
     assert get("clusterrole", full).returncode != 0, "the cluster-wide ClusterRole is removed in namespaced mode"
@@ -223,9 +245,67 @@ def test_helm_install_upgrade_uninstall(cluster, crds, helm, namespace, watch_na
 
     helm("uninstall", release, "-n", namespace)
     assert get("deployment", full, "-n", namespace).returncode != 0
+    assert get("poddisruptionbudget", full, "-n", namespace).returncode != 0
     assert get("clusterrole", f"{full}-cluster-read").returncode != 0
     assert get("role", full, "-n", watch_namespaces[0]).returncode != 0
     assert get("crd", "finetunejobs.kubetune.io").returncode == 0, "CRDs from crds/ are never deleted by helm"
+
+
+# ----------------------------------------------------------------------------- CRD upgrade path
+def probe_crd(group: str, drop_field: str | None) -> dict[str, Any]:
+    """kubetune's CRD under another group and kind (so it cannot clash with the real one), optionally without
+    one spec field: the "old release" of the CRD."""
+    crd = yaml.safe_load(next((ROOT / "crds").glob("*.yaml")).read_text())
+    crd["metadata"] = {"name": f"upgradeprobes.{group}"}
+    crd["spec"]["group"] = group
+    crd["spec"]["names"] = {"kind": "UpgradeProbe", "listKind": "UpgradeProbeList", "plural": "upgradeprobes",
+                            "singular": "upgradeprobe"}
+    if drop_field:
+        for version in crd["spec"]["versions"]:
+            del version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][drop_field]
+    return crd
+
+
+def crd_only_chart(directory: Path, crd: dict[str, Any]) -> Path:
+    """A copy of the chart's metadata with crds/ holding only this CRD (no templates: the test is about crds/)."""
+    directory.mkdir()
+    (directory / "Chart.yaml").write_text((CHART / "Chart.yaml").read_text())
+    (directory / "crds").mkdir()
+    (directory / "crds" / "crd.yaml").write_text(yaml.safe_dump(crd))
+    return directory
+
+
+def test_crd_upgrade_path(cluster, helm, tmp_path):
+    """docs/upgrading.md: `helm upgrade` leaves crds/ alone, a plain server-side apply conflicts with the fields
+    helm created, and the documented `helm show crds | kubectl apply --server-side --force-conflicts` upgrades it."""
+    group = f"u{uuid.uuid4().hex[:6]}.kubetune.test"
+    name = f"upgradeprobes.{group}"
+    new_crd = probe_crd(group, None)
+    field = "ttlSecondsAfterFinished"  # optional, and no validation rule names it: the old CRD stays valid
+    assert field in new_crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    old_chart = crd_only_chart(tmp_path / "old", probe_crd(group, field))
+    new_chart = crd_only_chart(tmp_path / "new", new_crd)
+    release = f"crd-{uuid.uuid4().hex[:5]}"
+
+    def spec_fields() -> set[str]:
+        crd = json.loads(cluster.kubectl("get", "crd", name, "-o", "json").stdout)
+        return set(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"])
+
+    try:
+        helm("install", release, str(old_chart), "-n", "default")
+        assert field not in spec_fields()
+        helm("upgrade", release, str(new_chart), "-n", "default")
+        assert field not in spec_fields(), "helm upgrade changed a CRD from crds/"
+        shown = helm("show", "crds", str(new_chart)).stdout
+        plain = cluster.kubectl("apply", "--server-side", "-f", "-", input=shown, check=False)
+        assert plain.returncode != 0 and "conflict" in plain.stderr.lower(), plain.stdout + plain.stderr
+        assert field not in spec_fields()
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=shown)
+        cluster.kubectl("wait", "--for=condition=established", "--timeout=60s", f"crd/{name}", timeout=70)
+        assert field in spec_fields()
+    finally:
+        helm("uninstall", release, "-n", "default", check=False)
+        cluster.kubectl("delete", "crd", name, "--ignore-not-found", "--wait=false", check=False)
 
 
 # ----------------------------------------------------------------------------- RBAC with the real operator
@@ -276,7 +356,7 @@ def namespaced_release(cluster: Any, crds: None, helm: Helm, tmp_path_factory: p
 
 
 def test_operator_reconciles_as_the_chart_service_account(cluster, namespaced_release, tmp_path):
-    from kubetune.devcluster.cluster import free_port as _fp  # noqa: F401 - fails early if devcluster is absent
+    from kubetune_dev.devcluster.cluster import free_port as _fp  # noqa: F401 - fails early if devcluster is absent
 
     r = namespaced_release
     live, metrics = free_port(), free_port()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.devcluster.binaries import helm_binary
+from kubetune_dev.devcluster.binaries import helm_binary
 import yaml
 
 pytestmark = pytest.mark.unit
@@ -101,7 +101,12 @@ def test_helm_lint_strict():
     {"image": {"digest": "sha256:" + "a" * 64}, "operator": {"extraArgs": ["--verbose"]},
      "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
      "resources": {"requests": {"cpu": "200m", "memory": "1Gi"}, "limits": {"cpu": 1}}},
-], ids=["defaults", "namespaced-ha", "monitoring", "misc"])
+    {"trainer": {"image": {"repository": "r.example/trainer", "digest": "sha256:" + "c" * 64, "pullPolicy": "Always"},
+                 "imagePullSecrets": [{"name": "regcred"}],
+                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+                 "gpuNodeSelector": {"pool": "gpu", "cloud.example.com/tier": "a"}, "cpuNodeSelector": {"pool": "cpu"}},
+     "podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%", "unhealthyPodEvictionPolicy": "IfHealthyBudget"}},
+], ids=["defaults", "namespaced-ha", "monitoring", "misc", "trainer-pdb"])
 def test_valid_values_lint(values, tmp_path):
     vf = tmp_path / "values.yaml"
     vf.write_text(yaml.safe_dump(values))
@@ -121,6 +126,15 @@ BAD_VALUES = [
     ("port out of range", {"operator": {"metricsPort": 70000}}, "metricsPort"),
     ("bad duration", {"monitoring": {"prometheusRule": {"stalledAfter": "15 minutes"}}}, "stalledAfter"),
     ("label values must be strings", {"commonLabels": {"team": 3}}, "team"),
+    ("unknown trainer key", {"trainer": {"imagePullSecret": [{"name": "x"}]}}, "imagePullSecret"),
+    ("trainer pullPolicy not in enum", {"trainer": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy"),
+    ("trainer digest not sha256", {"trainer": {"image": {"digest": "latest"}}}, "digest"),
+    ("trainer pull secret name with a comma", {"trainer": {"imagePullSecrets": [{"name": "a,b"}]}}, "name"),
+    ("gpu nodeSelector value with a comma", {"trainer": {"gpuNodeSelector": {"pool": "a,b=c"}}}, "gpuNodeSelector"),
+    ("gpu nodeSelector key with =", {"trainer": {"gpuNodeSelector": {"a=b": "c"}}}, "gpuNodeSelector"),
+    ("trainer toleration with unknown key", {"trainer": {"tolerations": [{"keys": "x"}]}}, "keys"),
+    ("pdb maxUnavailable 0 blocks every drain", {"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),
+    ("pdb enabled not auto/true/false", {"podDisruptionBudget": {"enabled": "yes"}}, "enabled"),
 ]
 
 
@@ -375,6 +389,123 @@ def test_rendered_args_parse_with_the_operator_cli(tmp_path):
         assert not hasattr(parsed, "peering") and not hasattr(parsed, "standalone")
 
 
+# ----------------------------------------------------------------------------- trainer pods
+def operator_env(objs: list[dict[str, Any]]) -> dict[str, str]:
+    """The operator container's plain (value) environment variables."""
+    return {e["name"]: e["value"] for e in operator_container(objs)["env"] if "value" in e}
+
+
+TRAINER_ENV = {"KUBETUNE_TRAINER_IMAGE", "KUBETUNE_TRAINER_IMAGE_PULL_POLICY", "KUBETUNE_TRAINER_IMAGE_PULL_SECRETS",
+               "KUBETUNE_EXTRA_TOLERATIONS", "KUBETUNE_GPU_NODE_SELECTOR", "KUBETUNE_CPU_NODE_SELECTOR"}
+TOLERATION = {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+TRAINER_VALUES = {"trainer": {"image": {"repository": "r.example/kt/trainer", "tag": "1.2.3", "pullPolicy": "Always"},
+                              "imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}],
+                              "tolerations": [TOLERATION],
+                              "gpuNodeSelector": {"pool": "gpu", "cloud.example.com/tier": "a"},
+                              "cpuNodeSelector": {"pool": "cpu"}}}
+
+
+@needs_helm
+def test_trainer_defaults_reach_the_operator_env():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    env = operator_env(render())
+    trainer_env = {k: v for k, v in env.items() if k in TRAINER_ENV}
+    assert trainer_env == {"KUBETUNE_TRAINER_IMAGE": f"ghcr.io/kubetune/trainer:{chart['appVersion']}",
+                           "KUBETUNE_TRAINER_IMAGE_PULL_POLICY": "IfNotPresent"}
+
+
+@needs_helm
+def test_trainer_values_reach_the_operator_env(tmp_path):
+    env = operator_env(render(TRAINER_VALUES, tmp_path))
+    assert env["KUBETUNE_TRAINER_IMAGE"] == "r.example/kt/trainer:1.2.3"
+    assert env["KUBETUNE_TRAINER_IMAGE_PULL_POLICY"] == "Always"
+    assert env["KUBETUNE_TRAINER_IMAGE_PULL_SECRETS"] == "regcred,mirror"
+    assert json.loads(env["KUBETUNE_EXTRA_TOLERATIONS"]) == [TOLERATION]
+    assert env["KUBETUNE_GPU_NODE_SELECTOR"] == "cloud.example.com/tier=a,pool=gpu"
+    assert env["KUBETUNE_CPU_NODE_SELECTOR"] == "pool=cpu"
+    digest = "sha256:" + "d" * 64
+    pinned = render({"trainer": {"image": {"repository": "r.example/kt/trainer", "tag": "1.2.3", "digest": digest}}},
+                    tmp_path)
+    assert operator_env(pinned)["KUBETUNE_TRAINER_IMAGE"] == f"r.example/kt/trainer@{digest}"
+
+
+@needs_helm
+def test_trainer_env_configures_the_operator(tmp_path, monkeypatch):
+    """The chart's env, read by the operator's own flag parser, gives the trainer pods the values' settings."""
+    main = pytest.importorskip("kubetune.main", reason="the operator entry point (kubetune.main) is not importable")
+    for name in TRAINER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    default_cfg = main.operator_config(main.build_parser().parse_args([])).build
+    objs = render(TRAINER_VALUES, tmp_path)
+    for name, value in operator_env(objs).items():
+        monkeypatch.setenv(name, value)
+    args = operator_container(objs)["args"]
+    cfg = main.operator_config(main.build_parser().parse_args(args[1:])).build
+    assert cfg.image == "r.example/kt/trainer:1.2.3"
+    assert cfg.image_pull_policy == "Always"
+    assert cfg.image_pull_secrets == ("regcred", "mirror")
+    assert list(cfg.extra_tolerations) == [TOLERATION]
+    assert dict(cfg.gpu_node_selector) == {"pool": "gpu", "cloud.example.com/tier": "a"}
+    assert dict(cfg.cpu_node_selector) == {"pool": "cpu"}
+    # The chart's defaults are the operator's own defaults (same trainer image and pull policy).
+    for name in TRAINER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in operator_env(render()).items():
+        monkeypatch.setenv(name, value)
+    cfg = main.operator_config(main.build_parser().parse_args([])).build
+    assert cfg == default_cfg
+
+
+# ----------------------------------------------------------------------------- PodDisruptionBudget
+@needs_helm
+@pytest.mark.parametrize("values,expected", [
+    ({}, None),
+    ({"replicaCount": 2}, 1),
+    ({"replicaCount": 3, "podDisruptionBudget": {"maxUnavailable": "50%"}}, "50%"),
+    ({"podDisruptionBudget": {"enabled": True}}, 1),
+    ({"replicaCount": 3, "podDisruptionBudget": {"enabled": False}}, None),
+], ids=["single-replica", "ha-auto", "ha-percent", "forced-on", "forced-off"])
+def test_pod_disruption_budget(values, expected, tmp_path):
+    objs = render(values, tmp_path)
+    pdbs = by_kind(objs, "PodDisruptionBudget")
+    if expected is None:
+        assert pdbs == []
+        return
+    assert len(pdbs) == 1
+    pdb = pdbs[0]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["namespace"] == "kubetune"
+    assert pdb["spec"]["maxUnavailable"] == expected and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    dep = one(objs, "Deployment")
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    # It selects the operator pods and nothing else of the release (labels of the pod template).
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+
+
+# ----------------------------------------------------------------------------- CRD upgrade path
+def test_crd_upgrade_path_is_documented():
+    doc = (ROOT / "docs" / "upgrading.md").read_text()
+    for command in ("helm show crds charts/kubetune | kubectl apply --server-side --force-conflicts -f -",
+                    "kubectl apply --server-side --force-conflicts -f crds/"):
+        assert command in doc, command
+    assert "docs/upgrading.md" in (CHART / "README.md").read_text()
+    assert "docs/upgrading.md" in (CHART / "values.yaml").read_text()
+    assert "docs/upgrading.md" in (ROOT / "README.md").read_text()
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    assert "kubectl apply --server-side --force-conflicts" in notes
+
+
+@needs_helm
+def test_helm_show_crds_is_the_crds_dir():
+    """`helm show crds` (the documented upgrade command) prints exactly the CRDs of crds/."""
+    shown = [d for d in yaml.safe_load_all(helm("show", "crds", str(CHART)).stdout) if d]
+    expected = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
+    key = lambda d: d["metadata"]["name"]  # noqa: E731
+    assert sorted(shown, key=key) == sorted(expected, key=key)
+
+
 @needs_helm
 def test_monitoring_objects_render_only_when_enabled(tmp_path):
     default_kinds = {o["kind"] for o in render()}
@@ -511,7 +642,7 @@ LUA_SCRIPT = CHART / "argocd" / "health-finetunejob.lua"
 def argocd_health(obj: dict[str, Any]) -> tuple[str, str]:
     """Run the Argo CD health script on a FineTuneJob dict; (status, message)."""
     pytest.importorskip("lupa", reason="lupa (dev extra) is not installed")
-    from kubetune.testing_helpers import ARGOCD_HEALTH_SCRIPT, argocd_health as run_script
+    from tests.support.finetunejobs import ARGOCD_HEALTH_SCRIPT, argocd_health as run_script
 
     assert ARGOCD_HEALTH_SCRIPT == LUA_SCRIPT
     return run_script(obj)

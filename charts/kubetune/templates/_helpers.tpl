@@ -73,6 +73,73 @@ app.kubernetes.io/part-of: kubetune
 {{- end -}}
 {{- end -}}
 
+{{/* Default trainer image: repository@digest or repository:tag (tag defaults to appVersion). */}}
+{{- define "kubetune.trainerImage" -}}
+{{- with .Values.trainer.image -}}
+{{- if .digest -}}
+{{- printf "%s@%s" .repository .digest -}}
+{{- else -}}
+{{- printf "%s:%s" .repository (.tag | default $.Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The names of a list of LocalObjectReferences ([{name: a}, {name: b}]) as a,b. */}}
+{{- define "kubetune.secretNames" -}}
+{{- $names := list -}}
+{{- range . -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}
+
+{{/* A string map as key=value[,key=value] (keys sorted), the operator's nodeSelector flag format. */}}
+{{- define "kubetune.keyValueList" -}}
+{{- $pairs := list -}}
+{{- range $key, $value := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
+
+{{/*
+Environment of the operator container that configures the trainer pods it creates (the `trainer`
+values; flag names and formats: `kubetune operator --help`).
+*/}}
+{{- define "kubetune.trainerEnv" -}}
+- name: KUBETUNE_TRAINER_IMAGE
+  value: {{ include "kubetune.trainerImage" . | quote }}
+- name: KUBETUNE_TRAINER_IMAGE_PULL_POLICY
+  value: {{ .Values.trainer.image.pullPolicy | quote }}
+{{- with .Values.trainer.imagePullSecrets }}
+- name: KUBETUNE_TRAINER_IMAGE_PULL_SECRETS
+  value: {{ include "kubetune.secretNames" . | quote }}
+{{- end }}
+{{- with .Values.trainer.tolerations }}
+- name: KUBETUNE_EXTRA_TOLERATIONS
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- with .Values.trainer.gpuNodeSelector }}
+- name: KUBETUNE_GPU_NODE_SELECTOR
+  value: {{ include "kubetune.keyValueList" . | quote }}
+{{- end }}
+{{- with .Values.trainer.cpuNodeSelector }}
+- name: KUBETUNE_CPU_NODE_SELECTOR
+  value: {{ include "kubetune.keyValueList" . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+"true" when a PodDisruptionBudget is rendered: podDisruptionBudget.enabled true, or "auto" with
+more than one replica.
+*/}}
+{{- define "kubetune.podDisruptionBudget" -}}
+{{- $enabled := toString .Values.podDisruptionBudget.enabled -}}
+{{- if or (eq $enabled "true") (and (eq $enabled "auto") (include "kubetune.highAvailability" .)) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{/* "true" when the operator watches the whole cluster (watchNamespaces is empty). */}}
 {{- define "kubetune.clusterWide" -}}
 {{- if not .Values.watchNamespaces -}}true{{- end -}}
