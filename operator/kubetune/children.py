@@ -23,6 +23,14 @@ def body_of(resp: Any) -> bytes:
     return resp.data
 
 
+class NotOwned(Exception):
+    """A child's name is taken by an object that the FineTuneJob does not control."""
+
+    def __init__(self, kind: str, name: str, owner: str) -> None:
+        super().__init__(f"{kind} {name} exists and is not owned by this FineTuneJob (owner: {owner or 'none'})")
+        self.kind, self.name, self.owner = kind, name, owner
+
+
 class ChildClient:
     """Reads and writes the ConfigMap, Service, Job and pods of FineTuneJobs."""
 
@@ -67,10 +75,11 @@ class ChildClient:
         return list(json.loads(resp.data).get("items") or [])
 
     def apply(self, obj: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-        """Create a child; if it exists keep it (Job, Service) or update its data (ConfigMap).
+        """Create a child; if one of that name exists and is ours, keep it (Job, Service) or update its data
+        (ConfigMap); if it is not ours, raise NotOwned and leave it alone.
 
-        Returns what happened ("created" | "updated" | "exists") and, for a created Job, the Job as the
-        apiserver returned it (raw JSON: no client models are built for responses nobody reads)."""
+        Returns what happened ("created" | "updated" | "exists") and, for a Job, the Job as the apiserver
+        returned it (raw JSON: no client models are built for responses nobody reads)."""
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         create = {"ConfigMap": self.core.create_namespaced_config_map,
                   "Service": self.core.create_namespaced_service,
@@ -81,12 +90,23 @@ class ChildClient:
         except ApiException as exc:
             if exc.status != 409:
                 raise
+        read = {"ConfigMap": self.core.read_namespaced_config_map,
+                "Service": self.core.read_namespaced_service,
+                "Job": self.batch.read_namespaced_job}[kind]
+        existing = json.loads(body_of(read(name, ns, _preload_content=False)))
+        want = {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
+        owners = [o for o in (existing.get("metadata") or {}).get("ownerReferences") or []
+                  if o.get("controller")]
+        ours = any(o.get("uid") in want for o in owners) if want else not owners
+        if not ours:
+            raise NotOwned(kind, name, ", ".join(f"{o.get('kind')} {o.get('name')} (uid {o.get('uid')})"
+                                                 for o in owners))
         if kind == "ConfigMap":
             body_of(self.core.patch_namespaced_config_map(
                 name, ns, {"data": obj["data"], "metadata": {"labels": obj["metadata"]["labels"]}},
                 _preload_content=False))
             return "updated", None
-        return "exists", None
+        return "exists", existing if kind == "Job" else None
 
     def set_job_suspend(self, ns: str, job: str, value: bool) -> None:
         """Patch the Job's .spec.suspend."""

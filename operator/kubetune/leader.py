@@ -1,4 +1,10 @@
-"""Leader election on a coordination.k8s.io/v1 Lease: only the holder runs the operator's handlers."""
+"""Leader election on a coordination.k8s.io/v1 Lease: only the holder runs the operator's handlers.
+
+Expiry is judged on this process's own clock, as client-go's leaderelection does: a standby remembers
+when it last saw the Lease record change (holder, renewTime, resourceVersion) and takes over only after
+the record has stood still for a whole lease duration. The renewTime written by another machine is never
+compared with the local wall clock, so a leader whose clock runs behind (or ahead) is neither deposed
+while it renews nor kept forever after it stops."""
 
 from __future__ import annotations
 
@@ -6,8 +12,9 @@ import datetime as dt
 import logging
 import os
 import socket
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -28,11 +35,23 @@ def _now() -> dt.datetime:
 class LeaseElector:
     """Acquire/renew/release one Lease with optimistic concurrency (resourceVersion)."""
 
-    def __init__(self, api: client.ApiClient, namespace: str, name: str, identity: str,
-                 lease_seconds: int = 15) -> None:
-        self.api = client.CoordinationV1Api(api)
+    def __init__(self, api: client.ApiClient | None, namespace: str, name: str, identity: str,
+                 lease_seconds: int = 15, *, coordination: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.api = coordination if coordination is not None else client.CoordinationV1Api(api)
         self.namespace, self.name, self.identity = namespace, name, identity
         self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._observed: tuple[str, str, str] | None = None  # (holder, renewTime, resourceVersion) last seen
+        self._observed_at = 0.0  # local monotonic time when that record was first seen
+
+    def _observe(self, holder: str, renew: Any, rv: str) -> float:
+        """Record the Lease as read now; seconds since its record last changed (local clock)."""
+        record = (holder, str(renew), rv)
+        now = self._clock()
+        if record != self._observed:
+            self._observed, self._observed_at = record, now
+        return now - self._observed_at
 
     def _spec(self, transitions: int, acquire: dt.datetime | None) -> dict[str, Any]:
         now = _now()
@@ -61,7 +80,8 @@ class LeaseElector:
         holder = spec.holder_identity or ""
         renew = spec.renew_time or spec.acquire_time
         duration = spec.lease_duration_seconds or self.lease_seconds
-        expired = renew is None or _now() > renew + dt.timedelta(seconds=duration)
+        unchanged_for = self._observe(holder, renew, str(lease.metadata.resource_version or ""))
+        expired = unchanged_for >= duration
         if holder and holder != self.identity and not expired:
             return False
         transitions = int(spec.lease_transitions or 0) + (0 if holder == self.identity else 1)

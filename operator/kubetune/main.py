@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import logging
 import os
@@ -22,6 +21,13 @@ from kubetune.leader import LeaseElector, default_identity
 from kubetune.metrics import OperatorMetrics
 
 log = logging.getLogger("kubetune.operator")
+
+
+# Reconcile passes are blocking client calls run by this many worker threads (kubetune.controller), over as
+# many pooled connections. A new job's pass is ~4 sequential requests, each waiting on a busy apiserver far
+# longer than it uses the operator's CPU. (24 threads measured no faster than 12 at 1,000 jobs: the busy
+# apiserver is the bound, see bench/README.md.)
+RECONCILE_THREADS = 12
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="namespace of the Lease (default: $POD_NAMESPACE, else the first --namespace, else default)")
     p.add_argument("--lease-seconds", type=int, default=int(env("KUBETUNE_LEASE_SECONDS", "15")),
                    help="Lease duration: a standby takes over this long after the leader stops renewing")
-    p.add_argument("--resync-seconds", type=float, default=float(env("KUBETUNE_RESYNC_SECONDS", "10")),
-                   help="period of the level-based resync (progress polling, TTL, sizing retries)")
+    p.add_argument("--resync-seconds", type=float, default=float(env("KUBETUNE_RESYNC_SECONDS", "60")),
+                   help="period of the safety-net resync of active jobs (sizing retries, TTLs and progress "
+                        "have their own timing)")
+    p.add_argument("--progress-seconds", type=float, default=float(env("KUBETUNE_PROGRESS_SECONDS", "10")),
+                   help="how often a running job's rank-0 /progress is read (off the reconcile path)")
+    p.add_argument("--workers", type=int, default=int(env("KUBETUNE_WORKERS", str(RECONCILE_THREADS))),
+                   help="reconcile worker threads (passes run in parallel, one at a time per FineTuneJob)")
     p.add_argument("--sizing-retry-seconds", type=float,
                    default=float(env("KUBETUNE_SIZING_RETRY_SECONDS", "60")),
                    help="retry delay while no GPU layout fits")
@@ -134,19 +145,14 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
                         image_pull_policy=args.trainer_image_pull_policy, image_pull_secrets=pull_secrets,
                         gpu_node_selector=tuple(gpu_selector))
     return OperatorConfig(namespaces=list(args.namespace), build=build, resync_seconds=args.resync_seconds,
+                          progress_seconds=args.progress_seconds, workers=args.workers,
                           sizing_retry_seconds=args.sizing_retry_seconds, progress_port=args.progress_port,
                           progress_host=args.progress_host)
 
 
-# Reconcile passes are blocking client calls run in threads: this many run at once (the default executor has
-# only cpu+4 threads, which serialized a burst of new FineTuneJobs behind a handful of passes), over as many
-# pooled connections. A new job's pass is ~4 sequential requests, each waiting on a busy apiserver far
-# longer than it uses the operator's CPU. (24 threads measured no faster than 12 at 1,000 jobs: the busy
-# apiserver is the bound, see bench/README.md.)
-RECONCILE_THREADS = 12
 
 
-def load_kube_client() -> Any:
+def load_kube_client(pool_size: int = RECONCILE_THREADS) -> Any:
     """A kubernetes ApiClient from the in-cluster service account or the kubeconfig."""
     from kubernetes import client, config
 
@@ -155,7 +161,7 @@ def load_kube_client() -> Any:
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
         config.load_kube_config(client_configuration=cfg)
-    cfg.connection_pool_maxsize = RECONCILE_THREADS
+    cfg.connection_pool_maxsize = pool_size
     return client.ApiClient(cfg)
 
 
@@ -208,7 +214,7 @@ async def _serve_standby_health(port: int) -> Any:
 
 async def run_operator(args: argparse.Namespace) -> int:
     """Acquire leadership (if enabled), then run kopf until a signal or the Lease is lost."""
-    api = load_kube_client()
+    api = load_kube_client(max(args.workers, 1) + 2)
     metrics = OperatorMetrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
@@ -216,7 +222,6 @@ async def run_operator(args: argparse.Namespace) -> int:
     reconciler = Reconciler(api, config, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(RECONCILE_THREADS, "reconcile"))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 

@@ -1,7 +1,8 @@
 """Pure reconciliation: spec + current status + observed children → desired status, actions, Events.
 
-No I/O here: the kopf handlers gather the observations (child Job, pods, sizing outcome, the
-rank-0 progress JSON), call `decide`, then carry out the actions and write the status once.
+No I/O here: the controller gathers the observations (child Job, pods, sizing outcome, the rank-0
+progress JSON), calls `decide` once, then carries out the actions and writes the status once. A pass takes
+one of five branches (`phase_of`): terminal, cancel, create, recreate, follow.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any
 from kubetune import conditions as C
 from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec
-from kubetune.builders import (COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEUE_LABEL,
-                               SPEC_HASH_ANNOTATION, spec_hash)
+from kubetune.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEUE_LABEL, SPEC_HASH_ANNOTATION
 from kubetune.sizing.layout import SizingOutcome
 
 JOB_FAILURE_REASONS = {
@@ -58,8 +58,7 @@ class Decision:
     status: dict[str, Any]
     actions: list[Action] = dataclasses.field(default_factory=list)
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (type, reason, msg)
-    retry_after: float | None = None  # ask to be called again (e.g. waiting for GPUs)
-    needs_sizing: bool = False  # call again with Observed.sizing filled in
+    retry_after: float | None = None  # ask to be called again (e.g. waiting for GPUs, a TTL)
 
 
 def iso(now: dt.datetime) -> str:
@@ -200,124 +199,177 @@ def _gpu_hours(st: dict[str, Any], now: dt.datetime) -> float:
     return round(gpus * seconds / 3600.0, 4)
 
 
-def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dict[str, Any],
-           spec: FineTuneJobSpec, status: dict[str, Any], observed: Observed,
-           now: dt.datetime, sizing_retry_seconds: float = 60.0) -> Decision:
-    """Compute the desired status and the actions for one FineTuneJob (level-based, idempotent)."""
-    old = status or {}
-    st = copy.deepcopy(old)
-    st["observedGeneration"] = generation
-    now_s = iso(now)
-    out = Decision(status=st)
-    old_phase = old.get("phase") or ""
-    conds: list[dict[str, Any]] = []
+# The branches of a pass, in the order they are tried: each is its own function below.
+TERMINAL, CANCEL, CREATE, RECREATE, FOLLOW = "terminal", "cancel", "create", "recreate", "follow"
 
-    def cond(ctype: str, value: bool | str, reason: str, message: str = "") -> None:
-        conds.append(C.make_condition(ctype, value, reason, message, now=now_s, generation=generation))
 
-    def set_phase(phase: str, reason: str, message: str, *, warning: bool = False) -> None:
+def job_spec_hash(job: dict[str, Any]) -> str:
+    """The spec hash the Job was rendered from ('' when it carries none)."""
+    return ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION, "")
+
+
+def phase_of(status: dict[str, Any], spec: FineTuneJobSpec, job: dict[str, Any] | None, want_hash: str) -> str:
+    """Which branch a pass takes: terminal (sticky), cancel, create (no Job: size first), recreate (the Job
+    was rendered from another spec) or follow (the Job is ours and current)."""
+    if (status or {}).get("phase") in TERMINAL_PHASES:
+        return TERMINAL
+    if spec.cancel:
+        return CANCEL
+    if job is None:
+        return CREATE
+    if job_spec_hash(job) != want_hash:
+        return RECREATE
+    return FOLLOW
+
+
+class _Pass:
+    """The status being built by one pass: phase, conditions, Events, actions."""
+
+    def __init__(self, status: dict[str, Any], generation: int, now: dt.datetime) -> None:
+        self.old = status or {}
+        self.st = copy.deepcopy(self.old)
+        self.st["observedGeneration"] = generation
+        self.generation, self.now, self.now_s = generation, now, iso(now)
+        self.out = Decision(status=self.st)
+        self.old_phase = self.old.get("phase") or ""
+        self.conds: list[dict[str, Any]] = []
+
+    def cond(self, ctype: str, value: bool | str, reason: str, message: str = "") -> None:
+        self.conds.append(C.make_condition(ctype, value, reason, message, now=self.now_s,
+                                           generation=self.generation))
+
+    def set_phase(self, phase: str, reason: str, message: str, *, warning: bool = False) -> None:
+        st = self.st
         st["phase"], st["reason"], st["message"] = phase, reason, message
         # An Event per change of phase or reason, except the routine steps inside a phase (children
         # created -> waiting for pods, pods finished -> Job completing): those only cost an apiserver write
         # per job in a burst and tell nothing the next Event does not.
-        routine = phase == old_phase and reason in QUIET_REASONS
-        if (phase != old_phase or reason != old.get("reason")) and not routine:
-            out.events.append(("Warning" if warning else "Normal", reason,
-                               f"{phase}: {message}" if message else phase))
+        routine = phase == self.old_phase and reason in QUIET_REASONS
+        if (phase != self.old_phase or reason != self.old.get("reason")) and not routine:
+            self.out.events.append(("Warning" if warning else "Normal", reason,
+                                    f"{phase}: {message}" if message else phase))
 
-    def finish() -> Decision:
-        st["conditions"] = C.merge_conditions(old.get("conditions"), conds)
-        if st.get("layout"):
-            st.setdefault("accounting", {})["gpuHours"] = _gpu_hours(st, now)
-        return out
+    def finish(self) -> Decision:
+        self.st["conditions"] = C.merge_conditions(self.old.get("conditions"), self.conds)
+        if self.st.get("layout"):
+            self.st.setdefault("accounting", {})["gpuHours"] = _gpu_hours(self.st, self.now)
+        return self.out
 
-    job = observed.job
 
-    # 1. Terminal phases are sticky; only the TTL clean-up and cancel's Job deletion remain.
-    if old_phase in TERMINAL_PHASES:
-        if old_phase == "Cancelled" and job is not None:
-            out.actions.append(Action("delete_job"))
-        ttl = spec.ttl_seconds_after_finished
-        done = parse_time(old.get("completionTime"))
-        if ttl > 0 and done is not None and observed.children_exist:
-            if now >= done + dt.timedelta(seconds=ttl):
-                out.actions.append(Action("delete_children"))
-                st["childrenDeleted"] = True
-                out.events.append(("Normal", R.TTL_EXPIRED,
-                                   f"ttlSecondsAfterFinished ({ttl}s) expired: deleted the Job, Service and ConfigMap"))
-            else:
-                out.retry_after = (done + dt.timedelta(seconds=ttl) - now).total_seconds()
-        return finish()
+def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTuneJobSpec, spec_hash: str,
+           status: dict[str, Any], observed: Observed, now: dt.datetime,
+           sizing_retry_seconds: float = 60.0) -> Decision:
+    """Compute the desired status and the actions for one FineTuneJob (level-based, idempotent).
 
-    # 2. Cancel: delete the Job, keep the FineTuneJob and what it learned.
-    if spec.cancel:
-        if job is not None:
-            out.actions.append(Action("delete_job"))
-        _close_running(st, now)
-        st["completionTime"] = now_s
-        set_phase("Cancelled", R.CANCELLED, "spec.cancel is true: the trainer Job was deleted")
-        cond(C.CANCELLED, True, R.CANCELLED, "cancelled by spec.cancel")
-        cond(C.RUNNING, False, R.CANCELLED)
-        cond(C.READY, False, R.CANCELLED, "the run was cancelled")
-        return finish()
+    Runs once per pass. When `phase_of` says create, the caller sizes the job and renders its children into
+    `observed` first."""
+    del name  # part of the signature for logging callers; the branches need only what follows
+    branch = phase_of(status, spec, observed.job, spec_hash)
+    p = _Pass(status, generation, now)
+    if branch == TERMINAL:
+        return _decide_terminal(p, spec, observed)
+    if branch == CANCEL:
+        return _decide_cancel(p, observed)
+    if branch == CREATE:
+        if observed.sizing is None:
+            raise ValueError("a pass that creates the trainer Job must size it first (Observed.sizing)")
+        return _decide_create(p, spec, spec_hash, labels, observed, sizing_retry_seconds)
+    if branch == RECREATE:
+        return _decide_recreate(p, spec)
+    return _decide_follow(p, spec, labels, observed)
 
-    kueue = bool(labels.get(KUEUE_QUEUE_LABEL))
-    want_hash = spec_hash(spec_dict)
 
-    # 3. No Job yet (or deleted): size, then create the children.
-    if job is None:
-        sizing = observed.sizing
-        if sizing is None:
-            out.needs_sizing = True
-            return finish()
-        if not sizing.fits or sizing.layout is None:
-            if sizing.plan_status:
-                st["plan"] = sizing.plan_status
-            text = sizing.message + (f" Suggestion: {sizing.suggestion}" if sizing.suggestion else "")
-            set_phase("Pending", sizing.reason, text, warning=True)
-            cond(C.SIZED, False, sizing.reason, text)
-            cond(C.RUNNING, False, sizing.reason)
-            cond(C.READY, False, sizing.reason, text)
-            out.retry_after = sizing_retry_seconds
-            return finish()
-        for child in observed.children:
-            out.actions.append(Action("apply", child))
+def _decide_terminal(p: _Pass, spec: FineTuneJobSpec, observed: Observed) -> Decision:
+    """Terminal phases are sticky; only the TTL clean-up and cancel's Job deletion remain."""
+    st, out = p.st, p.out
+    if p.old_phase == "Cancelled" and observed.job is not None:
+        out.actions.append(Action("delete_job"))
+    ttl = spec.ttl_seconds_after_finished
+    done = parse_time(p.old.get("completionTime"))
+    if ttl > 0 and done is not None and observed.children_exist:
+        if p.now >= done + dt.timedelta(seconds=ttl):
+            out.actions.append(Action("delete_children"))
+            st["childrenDeleted"] = True
+            out.events.append(("Normal", R.TTL_EXPIRED,
+                               f"ttlSecondsAfterFinished ({ttl}s) expired: deleted the Job, Service and ConfigMap"))
+        else:
+            out.retry_after = (done + dt.timedelta(seconds=ttl) - p.now).total_seconds()
+    return p.finish()
+
+
+def _decide_cancel(p: _Pass, observed: Observed) -> Decision:
+    """Cancel: delete the Job, keep the FineTuneJob and what it learned."""
+    if observed.job is not None:
+        p.out.actions.append(Action("delete_job"))
+    _close_running(p.st, p.now)
+    p.st["completionTime"] = p.now_s
+    p.set_phase("Cancelled", R.CANCELLED, "spec.cancel is true: the trainer Job was deleted")
+    p.cond(C.CANCELLED, True, R.CANCELLED, "cancelled by spec.cancel")
+    p.cond(C.RUNNING, False, R.CANCELLED)
+    p.cond(C.READY, False, R.CANCELLED, "the run was cancelled")
+    return p.finish()
+
+
+def _decide_create(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict[str, str], observed: Observed,
+                   sizing_retry_seconds: float) -> Decision:
+    """No Job yet (or it was deleted): create the children from the sizing outcome, or wait for GPUs."""
+    st, out, sizing = p.st, p.out, observed.sizing
+    assert sizing is not None
+    if not sizing.fits or sizing.layout is None:
         if sizing.plan_status:
             st["plan"] = sizing.plan_status
-        st["layout"] = sizing.layout.to_status(want_hash)
-        cond(C.SIZED, True, sizing.reason, sizing.message)
-        recreating = bool(old.get("layout")) and old_phase != ""
-        reason = R.RECREATING if recreating else R.CREATED
-        if spec.suspend:
-            set_phase("Suspended", R.SUSPENDED, "spec.suspend is true")
-            cond(C.SUSPENDED, True, R.SUSPENDED)
-        elif kueue:
-            set_phase("Queued", R.QUEUED, f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
-        else:
-            set_phase("Pending", reason, f"created the trainer Job ({sizing.message})")
-        cond(C.RUNNING, False, R.WAITING_FOR_PODS)
-        cond(C.READY, False, st["reason"], st["message"])
-        return finish()
+        text = sizing.message + (f" Suggestion: {sizing.suggestion}" if sizing.suggestion else "")
+        p.set_phase("Pending", sizing.reason, text, warning=True)
+        p.cond(C.SIZED, False, sizing.reason, text)
+        p.cond(C.RUNNING, False, sizing.reason)
+        p.cond(C.READY, False, sizing.reason, text)
+        out.retry_after = sizing_retry_seconds
+        return p.finish()
+    for child in observed.children:
+        out.actions.append(Action("apply", child))
+    if sizing.plan_status:
+        st["plan"] = sizing.plan_status
+    st["layout"] = sizing.layout.to_status(want_hash)
+    p.cond(C.SIZED, True, sizing.reason, sizing.message)
+    recreating = bool(p.old.get("layout")) and p.old_phase != ""
+    reason = R.RECREATING if recreating else R.CREATED
+    if spec.suspend:
+        p.set_phase("Suspended", R.SUSPENDED, "spec.suspend is true")
+        p.cond(C.SUSPENDED, True, R.SUSPENDED)
+    elif labels.get(KUEUE_QUEUE_LABEL):
+        p.set_phase("Queued", R.QUEUED,
+                    f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
+    else:
+        p.set_phase("Pending", reason, f"created the trainer Job ({sizing.message})")
+    p.cond(C.RUNNING, False, R.WAITING_FOR_PODS)
+    p.cond(C.READY, False, st["reason"], st["message"])
+    return p.finish()
 
-    # 4. The Job exists but was rendered from another spec (changed while suspended): recreate it.
-    have_hash = ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION, "")
-    if have_hash != want_hash:
-        out.actions.append(Action("delete_job"))
-        _close_running(st, now)
-        set_phase("Suspended" if spec.suspend else "Pending", R.RECREATING,
-                  "the spec changed: deleting the trainer Job to recreate it (the run resumes from its last checkpoint)")
-        cond(C.RUNNING, False, R.RECREATING)
-        cond(C.READY, False, R.RECREATING, st["message"])
-        return finish()
 
-    # 5. Follow the Job.
+def _decide_recreate(p: _Pass, spec: FineTuneJobSpec) -> Decision:
+    """The Job exists but was rendered from another spec (changed while suspended): delete it to recreate."""
+    p.out.actions.append(Action("delete_job"))
+    _close_running(p.st, p.now)
+    p.set_phase("Suspended" if spec.suspend else "Pending", R.RECREATING,
+                "the spec changed: deleting the trainer Job to recreate it (the run resumes from its last checkpoint)")
+    p.cond(C.RUNNING, False, R.RECREATING)
+    p.cond(C.READY, False, R.RECREATING, p.st["message"])
+    return p.finish()
+
+
+def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], observed: Observed) -> Decision:
+    """Follow our current Job: progress, completion, failure, suspend/Kueue, running or waiting pods."""
+    st, out, old, now, now_s, old_phase = p.st, p.out, p.old, p.now, p.now_s, p.old_phase
+    job = observed.job
+    assert job is not None
+    kueue = bool(labels.get(KUEUE_QUEUE_LABEL))
     job_uid = (job.get("metadata") or {}).get("uid")
-    pods = [p for p in observed.pods
-            if not job_uid or any(o.get("uid") == job_uid for o in (p.get("metadata") or {}).get("ownerReferences") or [])]
+    pods = [pod for pod in observed.pods
+            if not job_uid or any(o.get("uid") == job_uid for o in (pod.get("metadata") or {}).get("ownerReferences") or [])]
     pods.sort(key=_created)
     job_status = job.get("status") or {}
     job_suspended = bool((job.get("spec") or {}).get("suspend"))
-    failed_pods = [p for p in pods if _phase_of(p) == "Failed"]
+    failed_pods = [pod for pod in pods if _phase_of(pod) == "Failed"]
     acc = st.setdefault("accounting", {})
     acc["restarts"] = max(int(job_status.get("failed") or 0), len(failed_pods))
     if observed.progress:
@@ -330,7 +382,7 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
     failed = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
     if complete is not None:
         _close_running(st, now)
-        zero = [p for p in pods if pod_index(p) == 0 and _phase_of(p) == "Succeeded"]
+        zero = [pod for pod in pods if pod_index(pod) == 0 and _phase_of(pod) == "Succeeded"]
         summary = parse_summary(zero[-1]) if zero else None
         if summary:
             _fold_trainer_report(st, summary, now_s, final=True)
@@ -341,16 +393,16 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
             message += f" at step {summary.get('step')}"
         if st.get("artifacts"):
             message += "; artifacts: " + ", ".join(f"{k}={v}" for k, v in sorted(st["artifacts"].items()))
-        set_phase("Succeeded", R.COMPLETED, message)
-        cond(C.SUCCEEDED, True, R.COMPLETED, message)
-        cond(C.RUNNING, False, R.COMPLETED)
-        cond(C.READY, True, R.COMPLETED, message)
-        return finish()
+        p.set_phase("Succeeded", R.COMPLETED, message)
+        p.cond(C.SUCCEEDED, True, R.COMPLETED, message)
+        p.cond(C.RUNNING, False, R.COMPLETED)
+        p.cond(C.READY, True, R.COMPLETED, message)
+        return p.finish()
     if failed is not None:
         _close_running(st, now)
         reason = JOB_FAILURE_REASONS.get(failed.get("reason", ""), R.JOB_FAILED)
-        ranked = sorted(failed_pods, key=lambda p: (pod_index(p) != 0, _created(p)))
-        latest_zero = [p for p in failed_pods if pod_index(p) == 0]
+        ranked = sorted(failed_pods, key=lambda pod: (pod_index(pod) != 0, _created(pod)))
+        latest_zero = [pod for pod in failed_pods if pod_index(pod) == 0]
         culprit = latest_zero[-1] if latest_zero else (ranked[-1] if ranked else None)
         detail = failure_text(culprit) if culprit is not None else ""
         summary = parse_summary(culprit) if culprit is not None else None
@@ -360,11 +412,11 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
         if detail:
             message += f"; last failure: {detail}"
         st["completionTime"] = job_status.get("completionTime") or now_s
-        set_phase("Failed", reason, message, warning=True)
-        cond(C.FAILED, True, reason, message)
-        cond(C.RUNNING, False, reason)
-        cond(C.READY, False, reason, message)
-        return finish()
+        p.set_phase("Failed", reason, message, warning=True)
+        p.cond(C.FAILED, True, reason, message)
+        p.cond(C.RUNNING, False, reason)
+        p.cond(C.READY, False, reason, message)
+        return p.finish()
 
     # Suspend / Kueue handling.
     if spec.suspend and not job_suspended:
@@ -374,21 +426,22 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
         out.actions.append(Action("suspend_job", value=False))
     if spec.suspend:
         _close_running(st, now)
-        set_phase("Suspended", R.SUSPENDED, "spec.suspend is true: the trainer pods are stopped; "
-                  "the run resumes from its last checkpoint when unsuspended")
-        cond(C.SUSPENDED, True, R.SUSPENDED)
-        cond(C.RUNNING, False, R.SUSPENDED)
-        cond(C.READY, False, R.SUSPENDED, st["message"])
-        return finish()
-    cond(C.SUSPENDED, False, R.RESUMED)
+        p.set_phase("Suspended", R.SUSPENDED, "spec.suspend is true: the trainer pods are stopped; "
+                    "the run resumes from its last checkpoint when unsuspended")
+        p.cond(C.SUSPENDED, True, R.SUSPENDED)
+        p.cond(C.RUNNING, False, R.SUSPENDED)
+        p.cond(C.READY, False, R.SUSPENDED, st["message"])
+        return p.finish()
+    p.cond(C.SUSPENDED, False, R.RESUMED)
     if job_suspended and kueue:
         _close_running(st, now)
-        set_phase("Queued", R.QUEUED, f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
-        cond(C.RUNNING, False, R.QUEUED)
-        cond(C.READY, False, R.QUEUED, st["message"])
-        return finish()
+        p.set_phase("Queued", R.QUEUED, f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
+        p.cond(C.RUNNING, False, R.QUEUED)
+        p.cond(C.READY, False, R.QUEUED, st["message"])
+        return p.finish()
 
-    running = [p for p in pods if _phase_of(p) == "Running" and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    running = [pod for pod in pods
+               if _phase_of(pod) == "Running" and not (pod.get("metadata") or {}).get("deletionTimestamp")]
     retry_note = f" (retry after failure: {failure_text(failed_pods[-1])})" if failed_pods else ""
     if running and not job_suspended:
         if old_phase != "Running":
@@ -405,29 +458,44 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec_dict: dic
         if st.get("resumedFromStep") and old_phase != "Running":
             message += f"; resuming from checkpoint step {st['resumedFromStep']}"
         reason = R.RETRYING if failed_pods else R.PODS_RUNNING
-        set_phase("Running", reason, message)
-        cond(C.RUNNING, True, reason, message)
-        cond(C.READY, True, reason, message)
-        return finish()
+        p.set_phase("Running", reason, message)
+        p.cond(C.RUNNING, True, reason, message)
+        p.cond(C.READY, True, reason, message)
+        return p.finish()
 
-    finished = [p for p in pods if _phase_of(p) == "Succeeded"]
+    finished = [pod for pod in pods if _phase_of(pod) == "Succeeded"]
     if finished and not job_suspended and old_phase == "Running" and len(finished) >= len(pods) - len(failed_pods):
         # Every live trainer pod exited 0 and the Job controller has not marked the Job complete yet: the run is
         # finishing, not starting again (reporting Pending here would flap the phase right before Succeeded).
         message = f"{len(finished)} trainer pod(s) finished; waiting for the Job to complete"
-        set_phase("Running", R.COMPLETING, message)
-        cond(C.RUNNING, True, R.COMPLETING, message)
-        cond(C.READY, True, R.COMPLETING, message)
-        return finish()
+        p.set_phase("Running", R.COMPLETING, message)
+        p.cond(C.RUNNING, True, R.COMPLETING, message)
+        p.cond(C.READY, True, R.COMPLETING, message)
+        return p.finish()
 
     _close_running(st, now)
     waiting = unschedulable_message(pods)
     reason = R.RETRYING if failed_pods else R.WAITING_FOR_PODS
     message = "waiting for the trainer pods to start" + (f": {waiting}" if waiting else "") + retry_note
-    set_phase("Pending", reason, message, warning=bool(failed_pods))
-    cond(C.RUNNING, False, reason, message)
-    cond(C.READY, False, reason, message)
-    return finish()
+    p.set_phase("Pending", reason, message, warning=bool(failed_pods))
+    p.cond(C.RUNNING, False, reason, message)
+    p.cond(C.READY, False, reason, message)
+    return p.finish()
+
+
+def decide_not_owned(*, generation: int, status: dict[str, Any], kind: str, child: str, owner: str,
+                     now: dt.datetime, retry_seconds: float) -> Decision:
+    """A child name this FineTuneJob needs is taken by an object it does not own: say so and wait (never
+    adopt it, never patch it)."""
+    p = _Pass(status, generation, now)
+    held = f"owned by {owner}" if owner else "owned by nothing (orphaned)"
+    message = (f"a {kind} named {child!r} already exists and is {held}, not by this FineTuneJob; "
+               f"delete it (or rename this FineTuneJob) and the trainer starts")
+    p.set_phase("Pending", R.CHILD_NOT_OWNED, message, warning=True)
+    p.cond(C.RUNNING, False, R.CHILD_NOT_OWNED, message)
+    p.cond(C.READY, False, R.CHILD_NOT_OWNED, message)
+    p.out.retry_after = retry_seconds
+    return p.finish()
 
 
 def still_acting(status: dict[str, Any], ttl_seconds: int) -> bool:

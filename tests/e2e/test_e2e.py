@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.devcluster.process_node import create_local_pvc
-from kubetune.devcluster.testing import wait_for
-from kubetune.operator_process import OperatorProcess, install_crds
-from kubetune.testing_helpers import FtjClient, free_port
+from kubetune_dev.devcluster.process_node import create_local_pvc
+from tests.support.cluster_helpers import wait_for
+from kubetune_dev.operator_process import OperatorProcess, install_crds
+from tests.support.finetunejobs import FtjClient, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def operator(cluster, process_nodes, tmp_path_factory):
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = OperatorProcess(cluster.kubeconfig, [
         "--all-namespaces", "--liveness-port", "0", "--metrics-port", str(free_port()),
-        "--resync-seconds", "1", "--lease-namespace", "default",
+        "--resync-seconds", "1", "--progress-seconds", "1", "--lease-namespace", "default",
         "--lease-name", f"e2e-{uuid.uuid4().hex[:6]}", "--lease-seconds", "5",
         "--cpu-node-selector", "kubetune.io/process-node=true",
     ], log)

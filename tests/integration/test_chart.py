@@ -363,7 +363,7 @@ def test_operator_reconciles_as_the_chart_service_account(cluster, namespaced_re
     # The chart's own arguments, with local ports (several operators may run on this machine).
     args = [a for a in r["args"][1:] if not a.startswith(("--liveness-port", "--metrics-port"))]
     args += [f"--liveness-port={live}", f"--metrics-port={metrics}", "--progress-host=127.0.0.1",
-             f"--progress-port={free_port()}", "--resync-seconds=2"]
+             f"--progress-port={free_port()}", "--resync-seconds=2", "--progress-seconds=2"]
     log_path = tmp_path / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(r["kubeconfig"]), "POD_NAMESPACE": r["release_ns"],
            "POD_NAME": "operator-test", "PYTHONUNBUFFERED": "1"}

@@ -10,9 +10,9 @@ import uuid
 import pytest
 from kubernetes.client.rest import ApiException
 
-from kubetune.devcluster.testing import complete_pod, wait_for
-from kubetune.operator_process import OperatorProcess, install_crds
-from kubetune.testing_helpers import (FtjClient, ProgressServer, argocd_health, free_port, ftj_manifest, summary_json,
+from tests.support.cluster_helpers import complete_pod, wait_for
+from kubetune_dev.operator_process import OperatorProcess, install_crds
+from tests.support.finetunejobs import (FtjClient, ProgressServer, argocd_health, free_port, ftj_manifest, summary_json,
                                       wait_phase)
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ def operator(cluster, progress, tmp_path_factory):
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = OperatorProcess(cluster.kubeconfig, [
         "--all-namespaces", "--liveness-port", "0", "--metrics-port", str(metrics_port),
-        "--resync-seconds", "1", "--sizing-retry-seconds", "2",
+        "--resync-seconds", "1", "--progress-seconds", "1", "--sizing-retry-seconds", "2",
         "--lease-namespace", "default", "--lease-name", f"lifecycle-{uuid.uuid4().hex[:6]}",
         "--lease-seconds", "5", "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
     ], log)

@@ -24,10 +24,10 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.builders import JOB_NAME_LABEL
-from kubetune.devcluster.binaries import helm_binary
-from kubetune.devcluster.testing import complete_pod, wait_for
-from kubetune.operator_process import OperatorProcess, install_crds
-from kubetune.testing_helpers import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json, wait_phase
+from kubetune_dev.devcluster.binaries import helm_binary
+from tests.support.cluster_helpers import complete_pod, wait_for
+from kubetune_dev.operator_process import OperatorProcess, install_crds
+from tests.support.finetunejobs import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json, wait_phase
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ class Replicas:
         if args is None:
             args = [
                 "--namespace", self.namespace, "--lease-namespace", self.namespace, "--lease-name", self.lease,
-                "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--liveness-port", str(liveness_port),
+                "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--progress-seconds", "1", "--liveness-port", str(liveness_port),
                 "--metrics-port", str(metrics_port), "--progress-host", "127.0.0.1",
                 "--progress-port", str(self.progress_port),
             ]

@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from kubetune.devcluster.binaries import helm_binary
-from kubetune.devcluster.testing import complete_pod, wait_for
-from kubetune.operator_process import REPO_ROOT, OperatorProcess, install_crds
-from kubetune.testing_helpers import (FtjClient, ProgressServer, free_port, ftj_manifest, summary_json,
+from kubetune_dev.devcluster.binaries import helm_binary
+from tests.support.cluster_helpers import complete_pod, wait_for
+from kubetune_dev.operator_process import REPO_ROOT, OperatorProcess, install_crds
+from tests.support.finetunejobs import (FtjClient, ProgressServer, free_port, ftj_manifest, summary_json,
                                       gpu_type_with_free_gpus, wait_phase)
 
 SCRAPE_JOB = "kubetune-operator"  # the `job` label Prometheus gives the operator target
@@ -156,7 +156,7 @@ def operator(cluster, namespace, progress, tmp_path) -> Iterator[OperatorProcess
     install_crds(cluster.kubectl)
     op = OperatorProcess(cluster.kubeconfig, [
         "--namespace", namespace, "--lease-namespace", namespace, "--lease-name", f"prom-{uuid.uuid4().hex[:6]}",
-        "--lease-seconds", "5", "--resync-seconds", "1", "--liveness-port", "0",
+        "--lease-seconds", "5", "--resync-seconds", "1", "--progress-seconds", "1", "--liveness-port", "0",
         "--metrics-port", str(free_port()), "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
     ], tmp_path / "operator.log")
     op.metrics_port = int(op.args[op.args.index("--metrics-port") + 1])

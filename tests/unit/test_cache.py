@@ -1,4 +1,5 @@
-"""Unit tests of the operator's watch-fed cache (kubetune.cache) and the snapshot sizer (kubetune.fleet_sizer)."""
+"""Unit tests of the operator's watch-fed read-only store (kubetune.store) and the snapshot sizer
+(kubetune.sizing.fleet_sizer)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import json
 import pytest
 
 from kubetune.api import parse_spec
-from kubetune.builders import BuildConfig, JobRef, build_children
-from kubetune.cache import ClusterCache, slim_ftj, slim_job, slim_pod
-from kubetune.devcluster.fleet import generate_fleet, node_manifests
+from kubetune.builders import BuildConfig, JobRef, build_children, spec_hash
+from kubetune.store import ClusterStore, slim_ftj, slim_job, slim_pod
+from kubetune_dev.devcluster.fleet import generate_fleet, node_manifests
 from kubetune.sizing.fleet_sizer import SIZING_FIELDS, FleetSizer, sizing_key
 from kubetune.sizing.layout import Layout, size_job_layout
 from kubetune.reconcile import Observed, decide
@@ -79,7 +80,7 @@ def full_pod(index: int, phase: str, rv: str = "20", *, summary: dict | None = N
 
 
 def decide_with(job: dict | None, pods: list[dict], status: dict) -> tuple:
-    d = decide(name="demo", generation=1, labels={}, spec_dict=copy.deepcopy(SPEC), spec=parse_spec(SPEC),
+    d = decide(name="demo", generation=1, labels={}, spec=parse_spec(SPEC), spec_hash=spec_hash(SPEC),
                status=copy.deepcopy(status), observed=Observed(job=job, pods=pods, children_exist=True), now=T0)
     return d.status, [(a.kind, a.value) for a in d.actions], d.events
 
@@ -114,72 +115,71 @@ def test_slim_ftj_drops_managed_fields_and_last_applied_only():
     assert obj["spec"] == SPEC and obj["metadata"]["resourceVersion"] == "5"
 
 
-def test_own_write_echo_and_older_events_are_not_news_but_newer_ones_are():
-    cache = ClusterCache()
-    assert cache.observe_ftj(None, ftj("5")) is True  # listed at start
-    cache.store_ftj(ftj("7", phase="Pending"))  # the response of our status patch
-    assert cache.observe_ftj("MODIFIED", ftj("7", phase="Pending")) is False  # its watch echo
-    assert cache.observe_ftj("MODIFIED", ftj("6")) is False  # an older event arriving late
-    assert cache.ftj((NS, "demo"))["status"]["phase"] == "Pending"
-    assert cache.observe_ftj("MODIFIED", ftj("9", phase="Running")) is True  # someone else's change
-    assert cache.ftj((NS, "demo"))["status"]["phase"] == "Running"
-    cache.store_ftj(ftj("8", phase="Pending"))  # a write-through older than what the watch delivered
-    assert cache.ftj((NS, "demo"))["status"]["phase"] == "Running"
+def test_older_events_are_not_news_but_newer_ones_are():
+    store = ClusterStore()
+    assert store.observe_ftj(None, ftj("5")) is True  # listed at start
+    assert store.observe_ftj("MODIFIED", ftj("7", phase="Pending")) is True  # the echo of our status write
+    assert store.ftj_version((NS, "demo")) == ("ftj-uid", 7)
+    assert store.observe_ftj("MODIFIED", ftj("6")) is False  # an older event arriving late
+    assert store.observe_ftj("MODIFIED", ftj("7", phase="Pending")) is False  # the same event again
+    assert store.ftj((NS, "demo"))["status"]["phase"] == "Pending"
+    assert store.observe_ftj("MODIFIED", ftj("9", phase="Running")) is True  # someone else's change
+    assert store.ftj((NS, "demo"))["status"]["phase"] == "Running"
+
+
+def test_the_store_has_no_write_through():
+    """Only watch events write the store: a pass that wrote something waits for the watch to show it."""
+    assert not [m for m in dir(ClusterStore) if m.startswith(("store_", "mark_", "forget"))]
 
 
 def test_recreated_object_with_the_same_name_replaces_the_old_one():
-    cache = ClusterCache()
-    cache.observe_ftj("ADDED", ftj("50"))
-    assert cache.observe_ftj("DELETED", ftj("40", uid="older-uid")) is True  # not the cached object
-    assert cache.has_ftj((NS, "demo"))
-    assert cache.observe_ftj("DELETED", ftj("51")) is True
-    assert not cache.has_ftj((NS, "demo")) and cache.ftj((NS, "demo")) is None
-    assert cache.observe_ftj("ADDED", ftj("3", uid="new-uid")) is True  # new uid: news whatever its version
-    assert cache.ftj((NS, "demo"))["metadata"]["uid"] == "new-uid"
+    store = ClusterStore()
+    store.observe_ftj("ADDED", ftj("50"))
+    assert store.observe_ftj("DELETED", ftj("40", uid="older-uid")) is True  # not the stored object
+    assert store.has_ftj((NS, "demo"))
+    assert store.observe_ftj("DELETED", ftj("51")) is True
+    assert not store.has_ftj((NS, "demo")) and store.ftj((NS, "demo")) is None
+    assert store.observe_ftj("ADDED", ftj("3", uid="new-uid")) is True  # new uid: news whatever its version
+    assert store.ftj((NS, "demo"))["metadata"]["uid"] == "new-uid"
 
 
-def test_children_follow_events_by_owner_label_and_reads_are_copies():
-    cache = ClusterCache()
+def test_children_are_found_by_owner_uid_and_reads_are_copies():
+    store = ClusterStore()
     key = (NS, "demo")
-    assert cache.children(key) == (False, None, [])
-    assert cache.observe_job("ADDED", full_job("10")) == key
-    assert cache.observe_pod("ADDED", full_pod(0, "Pending", rv="11")) == key
-    assert cache.observe_pod("MODIFIED", full_pod(0, "Running", rv="12")) == key
-    assert cache.observe_pod("MODIFIED", full_pod(0, "Pending", rv="11")) == key  # stale: ignored
-    cache.mark_synced(key)
-    synced, job, pods = cache.children(key)
-    assert synced and job["metadata"]["uid"] == "job-uid"
+    assert store.children("ftj-uid") == (None, [])
+    assert store.observe_pod("ADDED", full_pod(0, "Pending", rv="11")) == key  # before its Job: label hint
+    assert store.observe_job("ADDED", full_job("10")) == key
+    assert store.observe_pod("MODIFIED", full_pod(0, "Running", rv="12")) == key
+    assert store.observe_pod("MODIFIED", full_pod(0, "Pending", rv="11")) == key  # stale: ignored
+    job, pods = store.children("ftj-uid")
+    assert job["metadata"]["uid"] == "job-uid"
     assert [p["status"]["phase"] for p in pods] == ["Running"]
     pods[0]["status"]["phase"] = "Failed"
     job["status"]["failed"] = 9
-    assert cache.children(key)[2][0]["status"]["phase"] == "Running"
-    assert "failed" not in cache.children(key)[1]["status"]
-    cache.observe_pod("DELETED", full_pod(0, "Running", rv="13"))
-    cache.observe_job("DELETED", full_job("14"))
-    assert cache.children(key) == (True, None, [])
-    assert cache.observe_job("ADDED", {"metadata": {"name": "x", "namespace": NS, "labels": {}}}) is None
-    assert cache.sizes() == {"finetunejobs": 0, "jobs": 0, "pods": 0}
+    assert store.children("ftj-uid")[1][0]["status"]["phase"] == "Running"
+    assert "failed" not in store.children("ftj-uid")[0]["status"]
+    store.observe_pod("DELETED", full_pod(0, "Running", rv="13"))
+    store.observe_job("DELETED", full_job("14"))
+    assert store.children("ftj-uid") == (None, [])
+    assert store.observe_job("ADDED", {"metadata": {"name": "x", "namespace": NS, "uid": "u", "labels": {}}}) is None
+    assert store.sizes() == {"finetunejobs": 0, "jobs": 1, "pods": 0}
 
 
-def test_listed_pods_replace_the_cached_set_but_newer_events_win():
-    cache = ClusterCache()
-    key = (NS, "demo")
-    cache.observe_pod("MODIFIED", full_pod(0, "Running", rv="30"))
-    cache.observe_pod("ADDED", full_pod(1, "Running", rv="31"))
-    cache.store_pods(key, [full_pod(0, "Pending", rv="25")])  # a LIST older than the event for pod 0
-    assert [p["status"]["phase"] for p in cache.children(key)[2]] == ["Running"]  # pod 1 is gone from the LIST
-    cache.store_pods(key, [])
-    assert cache.children(key)[2] == []
-
-
-def test_forgetting_a_finetunejob_drops_its_children_and_sync_mark():
-    cache = ClusterCache()
-    key = (NS, "demo")
-    cache.observe_ftj("ADDED", ftj("1"))
-    cache.store_job(key, full_job("2"))
-    cache.mark_synced(key)
-    cache.forget_ftj(key)
-    assert cache.children(key) == (False, None, [])
+def test_a_child_with_our_name_but_another_owner_is_not_ours():
+    """A re-created FineTuneJob (new UID) never follows the Job and pods of the deleted one, and an orphaned
+    Job (ownerReferences removed by --cascade=orphan) is nobody's child."""
+    store = ClusterStore()
+    store.observe_job("ADDED", full_job("10"))  # owned by ftj-uid
+    store.observe_pod("ADDED", full_pod(0, "Running", rv="11"))
+    orphan = full_job("12", uid="orphan-job")
+    orphan["metadata"]["ownerReferences"] = []
+    assert store.observe_job("ADDED", orphan) == (NS, "demo")  # still a hint to look again
+    assert store.children("new-ftj-uid") == (None, [])
+    job, pods = store.children("ftj-uid")
+    assert job["metadata"]["uid"] == "job-uid" and len(pods) == 1
+    foreign = full_pod(1, "Running", rv="13", job_uid="orphan-job")
+    store.observe_pod("ADDED", foreign)
+    assert len(store.children("ftj-uid")[1]) == 1  # a pod of another Job is not this Job's pod
 
 
 # --- the snapshot sizer -----------------------------------------------------------------------------

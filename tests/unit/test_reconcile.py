@@ -14,7 +14,8 @@ from kubetune.api import parse_spec
 from kubetune.builders import BuildConfig, JobRef, build_children, spec_hash
 from kubetune.children import merge_patch, rank0_address
 from kubetune.sizing.layout import Layout, SizingOutcome, layout_from_resources
-from kubetune.reconcile import Observed, decide, status_changed, still_acting
+from kubetune.reconcile import (CANCEL, CREATE, FOLLOW, RECREATE, TERMINAL, Observed, decide, decide_not_owned,
+                                phase_of, status_changed, still_acting)
 
 pytestmark = pytest.mark.unit
 
@@ -34,8 +35,8 @@ LAYOUT = Layout(gpu_type="NVIDIA-L4", gpus_per_pod=1, pods=1, strategy="none",
 def run(spec: dict | None = None, status: dict | None = None, observed: Observed | None = None,
         now: dt.datetime = T0, labels: dict | None = None, generation: int = 1):
     spec = copy.deepcopy(spec or SPEC)
-    return decide(name="demo", generation=generation, labels=labels or {}, spec_dict=spec,
-                  spec=parse_spec(spec), status=copy.deepcopy(status or {}),
+    return decide(name="demo", generation=generation, labels=labels or {}, spec=parse_spec(spec),
+                  spec_hash=spec_hash(spec), status=copy.deepcopy(status or {}),
                   observed=observed or Observed(), now=now)
 
 
@@ -78,9 +79,27 @@ def cond_of(status: dict, ctype: str) -> dict:
     return found
 
 
-def test_no_job_asks_for_sizing_first() -> None:
-    d = run()
-    assert d.needs_sizing and not d.actions
+def test_each_pass_takes_one_branch_and_creating_needs_the_sizing_first() -> None:
+    spec = parse_spec(SPEC)
+    want = spec_hash(SPEC)
+    assert phase_of({}, spec, None, want) == CREATE
+    assert phase_of({"phase": "Running"}, spec, job_obj(), want) == FOLLOW
+    assert phase_of({"phase": "Suspended"}, spec, job_obj(), "another-hash") == RECREATE
+    assert phase_of({"phase": "Succeeded"}, spec, None, want) == TERMINAL
+    cancelled = parse_spec({**SPEC, "cancel": True})
+    assert phase_of({"phase": "Running"}, cancelled, job_obj(), want) == CANCEL
+    with pytest.raises(ValueError, match="size it first"):
+        run()  # no Job and no sizing outcome: the caller must size before deciding
+
+
+def test_a_child_name_taken_by_another_owner_is_reported_not_adopted() -> None:
+    d = decide_not_owned(generation=2, status={"phase": ""}, kind="Job", child="demo-trainer",
+                         owner="FineTuneJob demo (uid old-uid)", now=T0, retry_seconds=30)
+    assert d.status["phase"] == "Pending" and d.status["reason"] == R.CHILD_NOT_OWNED
+    assert "demo-trainer" in d.status["message"] and "old-uid" in d.status["message"]
+    assert cond_of(d.status, C.READY)["reason"] == R.CHILD_NOT_OWNED
+    assert d.events[0][:2] == ("Warning", R.CHILD_NOT_OWNED)
+    assert d.retry_after == 30 and not d.actions
 
 
 def test_insufficient_gpu_is_pending_with_reason_suggestion_and_retry() -> None:

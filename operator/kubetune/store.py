@@ -1,13 +1,19 @@
-"""The operator's in-memory view of FineTuneJobs and their trainer Jobs and pods, fed by its watch streams.
+"""The operator's read-only store of FineTuneJobs and their trainer Jobs and pods, fed only by watch streams.
 
 A reconcile pass reads from here instead of asking the apiserver: with 1,000 jobs in flight, a GET of the
 FineTuneJob, a GET of its Job and a LIST of its pods on every child event and every resync was most of the
 operator's apiserver traffic and CPU. Jobs and pods are kept as slim copies (only the fields `reconcile`
 reads), which also keeps memory flat with the number of jobs.
 
-Ordering: resourceVersions of one collection come from one etcd revision counter, so an event older than
-what the cache holds (e.g. the watch echo of our own status write, whose response was stored first) is
-ignored. Each pass may also write through what it just created or patched.
+Children are indexed by owner UID, as an informer's owner index is: a FineTuneJob's Job is the Job whose
+controller ownerReference is that FineTuneJob's UID, and its pods are the pods controlled by that Job. An
+object that merely carries our name or labels (left behind by a deleted FineTuneJob of the same name, or
+orphaned with `--cascade=orphan`) is not anybody's child here.
+
+Only the watches write: a pass never patches the store with what it wrote. A pass that needs to see its
+own write first waits for the watch to deliver it (see kubetune.expectations). Ordering: resourceVersions
+of one collection come from one etcd revision counter, so an event older than what the store holds is
+ignored.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ def _meta(obj: dict[str, Any], annotation: str) -> dict[str, Any]:
     if value is not None:
         out["annotations"] = {annotation: value}
     out["labels"] = {JOB_NAME_LABEL: (meta.get("labels") or {}).get(JOB_NAME_LABEL, "")}
-    out["ownerReferences"] = [{"uid": o.get("uid"), "kind": o.get("kind")} for o in meta.get("ownerReferences") or []]
+    out["ownerReferences"] = [{k: o[k] for k in ("uid", "kind", "name", "controller") if o.get(k) is not None}
+                              for o in meta.get("ownerReferences") or []]
     return out
 
 
@@ -81,11 +88,21 @@ def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
     return {"metadata": _meta(obj, COMPLETION_INDEX_ANNOTATION), "status": keep}
 
 
-def owner_key(obj: dict[str, Any]) -> Key | None:
-    """(namespace, FineTuneJob name) of a child, from its kubetune.io/job label."""
+def label_key(obj: dict[str, Any]) -> Key | None:
+    """(namespace, FineTuneJob name) named by a child's kubetune.io/job label (a hint, not ownership)."""
     meta = obj.get("metadata") or {}
     owner = (meta.get("labels") or {}).get(JOB_NAME_LABEL)
     return (meta.get("namespace") or "", owner) if owner else None
+
+
+def controller_of(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The object's controller ownerReference of that kind (the first owner of that kind when none is
+    marked controller), or None."""
+    refs = [o for o in (obj.get("metadata") or {}).get("ownerReferences") or [] if o.get("kind") == kind]
+    for ref in refs:
+        if ref.get("controller"):
+            return ref
+    return refs[0] if refs else None
 
 
 def _newer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
@@ -94,16 +111,21 @@ def _newer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
     return resource_version(new) > resource_version(old) or resource_version(new) < 0
 
 
-class ClusterCache:
-    """FineTuneJobs, trainer Jobs and trainer pods by FineTuneJob; safe to use from the event loop and
-    from reconcile threads. Reads return copies."""
+def _uid(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("uid") or "")
+
+
+class ClusterStore:
+    """FineTuneJobs by (namespace, name); trainer Jobs by owning FineTuneJob UID; trainer pods by owning Job
+    UID. Written only by watch events; safe to read from worker threads. Reads return copies."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ftjs: dict[Key, dict[str, Any]] = {}
-        self._jobs: dict[Key, dict[str, Any]] = {}
-        self._pods: dict[Key, dict[str, dict[str, Any]]] = {}
-        self._synced: set[Key] = set()  # keys whose Job and pods were read or seen since start
+        self._jobs: dict[str, dict[str, Any]] = {}  # job uid -> slim Job
+        self._job_of: dict[str, str] = {}  # FineTuneJob uid -> job uid
+        self._pods: dict[str, dict[str, Any]] = {}  # pod uid -> slim pod
+        self._pods_of: dict[str, set[str]] = {}  # job uid -> pod uids
 
     # --- FineTuneJobs ------------------------------------------------------------------------------
 
@@ -114,34 +136,13 @@ class ClusterCache:
         with self._lock:
             old = self._ftjs.get(key)
             if event_type == "DELETED":
-                if old is not None and (old.get("metadata") or {}).get("uid") == meta.get("uid"):
-                    self._forget(key)
+                if old is not None and _uid(old) == meta.get("uid"):
+                    del self._ftjs[key]
                 return True
-            if old is not None and (old.get("metadata") or {}).get("uid") == meta.get("uid") \
-                    and not _newer(obj, old):
-                return False  # the echo of our own write, or an older event
+            if old is not None and _uid(old) == meta.get("uid") and not _newer(obj, old):
+                return False  # an older event arriving late
             self._ftjs[key] = slim_ftj(obj)
             return True
-
-    def store_ftj(self, obj: dict[str, Any]) -> None:
-        """Write through a FineTuneJob the apiserver returned (a read or a status patch response)."""
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace") or "", meta.get("name") or "")
-        with self._lock:
-            old = self._ftjs.get(key)
-            if old is None or (old.get("metadata") or {}).get("uid") != meta.get("uid") or _newer(obj, old):
-                self._ftjs[key] = slim_ftj(obj)
-
-    def forget_ftj(self, key: Key) -> None:
-        """Drop a FineTuneJob that no longer exists (and what the cache knew about its children)."""
-        with self._lock:
-            self._forget(key)
-
-    def _forget(self, key: Key) -> None:
-        self._ftjs.pop(key, None)
-        self._synced.discard(key)
-        self._jobs.pop(key, None)
-        self._pods.pop(key, None)
 
     def ftj(self, key: Key) -> dict[str, Any] | None:
         """A copy of the FineTuneJob, or None."""
@@ -159,78 +160,77 @@ class ClusterCache:
         with self._lock:
             return list(self._ftjs.values())
 
+    def ftj_version(self, key: Key) -> tuple[str, int]:
+        """(uid, resourceVersion) of the stored FineTuneJob; ('', -1) when unknown."""
+        with self._lock:
+            obj = self._ftjs.get(key)
+            return (_uid(obj), resource_version(obj)) if obj is not None else ("", -1)
+
     # --- children ----------------------------------------------------------------------------------
 
-    def observe_job(self, event_type: str | None, obj: dict[str, Any]) -> Key | None:
-        """Record a trainer Job watch event; the owning FineTuneJob's key, or None when unlabeled."""
-        key = owner_key(obj)
-        if key is None:
-            return None
-        uid = (obj.get("metadata") or {}).get("uid")
-        with self._lock:
-            old = self._jobs.get(key)
-            if event_type == "DELETED":
-                if old is not None and old["metadata"].get("uid") == uid:
-                    del self._jobs[key]
-            elif _newer(obj, old):
-                self._jobs[key] = slim_job(obj)
-        return key
+    def _ftj_key_of_job(self, job: dict[str, Any]) -> Key | None:
+        ref = controller_of(job, "FineTuneJob")
+        if ref is not None and ref.get("name"):
+            return ((job.get("metadata") or {}).get("namespace") or "", str(ref["name"]))
+        return label_key(job)
 
-    def store_job(self, key: Key, obj: dict[str, Any] | None) -> None:
-        """Write through a trainer Job read or created by a pass (None: read and found absent)."""
+    def observe_job(self, event_type: str | None, obj: dict[str, Any]) -> Key | None:
+        """Record a trainer Job watch event; the FineTuneJob to reconcile (its owner, else the one its label
+        names), or None when neither."""
+        uid = _uid(obj)
+        ref = controller_of(obj, "FineTuneJob")
+        owner = str(ref.get("uid") or "") if ref else ""
         with self._lock:
-            if obj is None:
-                self._jobs.pop(key, None)
-            elif _newer(obj, self._jobs.get(key)):
-                self._jobs[key] = slim_job(obj)
+            old = self._jobs.get(uid)
+            if event_type == "DELETED":
+                if old is not None:
+                    del self._jobs[uid]
+                    if owner and self._job_of.get(owner) == uid:
+                        del self._job_of[owner]
+            elif _newer(obj, old):
+                self._jobs[uid] = slim_job(obj)
+                if owner:
+                    self._job_of[owner] = uid
+        return self._ftj_key_of_job(obj)
 
     def observe_pod(self, event_type: str | None, obj: dict[str, Any]) -> Key | None:
-        """Record a trainer pod watch event; the owning FineTuneJob's key, or None when unlabeled."""
-        key = owner_key(obj)
-        if key is None:
-            return None
-        name = (obj.get("metadata") or {}).get("name") or ""
+        """Record a trainer pod watch event; the FineTuneJob to reconcile (the owner of the pod's Job, else
+        the one its label names), or None when neither."""
+        uid = _uid(obj)
+        ref = controller_of(obj, "Job")
+        job_uid = str(ref.get("uid") or "") if ref else ""
         with self._lock:
-            pods = self._pods.setdefault(key, {})
-            old = pods.get(name)
+            old = self._pods.get(uid)
             if event_type == "DELETED":
-                if old is not None and old["metadata"].get("uid") == (obj.get("metadata") or {}).get("uid"):
-                    del pods[name]
-                if not pods:
-                    del self._pods[key]
+                if old is not None:
+                    del self._pods[uid]
+                    members = self._pods_of.get(job_uid)
+                    if members is not None:
+                        members.discard(uid)
+                        if not members:
+                            del self._pods_of[job_uid]
             elif _newer(obj, old):
-                pods[name] = slim_pod(obj)
-        return key
+                self._pods[uid] = slim_pod(obj)
+                if job_uid:
+                    self._pods_of.setdefault(job_uid, set()).add(uid)
+            job = self._jobs.get(job_uid)
+        if job is not None:
+            key = self._ftj_key_of_job(job)
+            if key is not None:
+                return key
+        return label_key(obj)
 
-    def store_pods(self, key: Key, pods: list[dict[str, Any]]) -> None:
-        """Replace the pods of a FineTuneJob with a LIST a pass just made (newer events still win)."""
+    def children(self, ftj_uid: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """(Job, pods) owned by the FineTuneJob with this UID, as copies."""
         with self._lock:
-            current = self._pods.get(key, {})
-            fresh = {}
-            for pod in pods:
-                name = (pod.get("metadata") or {}).get("name") or ""
-                old = current.get(name)
-                fresh[name] = slim_pod(pod) if _newer(pod, old) else old
-            if fresh:
-                self._pods[key] = fresh
-            else:
-                self._pods.pop(key, None)
-
-    def mark_synced(self, key: Key) -> None:
-        """The cache now knows this FineTuneJob's Job and pods (read, or known not to exist yet)."""
-        with self._lock:
-            self._synced.add(key)
-
-    def children(self, key: Key) -> tuple[bool, dict[str, Any] | None, list[dict[str, Any]]]:
-        """(synced, Job, pods) of a FineTuneJob as copies; not synced means the watch may not have
-        delivered them yet (e.g. right after the operator started) and the caller should read them."""
-        with self._lock:
-            job = self._jobs.get(key)
-            pods = list((self._pods.get(key) or {}).values())
-            return (key in self._synced, copy.deepcopy(job) if job is not None else None, copy.deepcopy(pods))
+            job_uid = self._job_of.get(ftj_uid)
+            job = self._jobs.get(job_uid) if job_uid else None
+            if job is None:
+                return None, []
+            pods = [self._pods[p] for p in self._pods_of.get(job_uid, ()) if p in self._pods]
+            return copy.deepcopy(job), copy.deepcopy(pods)
 
     def sizes(self) -> dict[str, int]:
-        """How many objects of each kind the cache holds (for tests and debugging)."""
+        """How many objects of each kind the store holds (for tests and debugging)."""
         with self._lock:
-            return {"finetunejobs": len(self._ftjs), "jobs": len(self._jobs),
-                    "pods": sum(len(p) for p in self._pods.values())}
+            return {"finetunejobs": len(self._ftjs), "jobs": len(self._jobs), "pods": len(self._pods)}

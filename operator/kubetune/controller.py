@@ -1,0 +1,351 @@
+"""The FineTuneJob controller runtime: watches feed one read-only store, events feed one work queue,
+a fixed pool of worker threads runs one level-based pass per key.
+
+    kopf FineTuneJob watch ─┐                    ┌─> worker 1 ─┐
+    Job/pod list+watch ─────┼─> store ─> queue ──┼─> ...       ├─> decide (pure) ─> children, status, Events
+    progress poller ────────┘   (by owner UID)   └─> worker N ─┘
+                                   ^ requeue-after (sizing retry, TTL), per-key backoff on errors
+
+Timing has one owner, the queue: a pass that must come back later says so (`Decision.retry_after`: the
+sizing retry while no GPU layout fits, the TTL of a finished job), an error is retried with per-key
+exponential backoff, and a trainer's progress is read by the poller, never inside a pass. A slow periodic
+resync of active jobs remains as a safety net only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from kubetune import API_GROUP, API_VERSION, PLURAL
+from kubetune import conditions as C
+from kubetune import reasons as R
+from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
+from kubetune.builders import METRICS_PORT, BuildConfig, JobRef, build_children, spec_hash
+from kubetune.child_watch import ChildWatch, child_watches
+from kubetune.children import ChildClient, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
+from kubetune.expectations import Expectations
+from kubetune.metrics import OperatorMetrics
+from kubetune.progress import ProgressPoller
+from kubetune.reconcile import (CREATE, Decision, Observed, decide, decide_not_owned, iso, parse_time, phase_of,
+                                status_changed, still_acting)
+from kubetune.sizing.fleet_sizer import FleetSizer
+from kubetune.store import ClusterStore
+from kubetune.workqueue import ShutDown, WorkQueue
+
+log = logging.getLogger("kubetune.operator")
+
+Key = tuple[str, str]  # (namespace, FineTuneJob name)
+
+# A burst of watch events for one job (a pod going Pending -> Running -> Ready) is merged into one pass.
+EVENT_SETTLE_SECONDS = 0.2
+# How soon a pass that waits for the watch to show its own last write comes back (the watch event itself
+# usually queues it sooner).
+EXPECTATION_RECHECK_SECONDS = 1.0
+
+
+@dataclasses.dataclass
+class OperatorConfig:
+    """Runtime settings of the operator (from main's flags and env)."""
+
+    namespaces: list[str] = dataclasses.field(default_factory=list)  # empty = all namespaces
+    build: BuildConfig = dataclasses.field(default_factory=BuildConfig)
+    resync_seconds: float = 60.0  # safety-net resync of active jobs; nothing waits for it
+    progress_seconds: float = 10.0  # how often a running job's /progress is read
+    sizing_retry_seconds: float = 60.0
+    progress_timeout: float = 1.0
+    progress_port: int = METRICS_PORT
+    progress_host: str = ""  # override the rank-0 pod IP (local process nodes, tests)
+    node_cache_seconds: float = 5.0  # how long one Node list serves sizing passes
+    workers: int = 12
+    cache_sync_timeout: float = 60.0  # how long workers wait for the child watches' first LIST
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What a pass did and when it wants to run again."""
+
+    decision: Decision | None
+    requeue_after: float | None = None
+    waited: str = ""  # why the pass did nothing yet (an expectation not met)
+
+
+class Reconciler:
+    """Owns the store, the queue, the workers, the child watches and the progress poller."""
+
+    def __init__(self, api: client.ApiClient, config: OperatorConfig, metrics: OperatorMetrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.api = api
+        self.config = config
+        self.metrics = metrics
+        self.children = ChildClient(api)
+        self.objects = client.CustomObjectsApi(api)
+        self.store = ClusterStore()
+        self.queue: WorkQueue[Key] = WorkQueue(clock=clock)
+        self.expectations = Expectations(clock=clock)
+        self.sizer = FleetSizer(self.children.list_nodes, config.node_cache_seconds)
+        self.poller = ProgressPoller(fetch_progress, self.queue.add, period=config.progress_seconds,
+                                     port=config.progress_port, timeout=config.progress_timeout)
+        self._watches: list[ChildWatch] = []
+        self._workers: list[threading.Thread] = []
+        self._resync_stop = threading.Event()
+        self._resync: threading.Thread | None = None
+
+    # --- triggers ------------------------------------------------------------------------------------
+
+    def enqueue(self, key: Key, delay: float = EVENT_SETTLE_SECONDS) -> None:
+        """Queue a pass for the FineTuneJob (bursts within `delay` are merged)."""
+        self.queue.add_after(key, delay)
+
+    def observe_ftj(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        """A FineTuneJob watch event (from kopf): store it and queue a pass when it is news."""
+        meta = obj.get("metadata") or {}
+        if self.store.observe_ftj(event_type, obj) and meta.get("name"):
+            self.enqueue((meta.get("namespace") or "", meta["name"]))
+
+    def due_for_resync(self) -> list[Key]:
+        """FineTuneJobs the safety-net resync queues: active, waiting for their TTL, or cancelled."""
+        keys = []
+        for obj in self.store.ftjs():
+            ttl = int((obj.get("spec") or {}).get("ttlSecondsAfterFinished") or 0)
+            if still_acting(obj.get("status") or {}, ttl):
+                keys.append((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        return keys
+
+    # --- workers -------------------------------------------------------------------------------------
+
+    def process(self, key: Key) -> PassResult | None:
+        """Run one pass for `key` and schedule what comes next: requeue-after on success, per-key backoff
+        on errors (the caller holds the key from the queue)."""
+        started = time.perf_counter()
+        try:
+            result = self.reconcile_sync(*key)
+        except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
+            delay = self.queue.add_rate_limited(key)
+            if isinstance(exc, ApiException) and exc.status == 409:
+                log.debug("%s/%s: conflict (%s); again in %.1fs", *key, exc.reason, delay)
+            else:
+                self.metrics.reconcile_errors.inc()
+                log.exception("reconcile of %s/%s failed; again in %.1fs", *key, delay)
+            return None
+        finally:
+            self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+        self.queue.forget(key)
+        if result.requeue_after is not None:
+            self.queue.add_after(key, result.requeue_after)
+        return result
+
+    def _work(self) -> None:
+        while True:
+            try:
+                key = self.queue.get()
+            except ShutDown:
+                return
+            try:
+                if key is not None:
+                    self.process(key)
+            finally:
+                if key is not None:
+                    self.queue.done(key)
+
+    def start_workers(self, wait_for_watches: bool = True) -> None:
+        """Start the worker pool (after the child watches' first LIST, so passes see existing children)."""
+        def start() -> None:
+            if wait_for_watches:
+                deadline = time.monotonic() + self.config.cache_sync_timeout
+                for watch in self._watches:
+                    if not watch.listed.wait(max(deadline - time.monotonic(), 0)):
+                        log.warning("%s has not listed after %.0fs; starting the workers anyway (an existing "
+                                    "child is then found through AlreadyExists)", watch.name,
+                                    self.config.cache_sync_timeout)
+                        break
+            for i in range(self.config.workers):
+                t = threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
+                t.start()
+                self._workers.append(t)
+        threading.Thread(target=start, name="start-workers", daemon=True).start()
+
+    def start(self) -> None:
+        """Start watches, workers, the progress poller and the safety-net resync."""
+        self.start_child_watches()
+        self.start_workers()
+        self.poller.start()
+
+        def resync() -> None:
+            while not self._resync_stop.wait(self.config.resync_seconds):
+                for key in self.due_for_resync():
+                    self.queue.add(key)
+        self._resync = threading.Thread(target=resync, name="resync", daemon=True)
+        self._resync.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop everything started by `start`."""
+        self._resync_stop.set()
+        self.poller.stop(timeout=min(timeout, 1.0))
+        self.stop_child_watches(timeout=timeout)
+        self.queue.shut_down()
+
+    def start_child_watches(self) -> None:
+        """Start the Job and pod watches (threads) that feed the store and queue passes; they use their own
+        ApiClient, so their long-lived requests take no connection from the workers' pool."""
+        import copy
+
+        api = client.ApiClient(copy.deepcopy(self.api.configuration))
+        watches = child_watches(api, self.config.namespaces, self.store.observe_job, self.store.observe_pod,
+                                self.enqueue, lambda kind: self.metrics.watch_failures.labels(watch=kind).inc())
+        for watch in watches:
+            watch.start()
+        self._watches = watches
+
+    def stop_child_watches(self, timeout: float = 5.0) -> None:
+        """Stop the watch threads (each open watch request is shut down)."""
+        for watch in self._watches:
+            watch.stop(timeout=timeout)
+
+    # --- the pass itself -----------------------------------------------------------------------------
+
+    def reconcile_sync(self, ns: str, name: str) -> PassResult:
+        """One pass: read from the store, decide once, act, write the status once (only if it changed)."""
+        key = (ns, name)
+        obj = self.store.ftj(key)
+        if obj is None:
+            self.metrics.forget_job(ns, name)
+            self.poller.untrack(key)
+            self.expectations.forget(key)
+            return PassResult(None)
+        meta, spec_dict = obj["metadata"], obj.get("spec") or {}
+        status = obj.get("status") or {}
+        uid = str(meta.get("uid") or "")
+        job, pods = self.store.children(uid)
+        waited = self.expectations.waiting(key, uid, int(meta.get("resourceVersion") or -1), job is not None)
+        if waited:
+            log.debug("%s/%s: waiting for the watch (%s)", ns, name, waited)
+            return PassResult(None, EXPECTATION_RECHECK_SECONDS, waited)
+        now = dt.datetime.now(dt.timezone.utc)
+        try:
+            spec = parse_spec(spec_dict)
+        except ValidationError as exc:
+            self._write_invalid(obj, str(exc), now)
+            return PassResult(None)
+        cfg = self.config
+        want_hash = spec_hash(spec_dict)
+        observed = Observed(job=job, pods=pods if job is not None else [], children_exist=job is not None)
+        branch = phase_of(status, spec, job, want_hash)
+        self._follow_progress(key, status, spec, observed)
+        if job is None and status.get("phase") in TERMINAL_PHASES and spec.ttl_seconds_after_finished > 0 \
+                and not status.get("childrenDeleted"):
+            observed.children_exist = self.children.other_children_exist(ns, name)
+        labels = meta.get("labels") or {}
+        ref = JobRef(name, ns, uid, labels)
+        if branch == CREATE:
+            observed.sizing = self.sizer.size(spec)
+            if observed.sizing.fits and observed.sizing.layout is not None:
+                observed.children = build_children(ref, spec_dict, spec, observed.sizing.layout, cfg.build)
+            else:
+                self.metrics.sizing_refusals.inc()
+        generation = int(meta.get("generation") or 0)
+        decision = decide(name=name, generation=generation, labels=labels, spec=spec, spec_hash=want_hash,
+                          status=status, observed=observed, now=now, sizing_retry_seconds=cfg.sizing_retry_seconds)
+        try:
+            self._act(key, uid, decision)
+        except NotOwned as exc:
+            log.warning("%s/%s: %s", ns, name, exc)
+            decision = decide_not_owned(generation=generation, status=status, kind=exc.kind, child=exc.name,
+                                        owner=exc.owner, now=now, retry_seconds=cfg.sizing_retry_seconds)
+        if status_changed(status, decision.status):
+            self._patch_status(key, obj, decision.status)
+        for etype, reason, message in decision.events:
+            self.post_event(obj, etype, reason, message)
+        created_at = parse_time(meta.get("creationTimestamp"))
+        self.metrics.observe_job(ns, name, decision.status,
+                                 (now - created_at).total_seconds() if created_at else None, previous=status)
+        return PassResult(decision, decision.retry_after)
+
+    def _follow_progress(self, key: Key, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed) -> None:
+        """Track the rank-0 pod of a running job with the poller and hand its last answer to the pass."""
+        running = observed.job is not None and status.get("phase") not in TERMINAL_PHASES \
+            and not spec.cancel and not spec.suspend \
+            and any((p.get("status") or {}).get("phase") == "Running" for p in observed.pods)
+        host = (self.config.progress_host or rank0_address(observed.pods)) if running else ""
+        if host:
+            self.poller.track(key, host)
+            observed.progress = self.poller.latest(key)
+        else:
+            self.poller.untrack(key)
+
+    def _act(self, key: Key, uid: str, decision: Decision) -> None:
+        ns, name = key
+        for action in decision.actions:
+            if action.kind == "apply" and action.obj is not None:
+                result, _ = self.children.apply(action.obj)
+                log.info("%s/%s: %s %s %s", ns, name, result, action.obj["kind"], action.obj["metadata"]["name"])
+                if action.obj["kind"] == "Job":
+                    self.expectations.expect_job(uid)
+            elif action.kind == "suspend_job":
+                self.children.set_job_suspend(ns, name, bool(action.value))
+            elif action.kind == "delete_job":
+                self.children.delete_job(ns, name)
+            elif action.kind == "delete_children":
+                self.children.delete_children(ns, name)
+
+    def _patch_status(self, key: Key, obj: dict[str, Any], new: dict[str, Any]) -> None:
+        """Merge-patch the status from what the pass read to `new`, on the condition that the FineTuneJob is
+        still at the resourceVersion read. A 409 means the store was behind: the pass is retried (the watch
+        brings the newer object), never patched into the store by hand."""
+        meta = obj["metadata"]
+        ns, name = key
+        patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                 "status": merge_patch(obj.get("status") or {}, new)}
+        try:
+            resp = self.objects.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, ns, PLURAL, name,
+                                                                      patch, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        written = json.loads(resp.data)
+        rv = int((written.get("metadata") or {}).get("resourceVersion") or -1)
+        self.expectations.expect_version(key, str(meta.get("uid") or ""), rv)
+
+    def _write_invalid(self, obj: dict[str, Any], error: str, now: dt.datetime) -> None:
+        meta, status = obj["metadata"], obj.get("status") or {}
+        if status.get("phase") == "Failed" and status.get("reason") == R.INVALID_SPEC:
+            return
+        message = f"the spec cannot be used: {error}"
+        gen = int(meta.get("generation") or 0)
+        new = dict(status, phase="Failed", reason=R.INVALID_SPEC, message=message, observedGeneration=gen,
+                   conditions=C.merge_conditions(status.get("conditions"), [
+                       C.make_condition(C.FAILED, True, R.INVALID_SPEC, message, now=iso(now), generation=gen),
+                       C.make_condition(C.READY, False, R.INVALID_SPEC, message, now=iso(now), generation=gen)]))
+        self._patch_status((meta["namespace"], meta["name"]), obj, new)
+        self.post_event(obj, "Warning", R.INVALID_SPEC, message)
+
+    def post_event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event about the FineTuneJob (failures to post are only logged)."""
+        meta = obj["metadata"]
+        now = dt.datetime.now(dt.timezone.utc)
+        body = {
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "FineTuneJob",
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+            "reason": reason, "message": message[:1024], "type": etype,
+            "firstTimestamp": now.isoformat(), "lastTimestamp": now.isoformat(), "count": 1,
+            "source": {"component": "kubetune-operator"}, "reportingComponent": "kubetune-operator",
+            "reportingInstance": os.environ.get("POD_NAME", "kubetune-operator"),
+        }
+        try:
+            body_of(self.children.core.create_namespaced_event(meta["namespace"], body, _preload_content=False))
+        except ApiException as exc:
+            log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+        log.info("%s/%s: %s %s: %s", meta["namespace"], meta["name"], etype, reason, message)

@@ -1,0 +1,199 @@
+"""The controller runtime without a cluster: one pass per key from the read-only store, expectations instead
+of write-through, requeue-after from the decision, per-key backoff on errors, progress off the pass."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from kubetune import reasons as R
+from kubetune.api import parse_spec
+from kubetune.builders import BuildConfig, JobRef, build_children
+from kubetune.children import NotOwned
+from kubetune.controller import OperatorConfig, Reconciler
+from kubetune.metrics import OperatorMetrics
+from kubetune.sizing.layout import Layout, SizingOutcome
+
+pytestmark = pytest.mark.unit
+
+NS, NAME, UID = "team", "demo", "ftj-uid"
+KEY = (NS, NAME)
+SPEC = {"model": {"uri": "hf://Qwen/Qwen2.5-0.5B"}, "dataset": {"uri": "s3://data/train.jsonl"},
+        "method": "lora", "output": {"uri": "s3://out/run"}}
+LAYOUT = Layout(gpu_type="NVIDIA-L4", gpus_per_pod=1, pods=1, strategy="none",
+                node_selector={"nvidia.com/gpu.product": "NVIDIA-L4"})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeChildren:
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.not_owned: NotOwned | None = None
+        self.core = SimpleNamespace(create_namespaced_event=self._event)
+        self.events: list[dict] = []
+
+    def _event(self, ns, body, **_):
+        self.events.append(body)
+        return SimpleNamespace(data=b"{}")
+
+    def apply(self, obj):
+        if self.not_owned is not None:
+            raise self.not_owned
+        self.applied.append(obj["kind"])
+        return "created", None
+
+    def other_children_exist(self, ns, name):
+        return False
+
+
+class FakeObjects:
+    """patch_namespaced_custom_object_status with the apiserver's resourceVersion precondition."""
+
+    def __init__(self, rv: int) -> None:
+        self.rv = rv
+        self.patches: list[dict] = []
+
+    def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, patch, **_):
+        if str(patch["metadata"]["resourceVersion"]) != str(self.rv):
+            raise ApiException(status=409, reason="Conflict")
+        self.patches.append(patch)
+        self.rv += 1
+        return SimpleNamespace(data=json.dumps({"metadata": {"resourceVersion": str(self.rv)}}).encode())
+
+
+class FakeSizer:
+    def __init__(self, outcome: SizingOutcome) -> None:
+        self.outcome, self.calls = outcome, 0
+
+    def size(self, spec):
+        self.calls += 1
+        return copy.deepcopy(self.outcome)
+
+
+def ftj(rv: int, status: dict | None = None) -> dict:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": NAME, "namespace": NS, "uid": UID, "resourceVersion": str(rv), "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": copy.deepcopy(SPEC), "status": status or {}}
+
+
+def controller(outcome: SizingOutcome | None = None, *, retry: float = 45.0):
+    clock = Clock()
+    rec = Reconciler(client.ApiClient(), OperatorConfig(sizing_retry_seconds=retry), OperatorMetrics(), clock=clock)
+    rec.children = FakeChildren()
+    rec.objects = FakeObjects(rv=10)
+    rec.sizer = FakeSizer(outcome or SizingOutcome(True, LAYOUT, R.SIZED, "sized", plan_status={"fits": True}))
+    rec.store.observe_ftj("ADDED", ftj(10))
+    return rec, clock
+
+
+def the_job() -> dict:
+    job = build_children(JobRef(NAME, NS, UID), SPEC, parse_spec(SPEC), LAYOUT, BuildConfig())[-1]
+    job = copy.deepcopy(job)
+    job["metadata"].update(uid="job-uid", resourceVersion="12")
+    job["status"] = {}
+    return job
+
+
+def test_a_created_job_is_not_created_again_before_the_watch_shows_it():
+    rec, clock = controller()
+    first = rec.process(KEY)
+    assert rec.children.applied == ["ConfigMap", "Job"] and len(rec.objects.patches) == 1
+    assert first.decision.status["phase"] == "Pending"
+    # The watch has not delivered the status echo nor the Job: the next pass waits and comes back soon.
+    again = rec.process(KEY)
+    assert again.decision is None and "resourceVersion" in again.waited
+    assert rec.queue.delayed()[KEY] == pytest.approx(1.0)
+    rec.store.observe_ftj("MODIFIED", ftj(11, first.decision.status))  # the status echo arrives
+    waiting = rec.process(KEY)
+    assert "Job has not been seen" in waiting.waited
+    assert rec.children.applied == ["ConfigMap", "Job"] and rec.sizer.calls == 1
+    rec.store.observe_job("ADDED", the_job())
+    follow = rec.process(KEY)
+    assert follow.decision is not None and not follow.decision.actions
+    assert rec.children.applied == ["ConfigMap", "Job"]
+
+
+def test_a_lost_event_does_not_stall_the_job_forever():
+    rec, clock = controller()
+    first = rec.process(KEY)
+    rec.store.observe_ftj("MODIFIED", ftj(11, first.decision.status))
+    assert rec.process(KEY).waited
+    clock.now += 31  # the Job event never came: the expectation expires and the pass runs
+    assert rec.process(KEY).decision is not None
+
+
+def test_the_sizing_retry_delay_is_used():
+    refused = SizingOutcome(False, None, R.INSUFFICIENT_GPU, "needs 90 GiB per GPU", "use qlora", {"fits": False})
+    rec, clock = controller(refused, retry=45.0)
+    result = rec.process(KEY)
+    assert result.requeue_after == 45.0
+    assert rec.queue.delayed()[KEY] == pytest.approx(45.0)
+    assert not rec.children.applied
+
+
+def test_errors_back_off_per_key_and_success_resets():
+    rec, clock = controller()
+    rec.store.observe_job("ADDED", the_job())
+    rec.objects.rv = 99  # every status write conflicts: the store is behind
+    for expected in (0.5, 1.0, 2.0):
+        assert rec.process(KEY) is None
+        assert rec.queue.delayed()[KEY] == pytest.approx(expected)
+        rec.queue._deadline.clear()  # noqa: SLF001 - look at each delay on its own
+    rec.objects.rv = 10
+    assert rec.process(KEY).decision.status["reason"] == R.WAITING_FOR_PODS
+    assert rec.queue.failures(KEY) == 0
+
+
+def test_a_child_name_held_by_another_owner_is_reported():
+    rec, clock = controller()
+    rec.children.not_owned = NotOwned("ConfigMap", "demo-plan", "FineTuneJob demo (uid old)")
+    result = rec.process(KEY)
+    status = result.decision.status
+    assert status["reason"] == R.CHILD_NOT_OWNED and "demo-plan" in status["message"]
+    assert [e["reason"] for e in rec.children.events] == [R.CHILD_NOT_OWNED]
+    assert rec.queue.delayed()[KEY] == pytest.approx(45.0)
+
+
+def test_progress_comes_from_the_poller_not_the_pass():
+    rec, clock = controller()
+    job = the_job()
+    pod = {"metadata": {"name": "demo-trainer-0-x", "namespace": NS, "uid": "pod-uid", "resourceVersion": "13",
+                        "labels": {"kubetune.io/job": NAME},
+                        "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+                        "ownerReferences": [{"kind": "Job", "name": "demo-trainer", "uid": "job-uid",
+                                             "controller": True}]},
+           "status": {"phase": "Running", "podIP": "10.0.0.7"}}
+    rec.store.observe_ftj("MODIFIED", ftj(11, {"phase": "Pending", "layout": {"pods": 1, "totalGpus": 1}}))
+    rec.objects.rv = 11
+    rec.store.observe_job("ADDED", job)
+    rec.store.observe_pod("ADDED", pod)
+    fetched: list[str] = []
+
+    def fetch(host, port, timeout):
+        fetched.append(host)
+        return {"version": 1, "step": 5, "totalSteps": 10, "trainLoss": 1.25}
+
+    rec.poller._fetch = fetch  # noqa: SLF001
+    first = rec.process(KEY)
+    assert fetched == [] and first.decision.status["phase"] == "Running"
+    assert rec.poller.tracked() == {KEY: "10.0.0.7"}
+    assert rec.poller.poll_once() == [KEY]  # changed: a pass is queued
+    assert rec.queue.depth() == 1
+    rec.store.observe_ftj("MODIFIED", ftj(12, first.decision.status))
+    second = rec.process(KEY)
+    assert second.decision.status["progress"]["step"] == 5
+    assert second.decision.status["metrics"]["trainLoss"] == 1.25
+    assert rec.poller.poll_once() == []  # unchanged: no pass
