@@ -1,13 +1,13 @@
-"""List+watch of the trainer Jobs and pods, feeding the ClusterCache directly (one thread per kind and
+"""List+watch of the trainer Jobs and pods, feeding the ClusterStore directly (one thread per kind and
 namespace).
 
 kopf handled these child events until the 1,000-job benchmark showed what that costs: every watch event
 of every pod and Job went through a per-object worker task and kopf's full processing chain (causes,
 handler kwargs, logging contexts), and the decoded events waited in per-object queues while the busy
 event loop caught up. At the peak, 400 MB of live Python objects were events, coroutines and contexts
-waiting their turn (counted with `sys._debugmallocstats` and a gc census). The cache needs only a slim
+waiting their turn (counted with `sys._debugmallocstats` and a gc census). The store needs only a slim
 copy of each object, so a plain informer-style loop does it here: LIST (paged), then WATCH from the
-list's resourceVersion with bookmarks, decode one line at a time, hand it to the cache, forget it.
+list's resourceVersion with bookmarks, decode one line at a time, hand it to the store, forget it.
 A 410 Gone (the resourceVersion was compacted away) relists; objects missing from the new list are
 delivered as DELETED. kopf keeps the FineTuneJobs themselves.
 """
@@ -53,7 +53,7 @@ def object_key(obj: dict[str, Any]) -> Key:
 
 
 class ChildWatch:
-    """One LIST+WATCH loop in a daemon thread: every event goes to `observe(type, object)` (the cache),
+    """One LIST+WATCH loop in a daemon thread: every event goes to `observe(type, object)` (the store),
     and the FineTuneJob key it returns goes to `notify` (schedule a reconcile pass)."""
 
     def __init__(self, name: str, list_call: Callable[..., Any], observe: Observe, notify: Notify, *,
