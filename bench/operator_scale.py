@@ -410,7 +410,7 @@ def baseline_job(cluster: Any, spec_dict: dict[str, Any], suspend: bool = True) 
     """The Job the operator would render for FTJ_SPEC on this fleet, without owner (suspended: no pods)."""
     from kubetune.api import parse_spec
     from kubetune.builders import BuildConfig, JobRef, build_children
-    from kubetune.devcluster.fleet import node_manifests
+    from kubetune_dev.devcluster.fleet import node_manifests
     from kubetune.sizing.layout import size_job_layout
 
     spec = parse_spec(spec_dict)
@@ -427,7 +427,7 @@ def baseline_job(cluster: Any, spec_dict: dict[str, Any], suspend: bool = True) 
 def bench_layout_pods(cluster: Any, spec_dict: dict[str, Any]) -> int:
     """How many pods the sizer gives FTJ_SPEC on this fleet (a Service is a child only when > 1)."""
     from kubetune.api import parse_spec
-    from kubetune.devcluster.fleet import node_manifests
+    from kubetune_dev.devcluster.fleet import node_manifests
     from kubetune.sizing.layout import size_job_layout
 
     outcome = size_job_layout(parse_spec(spec_dict), node_manifests(cluster.fleet))
@@ -593,7 +593,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
     """Start the operator, create n FineTuneJobs, time children + status.plan, then completion."""
     from kubernetes import client
 
-    from kubetune.operator_process import OperatorProcess
+    from kubetune_dev.operator_process import OperatorProcess
 
     objects = client.CustomObjectsApi(api)
     ftjs = Watcher(api, f"/apis/{GROUP}/{VERSION}/namespaces/{FTJ_NS}/{PLURAL}", ftj_digest)
@@ -762,8 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.nodes, args.jobs = 20, 50
-    from kubetune.devcluster import Cluster, ClusterOptions, generate_fleet
-    from kubetune.operator_process import install_crds
+    from kubetune_dev.devcluster import Cluster, ClusterOptions, generate_fleet
+    from kubetune_dev.operator_process import install_crds
 
     fleet = generate_fleet(args.nodes)
     out = args.out or RESULTS_DIR / f"operator_scale-{'quick' if args.quick else f'{args.nodes}n-{args.jobs}j'}.json"

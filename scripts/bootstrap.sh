@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything kubetune needs on a fresh machine, idempotently:
-#   - a virtualenv with the operator, trainer and dev dependencies (outside the clone,
-#     under ~/.cache/kubetune, so repeat runs are quick), reinstalled when pyproject.toml changes;
+#   - a virtualenv with the operator, trainer and dev dependencies and the development tools
+#     (devtools/: `kubetune-dev`), outside the clone under ~/.cache/kubetune so repeat runs are quick,
+#     reinstalled when pyproject.toml or devtools/pyproject.toml changes;
 #   - the pinned local control plane binaries (devcluster/build.sh).
 # Prints nothing on stdout but `export` lines, so callers can `eval "$(scripts/bootstrap.sh)"`.
 set -euo pipefail
@@ -23,10 +24,10 @@ if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
 fi
-stamp=$(sha256sum "$root/pyproject.toml" | cut -c1-16)
+stamp=$(cat "$root/pyproject.toml" "$root/devtools/pyproject.toml" | sha256sum | cut -c1-16)
 if [[ ! -f $venv/.deps-$stamp ]]; then
   log "installing Python dependencies (first run downloads PyTorch: several GB)"
-  "$venv/bin/pip" install -q -e "$root[operator,trainer,dev]" >&2
+  "$venv/bin/pip" install -q -e "$root[operator,trainer,dev]" -e "$root/devtools" >&2
   # DeepSpeed's setup imports torch, so it builds against the torch installed above.
   DS_BUILD_OPS=0 "$venv/bin/pip" install -q --no-build-isolation \
     "$(python3 -c 'import tomllib,sys;print(tomllib.load(open(sys.argv[1],"rb"))["project"]["optional-dependencies"]["deepspeed"][0])' "$root/pyproject.toml")" >&2
@@ -34,7 +35,7 @@ if [[ ! -f $venv/.deps-$stamp ]]; then
   touch "$venv/.deps-$stamp"
 else
   # The venv is shared between clones: point the editable install at this one.
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >&2
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" -e "$root/devtools" >&2
 fi
 
 if [[ $(id -u) -eq 0 ]] || sudo -n true 2>/dev/null; then "$root/scripts/install-system-deps.sh" >&2; fi  # prometheus + promtool for the monitoring tests

@@ -6,4 +6,4 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 eval "$("$root/scripts/bootstrap.sh")"
 cd "$root"
-exec python -m kubetune demo "$@"
+exec python -m kubetune_dev demo "$@"

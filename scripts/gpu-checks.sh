@@ -106,7 +106,7 @@ if [ $# -eq 0 ]; then
     sed -n '2,23p' "$0"
     exit 2
 fi
-export PYTHONPATH="$site:$root/operator:$root/trainer_image${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$site:$root/operator:$root/trainer_image:$root/devtools${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 for s in "$@"; do
     case $s in
@@ -117,7 +117,7 @@ for s in "$@"; do
         ;;
     local)
         py=${PYTHON:-python}
-        export PYTHONPATH="$root/operator:$root/trainer_image"  # the packages already there, not /tmp/site
+        export PYTHONPATH="$root/operator:$root/trainer_image:$root/devtools"  # the packages already there, not /tmp/site
         step imports 120 smoke || { status=1; break; }
         ;;
     tests)

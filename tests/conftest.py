@@ -3,7 +3,7 @@
 import pytest
 
 # Fixtures `cluster`, `k8s`, `namespace`, `process_nodes` for the real local control plane.
-pytest_plugins = ["kubetune.devcluster.pytest_plugin"]
+pytest_plugins = ["tests.support.cluster_fixtures"]
 
 
 def _cuda_available() -> bool:

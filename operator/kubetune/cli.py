@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Mapping, Sequence
 
 # subcommand -> (module, help). Each module exposes `main(argv: list[str]) -> int`.
 SUBCOMMANDS = {
     "estimate": ("kubetune.sizing.cli", "estimate GPU memory and size a job (no cluster needed)"),
-    "cluster": ("kubetune.devcluster.cli", "start/stop the local control plane (real apiserver, etcd, KWOK)"),
     "operator": ("kubetune.main", "run the operator"),
-    "node": ("kubetune.devcluster.process_node", "run a local process node that executes pods as processes"),
-    "demo": ("kubetune.demo", "the end-to-end local demo"),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in SUBCOMMANDS:
-        print("usage: kubetune <command> [args]\n\ncommands:")
-        for name, (_, text) in SUBCOMMANDS.items():
+def dispatch(prog: str, subcommands: Mapping[str, tuple[str, str]], argv: Sequence[str]) -> int:
+    """Run `prog <command> [args]`: import the command's module and call its `main(args)`."""
+    argv = list(argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in subcommands:
+        print(f"usage: {prog} <command> [args]\n\ncommands:")
+        for name, (_, text) in subcommands.items():
             print(f"  {name:<10} {text}")
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
-    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    module = importlib.import_module(subcommands[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kubetune`."""
+    return dispatch("kubetune", SUBCOMMANDS, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.script_loader import load_module_from_file
+from tests.support.script_loader import load_module_from_file
 
 pytestmark = [pytest.mark.gpu]
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kubetune.devcluster.procs import pid_alive
-from kubetune.devcluster.testing import complete_pod, pod_events, wait_for
+from kubetune_dev.devcluster.procs import pid_alive
+from tests.support.cluster_helpers import complete_pod, pod_events, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def _pod(name: str, gpus: int = 0, **spec: object) -> dict:
 
 @pytest.mark.unit
 def test_generated_fleet_cycles_through_default_groups():
-    from kubetune.devcluster.fleet import generate_fleet, load_fleet, node_manifests, parse_fleet
+    from kubetune_dev.devcluster.fleet import generate_fleet, load_fleet, node_manifests, parse_fleet
 
     default = load_fleet()
     assert [(g.gpuProduct, g.count, g.gpusPerNode) for g in default.groups] == [
@@ -302,7 +302,7 @@ def test_stopping_cluster_up_leaves_no_process(tmp_path, how):
 def test_exception_after_start_leaves_no_process(tmp_path):
     script = textwrap.dedent("""
         import json, sys
-        from kubetune.devcluster import Cluster, ClusterOptions, generate_fleet
+        from kubetune_dev.devcluster import Cluster, ClusterOptions, generate_fleet
         with Cluster(ClusterOptions(fleet=generate_fleet(1))) as c:
             print(json.dumps({"pids": c.pids, "dir": str(c.work_dir)}), flush=True)
             raise RuntimeError("test failure inside the cluster block")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.operator_process import install_crds
+from kubetune_dev.operator_process import install_crds
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.script_loader import load_module_from_file
+from tests.support.script_loader import load_module_from_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

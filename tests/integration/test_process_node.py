@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from kubetune.devcluster.process_node import (POD_DIR_ANNOTATION, create_local_pvc, expand_vars, localize_env,
+from kubetune_dev.devcluster.process_node import (POD_DIR_ANNOTATION, create_local_pvc, expand_vars, localize_env,
                                               rewrite_path)
-from kubetune.devcluster.procs import pid_alive
-from kubetune.devcluster.testing import wait_for
+from kubetune_dev.devcluster.procs import pid_alive
+from tests.support.cluster_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +90,7 @@ def test_pod_reads_configmap_via_env_and_reports_termination_message(cluster, k8
 
 
 def cluster_cli_logs(cluster, namespace: str, pod: str) -> str:
-    """`kubetune node logs ns/pod` output."""
+    """`kubetune-dev node logs ns/pod` output."""
     import subprocess
     import sys
     result = subprocess.run([sys.executable, "-m", "kubetune.cli", "node", "logs", f"{namespace}/{pod}",
@@ -161,7 +161,7 @@ def test_two_pod_indexed_job_runs_one_pod_on_each_process_node(k8s, namespace, p
 
 @pytest.mark.unit
 def test_container_env_resolves_downward_api_and_references():
-    from kubetune.devcluster.process_node import MissingReference, container_env
+    from kubetune_dev.devcluster.process_node import MissingReference, container_env
 
     pod = {"metadata": {"name": "p-0", "namespace": "ns", "uid": "u1", "labels": {"app": "a"},
                         "annotations": {"batch.kubernetes.io/job-completion-index": "1"}},

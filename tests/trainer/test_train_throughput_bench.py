@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.script_loader import load_module_from_file
+from tests.support.script_loader import load_module_from_file
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "train_throughput.py"

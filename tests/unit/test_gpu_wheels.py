@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.script_loader import load_module_from_file
+from tests.support.script_loader import load_module_from_file
 
 ROOT = Path(__file__).resolve().parents[2]
 gw = load_module_from_file("gpu_wheels_script", ROOT / "scripts" / "gpu_wheels.py")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.script_loader import load_module_from_file
+from tests.support.script_loader import load_module_from_file
 
 pytestmark = pytest.mark.unit
 bench = load_module_from_file("operator_scale_bench", Path(__file__).resolve().parents[2] / "bench" / "operator_scale.py")

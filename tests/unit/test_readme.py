@@ -56,7 +56,7 @@ def _helm_lines() -> list[str]:
 
 @pytest.mark.parametrize("line", _helm_lines())
 def test_readme_helm_values_render(line):
-    from kubetune.devcluster.binaries import helm_binary
+    from kubetune_dev.devcluster.binaries import helm_binary
 
     helm = helm_binary()
     if helm is None:

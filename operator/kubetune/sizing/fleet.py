@@ -213,7 +213,7 @@ def nodes_from_file(path: str | Path) -> list[dict[str, Any]]:
     for doc in docs:
         if isinstance(doc, Mapping) and doc.get("kind") == "Fleet":
             # devcluster/fleet.yaml: node groups, rendered exactly as the local cluster creates them
-            from kubetune.devcluster.fleet import node_manifests, parse_fleet
+            from kubetune.fleet_file import node_manifests, parse_fleet
 
             nodes.extend(node_manifests(parse_fleet(dict(doc))))
         elif isinstance(doc, list):

@@ -26,7 +26,7 @@ plus a status heartbeat), and runs every pod bound to it (`spec.nodeName == name
   `<job>-trainer-0.<job>-trainer.<ns>.svc`) in env values are rewritten to 127.0.0.1: all pods of
   all process nodes run on this machine, and /etc/hosts cannot be changed per process;
 - stdout+stderr go to `<data-root>/nodes/<node>/pods/<ns>_<pod>_<uid8>/logs/<container>.log`; the pod
-  carries that directory in annotation `node.kubetune.io/pod-dir`; `kubetune node logs <ns>/<pod>`
+  carries that directory in annotation `node.kubetune.io/pod-dir`; `kubetune-dev node logs <ns>/<pod>`
   prints it (`kubectl logs` cannot work: there is no kubelet API);
 - status: Pending -> Running (podIP 127.0.0.1, containerStatuses running, containerID
   `process://<pid>`) -> Succeeded (all exit 0) / Failed (exitCode, reason Completed/Error, message =
@@ -38,8 +38,8 @@ plus a status heartbeat), and runs every pod bound to it (`spec.nodeName == name
 Run it in a thread (`Cluster.start_process_node(name, data_root, cpu="4")`, the pytest fixture
 `process_nodes`) or as a command:
 
-    kubetune node run --kubeconfig KUBECONFIG --name process-node-0 --data-root DIR [--cpu 4 --memory 16Gi]
-    kubetune node logs NAMESPACE/POD [-c CONTAINER] [--kubeconfig KUBECONFIG]
+    kubetune-dev node run --kubeconfig KUBECONFIG --name process-node-0 --data-root DIR [--cpu 4 --memory 16Gi]
+    kubetune-dev node logs NAMESPACE/POD [-c CONTAINER] [--kubeconfig KUBECONFIG]
 """
 
 from __future__ import annotations
@@ -722,7 +722,7 @@ class ProcessNode:
         try:
             self._core.patch_namespaced_pod(meta["name"], meta["namespace"],
                                             {"metadata": {"annotations": {POD_DIR_ANNOTATION: str(pod_dir)}}})
-        except Exception as e:  # noqa: BLE001 - only a convenience for `kubetune node logs`
+        except Exception as e:  # noqa: BLE001 - only a convenience for `kubetune-dev node logs`
             log.warning("cannot annotate pod %s/%s: %s", meta["namespace"], meta["name"], e)
 
     def _report_waiting(self, pod: dict[str, Any], reason: str, message: str) -> None:
@@ -825,8 +825,8 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `kubetune node`."""
-    p = argparse.ArgumentParser(prog="kubetune node", description=__doc__,
+    """Entry point of `kubetune-dev node`."""
+    p = argparse.ArgumentParser(prog="kubetune-dev node", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="register a process node and run its pods until interrupted")

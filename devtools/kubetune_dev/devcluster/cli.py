@@ -1,19 +1,19 @@
-"""`kubetune cluster ...`: run the local control plane from a shell.
+"""`kubetune-dev cluster ...`: run the local control plane from a shell.
 
-    kubetune cluster up [--fleet devcluster/fleet.yaml | --nodes N | --no-fleet]
+    kubetune-dev cluster up [--fleet devcluster/fleet.yaml | --nodes N | --no-fleet]
                         [--process-nodes K --data-root DIR] [--env-file PATH] [--no-kwok]
                         [--no-controller-manager] [--no-scheduler] [--keep-work-dir]
         Starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK (plus K local
         process nodes named process-node-0..K-1 sharing DIR) and stays in the foreground until
-        Ctrl-C / SIGTERM / `kubetune cluster down`, then stops everything. Once ready it writes
+        Ctrl-C / SIGTERM / `kubetune-dev cluster down`, then stops everything. Once ready it writes
         the env file (default ~/.cache/kubetune/devcluster/env) with `export KUBECONFIG=...` etc.
         and prints the same lines on stdout:
-            kubetune cluster up &                    # or in another terminal
-            eval "$(kubetune cluster env --wait 120)"
+            kubetune-dev cluster up &                    # or in another terminal
+            eval "$(kubetune-dev cluster env --wait 120)"
             kubectl get nodes
-    kubetune cluster env [--env-file PATH] [--wait SECONDS]   print the export lines of a running cluster
-    kubetune cluster down [--env-file PATH]                   stop the cluster started by `up`
-    kubetune cluster fleet --nodes N                          print an N-node fleet file (for benchmarks)
+    kubetune-dev cluster env [--env-file PATH] [--wait SECONDS]   print the export lines of a running cluster
+    kubetune-dev cluster down [--env-file PATH]                   stop the cluster started by `up`
+    kubetune-dev cluster fleet --nodes N                          print an N-node fleet file (for benchmarks)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _read_env_file(path: Path) -> dict[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kubetune cluster", description=__doc__,
+    p = argparse.ArgumentParser(prog="kubetune-dev cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the control plane in the foreground")
@@ -103,7 +103,7 @@ def _up(args: argparse.Namespace) -> int:
         args.env_file.write_text("\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
         print(f"# ready in {cluster.timings['all_ready_s']:.1f}s (apiserver {cluster.timings['apiserver_ready_s']:.1f}s); "
-              f"logs in {cluster.logs_dir}; Ctrl-C or `kubetune cluster down` stops it", file=sys.stderr, flush=True)
+              f"logs in {cluster.logs_dir}; Ctrl-C or `kubetune-dev cluster down` stops it", file=sys.stderr, flush=True)
         while not stop_requested:
             cluster.procs.check_alive()
             time.sleep(0.5)
@@ -125,7 +125,7 @@ def _env(args: argparse.Namespace) -> int:
                 print(args.env_file.read_text(), end="")
                 return 0
         if time.monotonic() >= deadline:
-            print(f"no running cluster (env file {args.env_file}); start one with `kubetune cluster up`",
+            print(f"no running cluster (env file {args.env_file}); start one with `kubetune-dev cluster up`",
                   file=sys.stderr)
             return 1
         time.sleep(0.5)
@@ -155,7 +155,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `kubetune cluster`."""
+    """Entry point of `kubetune-dev cluster`."""
     args = _parser().parse_args(argv)
     if args.command == "fleet":
         print(fleetmod.generate_fleet(args.nodes).to_yaml(), end="")

@@ -1,24 +1,18 @@
-"""The simulated GPU fleet: node groups from `devcluster/fleet.yaml` rendered as KWOK Node objects.
+"""The fleet file (`kind: Fleet`): groups of identical GPU nodes, rendered as Node manifests.
 
-`load_fleet(path)` reads a fleet file, `generate_fleet(n)` makes an n-node fleet that cycles
-through the default groups (for benchmarks), `node_manifests(fleet)` renders Node dicts whose
-`status.capacity/allocatable` carry `nvidia.com/gpu` and whose labels carry the GPU feature
-discovery keys. KWOK manages exactly the nodes labelled `type=kwok` (KWOK_NODE_SELECTOR).
+`kubetune estimate --fleet FILE` sizes a job against the nodes such a file describes; the local
+development cluster (kubetune_dev) creates the same nodes as simulated KWOK nodes. The format lives
+here, in the product, so the product never needs the development tools to read one.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_FLEET_FILE = REPO_ROOT / "devcluster" / "fleet.yaml"
-KWOK_NODE_LABEL = ("type", "kwok")
-KWOK_NODE_SELECTOR = f"{KWOK_NODE_LABEL[0]}={KWOK_NODE_LABEL[1]}"
+FLEET_API_VERSION = "kubetune.io/devcluster-v1"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
@@ -45,7 +39,7 @@ class NodeGroup:
 
 
 @dataclass(frozen=True)
-class Fleet:
+class FleetFile:
     """A list of node groups."""
 
     groups: tuple[NodeGroup, ...]
@@ -61,18 +55,17 @@ class Fleet:
         return sum(g.count * g.gpusPerNode for g in self.groups)
 
     def to_yaml(self) -> str:
-        """The fleet in fleet.yaml form."""
+        """The fleet in fleet-file form."""
         groups = []
         for g in self.groups:
             d = {k: v for k, v in g.__dict__.items() if v not in ("", {}, 0) or k == "count"}
             groups.append(d)
-        return yaml.safe_dump({"apiVersion": "kubetune.io/devcluster-v1", "kind": "Fleet", "groups": groups},
-                              sort_keys=False)
+        return yaml.safe_dump({"apiVersion": FLEET_API_VERSION, "kind": "Fleet", "groups": groups}, sort_keys=False)
 
 
-def parse_fleet(doc: dict[str, Any]) -> Fleet:
+def parse_fleet(doc: Mapping[str, Any]) -> FleetFile:
     """Validate a fleet document (as in devcluster/fleet.yaml)."""
-    if not isinstance(doc, dict) or doc.get("kind") != "Fleet":
+    if not isinstance(doc, Mapping) or doc.get("kind") != "Fleet":
         raise ValueError("fleet file must be a mapping with kind: Fleet")
     known = set(NodeGroup.__dataclass_fields__)
     groups = []
@@ -86,34 +79,16 @@ def parse_fleet(doc: dict[str, Any]) -> Fleet:
     names = [n for g in groups for n in g.node_names()]
     if len(names) != len(set(names)):
         raise ValueError("fleet groups produce duplicate node names")
-    return Fleet(tuple(groups))
+    return FleetFile(tuple(groups))
 
 
-def load_fleet(path: str | Path = DEFAULT_FLEET_FILE) -> Fleet:
-    """Read and validate a fleet file."""
-    return parse_fleet(yaml.safe_load(Path(path).read_text()))
+def node_manifest(group: NodeGroup, name: str, *, extra_labels: Mapping[str, str] | None = None,
+                  annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One Node as a dict, status included: GPU feature discovery labels and allocatable `nvidia.com/gpu`.
 
-
-def empty_fleet() -> Fleet:
-    """No KWOK nodes (e.g. a demo that only uses process nodes)."""
-    return Fleet(())
-
-
-def generate_fleet(nodes: int, template: Fleet | None = None) -> Fleet:
-    """An n-node fleet cycling through the template's groups (default: devcluster/fleet.yaml)."""
-    base = template or load_fleet()
-    if not base.groups:
-        raise ValueError("template fleet has no groups")
-    counts = {g.namePrefix: 0 for g in base.groups}
-    for g in itertools.islice(itertools.cycle(base.groups), nodes):
-        counts[g.namePrefix] += 1
-    return Fleet(tuple(replace(g, count=counts[g.namePrefix]) for g in base.groups if counts[g.namePrefix]))
-
-
-def node_manifest(group: NodeGroup, name: str) -> dict[str, Any]:
-    """One KWOK Node as a dict, status included (the apiserver keeps a Node's status on create)."""
+    extra_labels come before the group's own labels (which win); annotations go on the metadata."""
     labels = {
-        KWOK_NODE_LABEL[0]: KWOK_NODE_LABEL[1],
+        **dict(extra_labels or {}),
         "kubernetes.io/hostname": name,
         "kubernetes.io/os": "linux",
         "kubernetes.io/arch": "amd64",
@@ -134,15 +109,20 @@ def node_manifest(group: NodeGroup, name: str) -> dict[str, Any]:
             labels["nvidia.com/gpu.family"] = group.gpuFamily
         resources[GPU_RESOURCE] = str(group.gpusPerNode)
     labels.update(group.labels)
+    metadata: dict[str, Any] = {"name": name, "labels": labels}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
     return {
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": {"name": name, "labels": labels, "annotations": {"kwok.x-k8s.io/node": "fake"}},
+        "metadata": metadata,
         "spec": {},
         "status": {"capacity": dict(resources), "allocatable": dict(resources)},
     }
 
 
-def node_manifests(fleet: Fleet) -> list[dict[str, Any]]:
+def node_manifests(fleet: FleetFile, *, extra_labels: Mapping[str, str] | None = None,
+                   annotations: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """All Node dicts of the fleet."""
-    return [node_manifest(g, n) for g in fleet.groups for n in g.node_names()]
+    return [node_manifest(g, n, extra_labels=extra_labels, annotations=annotations)
+            for g in fleet.groups for n in g.node_names()]

@@ -14,6 +14,7 @@ from kubernetes import client
 
 from kubetune import API_GROUP, API_VERSION, PLURAL
 from kubetune.builders import COMPLETION_INDEX_ANNOTATION, COMPONENT_LABEL, JOB_NAME_LABEL
+from tests.support.cluster_helpers import wait_for
 
 
 def free_port() -> int:
@@ -176,16 +177,12 @@ def gpu_type_with_free_gpus(api: client.ApiClient, gpus: int, products: tuple[st
 def wait_for_free_gpus(api: client.ApiClient, product: str, gpus: int, timeout: float = 120) -> None:
     """Wait until one node of this GPU product has `gpus` unrequested GPUs (jobs of earlier tests in namespaces
     still being deleted can hold a small GPU type for a while)."""
-    from kubetune.devcluster.testing import wait_for
-
     wait_for(lambda: max(free_gpus_by_node(api, product).values(), default=0) >= gpus, timeout,
              lambda: f"{gpus} free {product} GPU(s) on one node; free now: {free_gpus_by_node(api, product)}")
 
 
 def wait_phase(ftj: FtjClient, ns: str, name: str, phase: str, timeout: float = 40) -> dict[str, Any]:
     """Wait for the FineTuneJob's status.phase == phase; the timeout message shows the last status."""
-    from kubetune.devcluster.testing import wait_for
-
     last: dict[str, Any] = {}
 
     def check() -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""`kubetune demo`: kubectl apply of a FineTuneJob → a trained adapter, on this machine, end to end.
+"""`kubetune-dev demo`: kubectl apply of a FineTuneJob → a trained adapter, on this machine, end to end.
 
 What it runs (all local processes, nothing mocked):
   1. the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) plus
@@ -128,9 +128,9 @@ class Demo:
     # ----------------------------------------------------------------- steps
     def start_cluster(self) -> None:
         """Control plane + KWOK fleet + the CRD + a process node."""
-        from kubetune.devcluster import Cluster
-        from kubetune.devcluster.cluster import ClusterOptions
-        from kubetune.operator_process import install_crds
+        from kubetune_dev.devcluster import Cluster
+        from kubetune_dev.devcluster.cluster import ClusterOptions
+        from kubetune_dev.operator_process import install_crds
 
         self.cluster = Cluster(ClusterOptions(work_dir=self.work_dir / "cluster"))
         self.cluster.start()
@@ -148,7 +148,7 @@ class Demo:
 
     def prepare_data(self, manifest: dict[str, Any]) -> dict[str, Path]:
         """The demo PVC with the tiny model and the dataset the manifest points at."""
-        from kubetune.devcluster.process_node import create_local_pvc
+        from kubetune_dev.devcluster.process_node import create_local_pvc
 
         uris = manifest_paths(manifest)
         pvc_root = self.data_root / "pvc"
@@ -172,12 +172,13 @@ class Demo:
 
     def start_operator(self) -> None:
         """`python -m kubetune operator` as a subprocess, scheduling CPU-only trainer pods on process nodes."""
-        from kubetune.devcluster.cluster import free_port
-        from kubetune.operator_process import OperatorProcess
+        from kubetune_dev.devcluster.cluster import free_port
+        from kubetune_dev.operator_process import OperatorProcess
 
         metrics_port = free_port()
         args = ["--namespace", self.args.namespace, "--no-leader-election", "--liveness-port", "0",
                 "--metrics-port", str(metrics_port), "--resync-seconds", str(self.args.resync_seconds),
+                "--progress-seconds", str(self.args.resync_seconds),
                 "--cpu-node-selector", PROCESS_NODE_SELECTOR]
         self.operator = OperatorProcess(self.cluster.kubeconfig, args, self.work_dir / "operator.log").start()
         self.say(f"operator started (pid {self.operator.pid}; log {self.operator.log_path}; "
@@ -255,7 +256,7 @@ class Demo:
         self.out(f"\nThe cluster keeps running (--keep). In another shell:\n"
                  f"  export KUBECONFIG={kubeconfig}\n"
                  f"  kubectl get ftj,jobs,pods -n {self.args.namespace}\n"
-                 f"  python -m kubetune node logs {self.args.namespace}/<pod>\n"
+                 f"  kubetune-dev node logs {self.args.namespace}/<pod>\n"
                  f"Press Ctrl-C to stop it and remove {self.work_dir}.")
         while True:
             if self.operator is not None and not self.operator.alive():
@@ -318,8 +319,8 @@ def _rel(path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`kubetune demo` flags."""
-    p = argparse.ArgumentParser(prog="kubetune demo", description=__doc__,
+    """`kubetune-dev demo` flags."""
+    p = argparse.ArgumentParser(prog="kubetune-dev demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keep", action="store_true",
                    help="keep the cluster running after the run (until Ctrl-C) and print the KUBECONFIG")
@@ -342,7 +343,7 @@ def _on_sigterm(signum: int, _frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `kubetune demo`."""
+    """Entry point of `kubetune-dev demo`."""
     import yaml
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -1,6 +1,6 @@
 """Measure the local control plane: start-up times and peak memory.
 
-    python -m kubetune.devcluster.measure [--runs 3] [--nodes N] [--pods 50]
+    python -m kubetune_dev.devcluster.measure [--runs 3] [--nodes N] [--pods 50]
 
 Starts the cluster `--runs` times (binaries already built, i.e. a warm start), reports the time to
 apiserver /readyz and to everything ready (controller-manager, scheduler, KWOK and the fleet's

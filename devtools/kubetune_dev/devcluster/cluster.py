@@ -1,7 +1,7 @@
 """A real local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and KWOK (simulated GPU nodes), as child processes on free loopback ports.
 
-    from kubetune.devcluster import Cluster
+    from kubetune_dev.devcluster import Cluster
     with Cluster() as cluster:                 # default fleet: devcluster/fleet.yaml
         cluster.kubectl("get", "nodes")
         core = kubernetes.client.CoreV1Api(cluster.api_client())

@@ -1,9 +1,9 @@
 """pytest fixtures for tests against the real local control plane.
 
-Registered in tests/conftest.py with `pytest_plugins = ["kubetune.devcluster.pytest_plugin"]`.
+Registered in tests/conftest.py with `pytest_plugins = ["tests.support.cluster_fixtures"]`.
 
 Fixtures (stable names):
-- `cluster` (session): a started `kubetune.devcluster.Cluster` — etcd, kube-apiserver,
+- `cluster` (session): a started `kubetune_dev.devcluster.Cluster` — etcd, kube-apiserver,
   kube-controller-manager (all controllers), kube-scheduler and KWOK with the default fleet
   (devcluster/fleet.yaml: 2x8 H100-80GB, 2x8 A100-80GB, 2x4 L4). Started lazily, only when a test
   asks for it, once per session, stopped at the end. Useful members:
@@ -16,9 +16,9 @@ Fixtures (stable names):
   deleted after the test.
 - `process_nodes` (session): two process nodes, `process-node-0` and `process-node-1`, that run pods
   bound to them as local processes; they share one data root (`process_nodes[0].config.data_root`,
-  PVC `c` lives in `<data_root>/pvc/c`). See kubetune.devcluster.process_node.
+  PVC `c` lives in `<data_root>/pvc/c`). See kubetune_dev.devcluster.process_node.
 
-Helpers (import from kubetune.devcluster.testing): `wait_for(predicate, timeout, describe)`,
+Helpers (import from tests.support.cluster_helpers): `wait_for(predicate, timeout, describe)`,
 `complete_pod(api, ns, name, exit_code=0, message="")`, `pod_events(api, ns, name)`.
 
 The binaries come from $KUBETUNE_BIN_DIR or ~/.cache/kubetune/bin/current (devcluster/build.sh).
@@ -32,8 +32,8 @@ from typing import Iterator
 
 import pytest
 
-from .cluster import Cluster, ClusterOptions
-from .testing import wait_for
+from kubetune_dev.devcluster.cluster import Cluster, ClusterOptions
+from tests.support.cluster_helpers import wait_for
 
 
 @pytest.fixture(scope="session")
