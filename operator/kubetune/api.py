@@ -1,4 +1,5 @@
-"""Typed models of the FineTuneJob spec and status (kubetune.io/v1alpha1, docs/contracts.md §1)."""
+"""Typed models of the FineTuneJob spec (kubetune.io/v1alpha1, docs/contracts.md §1); the status models are in
+kubetune.status."""
 
 from __future__ import annotations
 
@@ -197,15 +198,6 @@ def pvc_claim(uri: str) -> str:
 def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
     """Parse a (defaulted) FineTuneJob .spec dict into the typed model."""
     return FineTuneJobSpec.model_validate(dict(spec))
-
-
-class Condition(_Model):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = ""
-    message: str = ""
-    last_transition_time: str = ""
-    observed_generation: int | None = None
 
 
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.status import condition
+
 READY = "Ready"
 SIZED = "Sized"
 RUNNING = "Running"
@@ -17,13 +19,9 @@ CONDITION_TYPES = (READY, SIZED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, CANCELLE
 
 def make_condition(ctype: str, status: bool | str, reason: str, message: str = "",
                    *, now: str, generation: int | None = None) -> dict[str, Any]:
-    """A condition dict; `status` may be a bool or "True"/"False"/"Unknown"."""
-    text = status if isinstance(status, str) else ("True" if status else "False")
-    cond: dict[str, Any] = {"type": ctype, "status": text, "reason": reason,
-                            "message": message[:4096], "lastTransitionTime": now}
-    if generation is not None:
-        cond["observedGeneration"] = generation
-    return cond
+    """A condition dict built through the typed `kubetune.status.Condition`; `status` may be a bool or
+    "True"/"False"/"Unknown"."""
+    return condition(ctype, status, reason, message, now=now, generation=generation)
 
 
 def find_condition(conditions: list[dict[str, Any]] | None, ctype: str) -> dict[str, Any] | None:

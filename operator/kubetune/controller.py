@@ -41,6 +41,7 @@ from kubetune.progress import ProgressPoller
 from kubetune.reconcile import (CREATE, Decision, Observed, decide, decide_not_owned, iso, parse_time, phase_of,
                                 status_changed, still_acting)
 from kubetune.sizing.fleet_sizer import FleetSizer
+from kubetune.status import checked_status
 from kubetune.store import ClusterStore
 from kubetune.workqueue import ShutDown, WorkQueue
 
@@ -328,6 +329,7 @@ class Reconciler:
                    conditions=C.merge_conditions(status.get("conditions"), [
                        C.make_condition(C.FAILED, True, R.INVALID_SPEC, message, now=iso(now), generation=gen),
                        C.make_condition(C.READY, False, R.INVALID_SPEC, message, now=iso(now), generation=gen)]))
+        checked_status(new)
         self._patch_status((meta["namespace"], meta["name"]), obj, new)
         self.post_event(obj, "Warning", R.INVALID_SPEC, message)
 

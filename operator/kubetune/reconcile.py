@@ -18,6 +18,7 @@ from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec
 from kubetune.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEUE_LABEL, SPEC_HASH_ANNOTATION
 from kubetune.sizing.layout import SizingOutcome
+from kubetune.status import checked_status
 
 JOB_FAILURE_REASONS = {
     "BackoffLimitExceeded": R.BACKOFF_LIMIT_EXCEEDED,
@@ -253,6 +254,7 @@ class _Pass:
         self.st["conditions"] = C.merge_conditions(self.old.get("conditions"), self.conds)
         if self.st.get("layout"):
             self.st.setdefault("accounting", {})["gpuHours"] = _gpu_hours(self.st, self.now)
+        checked_status(self.st)
         return self.out
 
 

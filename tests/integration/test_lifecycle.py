@@ -221,6 +221,43 @@ def test_deleting_the_job_garbage_collects_children(ftj, namespace):
     wait_for(all_gone, 60, "garbage collection of the Job, pods, Service and ConfigMap")
 
 
+def test_orphaned_children_are_never_adopted_by_a_recreated_job(ftj, k8s, namespace):
+    """`kubectl delete ftj --cascade=orphan`, then the same name again: the new FineTuneJob does not follow
+    or patch the old Job and ConfigMap; it says which child is in the way, and starts once it is gone."""
+    from kubernetes import client
+
+    ftj.create(namespace, ftj_manifest("twice"))
+    wait_phase(ftj, namespace, "twice", "Running")
+    old_plan = ftj.core.read_namespaced_config_map("twice-plan", namespace).data
+    ftj.objects.delete_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs", "twice",
+                                                body=client.V1DeleteOptions(propagation_policy="Orphan"))
+    wait_for(lambda: all(not (j.metadata.owner_references or []) for j in ftj.jobs(namespace)) or None, 30,
+             "the orphaned Job without ownerReferences")
+    ftj.create(namespace, ftj_manifest("twice", training={"maxSteps": 77}))
+    st = wait_for(lambda: (lambda s: s if s.get("reason") == "ChildNotOwned" else None)(ftj.status(namespace, "twice")),
+                  30, lambda: f"ChildNotOwned; last status {ftj.status(namespace, 'twice')}")
+    assert "twice-plan" in st["message"] or "twice-trainer" in st["message"]
+    assert any(reason == "ChildNotOwned" for reason, _ in ftj.events(namespace, "twice"))
+    assert ftj.core.read_namespaced_config_map("twice-plan", namespace).data == old_plan  # not patched
+    uid = ftj.get(namespace, "twice")["metadata"]["uid"]
+    # Clear the way: the new job creates its own children, owned by its own UID.
+    for job in ftj.jobs(namespace):
+        ftj.batch.delete_namespaced_job(job.metadata.name, namespace, propagation_policy="Background")
+    for name in ("twice-plan",):
+        ftj.core.delete_namespaced_config_map(name, namespace)
+    for svc in ftj.core.list_namespaced_service(namespace).items:
+        ftj.core.delete_namespaced_service(svc.metadata.name, namespace)
+
+    def owned_job():
+        jobs = [j for j in ftj.jobs(namespace) if j.metadata.deletion_timestamp is None]
+        return jobs if jobs and all(any(o.uid == uid for o in j.metadata.owner_references or []) for j in jobs) \
+            else None
+    wait_for(owned_job, 60, "a Job owned by the new FineTuneJob")
+    plan = json.loads(ftj.core.read_namespaced_config_map("twice-plan", namespace).data["plan.json"])
+    assert plan["training"]["maxSteps"] == 77
+    wait_phase(ftj, namespace, "twice", "Running", timeout=60)
+
+
 def test_cancel_stops_the_run_and_keeps_the_record(ftj, namespace):
     ftj.create(namespace, ftj_manifest("stopme"))
     wait_phase(ftj, namespace, "stopme", "Running")

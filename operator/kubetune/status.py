@@ -1,0 +1,129 @@
+"""Typed models of the FineTuneJob status (the CRD's `status` schema, docs/contracts.md §1).
+
+Every status a pass writes goes through `FineTuneJobStatus` (`checked_status`): a field the CRD does not
+declare (the apiserver would silently prune it) or a value of the wrong type is a bug caught in the pass,
+not a status that quietly loses information. `tests/unit/test_status_model.py` ties these models to the
+CRD's schema field by field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+
+class _Status(BaseModel):
+    """Base: camelCase aliases; unknown keys are refused (what we write must be what the CRD keeps)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Condition(_Status):
+    """A standard Kubernetes condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str = ""
+    observed_generation: int | None = None
+
+
+class LayoutStatus(_Status):
+    """Where and how the trainer runs (status.layout)."""
+
+    source: str | None = None
+    gpu_type: str | None = None
+    gpus_per_pod: int | None = None
+    pods: int | None = None
+    total_gpus: int | None = None
+    procs_per_node: int | None = None
+    strategy: str | None = None
+    zero_stage: int | None = None
+    spec_hash: str | None = None
+
+
+class ProgressStatus(_Status):
+    """Training progress read from the rank-0 trainer (status.progress)."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: float | None = None
+    eta_seconds: float | None = None
+    display: str | None = None
+    updated_at: str | None = None
+
+
+class MetricsStatus(_Status):
+    """Latest training metrics (status.metrics)."""
+
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    tokens_per_second: float | None = None
+    runtime_seconds: float | None = None
+
+
+class ArtifactsStatus(_Status):
+    """Where the run's outputs are (status.artifacts)."""
+
+    adapter: str | None = None
+    merged: str | None = None
+    model: str | None = None
+    metrics: str | None = None
+
+
+class CheckpointStatus(_Status):
+    """The newest checkpoint (status.checkpoint)."""
+
+    step: int | None = None
+    uri: str | None = None
+
+
+class AccountingStatus(_Status):
+    """GPU time, tokens and restarts (status.accounting)."""
+
+    gpu_hours: float | None = None
+    running_seconds: float | None = None
+    running_since: str | None = None
+    tokens: int | None = None
+    restarts: int | None = None
+
+
+class FineTuneJobStatus(_Status):
+    """The whole status subresource."""
+
+    phase: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] | None = None
+    plan: dict[str, Any] | None = None  # the sizer's decision (preserve-unknown-fields in the CRD)
+    layout: LayoutStatus | None = None
+    progress: ProgressStatus | None = None
+    metrics: MetricsStatus | None = None
+    artifacts: ArtifactsStatus | None = None
+    checkpoint: CheckpointStatus | None = None
+    resumed_from_step: int | None = None
+    accounting: AccountingStatus | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    children_deleted: bool | None = None
+
+
+def condition(ctype: str, status: bool | str, reason: str, message: str = "", *, now: str,
+              generation: int | None = None) -> dict[str, Any]:
+    """A condition as the CRD stores it; `status` may be a bool or "True"/"False"/"Unknown"."""
+    text = status if isinstance(status, str) else ("True" if status else "False")
+    model = Condition(type=ctype, status=text, reason=reason, message=message[:4096], last_transition_time=now,
+                      observed_generation=generation)
+    return model.model_dump(by_alias=True, exclude_none=True)
+
+
+def checked_status(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` unchanged, after checking it against the typed model (raises pydantic.ValidationError)."""
+    FineTuneJobStatus.model_validate(status)
+    return status
