@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.api import FineTuneJobSpec, parse_spec
+from kubetune.api import FineTuneJobSpec, LoraSpec, TrainingSpec, parse_spec
 
 from .architecture import ArchitectureError, architecture_from_config
 from .catalog import catalog_names, load_catalog, resolve_architecture
@@ -26,6 +26,7 @@ TABLE_METHODS = ("full", "lora", "qlora")
 # A spec built from flags estimates memory only: nothing is read or written, so these locations are unused.
 UNUSED_URI = "pvc://unused/estimate"
 ATTENTION_FLAGS = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
+_TRAINING, _LORA = TrainingSpec(), LoraSpec()  # the spec defaults (kubetune.api) are the flags' defaults
 
 TERM_LABELS = {
     "weights": "weights", "masterWeights": "fp32 master weights", "gradients": "gradients",
@@ -45,11 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="store_true", help="GiB per GPU for a few catalog models x full/LoRA/QLoRA")
     p.add_argument("--list", action="store_true", help="list the catalog models")
     p.add_argument("--method", choices=("full", "lora", "qlora"), default="lora")
-    p.add_argument("--seq", type=int, default=2048, help="max sequence length (default 2048)")
-    p.add_argument("--batch", type=int, default=1, help="micro batch size (default 1)")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--targets", default="all-linear", help="LoRA target modules, comma separated (default all-linear)")
-    p.add_argument("--optimizer", default="adamw",
+    p.add_argument("--seq", type=int, default=_TRAINING.max_seq_length,
+                   help=f"max sequence length (default {_TRAINING.max_seq_length})")
+    p.add_argument("--batch", type=int, default=_TRAINING.micro_batch_size,
+                   help=f"micro batch size (default {_TRAINING.micro_batch_size})")
+    p.add_argument("--r", type=int, default=_LORA.r, help=f"LoRA rank (default {_LORA.r})")
+    targets = ",".join(_LORA.target_modules)
+    p.add_argument("--targets", default=targets, help=f"LoRA target modules, comma separated (default {targets})")
+    p.add_argument("--optimizer", default=_TRAINING.optimizer,
                    choices=("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"))
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "eager"))
