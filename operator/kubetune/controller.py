@@ -38,7 +38,7 @@ from kubetune.children import ChildClient, NotOwned, body_of, fetch_progress, me
 from kubetune.expectations import Expectations
 from kubetune.metrics import OperatorMetrics
 from kubetune.progress import ProgressPoller
-from kubetune.reconcile import (CREATE, Decision, Observed, decide, decide_not_owned, iso, parse_time, phase_of,
+from kubetune.reconcile import (CREATE, FOLLOW, Decision, Observed, decide, decide_not_owned, iso, parse_time, phase_of,
                                 status_changed, still_acting)
 from kubetune.sizing.fleet_sizer import FleetSizer
 from kubetune.status import checked_status
@@ -249,12 +249,14 @@ class Reconciler:
             observed.children_exist = self.children.other_children_exist(ns, name)
         labels = meta.get("labels") or {}
         ref = JobRef(name, ns, uid, labels)
-        if branch == CREATE:
+        if branch == CREATE or (branch == FOLLOW and not status.get("layout")):
+            # Sizing is needed to create the Job, and to recover a layout that never reached the status.
             observed.sizing = self.sizer.size(spec)
-            if observed.sizing.fits and observed.sizing.layout is not None:
-                observed.children = build_children(ref, spec_dict, spec, observed.sizing.layout, cfg.build)
-            else:
-                self.metrics.sizing_refusals.inc()
+            if branch == CREATE:
+                if observed.sizing.fits and observed.sizing.layout is not None:
+                    observed.children = build_children(ref, spec_dict, spec, observed.sizing.layout, cfg.build)
+                else:
+                    self.metrics.sizing_refusals.inc()
         generation = int(meta.get("generation") or 0)
         decision = decide(name=name, generation=generation, labels=labels, spec=spec, spec_hash=want_hash,
                           status=status, observed=observed, now=now, sizing_retry_seconds=cfg.sizing_retry_seconds)

@@ -145,6 +145,24 @@ def unschedulable_message(pods: list[dict[str, Any]]) -> str:
     return ""
 
 
+# Container waiting reasons that will not clear by themselves (a kubelet retries them, but the user must act):
+# a missing Secret or ConfigMap, a bad image reference or pull credentials, a container that cannot start.
+STUCK_WAITING_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "ErrImagePull",
+                                   "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                                   "RunContainerError", "CrashLoopBackOff"})
+
+
+def stuck_container_message(pods: list[dict[str, Any]]) -> str:
+    """Why the first stuck trainer pod cannot start its container (e.g. a missing Secret), or ''."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING_REASONS:
+                detail = f": {waiting['message']}" if waiting.get("message") else ""
+                return f"pod {pod['metadata'].get('name')} container {cs.get('name')}: {waiting['reason']}{detail}"
+    return ""
+
+
 def _progress_block(progress: dict[str, Any], now: str) -> dict[str, Any]:
     step = int(progress.get("step") or 0)
     total = int(progress.get("totalSteps") or 0)
@@ -369,6 +387,13 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     pods = [pod for pod in observed.pods
             if not job_uid or any(o.get("uid") == job_uid for o in (pod.get("metadata") or {}).get("ownerReferences") or [])]
     pods.sort(key=_created)
+    if not st.get("layout") and observed.sizing is not None and observed.sizing.layout is not None:
+        # The Job exists but its layout never reached the status (the operator stopped between creating
+        # the Job and writing the status): record what the sizer decides for this spec.
+        if observed.sizing.plan_status:
+            st["plan"] = observed.sizing.plan_status
+        st["layout"] = observed.sizing.layout.to_status(job_spec_hash(job))
+        p.cond(C.SIZED, True, observed.sizing.reason, observed.sizing.message)
     job_status = job.get("status") or {}
     job_suspended = bool((job.get("spec") or {}).get("suspend"))
     failed_pods = [pod for pod in pods if _phase_of(pod) == "Failed"]
@@ -476,10 +501,11 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         return p.finish()
 
     _close_running(st, now)
-    waiting = unschedulable_message(pods)
-    reason = R.RETRYING if failed_pods else R.WAITING_FOR_PODS
+    stuck = stuck_container_message(pods)
+    waiting = stuck or unschedulable_message(pods)
+    reason = R.CONTAINER_NOT_STARTING if stuck else R.RETRYING if failed_pods else R.WAITING_FOR_PODS
     message = "waiting for the trainer pods to start" + (f": {waiting}" if waiting else "") + retry_note
-    p.set_phase("Pending", reason, message, warning=bool(failed_pods))
+    p.set_phase("Pending", reason, message, warning=bool(failed_pods or stuck))
     p.cond(C.RUNNING, False, reason, message)
     p.cond(C.READY, False, reason, message)
     return p.finish()

@@ -73,7 +73,7 @@ def slim_job(obj: dict[str, Any]) -> dict[str, Any]:
 
 def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
     """The fields of a trainer pod that a reconcile pass reads: identity, completion index, phase, IP,
-    scheduling condition, the trainer container's termination and the pod's reason/message."""
+    scheduling condition, each container's termination or waiting reason, and the pod's reason/message."""
     status = obj.get("status") or {}
     keep: dict[str, Any] = {k: status[k] for k in ("phase", "podIP", "reason", "message") if status.get(k)}
     conds = [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"]
@@ -81,8 +81,15 @@ def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
         keep["conditions"] = copy.deepcopy(conds)
     statuses = []
     for cs in status.get("containerStatuses") or []:
-        term = (cs.get("state") or {}).get("terminated")
-        statuses.append({"name": cs.get("name"), "state": {"terminated": copy.deepcopy(term)} if term else {}})
+        state = cs.get("state") or {}
+        term, waiting = state.get("terminated"), state.get("waiting")
+        if term:
+            slim_state = {"terminated": copy.deepcopy(term)}
+        elif waiting:
+            slim_state = {"waiting": {k: waiting[k] for k in ("reason", "message") if waiting.get(k)}}
+        else:
+            slim_state = {}
+        statuses.append({"name": cs.get("name"), "state": slim_state})
     if statuses:
         keep["containerStatuses"] = statuses
     return {"metadata": _meta(obj, COMPLETION_INDEX_ANNOTATION), "status": keep}

@@ -197,3 +197,32 @@ def test_progress_comes_from_the_poller_not_the_pass():
     assert second.decision.status["progress"]["step"] == 5
     assert second.decision.status["metrics"]["trainLoss"] == 1.25
     assert rec.poller.poll_once() == []  # unchanged: no pass
+
+
+def test_a_job_whose_status_write_was_lost_gets_its_layout_back():
+    """The operator stopped right after creating the Job: the next operator finds the Job, no layout in
+    the status, and records the layout, plan and Sized condition (GPU-hours need the layout)."""
+    rec, clock = controller()
+    rec.store.observe_job("ADDED", the_job())
+    result = rec.process(KEY)
+    status = result.decision.status
+    assert status["layout"]["totalGpus"] == 1 and status["plan"] == {"fits": True}
+    assert [c["status"] for c in status["conditions"] if c["type"] == "Sized"] == ["True"]
+    assert "gpuHours" in status["accounting"] and rec.sizer.calls == 1
+    assert not rec.children.applied  # nothing created again
+
+
+def test_a_missing_secret_is_named_in_the_status_and_an_event():
+    rec, clock = controller()
+    rec.store.observe_ftj("MODIFIED", ftj(11, {"phase": "Pending", "layout": {"pods": 1, "totalGpus": 1}}))
+    rec.objects.rv = 11
+    rec.store.observe_job("ADDED", the_job())
+    rec.store.observe_pod("ADDED", {
+        "metadata": {"name": "demo-trainer-0-x", "namespace": NS, "uid": "pod-uid", "resourceVersion": "13",
+                     "ownerReferences": [{"kind": "Job", "name": "demo-trainer", "uid": "job-uid", "controller": True}]},
+        "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+            "reason": "CreateContainerConfigError", "message": 'secret "hf-token" not found'}}}]}})
+    status = rec.process(KEY).decision.status
+    assert status["reason"] == R.CONTAINER_NOT_STARTING
+    assert 'secret "hf-token" not found' in status["message"]
+    assert [(e["type"], e["reason"]) for e in rec.children.events] == [("Warning", R.CONTAINER_NOT_STARTING)]
