@@ -31,6 +31,33 @@ class NotOwned(Exception):
         self.kind, self.name, self.owner = kind, name, owner
 
 
+class ChildRejected(Exception):
+    """The apiserver refused a child with a client error that retrying the same request cannot fix."""
+
+    def __init__(self, kind: str, name: str, code: int, detail: str) -> None:
+        super().__init__(f"the apiserver refused {kind} {name} ({code}): {detail}")
+        self.kind, self.name, self.code, self.detail = kind, name, code, detail
+
+    @property
+    def terminating_namespace(self) -> bool:
+        """Whether the refusal is only the namespace being deleted (nothing to report)."""
+        return self.code == 403 and "because it is being terminated" in self.detail
+
+    @classmethod
+    def from_api(cls, obj: dict[str, Any], exc: ApiException) -> "ChildRejected | None":
+        """The refusal of `obj`, or None when `exc` is not a client error to report (conflicts, throttling,
+        server errors are retried instead)."""
+        code = int(exc.status or 0)
+        if not 400 <= code < 500 or code in (408, 409, 429):
+            return None
+        detail = exc.reason or ""
+        try:
+            detail = json.loads(exc.body or "{}").get("message") or detail
+        except (TypeError, ValueError):
+            pass
+        return cls(obj.get("kind", "object"), (obj.get("metadata") or {}).get("name", ""), code, str(detail))
+
+
 class ChildClient:
     """Reads and writes the ConfigMap, Service, Job and pods of FineTuneJobs."""
 

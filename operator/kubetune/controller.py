@@ -34,11 +34,11 @@ from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
 from kubetune.builders import METRICS_PORT, BuildConfig, JobRef, build_children, spec_hash
 from kubetune.child_watch import ChildWatch, child_watches
-from kubetune.children import ChildClient, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
+from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
 from kubetune.expectations import Expectations
 from kubetune.metrics import OperatorMetrics
 from kubetune.progress import ProgressPoller
-from kubetune.reconcile import (CREATE, FOLLOW, Decision, Observed, decide, decide_not_owned, iso, parse_time, phase_of,
+from kubetune.reconcile import (CREATE, FOLLOW, Decision, Observed, decide, decide_child_rejected, decide_not_owned, iso, parse_time, phase_of,
                                 status_changed, still_acting)
 from kubetune.sizing.fleet_sizer import FleetSizer
 from kubetune.status import checked_status
@@ -101,6 +101,7 @@ class Reconciler:
         self._watches: list[ChildWatch] = []
         self._workers: list[threading.Thread] = []
         self._resync_stop = threading.Event()
+        self._terminating_logged: set[str] = set()
         self._resync: threading.Thread | None = None
 
     # --- triggers ------------------------------------------------------------------------------------
@@ -266,6 +267,16 @@ class Reconciler:
             log.warning("%s/%s: %s", ns, name, exc)
             decision = decide_not_owned(generation=generation, status=status, kind=exc.kind, child=exc.name,
                                         owner=exc.owner, now=now, retry_seconds=cfg.sizing_retry_seconds)
+        except ChildRejected as exc:
+            if exc.terminating_namespace:
+                if ns not in self._terminating_logged:
+                    self._terminating_logged.add(ns)
+                    log.info("namespace %s is being deleted: nothing to do for its FineTuneJobs", ns)
+                return PassResult(None)
+            log.warning("%s/%s: %s", ns, name, exc)
+            decision = decide_child_rejected(generation=generation, status=status, kind=exc.kind, child=exc.name,
+                                             code=exc.code, detail=exc.detail, now=now,
+                                             retry_seconds=cfg.sizing_retry_seconds)
         if status_changed(status, decision.status):
             self._patch_status(key, obj, decision.status)
         for etype, reason, message in decision.events:
@@ -291,7 +302,13 @@ class Reconciler:
         ns, name = key
         for action in decision.actions:
             if action.kind == "apply" and action.obj is not None:
-                result, _ = self.children.apply(action.obj)
+                try:
+                    result, _ = self.children.apply(action.obj)
+                except ApiException as exc:
+                    rejected = ChildRejected.from_api(action.obj, exc)
+                    if rejected is None:
+                        raise
+                    raise rejected from exc
                 log.info("%s/%s: %s %s %s", ns, name, result, action.obj["kind"], action.obj["metadata"]["name"])
                 if action.obj["kind"] == "Job":
                     self.expectations.expect_job(uid)

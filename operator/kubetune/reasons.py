@@ -26,6 +26,7 @@ JOB_FAILED = "JobFailed"
 JOB_MISSING = "JobMissing"
 TTL_EXPIRED = "TTLExpired"
 CONTAINER_NOT_STARTING = "TrainerContainerNotStarting"  # e.g. a missing Secret, an image that cannot be pulled
+CHILD_REJECTED = "ChildRejected"  # the apiserver refused a child (invalid, forbidden, over quota)
 CHILD_NOT_OWNED = "ChildNotOwned"  # a child name is taken by an object this FineTuneJob does not own
 PROGRESS_UNREACHABLE = "ProgressUnreachable"
 

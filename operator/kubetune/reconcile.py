@@ -511,19 +511,37 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     return p.finish()
 
 
+def decide_blocked(*, generation: int, status: dict[str, Any], reason: str, message: str, now: dt.datetime,
+                   retry_seconds: float) -> Decision:
+    """The pass could not carry out its actions for a reason the user must fix: say so in the status, the
+    conditions and an Event, and try again later."""
+    p = _Pass(status, generation, now)
+    p.set_phase(p.old_phase if p.old_phase in ("Pending", "Queued", "Suspended") else "Pending", reason, message,
+                warning=True)
+    p.cond(C.RUNNING, False, reason, message)
+    p.cond(C.READY, False, reason, message)
+    p.out.retry_after = retry_seconds
+    return p.finish()
+
+
 def decide_not_owned(*, generation: int, status: dict[str, Any], kind: str, child: str, owner: str,
                      now: dt.datetime, retry_seconds: float) -> Decision:
     """A child name this FineTuneJob needs is taken by an object it does not own: say so and wait (never
     adopt it, never patch it)."""
-    p = _Pass(status, generation, now)
     held = f"owned by {owner}" if owner else "owned by nothing (orphaned)"
     message = (f"a {kind} named {child!r} already exists and is {held}, not by this FineTuneJob; "
                f"delete it (or rename this FineTuneJob) and the trainer starts")
-    p.set_phase("Pending", R.CHILD_NOT_OWNED, message, warning=True)
-    p.cond(C.RUNNING, False, R.CHILD_NOT_OWNED, message)
-    p.cond(C.READY, False, R.CHILD_NOT_OWNED, message)
-    p.out.retry_after = retry_seconds
-    return p.finish()
+    return decide_blocked(generation=generation, status=status, reason=R.CHILD_NOT_OWNED, message=message,
+                          now=now, retry_seconds=retry_seconds)
+
+
+def decide_child_rejected(*, generation: int, status: dict[str, Any], kind: str, child: str, code: int,
+                          detail: str, now: dt.datetime, retry_seconds: float) -> Decision:
+    """The apiserver refused to create or change a child (e.g. 422 Invalid, 403 Forbidden by a policy or
+    a quota): its own words go into the status and an Event."""
+    message = f"the apiserver refused the {kind} {child!r} ({code}): {detail}"
+    return decide_blocked(generation=generation, status=status, reason=R.CHILD_REJECTED, message=message,
+                          now=now, retry_seconds=retry_seconds)
 
 
 def still_acting(status: dict[str, Any], ttl_seconds: int) -> bool:

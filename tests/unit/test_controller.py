@@ -226,3 +226,37 @@ def test_a_missing_secret_is_named_in_the_status_and_an_event():
     assert status["reason"] == R.CONTAINER_NOT_STARTING
     assert 'secret "hf-token" not found' in status["message"]
     assert [(e["type"], e["reason"]) for e in rec.children.events] == [("Warning", R.CONTAINER_NOT_STARTING)]
+
+
+def _api_error(code: int, message: str) -> ApiException:
+    exc = ApiException(status=code, reason="Unprocessable Entity" if code == 422 else "Forbidden")
+    exc.body = json.dumps({"kind": "Status", "message": message})
+    return exc
+
+
+def test_a_child_the_apiserver_refuses_becomes_status_and_an_event():
+    rec, clock = controller()
+    message = 'Job.batch "x-trainer" is invalid: spec.template.labels: Invalid value: must be no more than 63 characters'
+
+    def refuse(obj):
+        raise _api_error(422, message)
+    rec.children.apply = refuse
+    status = rec.process(KEY).decision.status
+    assert status["reason"] == R.CHILD_REJECTED and "63 characters" in status["message"] and "422" in status["message"]
+    assert [e["reason"] for e in rec.children.events] == [R.CHILD_REJECTED]
+    assert rec.queue.failures(KEY) == 0 and rec.queue.delayed()[KEY] == pytest.approx(45.0)
+
+
+def test_a_terminating_namespace_is_nothing_to_do(caplog):
+    rec, clock = controller()
+
+    def refuse(obj):
+        raise _api_error(403, 'configmaps "demo-plan" is forbidden: unable to create new content in namespace '
+                              'team because it is being terminated')
+    rec.children.apply = refuse
+    with caplog.at_level("INFO", logger="kubetune.operator"):
+        assert rec.process(KEY).decision is None
+        assert rec.process(KEY).decision is None
+    assert not rec.objects.patches and not rec.children.events
+    assert sum("being deleted" in r.message for r in caplog.records) == 1
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
