@@ -28,8 +28,13 @@ MEMO_LIMIT = 512
 
 
 def sizing_key(spec: FineTuneJobSpec) -> str:
-    """The memo key of a spec: its sizing fields, defaults applied, as canonical JSON."""
-    return json.dumps(spec.model_dump(include=set(SIZING_FIELDS), mode="json"), sort_keys=True)
+    """The memo key of a spec: its sizing fields, defaults applied (an omitted lora/quantization block
+    counts as its defaults, as the sizer reads it), as canonical JSON."""
+    fields = spec.model_dump(include=set(SIZING_FIELDS), mode="json")
+    lora, quant = spec.effective_lora(), spec.effective_quantization()
+    fields["lora"] = lora.model_dump(mode="json") if lora is not None else None
+    fields["quantization"] = quant.model_dump(mode="json") if quant is not None else None
+    return json.dumps(fields, sort_keys=True)
 
 
 class FleetSizer:

@@ -85,23 +85,17 @@ def layout_from_resources(spec: FineTuneJobSpec) -> Layout:
 
 def layout_from_decision(decision: SizingDecision, spec: FineTuneJobSpec) -> Layout:
     """The layout chosen by a sizing decision (docs/contracts.md §8)."""
-    dist = decision.distributed
+    par = decision.parallelism
     gpus = decision.gpus_per_pod
     pods = max(decision.pods, 1)
-    strategy = str(dist.get("strategy") or "auto")
-    stage = int(dist.get("zeroStage") or 0)
-    if strategy not in ("none", "ddp", "deepspeed"):
-        strategy, stage = resolve_strategy(spec, gpus, pods)
-    if strategy == "deepspeed" and stage == 0:
-        stage = 2
+    strategy, stage = par.strategy, par.zero
     selector = dict(decision.node_selector)
     product = decision.gpu_product
     if gpus > 0 and product and GPU_PRODUCT_LABEL not in selector:
         selector[GPU_PRODUCT_LABEL] = product
     return Layout(gpu_type=product if gpus > 0 else "", gpus_per_pod=gpus, pods=pods,
                   strategy=strategy, zero_stage=stage,
-                  offload_optimizer=bool(dist.get("offloadOptimizer", False)),
-                  offload_params=bool(dist.get("offloadParams", False)),
+                  offload_optimizer=par.offload_optimizer, offload_params=par.offload_params,
                   node_selector=selector, source="sizer",
                   gpu_memory_bytes=decision.gpu_memory_bytes)
 

@@ -32,8 +32,7 @@ class SizingDecision:
     gpus_per_pod: int = 0
     pods: int = 0
     gpu_memory_bytes: int = 0
-    distributed: dict[str, Any] = field(default_factory=lambda: {
-        "strategy": "none", "zeroStage": 0, "offloadOptimizer": False, "offloadParams": False})
+    parallelism: Parallelism = field(default_factory=Parallelism)  # resolved strategy over total_gpus
     node_selector: dict[str, str] = field(default_factory=dict)
     message: str = ""
     suggestion: str = ""
@@ -50,6 +49,13 @@ class SizingDecision:
     def total_gpus(self) -> int:
         """GPUs across all pods."""
         return self.gpus_per_pod * self.pods
+
+    @property
+    def distributed(self) -> dict[str, Any]:
+        """The resolved strategy as the plan/status block: strategy, zeroStage, offloadOptimizer, offloadParams."""
+        par = self.parallelism
+        return {"strategy": par.strategy, "zeroStage": par.zero, "offloadOptimizer": par.offload_optimizer,
+                "offloadParams": par.offload_params}
 
     @property
     def usable_bytes(self) -> int:
@@ -298,7 +304,7 @@ def size_job(spec: FineTuneJobSpec, fleet: Fleet, headroom: float = DEFAULT_HEAD
                   f"fits {best.n} x {best.pool.product} ({gib(usable)} GiB usable each)")
         return SizingDecision(
             fits=True, **base, gpu_product=best.pool.product, gpus_per_pod=best.gpus_per_pod, pods=best.pods,
-            gpu_memory_bytes=best.pool.memory_bytes, distributed=_dist(best.par),
+            gpu_memory_bytes=best.pool.memory_bytes, parallelism=best.par,
             node_selector={PRODUCT_LABEL: best.pool.product}, estimate=e, reason=reason,
             message=f"{reason}. Breakdown: {_brief(e)}",
         )
@@ -323,11 +329,6 @@ def size_job(spec: FineTuneJobSpec, fleet: Fleet, headroom: float = DEFAULT_HEAD
     decision = SizingDecision(fits=False, **base, estimate=est, reason=reason, message=message,
                               gpu_memory_bytes=closest.pool.memory_bytes if closest else 0)
     return _with_suggestion(decision, spec, fleet, headroom, config) if suggest else decision
-
-
-def _dist(par: Parallelism) -> dict[str, Any]:
-    return {"strategy": par.strategy, "zeroStage": par.zero, "offloadOptimizer": par.offload_optimizer,
-            "offloadParams": par.offload_params}
 
 
 def _brief(e: MemoryEstimate) -> str:
@@ -487,9 +488,7 @@ def _with_suggestion(decision: SizingDecision, spec: FineTuneJobSpec, fleet: Fle
             continue
         if d.fits and d.device == "gpu":
             where = f"{d.total_gpus} x {d.gpu_product}"
-            strategy = Parallelism(d.distributed["strategy"], d.distributed["zeroStage"],
-                                   d.distributed["offloadOptimizer"], d.distributed["offloadParams"],
-                                   d.total_gpus).describe()
+            strategy = d.parallelism.describe()
             decision.suggestion = (f"{text}: then it needs {gib(d.estimate.total if d.estimate else 0)} GiB per GPU "
                                    f"on {where} ({strategy})")
             decision.suggestion_patch = patch

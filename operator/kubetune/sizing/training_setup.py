@@ -23,7 +23,7 @@ def resolve_precision(spec: FineTuneJobSpec, bf16_capable: bool = True) -> str:
 def setup_from_spec(spec: FineTuneJobSpec, bf16_capable: bool = True, precision: str | None = None) -> TrainingSetup:
     """The TrainingSetup the estimator needs, read from a FineTuneJob spec."""
     training = spec.training
-    lora = spec.lora or LoraSpec()  # full fine-tuning: unused, the estimator ignores LoRA settings
+    lora = spec.effective_lora() or LoraSpec()  # full fine-tuning: unused, the estimator ignores LoRA settings
     quant = spec.effective_quantization()
     return TrainingSetup(
         method=spec.method,
