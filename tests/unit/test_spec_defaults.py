@@ -176,3 +176,22 @@ def test_a_spec_with_only_the_required_fields_gets_the_crd_defaults():
         field = _field(path)
         assert TypeAdapter(field.annotation).validate_python(holder[key]) == \
             TypeAdapter(field.annotation).validate_python(default), path
+
+
+def test_the_contract_sample_shows_the_defaults():
+    """docs/contracts.md §1 lists every spec field with its default; it must not drift from the CRD."""
+    text = (CRD.parents[1] / "docs" / "contracts.md").read_text()
+    section = text.split("## 1.", 1)[1].split("\n## ", 1)[0]
+    sample = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])["spec"]
+    shown = 0
+    for path, default in CRD_DEFAULTS.items():
+        holder: Any = sample
+        for part in path.split("."):
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if holder is None or isinstance(default, dict):
+            continue  # not in the sample, or a whole-block default (its fields are checked one by one)
+        field = _field(path)
+        assert TypeAdapter(field.annotation).validate_python(holder) == \
+            TypeAdapter(field.annotation).validate_python(default), f"docs/contracts.md §1 spec.{path}: {holder!r}"
+        shown += 1
+    assert shown > 40
