@@ -68,12 +68,14 @@ class FleetSizer:
         """The layout for this spec on the current snapshot (a private copy: callers may change it)."""
         nodes, fleet, memo = self._snapshot()
         key = sizing_key(spec)
-        with self._lock:
+        with self._lock:  # the counters too: jobs are sized from the reconcile thread pool
             hit = memo.get(key)
+            if hit is not None:
+                self.hits += 1
+            else:
+                self.misses += 1
         if hit is not None:
-            self.hits += 1
             return copy.deepcopy(hit)
-        self.misses += 1
         outcome = size_job_layout(spec, nodes, fleet=fleet)
         with self._lock:
             if len(memo) >= MEMO_LIMIT:
