@@ -42,11 +42,34 @@ def test_readme_estimate_commands_run(line):
     assert "GiB" in result.stdout or "GB" in result.stdout, result.stdout
 
 
-def test_readme_links_exist():
-    for target in re.findall(r"\]\(([^)#]+)\)", README):
-        if target.startswith("http"):
+# Markdown files a user or contributor reads from a clone: their relative links must land inside the repository.
+DOCS = ["README.md", "docs/architecture.md", "docs/contracts.md", "devcluster/README.md", "bench/README.md"]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_doc_links_exist_in_the_repository(doc):
+    path = ROOT / doc
+    for target in re.findall(r"\]\(([^)#]+)\)", path.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
             continue
-        assert (ROOT / target).exists(), target
+        resolved = (path.parent / target).resolve()
+        assert resolved.is_relative_to(ROOT), f"{doc} links {target}, outside the repository"
+        assert resolved.exists(), f"{doc} links {target}, which does not exist"
+
+
+def test_readme_links_the_architecture_and_the_contracts():
+    links = re.findall(r"\]\(([^)#]+)\)", README)
+    assert "docs/architecture.md" in links and "docs/contracts.md" in links, links
+
+
+def test_architecture_starts_with_the_map_of_every_top_level_folder():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    first_section = text.split("\n## ", 2)[1]
+    assert first_section.startswith("The map"), first_section[:40]
+    mapped = set(re.findall(r"^\| `([^`/]+)/", first_section, re.M))
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    folders = {f.split("/", 1)[0] for f in tracked if "/" in f and not f.startswith(".")}
+    assert folders <= mapped, f"folders missing from the map: {sorted(folders - mapped)}"
 
 
 def _helm_lines() -> list[str]:
