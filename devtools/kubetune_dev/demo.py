@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = Demo(args, out=lambda text: print(text, flush=True))
     code = 1
     try:
-        demo.say(f"kubetune demo: {_rel(args.manifest)} on a local control plane (work dir {demo.work_dir})")
+        demo.say(f"kubetune-dev demo: {_rel(args.manifest)} on a local control plane (work dir {demo.work_dir})")
         demo.start_cluster()
         paths = demo.prepare_data(manifest)
         demo.start_operator()
