@@ -52,6 +52,12 @@ def _apply(cluster, namespace: str, obj: dict, *extra: str):
 
 QLORA = _with("quantization", {"bits": 4}, _with("method", "qlora"))
 
+
+def _named(name: str) -> dict:
+    obj = copy.deepcopy(VALID)
+    obj["metadata"]["name"] = name
+    return obj
+
 # (case id, manifest, substrings the apiserver's error must contain)
 INVALID = [
     ("missing-model", _with("model", None), ["spec.model", "Required"]),
@@ -72,6 +78,8 @@ INVALID = [
     ("seq-length-too-small", _with("training", {"epochs": 1, "maxSeqLength": 8}), ["spec.training.maxSeqLength"]),
     ("learning-rate-text", _with("training", {"epochs": 1, "learningRate": "fast"}), ["spec.training.learningRate"]),
     ("learning-rate-float-type", _with("training", {"epochs": 1, "learningRate": 0.0002}), ["spec.training.learningRate"]),
+    ("name-too-long", _named("n" * 53), ["metadata.name must be at most 52 characters"]),
+    ("name-with-dot", _named("llama.v2"), ["metadata.name must not contain '.'"]),
     ("eval-split-range", _with("dataset.evalSplit", 0.9), ["spec.dataset.evalSplit"]),
     ("lora-rank-zero", _with("lora", {"r": 0}), ["spec.lora.r"]),
     ("lora-dropout-one", _with("lora", {"dropout": 1.0}), ["spec.lora.dropout"]),
@@ -93,6 +101,27 @@ def test_invalid_spec_is_rejected_naming_the_field(cluster, namespace, case, man
     assert result.returncode != 0, f"{case}: the apiserver accepted an invalid spec"
     for needle in needles:
         assert needle in result.stderr, f"{case}: {needle!r} not in the apiserver's error:\n{result.stderr}"
+
+
+def test_the_longest_name_gives_children_the_apiserver_accepts(cluster, namespace):
+    """A 52-character name (the CRD's bound) gives children whose names and pod hostnames fit in 63."""
+    manifest = _named("n" * 52)
+    result = _apply(cluster, namespace, manifest)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(cluster.kubectl("get", "ftj", "n" * 52, "-n", namespace, "-o", "json").stdout)["spec"]
+    from kubetune.api import parse_spec
+    from kubetune.builders import BuildConfig, JobRef, build_children
+    from kubetune.sizing.layout import layout_from_resources
+    spec = parse_spec(got)
+    children = build_children(JobRef("n" * 52, namespace, "00000000-0000-0000-0000-000000000001"), got, spec,
+                              layout_from_resources(spec), BuildConfig())
+    for child in children:
+        meta = {k: v for k, v in child["metadata"].items() if k != "ownerReferences"}
+        result = cluster.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-",
+                                 input=json.dumps({**child, "metadata": meta}), check=False)
+        assert result.returncode == 0, f"{child['kind']}: {result.stderr}"
+    job = children[-1]
+    assert len(f"{job['metadata']['name']}-{job['spec']['completions'] - 1}") <= 63  # pod hostnames
 
 
 def test_valid_spec_gets_defaults(cluster, namespace):
