@@ -74,7 +74,7 @@ install_env() {
 smoke() {
     "$py" - <<'EOF'
 import importlib, sys
-mods = ["torch", "transformers", "accelerate", "peft", "trl", "bitsandbytes", "datasets", "liger_kernel",
+mods = ["torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets", "liger_kernel",
         "deepspeed", "pydantic", "yaml", "kubetune.sizing", "kubetune.builders", "kubetune_trainer.recipe"]
 bad = 0
 for name in mods:

@@ -4,7 +4,7 @@
 
 The device machine (see scripts/gpu-checks.sh) runs Python 3.12 with PyTorch, transformers, accelerate
 and many other packages preinstalled, and can fetch nothing. This downloads, for CPython 3.12 on
-manylinux x86-64, the trainer's pinned packages it lacks (trl, bitsandbytes, datasets, peft, liger-kernel,
+manylinux x86-64, the trainer's pinned packages it lacks (bitsandbytes, datasets, peft, liger-kernel,
 pydantic, DeepSpeed as a source archive) and then, until nothing is missing, every requirement of those
 that is neither downloaded nor in the image: pip installs them there with --no-deps, so a missing one
 would only show as an ImportError on the GPU, in device time. It fails when something cannot be found or
@@ -63,7 +63,7 @@ DEVICE_VERSIONS = {"torch": "2.11.0", "transformers": "5.17.0", "accelerate": "1
 
 # What the GPU checks import that the image lacks, or has at a version that may differ from our pin
 # (peft): pinned as in trainer_image/requirements.txt and pyproject.toml.
-CARRY_PINNED = ("trl", "bitsandbytes", "datasets", "peft", "liger-kernel", "pydantic")
+CARRY_PINNED = ("bitsandbytes", "datasets", "peft", "liger-kernel", "pydantic")
 SOURCE_ONLY = {"deepspeed"}  # no wheel on the index: carried as its source archive, built there
 EXTRA_PINS = ("deepspeed==0.19.8",)
 # transformers is in the image (5.17 when last read) and too large (13 MB) to carry beside
