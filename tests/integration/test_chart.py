@@ -271,7 +271,8 @@ def crd_only_chart(directory: Path, crd: dict[str, Any]) -> Path:
     directory.mkdir()
     (directory / "Chart.yaml").write_text((CHART / "Chart.yaml").read_text())
     (directory / "crds").mkdir()
-    (directory / "crds" / "crd.yaml").write_text(yaml.safe_dump(crd))
+    # JSON (which is YAML): PyYAML writes strings such as 2e-4 unquoted, and Go's YAML reads them back as numbers.
+    (directory / "crds" / "crd.yaml").write_text(json.dumps(crd, indent=1))
     return directory
 
 
