@@ -165,7 +165,7 @@ def test_two_pod_job_rendezvouses_over_the_headless_service(cluster, ftj, ws):
     # Each pod's log shows it joined a world of 2 processes through the rank-0 pod's Service name.
     logs = []
     for pod in pods:
-        out = subprocess.run([sys.executable, "-m", "kubetune", "node", "logs", "--kubeconfig",
+        out = subprocess.run([sys.executable, "-m", "kubetune_dev", "node", "logs", "--kubeconfig",
                               str(cluster.kubeconfig), f"{ws.namespace}/{pod.metadata.name}"],
                              capture_output=True, text=True, timeout=60)
         logs.append(out.stdout + out.stderr)

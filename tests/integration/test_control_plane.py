@@ -256,7 +256,7 @@ def _processes_mentioning(text: str) -> list[str]:
 @pytest.mark.parametrize("how", ["ctrl-c", "cluster-down", "kill-9"])
 def test_stopping_cluster_up_leaves_no_process(tmp_path, how):
     env_file = tmp_path / "env"
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "cluster", "up", "--nodes", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune_dev", "cluster", "up", "--nodes", "1",
                              "--process-nodes", "1", "--data-root", str(tmp_path / "data"),
                              "--env-file", str(env_file), "--work-dir", str(tmp_path / "work")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -282,7 +282,7 @@ def test_stopping_cluster_up_leaves_no_process(tmp_path, how):
             proc.send_signal(signal.SIGINT)
             assert proc.wait(60) == 0
         elif how == "cluster-down":
-            down = subprocess.run([sys.executable, "-m", "kubetune.cli", "cluster", "down", "--env-file", str(env_file)],
+            down = subprocess.run([sys.executable, "-m", "kubetune_dev", "cluster", "down", "--env-file", str(env_file)],
                                   capture_output=True, text=True, timeout=90)
             assert down.returncode == 0, down.stderr
             assert proc.wait(10) == 0

@@ -93,7 +93,7 @@ def cluster_cli_logs(cluster, namespace: str, pod: str) -> str:
     """`kubetune-dev node logs ns/pod` output."""
     import subprocess
     import sys
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "node", "logs", f"{namespace}/{pod}",
+    result = subprocess.run([sys.executable, "-m", "kubetune_dev", "node", "logs", f"{namespace}/{pod}",
                              "--kubeconfig", str(cluster.kubeconfig)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
