@@ -51,8 +51,8 @@ def test_dist_name(file, name):
 
 @pytest.mark.unit
 def test_requirements_left_to_carry_skip_the_image_extras_and_other_platforms(tmp_path):
-    wheel(tmp_path, "trl", "1.16.0", ["torch>=2", "dill<0.5", 'rich; extra == "cli"',
-                                      'pywin32; sys_platform == "win32"', 'tomli; python_version < "3.11"'])
+    wheel(tmp_path, "datasets", "5.2.0", ["torch>=2", "dill<0.5", 'rich; extra == "cli"',
+                                           'pywin32; sys_platform == "win32"', 'tomli; python_version < "3.11"'])
     sdist(tmp_path, "deepspeed", "0.19.8", ["hjson", "numpy", "pydantic>=2"])
     wheel(tmp_path, "pydantic", "2.14.3", [])
     missing = gw.missing_requirements(tmp_path)
@@ -61,9 +61,9 @@ def test_requirements_left_to_carry_skip_the_image_extras_and_other_platforms(tm
 
 @pytest.mark.unit
 def test_known_image_versions_are_checked(tmp_path):
-    wheel(tmp_path, "trl", "9.0", ["transformers>=6.0", "accelerate>=1.0"])
+    wheel(tmp_path, "peft", "9.0", ["transformers>=6.0", "accelerate>=1.0"])
     assert gw.version_conflicts(tmp_path) == [
-        f"trl needs transformers>=6.0, the image has transformers {gw.DEVICE_VERSIONS['transformers']}"]
+        f"peft needs transformers>=6.0, the image has transformers {gw.DEVICE_VERSIONS['transformers']}"]
     wheel(tmp_path, "transformers", "6.1.0", [])  # carrying it resolves the conflict
     assert gw.version_conflicts(tmp_path) == []
 
