@@ -92,6 +92,10 @@ class TrainingSpec(_Model):
     attention_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     torch_compile: bool = False
     liger_kernels: bool = False
+    # Memory features, same rule (absent = the value shown; kubetune_trainer documents each default).
+    master_weights: Literal["auto", "fp32", "none"] = "auto"
+    optimizer_in_backward: bool | None = None  # None = auto
+    activation_offloading: bool = False
 
     @field_validator("learning_rate", mode="before")
     @classmethod

@@ -30,7 +30,8 @@ LIFECYCLE_FIELDS = ("suspend", "cancel", "ttlSecondsAfterFinished")
 # spec.training fields added after the first release, with their defaults. The plan carries them only when they
 # differ, so plans of jobs that do not use them stay readable by older trainer images (which reject unknown keys).
 SPEED_FIELD_DEFAULTS: dict[str, Any] = {"attentionImplementation": "auto", "torchCompile": False,
-                                        "ligerKernels": False}
+                                        "ligerKernels": False, "masterWeights": "auto", "optimizerInBackward": None,
+                                        "activationOffloading": False}
 
 
 @dataclasses.dataclass(frozen=True)

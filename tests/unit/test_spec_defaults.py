@@ -27,6 +27,8 @@ NO_CRD_DEFAULT = {
     "training.attentionImplementation": "speed feature: absent means the trainer's default",
     "training.torchCompile": "speed feature: absent means off",
     "training.ligerKernels": "speed feature: absent means off",
+    "training.masterWeights": "memory feature: absent means auto (the trainer decides)",
+    "training.activationOffloading": "memory feature: absent means off",
     "quantization.bits": "required by a CEL rule (bits: 4 for qlora), never defaulted",
 }
 HINTS = "model.architecture."  # model hints: 0/empty means "not given", the CRD leaves them unset

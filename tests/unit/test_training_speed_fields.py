@@ -51,7 +51,7 @@ def test_crd_declares_the_fields_without_defaults_and_with_the_typed_enums():
     operator_values = typing.get_args(TrainingSpec.model_fields["attention_implementation"].annotation)
     trainer_values = typing.get_args(TrainingPlan.model_fields["attention_implementation"].annotation)
     assert props["attentionImplementation"]["enum"] == list(operator_values) == list(trainer_values)
-    assert set(SPEED_FIELD_DEFAULTS) == set(FIELDS)
+    assert set(FIELDS) <= set(SPEED_FIELD_DEFAULTS)  # the memory fields: test_training_memory_fields.py
     assert "flash_attention_2" in operator_values
 
 
