@@ -30,12 +30,49 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def in_backward_problem(*, strategy: str, grad_accum: int, max_grad_norm: float, precision: str) -> str:
+    """Why the optimizer cannot step inside backward for this run ('' when it can, with the same result)."""
+    if strategy == "deepspeed":
+        return "DeepSpeed runs the optimizer step itself"
+    if strategy == "ddp":
+        return "DDP all-reduces gradients after the per-parameter hooks would already have used them"
+    if grad_accum > 1:
+        return "gradientAccumulationSteps > 1 sums gradients over micro-batches before the step"
+    if max_grad_norm > 0:
+        return "maxGradNorm > 0 needs the norm of all gradients before any parameter is updated"
+    if precision == "fp16":
+        return "fp16 loss scaling checks every gradient for inf/NaN before the step"
+    return ""
+
+
+def resolve_optimizer_in_backward(requested: bool | None, problem: str) -> bool:
+    """None (auto) → on exactly when nothing prevents it; true where it cannot run → PlanError naming why."""
+    if requested is None:
+        return not problem
+    if requested and problem:
+        from kubetune_trainer.errors import PlanError
+
+        raise PlanError(f"training.optimizerInBackward: {problem}; leave it unset (auto) or false")
+    return bool(requested)
+
+
+def _offloading(enabled: bool, device: torch.device):
+    """Saved activations go to (pinned, on CUDA) CPU memory during forward and come back for backward."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
 class NativeEngine:
     """Plain torch (single process) or DistributedDataParallel, manual gradient accumulation."""
 
     def __init__(self, model, optimizer, scheduler, *, device: torch.device, precision: str,
-                 grad_accum: int, max_grad_norm: float, distributed: bool, rank: int) -> None:
+                 grad_accum: int, max_grad_norm: float, distributed: bool, rank: int,
+                 train_module: torch.nn.Module | None = None, optimizer_in_backward: bool = False,
+                 activation_offloading: bool = False) -> None:
         self.raw_model = model
+        self.train_module = model if train_module is None else train_module
+        self.activation_offloading = activation_offloading
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = device
@@ -44,14 +81,33 @@ class NativeEngine:
         self.max_grad_norm = max_grad_norm
         self.rank = rank
         self.is_writer = rank == 0
-        self.model = model
+        self.model = self.train_module
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=ids)
+            self.model = DistributedDataParallel(self.train_module, device_ids=ids)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer_in_backward = optimizer_in_backward
+        self._sq_norm = torch.zeros((), dtype=torch.float32, device=device)
+        self._hooks = []
+        if optimizer_in_backward:
+            if distributed or self.scaler is not None or grad_accum != 1 or max_grad_norm > 0:
+                raise ValueError("optimizer in backward needs one process, no loss scaling, no gradient "
+                                 "accumulation and no clipping")
+            self._hooks = [p.register_post_accumulate_grad_hook(self._step_parameter) for p in self._params]
+
+    def _step_parameter(self, param: torch.Tensor) -> None:
+        """Optimizer-in-backward: update `param` as soon as its gradient is complete, then free the gradient.
+
+        Every other parameter's gradient is None at this moment (each was stepped and freed by its own hook),
+        so the optimizer's step touches this parameter only; its state lives in the one optimizer as usual
+        (checkpoints and the LR schedule are unchanged).
+        """
+        self._sq_norm += param.grad.detach().float().pow(2).sum()
+        self.optimizer.step()
+        param.grad = None
 
     def train(self, mode: bool = True) -> None:
         """Switch train/eval mode."""
@@ -65,7 +121,7 @@ class NativeEngine:
 
     def forward(self, batch: dict):
         """Model outputs for a batch."""
-        with _autocast(self.device, self.precision):
+        with _autocast(self.device, self.precision), _offloading(self.activation_offloading, self.device):
             return self.model(**batch)
 
     def backward(self, loss) -> None:
@@ -76,10 +132,15 @@ class NativeEngine:
     def eval_forward(self, batch: dict):
         """Forward without gradients (no DDP wrapper needed)."""
         with _autocast(self.device, self.precision):
-            return self.raw_model(**batch)
+            return self.train_module(**batch)
 
     def step(self) -> float:
         """Clip, optimizer step, LR step, zero grads; returns the pre-clip gradient norm."""
+        if self.optimizer_in_backward:  # every parameter was stepped during backward
+            norm = float(self._sq_norm.sqrt())
+            self._sq_norm.zero_()
+            self.scheduler.step()
+            return norm
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm > 0:
@@ -152,16 +213,21 @@ class NativeEngine:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 1-3 (optionally offloaded) around the client optimizer; LR schedule stepped here."""
 
-    def __init__(self, model, optimizer, scheduler, *, config: dict[str, Any], rank: int) -> None:
+    def __init__(self, model, optimizer, scheduler, *, config: dict[str, Any], rank: int,
+                 train_module: torch.nn.Module | None = None) -> None:
         import deepspeed
 
         self.raw_model = model
+        self.train_module = model if train_module is None else train_module
+        # Parameter names inside DeepSpeed carry the wrapper's prefix ("model.") when a loss wrapper is used.
+        self._prefix = "" if self.train_module is model else "model."
         self.scheduler = scheduler
         self.rank = rank
         self.is_writer = rank == 0
         self.config = config
         self.zero_stage = int(config["zero_optimization"]["stage"])
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=self.train_module, optimizer=optimizer,
+                                                                config=config)
         self.device = self.model.device
         self.precision = "bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"] else "fp32"
         self._frozen = any(not p.requires_grad for p in model.parameters())
@@ -231,5 +297,8 @@ class DeepSpeedEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights for export: gathered under ZeRO-3 (collective), else None (the module holds them)."""
         if self.zero_stage == 3:
-            return self.model._zero3_consolidated_16bit_state_dict()
+            state = self.model._zero3_consolidated_16bit_state_dict()
+            if state is None or not self._prefix:
+                return state
+            return {name.removeprefix(self._prefix): tensor for name, tensor in state.items()}
         return None

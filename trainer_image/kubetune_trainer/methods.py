@@ -57,11 +57,33 @@ def lora_target_modules(names: list[str]) -> str | list[str]:
     return list(names)
 
 
+def resolve_full_weights(requested: str, *, method: str, precision: str, strategy: str) -> str:
+    """Dtype of the trainable weights of a full fine-tune: "bf16" (no fp32 master copy) or "fp32".
+
+    ``auto`` keeps the weights in bf16 when the run computes in bf16 outside DeepSpeed: 2 bytes per parameter
+    for weights and 2 for gradients instead of 4 + 4, no autocast copy of every linear weight, and a compensated
+    update rule (kubetune_trainer.optim) so small updates are not lost. DeepSpeed keeps its own fp32 master
+    partition under bf16, and fp16 needs fp32 weights for loss scaling, so those stay fp32.
+    """
+    if method != "full" or requested == "fp32":
+        return "fp32"
+    if requested == "none":
+        if precision != "bf16":
+            raise PlanError(f"training.masterWeights: none keeps the weights in bf16, but training.precision "
+                            f"resolved to {precision}; use precision bf16 or masterWeights auto/fp32")
+        if strategy == "deepspeed":
+            raise PlanError("training.masterWeights: none is not supported with distributed.strategy deepspeed "
+                            "(DeepSpeed keeps its own fp32 master weights); use auto or fp32")
+        return "bf16"
+    return "bf16" if precision == "bf16" and strategy != "deepspeed" else "fp32"
+
+
 def load_base_model(model_dir: str, plan: Plan, precision: str, device, quantize: bool | None = None,
-                    attn_implementation: str | None = None):
+                    attn_implementation: str | None = None, full_weights: str = "fp32"):
     """Load the base causal LM for the plan's method on `device` (QLoRA: quantized with bitsandbytes).
 
     `attn_implementation` (sdpa|eager|flash_attention_2) is passed to from_pretrained; None keeps its default.
+    `full_weights` (fp32|bf16, see resolve_full_weights) is the weight dtype of a full fine-tune.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -79,7 +101,8 @@ def load_base_model(model_dir: str, plan: Plan, precision: str, device, quantize
         # Frozen base weights may live in the compute dtype; adapters stay fp32 (peft upcasts them).
         kwargs["dtype"] = torch_dtype(precision)
     else:
-        kwargs["dtype"] = torch.float32  # full fine-tune: fp32 master weights, autocast for bf16/fp16
+        # Full fine-tune: fp32 weights with autocast for bf16/fp16, or bf16 weights (resolve_full_weights).
+        kwargs["dtype"] = torch.bfloat16 if full_weights == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not quantize:
         model.to(device)
@@ -94,13 +117,14 @@ def apply_method(model, plan: Plan):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     assert plan.lora is not None
-    if plan.method == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gc:
+    # QLoRA takes the LoRA path. peft's prepare_model_for_kbit_training is not used: besides freezing the base
+    # and enabling checkpointing (done here and by get_peft_model) it upcasts every non-quantized weight
+    # (embeddings, norms, lm_head) to fp32, which doubles those weights, turns the residual stream and MLP
+    # activations fp32 and keeps an extra bf16 copy of lm_head for backward. They stay in the compute dtype.
+    if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
@@ -136,12 +160,23 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(params: Iterable, training: TrainingPlan, *, ds_cpu_adam: bool = False):
-    """The plan's optimizer over `params` (torch AdamW/SGD or a bitsandbytes 8-bit/paged AdamW)."""
+def build_optimizer(params: Iterable, training: TrainingPlan, *, ds_cpu_adam: bool = False,
+                    bf16_weights: bool = False):
+    """The plan's optimizer over `params` (torch AdamW/SGD or a bitsandbytes 8-bit/paged AdamW).
+
+    With `bf16_weights` (a full fine-tune without fp32 master weights) the update rule compensates bf16
+    rounding: Kahan-summed AdamW/SGD (torch-optimi) or stochastic rounding around bitsandbytes (optim.py).
+    """
     import torch
+
+    from kubetune_trainer import optim
 
     lr, name = training.learning_rate, training.optimizer
     params = list(params)
+    if bf16_weights:
+        if name in optim.BNB_OPTIMIZERS:
+            return optim.bnb_optimizer(name, params, lr, bf16_weights=True)
+        return optim.compensated_optimizer(name, params, lr, training.weight_decay)
     if name == "adamw":
         if ds_cpu_adam:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -150,11 +185,7 @@ def build_optimizer(params: Iterable, training: TrainingPlan, *, ds_cpu_adam: bo
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
-    return cls(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    return optim.bnb_optimizer(name, params, lr, bf16_weights=False)
 
 
 def warmup_steps(training: TrainingPlan, total_steps: int) -> int:

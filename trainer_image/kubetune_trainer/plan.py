@@ -90,6 +90,10 @@ class TrainingPlan(_Model):
     attention_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     torch_compile: bool = False
     liger_kernels: bool = False
+    # Memory features (absent = the value shown). Where each applies: kubetune_trainer.methods / engine.
+    master_weights: Literal["auto", "fp32", "none"] = "auto"
+    optimizer_in_backward: bool | None = None  # None = auto: on where it is exact (engine.in_backward_problem)
+    activation_offloading: bool = False
 
     @field_validator("learning_rate", mode="before")
     @classmethod
@@ -182,6 +186,9 @@ class Plan(_Model):
             raise PlanError("training.torchCompile: not supported with distributed.strategy deepspeed (ZeRO's "
                             "parameter hooks and torch.compile are not combined by this trainer); "
                             "use strategy ddp or turn torchCompile off")
+        if self.training.master_weights == "none" and self.method != "full":
+            raise PlanError(f"training.masterWeights: none applies to method full only (method is {self.method}; "
+                            "LoRA adapters are small and stay fp32)")
         if self.method == "qlora" and self.distributed.zero_stage == 3:
             raise PlanError("distributed.zeroStage: ZeRO-3 cannot shard bitsandbytes-quantized weights; "
                             "use zeroStage 2 or ddp for qlora")

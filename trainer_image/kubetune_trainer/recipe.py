@@ -157,6 +157,7 @@ class FineTuneRecipe:
         self.strategy = self.plan.distributed.strategy
         if self.strategy == "none" and self.env.world_size > 1:
             raise PlanError(f"distributed.strategy: none, but {self.env.world_size} processes were launched")
+        self._resolve_memory_features()
         self._init_distributed()
         self._seed(self.t.seed)
 
@@ -178,6 +179,23 @@ class FineTuneRecipe:
         problem = compiler_problem(cuda=cuda) if self.t.torch_compile else ""
         if problem:
             raise PlanError(f"training.torchCompile: {problem}; install one or turn torchCompile off")
+
+    def _resolve_memory_features(self) -> None:
+        """Weight dtype of a full fine-tune, optimizer-in-backward, activation offloading (InvalidPlan if impossible)."""
+        from kubetune_trainer.engine import in_backward_problem, resolve_optimizer_in_backward
+        from kubetune_trainer.methods import resolve_full_weights
+
+        self.full_weights = resolve_full_weights(self.t.master_weights, method=self.plan.method,
+                                                 precision=self.precision, strategy=self.strategy)
+        problem = in_backward_problem(strategy=self.strategy, grad_accum=self.t.gradient_accumulation_steps,
+                                      max_grad_norm=self.t.max_grad_norm, precision=self.precision)
+        self.optimizer_in_backward = resolve_optimizer_in_backward(self.t.optimizer_in_backward, problem)
+        if self.t.activation_offloading and self.strategy == "deepspeed":
+            raise PlanError("training.activationOffloading: not supported with distributed.strategy deepspeed; "
+                            "use ddp or turn it off")
+        self.speed.master_weights = "none" if self.full_weights == "bf16" else "fp32"
+        self.speed.optimizer_in_backward = self.optimizer_in_backward
+        self.speed.activation_offloading = self.t.activation_offloading
 
     def _init_distributed(self) -> None:
         import torch
@@ -240,6 +258,8 @@ class FineTuneRecipe:
         import torch
 
         from kubetune_trainer.engine import DeepSpeedEngine, NativeEngine
+        from kubetune_trainer.loss import CausalLMLoss
+        from kubetune_trainer.optim import optimizer_description
         from kubetune_trainer.methods import (apply_method, build_optimizer, build_scheduler, load_base_model,
                                               parameter_groups)
         from kubetune_trainer.speedups import apply_liger, compile_in_place
@@ -247,14 +267,17 @@ class FineTuneRecipe:
         self._set_phase("loading model")
         cuda = self.device.type == "cuda"
         model = load_base_model(str(self.model_dir), self.plan, self.precision, self.device,
-                                attn_implementation=self.attn_implementation)
+                                attn_implementation=self.attn_implementation, full_weights=self.full_weights)
         zero_stage = self.plan.distributed.zero_stage if self.strategy == "deepspeed" else 0
         apply_liger(model, enabled=self.t.liger_kernels, cuda=cuda, zero_stage=zero_stage, report=self.speed)
         model = apply_method(model, self.plan)
         self.speed.attention_implementation = str(getattr(model.config, "_attn_implementation", ""))
+        train_module = CausalLMLoss(model, liger=self.speed.liger_options.get("fused_linear_cross_entropy", False))
+        self.speed.loss = train_module.kind
         if self.t.torch_compile:
             # After LoRA wrapping and gradient checkpointing, before DDP: the compiled graph covers the adapters.
-            model = compile_in_place(model, cuda=cuda, report=self.speed)
+            # With the chunked loss the model body is what runs (and is compiled); lm_head runs per loss chunk.
+            compile_in_place(model if train_module.fallback else model.get_decoder(), cuda=cuda, report=self.speed)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         log.info("method %s: %d trainable of %d parameters; precision %s; strategy %s x%d; attention %s; "
@@ -265,19 +288,24 @@ class FineTuneRecipe:
         ds = self.plan.distributed
         ds_cpu_adam = (self.strategy == "deepspeed" and ds.offload_optimizer and torch.cuda.is_available()
                        and self.t.optimizer == "adamw")
-        optimizer = build_optimizer(groups, self.t, ds_cpu_adam=ds_cpu_adam)
+        optimizer = build_optimizer(groups, self.t, ds_cpu_adam=ds_cpu_adam,
+                                    bf16_weights=self.full_weights == "bf16")
+        self.speed.optimizer = optimizer_description(optimizer)
         scheduler = build_scheduler(optimizer, self.t, self.total_steps)
         if self.strategy == "deepspeed":
             from kubetune_trainer.deepspeed_config import deepspeed_config
 
             config = deepspeed_config(self.t, ds, self.precision, world_size=self.env.world_size,
                                       pin_memory=torch.cuda.is_available())
-            self.engine = DeepSpeedEngine(model, optimizer, scheduler, config=config, rank=self.env.rank)
+            self.engine = DeepSpeedEngine(model, optimizer, scheduler, config=config, rank=self.env.rank,
+                                          train_module=train_module)
         else:
             self.engine = NativeEngine(model, optimizer, scheduler, device=self.device, precision=self.precision,
                                        grad_accum=self.t.gradient_accumulation_steps,
                                        max_grad_norm=self.t.max_grad_norm, distributed=self._dist,
-                                       rank=self.env.rank)
+                                       rank=self.env.rank, train_module=train_module,
+                                       optimizer_in_backward=self.optimizer_in_backward,
+                                       activation_offloading=self.t.activation_offloading)
         self.step = 0
         self.best_eval: float | None = None
         self.bad_evals = 0
@@ -432,14 +460,8 @@ class FineTuneRecipe:
                 weight = 1.0 if ids else 0.0
                 batch = self.collator([rows[i] for i in (ids or [0])])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                logits = self.engine.eval_forward(batch).logits.float()
-                shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-                loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                         shift_labels.reshape(-1), ignore_index=-100,
-                                                         reduction="sum")
-                count = (shift_labels != -100).sum()
-                totals += weight * torch.tensor([float(loss), float(count)], dtype=torch.float64)
+                out = self.engine.eval_forward(batch)  # summed over completion tokens, never full logits
+                totals += weight * torch.tensor([float(out.loss_sum), float(out.tokens)], dtype=torch.float64)
         self.engine.train(True)
         totals = self._all_reduce(totals)
         value = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")

@@ -43,13 +43,21 @@ class SpeedReport:
     liger_kernels: bool = False
     liger_skipped_reason: str = ""
     liger_options: dict[str, bool] = field(default_factory=dict)
+    loss: str = ""
+    master_weights: str = ""
+    optimizer: str = ""
+    optimizer_in_backward: bool = False
+    activation_offloading: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """camelCase dict for metrics.json."""
         return {"attentionRequested": self.attention_requested,
                 "attentionImplementation": self.attention_implementation,
                 "torchCompile": self.torch_compile, "ligerKernels": self.liger_kernels,
-                "ligerSkippedReason": self.liger_skipped_reason, "ligerOptions": dict(self.liger_options)}
+                "ligerSkippedReason": self.liger_skipped_reason, "ligerOptions": dict(self.liger_options),
+                "loss": self.loss, "masterWeights": self.master_weights, "optimizer": self.optimizer,
+                "optimizerInBackward": self.optimizer_in_backward,
+                "activationOffloading": self.activation_offloading}
 
 
 def package_available(name: str) -> bool:
@@ -121,7 +129,9 @@ def apply_liger(model, *, enabled: bool, cuda: bool, zero_stage: int, report: Sp
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model, **options)
+    # The fused linear cross-entropy is called by kubetune_trainer.loss (the trainer's own loss bypasses the
+    # model's forward), so Liger's patch of the causal-LM forward is not needed.
+    _apply_liger_kernel_to_instance(model=model, **dict(options, fused_linear_cross_entropy=False))
     report.liger_kernels = True
     report.liger_options = options
     log.info("Liger kernels applied to %s: %s", model_type,

@@ -1,0 +1,89 @@
+"""Optimizers for full fine-tuning with bf16 weights (no fp32 master copy) that do not lose small updates.
+
+A bf16 weight has 8 significant bits: an update below half a unit in the last place (|w| * 2^-9) rounds
+back to the old value, so plain bf16 AdamW silently stops learning once lr * step is small against the
+weight. Two update rules avoid that without an fp32 copy of the weights:
+
+- ``adamw`` / ``sgd``: torch-optimi's AdamW / SGD with Kahan summation (a bf16 compensation buffer keeps
+  what rounding dropped and adds it back on the next step). optimi is plain PyTorch (foreach kernels), so it
+  runs on CPU and CUDA with any torch >= 2.2. torchao's bf16 stochastic-rounding AdamW was the alternative;
+  it runs through ``torch.compile`` per parameter shape, which needs a compiler on the node and recompiles for
+  every shape (minutes on CPU), so it is not used.
+- ``adamw_8bit`` / ``paged_adamw_8bit`` / ``paged_adamw_32bit``: bitsandbytes' optimizers, whose kernels round
+  the updated bf16 weight to nearest. Here each parameter is updated in fp32 (a temporary copy of that one
+  parameter and its gradient) and written back to bf16 with stochastic rounding: unbiased, so small updates
+  survive in expectation, with no persistent extra memory. The optimizer states stay 8-bit (or 32-bit) exactly
+  as bitsandbytes keeps them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+def stochastic_round_to_bf16(value: torch.Tensor) -> torch.Tensor:
+    """fp32 → bf16 rounding up or down with probability proportional to the distance (unbiased)."""
+    bits = value.detach().float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
+    rounded = (bits + noise) & -65536  # keep the upper 16 bits: exactly representable in bf16
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+def _stochastic_rounding_class(base: type) -> type:
+    """A subclass of bitsandbytes optimizer `base` that updates bf16 parameters in fp32 with stochastic rounding."""
+
+    def update_step(self, group, p, gindex, pindex):  # noqa: ANN001 - bitsandbytes' signature
+        if p.dtype != torch.bfloat16:
+            return base.update_step(self, group, p, gindex, pindex)
+        weight, grad = p.data, p.grad
+        p.data = weight.float()
+        p.grad = grad.float()
+        try:
+            base.update_step(self, group, p, gindex, pindex)
+            updated = p.data
+        finally:
+            p.data, p.grad = weight, grad
+        weight.copy_(stochastic_round_to_bf16(updated))
+        return None
+
+    return type(f"StochasticRounding{base.__name__}", (base,), {"update_step": update_step})
+
+
+def bnb_optimizer(name: str, params: Iterable, lr: float, *, bf16_weights: bool):
+    """bitsandbytes AdamW8bit / PagedAdamW8bit / PagedAdamW32bit; with `bf16_weights`, stochastic rounding."""
+    import bitsandbytes as bnb
+
+    base = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    cls = _stochastic_rounding_class(base) if bf16_weights else base
+    return cls(list(params), lr=lr, betas=BETAS, eps=EPS)
+
+
+def compensated_optimizer(name: str, params: Iterable, lr: float, weight_decay: float):
+    """torch-optimi AdamW (decoupled weight decay, as torch's) or SGD (momentum 0.9, torch's initialisation)
+    with Kahan summation for bf16 weights."""
+    import optimi
+
+    params = list(params)
+    # optimi picks its Triton kernels whenever triton is importable, also for CPU tensors, where they fail.
+    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    triton = None if tensors and all(t.is_cuda for t in tensors) else False
+    if name == "adamw":
+        return optimi.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, kahan_sum=True,
+                            triton=triton)
+    if name == "sgd":
+        return optimi.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, torch_init=True, kahan_sum=True,
+                          triton=triton)
+    raise ValueError(f"no compensated optimizer for {name!r}")
+
+
+def optimizer_description(optimizer: Any) -> str:
+    """Module-qualified class name of an optimizer (recorded in metrics.json)."""
+    cls = type(optimizer)
+    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
