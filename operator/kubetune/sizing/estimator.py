@@ -31,7 +31,7 @@ FRAGMENTATION_TRANSIENT = 0.15
 FRAGMENTATION_PERSISTENT = 0.02
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size (one absmax per 64 weights)
 DQ_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax values
-QLORA_UNQUANTIZED_BYTES = 4  # QLoRA: parameters left unquantized are upcast to fp32 by k-bit preparation
+QLORA_UNQUANTIZED_BYTES = 2  # QLoRA: parameters left unquantized stay in the bf16 compute dtype (no k-bit upcast)
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=True)
 
 
