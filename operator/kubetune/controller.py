@@ -102,6 +102,7 @@ class Reconciler:
         self._workers: list[threading.Thread] = []
         self._resync_stop = threading.Event()
         self._terminating_logged: set[str] = set()
+        self._seen: set[Key] = set()  # FineTuneJobs this process has run a pass for
         self._resync: threading.Thread | None = None
 
     # --- triggers ------------------------------------------------------------------------------------
@@ -225,10 +226,15 @@ class Reconciler:
             self.metrics.forget_job(ns, name)
             self.poller.untrack(key)
             self.expectations.forget(key)
+            self._seen.discard(key)
             return PassResult(None)
         meta, spec_dict = obj["metadata"], obj.get("spec") or {}
         status = obj.get("status") or {}
         uid = str(meta.get("uid") or "")
+        if key not in self._seen:
+            self._seen.add(key)
+            if status.get("phase"):
+                log.info("%s/%s: resuming a job in phase %s", ns, name, status["phase"])
         job, pods = self.store.children(uid)
         waited = self.expectations.waiting(key, uid, int(meta.get("resourceVersion") or -1), job is not None)
         if waited:
