@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.builders import JOB_NAME_LABEL
 from kubetune_dev.devcluster.binaries import helm_binary
-from tests.support.cluster_helpers import complete_pod, wait_for
 from kubetune_dev.operator_process import OperatorProcess, install_crds
+from tests.support.cluster_helpers import complete_pod, wait_for
 from tests.support.finetunejobs import FtjClient, ProgressServer, free_port, ftj_manifest, summary_json, wait_phase
 
 pytestmark = pytest.mark.integration

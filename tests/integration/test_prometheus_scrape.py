@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from kubetune_dev.devcluster.binaries import helm_binary
-from tests.support.cluster_helpers import complete_pod, wait_for
 from kubetune_dev.operator_process import REPO_ROOT, OperatorProcess, install_crds
+from tests.support.cluster_helpers import complete_pod, wait_for
 from tests.support.finetunejobs import (FtjClient, ProgressServer, free_port, ftj_manifest, summary_json,
                                       gpu_type_with_free_gpus, wait_phase)
 
