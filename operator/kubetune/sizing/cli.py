@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--offload-params", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--trace", action="store_true",
+                   help="also trace the trainer's real step on fake tensors (needs torch, no GPU) and show the "
+                        "traced peak beside the estimate")
     return p
 
 
@@ -166,6 +169,45 @@ def _size_manifest(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return {"fleet": fleet.describe(), "jobs": results}, f"fleet: {fleet.describe()}\n" + "\n".join(texts)
 
 
+def _catalog_config(name: str) -> dict[str, Any] | None:
+    """The config.json fields the catalog holds for model `name` (None when it is not a catalog model)."""
+    from .catalog import CATALOG_DIR
+
+    for path in sorted(CATALOG_DIR.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        for entry in doc["models"]:
+            if entry["name"].lower() == name.lower():
+                return {**(doc.get("common") or {}), **(entry.get("config") or {})}
+    return None
+
+
+def _trace(args: argparse.Namespace, name: str, estimate: MemoryEstimate) -> tuple[dict[str, Any], str]:
+    """(JSON, text) of the trainer's traced step for these flags, or why there is none (the estimate stands)."""
+    fallback = "; the figure above is the analytic estimate only"
+    try:
+        from kubetune_trainer.memtrace import TraceError, plan_settings, trace_step
+    except ImportError as exc:
+        reason = f"the trace needs the trainer package and torch ({exc.name or exc} is not installed)"
+        return {"error": reason}, f"  trace not run: {reason}{fallback}"
+    config = json.loads(Path(args.config).read_text()) if args.config else _catalog_config(name)
+    if config is None:
+        reason = f"no config.json for {name} (not a catalog model); pass --config"
+        return {"error": reason}, f"  trace not run: {reason}{fallback}"
+    settings = plan_settings(
+        args.method, micro_batch_size=args.batch, seq_length=args.seq, lora_r=args.r,
+        target_modules=[t.strip() for t in args.targets.split(",") if t.strip()], optimizer=args.optimizer,
+        precision=args.precision, gradient_checkpointing=not args.no_checkpointing, packing=args.packing,
+        attention=ATTENTION_FLAGS[args.attention], gradient_accumulation_steps=_TRAINING.gradient_accumulation_steps)
+    try:
+        report = trace_step(settings, config, model_name=name)
+    except TraceError as exc:
+        return {"error": str(exc)}, f"  trace not available: {exc}{fallback}"
+    text = (f"traced step of the trainer (one process; tensors only, no CUDA context or fragmentation): "
+            f"{gib(report.peak_bytes):.2f} GiB beside the estimate's {gib(estimate.total):.2f} GiB\n"
+            + report.format_text("  "))
+    return report.to_dict(), text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `kubetune estimate`; returns the exit code (1 when a manifest does not fit)."""
     args = _parser().parse_args(argv)
@@ -194,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         setup, par = _setup(args), _parallelism(args)
         e = estimate_memory(arch, setup, par)
+        traced = _trace(args, arch.name, e) if args.trace else None
         if args.json:
-            print(json.dumps({"model": arch.name, "method": setup.method, "parallelism": par.describe(),
-                              "breakdownBytes": e.breakdown(), "estimate": e.to_dict()}, indent=2))
+            out = {"model": arch.name, "method": setup.method, "parallelism": par.describe(),
+                   "breakdownBytes": e.breakdown(), "estimate": e.to_dict()}
+            print(json.dumps({**out, "trace": traced[0]} if traced else out, indent=2))
         else:
             print(format_breakdown(f"{arch.name} ({arch.source}), {setup.method}, seq {setup.seq_length}, "
                                    f"micro batch {setup.micro_batch_size}, {par.describe()}:", e))
+            if traced:
+                print(traced[1])
         return 0
     except (ArchitectureError, ValueError, FileNotFoundError) as exc:
         print(f"kubetune estimate: {exc}", file=sys.stderr)
