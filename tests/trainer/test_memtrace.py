@@ -205,3 +205,23 @@ def test_llama_31_8b_lora_traces_within_a_minute_with_exact_weight_bytes():
     assert report.breakdown["weights"] == report.weights_bytes
     assert math.isclose(sum(report.breakdown.values()), report.peak_bytes)
     assert report.peak_bytes > report.weights_bytes + report.breakdown["optimizerStates"]
+
+
+def test_estimate_cli_shows_the_traced_peak_beside_the_estimate_or_says_why_not(tmp_path, capsys):
+    import json
+
+    from kubetune.sizing.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    flags = ["--config", str(config), "--method", "lora", "--seq", "64", "--batch", "2", "--r", "4"]
+    assert main([*flags, "--trace", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trace"]["peakBytes"] > out["trace"]["weightsBytes"] > 0
+    assert sum(out["trace"]["breakdown"].values()) == out["trace"]["peakBytes"]
+
+    config.write_text(json.dumps({**TINY_LLAMA, "model_type": "no-such-arch"}))
+    main([*flags, "--trace"])
+    text = capsys.readouterr().out
+    assert "trace not available: unknown model_type 'no-such-arch'" in text
+    assert "analytic estimate only" in text

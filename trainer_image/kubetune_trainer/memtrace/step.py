@@ -132,11 +132,26 @@ def _optimizers(engine) -> list:
     return found
 
 
-def _state_tensors(optimizers) -> list[torch.Tensor]:
+def _optimizer_tensors(optimizers) -> list[torch.Tensor]:
+    """Tensors optimizers hold: per-parameter state and tensor-valued hyperparameters (not the parameters)."""
     out = []
     for opt in optimizers:
         for state in opt.state.values():
             out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        for group in opt.param_groups:
+            out += [v for k, v in group.items() if k != "params" and isinstance(v, torch.Tensor)]
+    return out
+
+
+def _model_state(model) -> list[torch.Tensor]:
+    """The model's parameters and buffers, plus the quantization state of bitsandbytes 4-bit weights."""
+    from kubetune_trainer.memtrace.quantized import quant_state_tensors
+
+    out = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            out += [t for _, t in quant_state_tensors(state)]
     return out
 
 
@@ -187,7 +202,7 @@ class _StepProbe:
             phase(f"step {self.steps}: optimizer step")
             result = step()
             counter.label_live("optimizerStates", lambda e: e not in before and e.category == "activations")
-            counter.label(_state_tensors(_optimizers(engine)), "optimizerStates")
+            counter.label(_optimizer_tensors(_optimizers(engine)), "optimizerStates")
             phase(f"step {self.steps}: after optimizer step")
             return result
 
@@ -217,6 +232,27 @@ class _StepProbe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+# Trainer modules the recipe imports while it builds the model and engine
+TRAINER_MODULES = ("engine", "loss", "methods", "optim", "recipe", "speedups")
+
+
+def _import_before_faking(config, uses_bitsandbytes: bool) -> None:
+    """Import what the build would import lazily, before the fake mode is on: module-level tensors created
+    at import time must be real, or they would stay fake in those modules after the trace."""
+    import importlib
+    import importlib.util
+
+    import peft.tuners  # noqa: F401 - every tuner module
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM._model_mapping[type(config)]  # imports the architecture's modeling module
+    for name in TRAINER_MODULES:
+        if importlib.util.find_spec(f"kubetune_trainer.{name}") is not None:
+            importlib.import_module(f"kubetune_trainer.{name}")
+    if uses_bitsandbytes:
+        import bitsandbytes  # noqa: F401
 
 
 def _base_param_count(model) -> int:
@@ -268,6 +304,7 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
     executor.counter = counter
     kernels, build_log = KernelLog(), BuildLog()
     probe: _StepProbe | None = None
+    _import_before_faking(cfg, uses_bnb)
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="kubetune-trace-") as work:
         if uses_bnb:
             stack.enter_context(isolated_qmaps())
@@ -302,8 +339,9 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         engine = recipe.engine
         model = engine.raw_model
         gc.collect()
-        counter.label_live("weights", lambda e: True)
-        weights_bytes = counter.allocated
+        counter.label(_model_state(model), "weights")
+        counter.label(_optimizer_tensors(_optimizers(engine)), "optimizerStates")
+        weights_bytes = counter.live_breakdown()["weights"]
         counter.phase = "before the first step"
         counter.reset_peak()
 
@@ -336,7 +374,8 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         del recipe, engine, model
     notes += build_log.notes
     if executor.scalar_reads:
-        notes.append(f"{executor.scalar_reads} scalar read(s) of fake values (loss/grad-norm logging) returned 0")
+        notes.append(f"{executor.scalar_reads} scalar read(s) of fake values returned 0 (loss and gradient-norm "
+                     "logging, code-book construction): no memory decision depends on them")
     if sum(breakdown.values()) != counter.peak_bytes:
         notes.append(f"breakdown sums to {sum(breakdown.values())} bytes, not the peak {counter.peak_bytes}")
     moment = counter.peak_moment
