@@ -96,6 +96,9 @@ class NativeEngine:
             if distributed or self.scaler is not None or grad_accum != 1 or max_grad_norm > 0:
                 raise ValueError("optimizer in backward needs one process, no loss scaling, no gradient "
                                  "accumulation and no clipping")
+            from kubetune_trainer.optim import parameter_step
+
+            self._step_one = parameter_step(optimizer)
             self._hooks = [p.register_post_accumulate_grad_hook(self._step_parameter) for p in self._params]
 
     def _step_parameter(self, param: torch.Tensor) -> None:
@@ -106,7 +109,7 @@ class NativeEngine:
         (checkpoints and the LR schedule are unchanged).
         """
         self._sq_norm += param.grad.detach().float().pow(2).sum()
-        self.optimizer.step()
+        self._step_one(param)
         param.grad = None
 
     def train(self, mode: bool = True) -> None:

@@ -161,11 +161,12 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(params: Iterable, training: TrainingPlan, *, ds_cpu_adam: bool = False,
-                    bf16_weights: bool = False):
+                    bf16_weights: bool = False, in_backward: bool = False):
     """The plan's optimizer over `params` (torch AdamW/SGD or a bitsandbytes 8-bit/paged AdamW).
 
     With `bf16_weights` (a full fine-tune without fp32 master weights) the update rule compensates bf16
     rounding: Kahan-summed AdamW/SGD (torch-optimi) or stochastic rounding around bitsandbytes (optim.py).
+    `in_backward`: the engine steps it one parameter at a time during backward (optim.parameter_step).
     """
     import torch
 
@@ -176,7 +177,7 @@ def build_optimizer(params: Iterable, training: TrainingPlan, *, ds_cpu_adam: bo
     if bf16_weights:
         if name in optim.BNB_OPTIMIZERS:
             return optim.bnb_optimizer(name, params, lr, bf16_weights=True)
-        return optim.compensated_optimizer(name, params, lr, training.weight_decay)
+        return optim.compensated_optimizer(name, params, lr, training.weight_decay, gradient_release=in_backward)
     if name == "adamw":
         if ds_cpu_adam:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

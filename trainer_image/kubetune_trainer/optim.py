@@ -18,7 +18,7 @@ weight. Two update rules avoid that without an fp32 copy of the weights:
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -65,9 +65,11 @@ def bnb_optimizer(name: str, params: Iterable, lr: float, *, bf16_weights: bool)
     return cls(list(params), lr=lr, betas=BETAS, eps=EPS)
 
 
-def compensated_optimizer(name: str, params: Iterable, lr: float, weight_decay: float):
+def compensated_optimizer(name: str, params: Iterable, lr: float, weight_decay: float, *,
+                          gradient_release: bool = False):
     """torch-optimi AdamW (decoupled weight decay, as torch's) or SGD (momentum 0.9, torch's initialisation)
-    with Kahan summation for bf16 weights."""
+    with Kahan summation for bf16 weights. `gradient_release`: stepped one parameter at a time during backward
+    (optimi then counts steps per parameter instead of per group)."""
     import optimi
 
     params = list(params)
@@ -76,11 +78,24 @@ def compensated_optimizer(name: str, params: Iterable, lr: float, weight_decay: 
     triton = None if tensors and all(t.is_cuda for t in tensors) else False
     if name == "adamw":
         return optimi.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, kahan_sum=True,
-                            triton=triton)
+                            triton=triton, gradient_release=gradient_release)
     if name == "sgd":
         return optimi.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, torch_init=True, kahan_sum=True,
-                          triton=triton)
+                          triton=triton, gradient_release=gradient_release)
     raise ValueError(f"no compensated optimizer for {name!r}")
+
+
+def parameter_step(optimizer: Any) -> Callable[[torch.Tensor], None]:
+    """A function that steps `optimizer` for one parameter, called when that parameter holds the only gradient.
+
+    torch's and bitsandbytes' optimizers keep a step count per parameter, so a plain step() updates just that
+    one; optimi counts per group unless built with gradient_release, and then steps one parameter by argument.
+    """
+    if type(optimizer).__module__.split(".")[0] == "optimi":
+        if not all(group.get("gradient_release") for group in optimizer.param_groups):
+            raise ValueError("an optimi optimizer stepped in backward must be built with gradient_release=True")
+        return lambda param: optimizer.step(param=param)
+    return lambda param: optimizer.step()
 
 
 def optimizer_description(optimizer: Any) -> str:

@@ -289,7 +289,7 @@ class FineTuneRecipe:
         ds_cpu_adam = (self.strategy == "deepspeed" and ds.offload_optimizer and torch.cuda.is_available()
                        and self.t.optimizer == "adamw")
         optimizer = build_optimizer(groups, self.t, ds_cpu_adam=ds_cpu_adam,
-                                    bf16_weights=self.full_weights == "bf16")
+                                    bf16_weights=self.full_weights == "bf16", in_backward=self.optimizer_in_backward)
         self.speed.optimizer = optimizer_description(optimizer)
         scheduler = build_scheduler(optimizer, self.t, self.total_steps)
         if self.strategy == "deepspeed":
