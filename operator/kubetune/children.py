@@ -26,9 +26,10 @@ def body_of(resp: Any) -> bytes:
 class NotOwned(Exception):
     """A child's name is taken by an object that the FineTuneJob does not control."""
 
-    def __init__(self, kind: str, name: str, owner: str) -> None:
-        super().__init__(f"{kind} {name} exists and is not owned by this FineTuneJob (owner: {owner or 'none'})")
-        self.kind, self.name, self.owner = kind, name, owner
+    def __init__(self, kind: str, name: str, owner: str, deleting: bool = False) -> None:
+        state = "is being deleted" if deleting else "exists"
+        super().__init__(f"{kind} {name} {state} and is not owned by this FineTuneJob (owner: {owner or 'none'})")
+        self.kind, self.name, self.owner, self.deleting = kind, name, owner, deleting
 
 
 class ChildRejected(Exception):
@@ -125,9 +126,10 @@ class ChildClient:
         owners = [o for o in (existing.get("metadata") or {}).get("ownerReferences") or []
                   if o.get("controller")]
         ours = any(o.get("uid") in want for o in owners) if want else not owners
-        if not ours:
+        deleting = bool((existing.get("metadata") or {}).get("deletionTimestamp"))
+        if not ours or deleting:
             raise NotOwned(kind, name, ", ".join(f"{o.get('kind')} {o.get('name')} (uid {o.get('uid')})"
-                                                 for o in owners))
+                                                 for o in owners), deleting)
         if kind == "ConfigMap":
             body_of(self.core.patch_namespaced_config_map(
                 name, ns, {"data": obj["data"], "metadata": {"labels": obj["metadata"]["labels"]}},

@@ -272,7 +272,9 @@ class Reconciler:
         except NotOwned as exc:
             log.warning("%s/%s: %s", ns, name, exc)
             decision = decide_not_owned(generation=generation, status=status, kind=exc.kind, child=exc.name,
-                                        owner=exc.owner, now=now, retry_seconds=cfg.sizing_retry_seconds)
+                                        owner=exc.owner, now=now, deleting=exc.deleting,
+                                        retry_seconds=min(cfg.sizing_retry_seconds, 10.0) if exc.deleting
+                                        else cfg.sizing_retry_seconds)
         except ChildRejected as exc:
             if exc.terminating_namespace:
                 if ns not in self._terminating_logged:

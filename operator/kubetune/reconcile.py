@@ -525,12 +525,16 @@ def decide_blocked(*, generation: int, status: dict[str, Any], reason: str, mess
 
 
 def decide_not_owned(*, generation: int, status: dict[str, Any], kind: str, child: str, owner: str,
-                     now: dt.datetime, retry_seconds: float) -> Decision:
-    """A child name this FineTuneJob needs is taken by an object it does not own: say so and wait (never
-    adopt it, never patch it)."""
+                     now: dt.datetime, retry_seconds: float, deleting: bool = False) -> Decision:
+    """A child name this FineTuneJob needs is taken by an object it does not own, or by one being deleted:
+    say so and wait (never adopt it, never patch it)."""
     held = f"owned by {owner}" if owner else "owned by nothing (orphaned)"
-    message = (f"a {kind} named {child!r} already exists and is {held}, not by this FineTuneJob; "
-               f"delete it (or rename this FineTuneJob) and the trainer starts")
+    if deleting:
+        message = (f"a {kind} named {child!r} ({held}) is being deleted; waiting for it to go "
+                   f"before creating this FineTuneJob's own (a finalizer may be holding it)")
+    else:
+        message = (f"a {kind} named {child!r} already exists and is {held}, not by this FineTuneJob; "
+                   f"delete it (or rename this FineTuneJob) and the trainer starts")
     return decide_blocked(generation=generation, status=status, reason=R.CHILD_NOT_OWNED, message=message,
                           now=now, retry_seconds=retry_seconds)
 

@@ -194,3 +194,24 @@ def test_deleting_a_running_job_stops_its_processes(cluster, ftj, ws):
     ftj.delete(ws.namespace, "long")
     wait_for(lambda: not any(_alive(p) for p in pids), 60, f"trainer processes {pids} gone")
     wait_for(lambda: not ftj.jobs(ws.namespace), 60, "Job garbage-collected")
+
+
+def test_a_missing_secret_is_named_in_the_status_and_an_event(cluster, ftj, ws):
+    """The pod cannot start its container (CreateContainerConfigError: the Secret does not exist): the job
+    says so, instead of 'waiting for the trainer pods to start' forever."""
+    m = ws.manifest("nosecret", maxSteps=2)
+    m["spec"]["secrets"] = {"hfTokenSecretRef": {"name": "hf-token-missing", "key": "token"}}
+    ws.apply(cluster, m)
+    last: dict = {}
+
+    def named():
+        nonlocal last
+        last = ftj.status(ws.namespace, "nosecret")
+        return last if last.get("reason") == "TrainerContainerNotStarting" else None
+
+    st = wait_for(named, 120, lambda: f"TrainerContainerNotStarting; last status: {json.dumps(last)[:2000]}")
+    assert "CreateContainerConfigError" in st["message"] and "hf-token-missing" in st["message"], st["message"]
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "hf-token-missing" in ready["message"]
+    assert any(reason == "TrainerContainerNotStarting" and "hf-token-missing" in message
+               for reason, message in ftj.events(ws.namespace, "nosecret"))

@@ -5,48 +5,15 @@ from __future__ import annotations
 
 import json
 import urllib.request
-import uuid
 
 import pytest
 from kubernetes.client.rest import ApiException
 
 from tests.support.cluster_helpers import complete_pod, wait_for
-from kubetune_dev.operator_process import OperatorProcess, install_crds
-from tests.support.finetunejobs import (FtjClient, ProgressServer, argocd_health, free_port, ftj_manifest, summary_json,
-                                      wait_phase)
+from tests.support.finetunejobs import FtjClient, argocd_health, ftj_manifest, summary_json, wait_phase
+from tests.support.operator_fixtures import ftj, operator, progress  # noqa: F401 - module-scoped operator
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def progress():
-    server = ProgressServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def operator(cluster, progress, tmp_path_factory):
-    install_crds(cluster.kubectl)
-    metrics_port = free_port()
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess(cluster.kubeconfig, [
-        "--all-namespaces", "--liveness-port", "0", "--metrics-port", str(metrics_port),
-        "--resync-seconds", "1", "--progress-seconds", "1", "--sizing-retry-seconds", "2",
-        "--lease-namespace", "default", "--lease-name", f"lifecycle-{uuid.uuid4().hex[:6]}",
-        "--lease-seconds", "5", "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
-    ], log)
-    op.metrics_port = metrics_port
-    with op.leading():
-        yield op
-
-
-@pytest.fixture
-def ftj(k8s, operator, progress):
-    progress.set(None)
-    return FtjClient(k8s)
-
-
 
 
 def wait_running_pod(ftj: FtjClient, ns: str, name: str, index: int = 0, timeout: float = 30):
@@ -231,8 +198,16 @@ def test_orphaned_children_are_never_adopted_by_a_recreated_job(ftj, k8s, namesp
     old_plan = ftj.core.read_namespaced_config_map("twice-plan", namespace).data
     ftj.objects.delete_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs", "twice",
                                                 body=client.V1DeleteOptions(propagation_policy="Orphan"))
-    wait_for(lambda: all(not (j.metadata.owner_references or []) for j in ftj.jobs(namespace)) or None, 30,
-             "the orphaned Job without ownerReferences")
+    jobs_orphaned = lambda: (jobs := ftj.jobs(namespace)) and all(not (j.metadata.owner_references or []) for j in jobs)
+    wait_for(lambda: jobs_orphaned() or None, 60, "the orphaned Job without ownerReferences")
+
+    def gone():
+        try:
+            ftj.get(namespace, "twice")
+        except ApiException as exc:
+            return exc.status == 404 or None
+        return None
+    wait_for(gone, 60, "the deleted FineTuneJob gone (the orphan finalizer done)")
     ftj.create(namespace, ftj_manifest("twice", training={"maxSteps": 77}))
     st = wait_for(lambda: (lambda s: s if s.get("reason") == "ChildNotOwned" else None)(ftj.status(namespace, "twice")),
                   30, lambda: f"ChildNotOwned; last status {ftj.status(namespace, 'twice')}")
