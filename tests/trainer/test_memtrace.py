@@ -182,6 +182,19 @@ def test_tiny_trace_reports_a_consistent_peak_for_each_method():
         assert report.peak_phase.startswith("step 2")  # optimizer states are alive from the second step on
         assert report.breakdown["optimizerStates"] > 0
         assert report.to_dict()["peakBytes"] == report.peak_bytes
+        assert report.padded_batch and report.attention.startswith("memory_efficient")  # a padded batch has a mask
+
+
+def test_attention_is_the_kernel_cuda_picks_not_the_cpu_math_kernel():
+    """Without a mask (one unpadded row) CUDA runs flash attention: output + logsumexp are kept, never the
+    [batch, heads, seq, seq] score matrix the math kernel stores."""
+    config = {**TINY_LLAMA, "num_hidden_layers": 1}
+    flags = {"micro_batch_size": 1, "seq_length": 512, "gradient_checkpointing": False}
+    flash = trace_step(plan_settings("lora", **flags), config)
+    eager = trace_step(plan_settings("lora", attention="eager", **flags), config)
+    assert flash.attention.startswith("flash") and not flash.padded_batch
+    scores = 1 * 4 * 512 * 512 * 2  # one layer's bf16 attention probabilities, kept by eager attention
+    assert eager.peak_bytes - flash.peak_bytes >= scores
 
 
 @pytest.mark.slow
