@@ -132,6 +132,21 @@ def test_deleting_a_running_pod_kills_its_processes(k8s, namespace, process_node
     assert time.monotonic() - t0 < 30
 
 
+def test_a_deleted_running_pod_is_marked_failed_before_it_goes(k8s, namespace, process_nodes):
+    """As a kubelet does: the Job controller counts the pod and drops its tracking finalizer, so a namespace
+    holding a deleted pod can finish terminating. A finalizer here keeps the pod readable after its delete."""
+    core = client.CoreV1Api(k8s)
+    pod = _pod("doomed", "sleep 600")
+    pod["metadata"]["finalizers"] = ["kubetune.test/hold"]
+    core.create_namespaced_pod(namespace, pod)
+    _wait_phase(core, namespace, "doomed", {"Running"})
+    core.delete_namespaced_pod("doomed", namespace)
+    failed = _wait_phase(core, namespace, "doomed", {"Failed"})
+    term = failed.status.container_statuses[0].state.terminated
+    assert term is not None and term.exit_code in (137, 143), failed.status.container_statuses
+    core.patch_namespaced_pod("doomed", namespace, {"metadata": {"finalizers": None}})
+
+
 def test_two_pod_indexed_job_runs_one_pod_on_each_process_node(k8s, namespace, process_nodes):
     core, batch = client.CoreV1Api(k8s), client.BatchV1Api(k8s)
     data_root = process_nodes[0].config.data_root

@@ -33,7 +33,8 @@ plus a status heartbeat), and runs every pod bound to it (`spec.nodeName == name
   the termination message file, or the log tail for FallbackToLogsOnError). Containers are not
   restarted; init containers are not supported (the pod fails with reason InitContainersUnsupported);
 - deleting a pod (deletionTimestamp) SIGTERMs the process groups, SIGKILLs them after the grace
-  period (at most `max_grace_seconds`), then deletes the pod with grace period 0.
+  period (at most `max_grace_seconds`), marks the pod Failed (as a kubelet does), then deletes it with
+  grace period 0.
 
 Run it in a thread (`Cluster.start_process_node(name, data_root, cpu="4")`, the pytest fixture
 `process_nodes`) or as a command:
@@ -568,6 +569,17 @@ class ProcessNode:
             return
         if run is not None:
             self.runs.pop(meta["uid"], None)
+            # A kubelet marks a deleted pod terminal before it goes: the Job controller then counts it and
+            # removes its tracking finalizer, so a namespace holding the pod can finish terminating.
+            if not run.reported_terminal and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                try:
+                    for container in run.containers:
+                        container.poll()  # record the exit codes of the killed processes
+                    self._patch_status(run, phase="Failed")
+                    run.reported_terminal = True
+                except ApiException as e:
+                    if e.status not in (404, 409):
+                        raise
         try:
             self._core.delete_namespaced_pod(meta["name"], meta["namespace"], grace_period_seconds=0,
                                              body=client.V1DeleteOptions(grace_period_seconds=0,
