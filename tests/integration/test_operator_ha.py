@@ -432,3 +432,40 @@ def test_failover_with_the_flags_the_chart_gives_two_replicas(replicas, ftj, k8s
     kids = assert_one_set_of_children(ftj, ns, "charted")
     finish(ftj, k8s, ns, "charted", pods=1)
     assert assert_one_set_of_children(ftj, ns, "charted") == kids
+
+
+def test_kills_at_many_points_of_a_burst_leave_every_job_complete(replicas, ftj, k8s, namespace):
+    """SIGKILL the operator again and again while it creates a burst of jobs (between a Job's create and its
+    status write, among others): after the last restart every job has its layout, Sized condition and
+    accounting, exactly one Job and one plan, and all of them are owned by their FineTuneJob."""
+    ns = namespace
+    jobs = 24
+    names = [f"burst-{i:02d}" for i in range(jobs)]
+    op = replicas.start("crash-0")
+    op.wait_for_log("leading as", 60)
+    for name in names:
+        ftj.create(ns, ftj_manifest(name))
+    # Kill as soon as some Jobs exist, then again after each restart has made a little progress.
+    for round_ in range(1, 4):
+        target = round_ * jobs // 4
+        wait_for(lambda: len(ftj.jobs(ns)) >= target or None, 60, f"at least {target} trainer Jobs")
+        op.kill()
+        op = replicas.start(f"crash-{round_}")
+        op.wait_for_log("leading as", LEASE_SECONDS + 30)
+
+    def complete():
+        statuses = {n: ftj.status(ns, n) for n in names}
+        missing = [n for n, st in statuses.items()
+                   if not st.get("layout") or "gpuHours" not in (st.get("accounting") or {})
+                   or not any(c["type"] == "Sized" and c["status"] == "True" for c in st.get("conditions") or [])]
+        return not missing or None
+    wait_for(complete, 120, lambda: "every job with layout, Sized and accounting; missing: " + ", ".join(
+        n for n in names if not ftj.status(ns, n).get("layout")))
+    by_owner: dict[str, list[str]] = {}
+    for job in ftj.jobs(ns):
+        owners = [o.name for o in job.metadata.owner_references or []]
+        assert len(owners) == 1, (job.metadata.name, owners)
+        by_owner.setdefault(owners[0], []).append(job.metadata.name)
+    assert sorted(by_owner) == names and all(len(v) == 1 for v in by_owner.values()), by_owner
+    plans = [cm.metadata.name for cm in ftj.core.list_namespaced_config_map(ns).items if cm.metadata.name.endswith("-plan")]
+    assert sorted(plans) == [f"{n}-plan" for n in names]
