@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -269,18 +268,77 @@ def _module_names(model) -> dict[int, str]:
             for name, m in model.named_modules()}
 
 
+def _recipe_for_trace(plan, precision: str, attn: str | None):
+    """A FineTuneRecipe set up as setup() would on one GPU, minus distributed init, tokenizer, data and resume."""
+    from kubetune_trainer.recipe import FineTuneRecipe, RunEnv
+
+    recipe = FineTuneRecipe(plan, RunEnv(work_dir=Path(TRACE_URI)))
+    recipe.device = torch.device("cpu")
+    recipe.precision = precision
+    recipe.attn_implementation = attn
+    recipe.strategy = "none"
+    recipe.model_dir = Path(TRACE_URI)  # never read: the config loader stands in for from_pretrained
+    recipe.total_steps = OPTIMIZER_STEPS
+    for name in SETUP_DECISIONS:
+        decide = getattr(recipe, name, None)
+        if callable(decide):
+            decide()
+    return recipe
+
+
+def _build(recipe, plan, model_type: str) -> None:
+    """The recipe's own model + engine build; any failure becomes a TraceError naming the model."""
+    try:
+        recipe._build_model_and_engine()
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - name the step that failed
+        raise TraceError(f"the trace could not build the {plan.method} model for model_type {model_type!r}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _run_steps(recipe, counter: StorageCounter, rows: list[dict]) -> None:
+    """FineTuneRecipe.train() for the traced steps, fed with real token batches built by the trainer's collator."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from kubetune_trainer.data import DataCollator
+
+    collator = DataCollator(pad_token_id=0)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+
+    def micro_batch(index: int):
+        with _disable_current_modes():
+            batch = collator(rows)
+        for tensor in batch.values():
+            counter.track(tensor, "batch")
+        return batch, tokens
+
+    recipe.micro_batch = micro_batch
+    recipe.micro_per_epoch = 10 ** 9  # no epoch boundary, so no evaluation
+    recipe.train_rows = rows
+    recipe.eval_rows = None
+    recipe.started = time.time()
+    probe = _StepProbe(counter, recipe.engine, recipe.t.gradient_accumulation_steps)
+    probe.install(_module_names(recipe.engine.raw_model))
+    try:
+        recipe.train()
+    except Exception as exc:  # noqa: BLE001 - name the phase that failed
+        raise TraceError(f"the traced training step failed at {counter.phase}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        probe.remove()
+
+
 def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceReport:
     """Trace one process's GPU memory for the plan's training step on the architecture in `config` (a
     config.json dict or transformers config). `settings` is a trainer Plan or plan dict (see `plan_settings`).
 
-    Raises UnsupportedModel (a TraceError) when the architecture cannot be built, naming what is missing.
+    Raises UnsupportedModel (a TraceError) when the architecture cannot be built, naming what is missing, and
+    TraceError when the traced step fails. Not thread-safe: it patches library functions while it runs.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from kubetune_trainer.data import DataCollator
     from kubetune_trainer.methods import resolve_precision
-    from kubetune_trainer.recipe import FineTuneRecipe, RunEnv
     from kubetune_trainer.speedups import resolve_attention
 
     started = time.perf_counter()
@@ -295,17 +353,15 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         notes.append("flash_attention_2 traced as SDPA's flash kernel (same saved tensors)")
     if t.liger_kernels:
         notes.append("Liger kernels are Triton GPU kernels: the trace runs the plain PyTorch path")
-    rows, padded = _batch_rows(plan, int(getattr(cfg, "vocab_size", 32000) or 32000))
-    collator = DataCollator(pad_token_id=0)
+    rows, padded = _batch_rows(plan, int(getattr(cfg, "vocab_size", 0) or 32000))
 
     uses_bnb = plan.method == "qlora" or t.optimizer not in ("adamw", "sgd")
     executor = FakeExecutor(bitsandbytes_4bit=plan.method == "qlora")
     counter = StorageCounter(run_op=executor)
     executor.counter = counter
     kernels, build_log = KernelLog(), BuildLog()
-    probe: _StepProbe | None = None
     _import_before_faking(cfg, uses_bnb)
-    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="kubetune-trace-") as work:
+    with contextlib.ExitStack() as stack:
         if uses_bnb:
             stack.enter_context(isolated_qmaps())
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
@@ -316,66 +372,28 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         stack.enter_context(cuda_optimizer_defaults())
         stack.enter_context(paged_optimizer_states(counter.mark_paged))
 
-        recipe = FineTuneRecipe(plan, RunEnv(work_dir=Path(work)))
-        recipe.device = torch.device("cpu")
-        recipe.precision = precision
-        recipe.attn_implementation = attn
-        recipe.strategy = "none"
-        recipe.model_dir = Path(work) / "model"
-        recipe.total_steps = OPTIMIZER_STEPS
         counter.phase = "model build"
-        try:
-            # setup() minus distributed init, tokenizer, data and resume: the plan-derived decisions, then the build
-            for name in SETUP_DECISIONS:
-                decide = getattr(recipe, name, None)
-                if callable(decide):
-                    decide()
-            recipe._build_model_and_engine()
-        except TraceError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - name the step that failed
-            raise TraceError(f"the trace could not build the {plan.method} model for model_type "
-                             f"{cfg.model_type!r}: {type(exc).__name__}: {exc}") from exc
-        engine = recipe.engine
-        model = engine.raw_model
+        recipe = _recipe_for_trace(plan, precision, attn)
+        _build(recipe, plan, cfg.model_type)
+        model = recipe.engine.raw_model
         gc.collect()
         counter.label(_model_state(model), "weights")
-        counter.label(_optimizer_tensors(_optimizers(engine)), "optimizerStates")
+        counter.label(_optimizer_tensors(_optimizers(recipe.engine)), "optimizerStates")
         weights_bytes = counter.live_breakdown()["weights"]
         counter.phase = "before the first step"
         counter.reset_peak()
+        _run_steps(recipe, counter, rows)
 
-        def micro_batch(index: int):
-            with _disable_current_modes():
-                batch = collator(rows)
-            for tensor in batch.values():
-                counter.track(tensor, "batch")
-            return batch, sum(len(r["input_ids"]) for r in rows)
-
-        recipe.micro_batch = micro_batch
-        recipe.micro_per_epoch = 10 ** 9
-        recipe.train_rows = rows
-        recipe.eval_rows = None
-        recipe.started = time.time()
-        probe = _StepProbe(counter, engine, t.gradient_accumulation_steps)
-        probe.install(_module_names(model))
-        try:
-            recipe.train()
-        except Exception as exc:  # noqa: BLE001
-            raise TraceError(f"the traced training step failed at {counter.phase}: {type(exc).__name__}: {exc}") \
-                from exc
-        finally:
-            probe.remove()
         breakdown = counter.peak_breakdown()
         total_params = _base_param_count(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         largest = [{"category": c, "op": op, "bytes": n} for c, op, n in counter.peak_largest(5)]
         paged = max(counter.peak_paged_bytes, counter.paged_bytes)
-        del recipe, engine, model
+        del recipe, model
     notes += build_log.notes
     if executor.scalar_reads:
-        notes.append(f"{executor.scalar_reads} scalar read(s) of fake values returned 0 (loss and gradient-norm "
-                     "logging, code-book construction): no memory decision depends on them")
+        notes.append(f"{executor.scalar_reads} scalar read(s) of fake values returned 0 (logged loss and gradient "
+                     "norm, code-book values)")
     if sum(breakdown.values()) != counter.peak_bytes:
         notes.append(f"breakdown sums to {sum(breakdown.values())} bytes, not the peak {counter.peak_bytes}")
     moment = counter.peak_moment
@@ -390,4 +408,3 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         weights_bytes=weights_bytes, peak_bytes=counter.peak_bytes, breakdown=breakdown,
         paged_optimizer_bytes=paged, peak_phase=moment.phase, peak_op=moment.op, peak_where=moment.where,
         largest_at_peak=largest, ops=counter.ops, seconds=round(time.perf_counter() - started, 2), notes=notes)
-
