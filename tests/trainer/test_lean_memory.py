@@ -121,6 +121,36 @@ def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
     assert torch.equal(stochastic_round_to_bf16(exact).float(), exact)
 
 
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_32bit"])
+def test_stochastic_rounding_update_in_slices_keeps_bitsandbytes_states_exact(monkeypatch, name):
+    """Sliced fp32 updates (slice 512 of 5000 elements, not a multiple) give bitsandbytes' own optimizer states,
+    bit for bit, and weights within rounding of the fp32-weight update."""
+    from kubetune_trainer import optim
+
+    monkeypatch.setattr(optim, "SLICE_ELEMENTS", 512)
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(50, 100, generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(50, 100, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    ref = torch.nn.Parameter(start.float())
+    ours = torch.nn.Parameter(start.clone())
+    ref_opt = bnb_optimizer(name, [ref], 1e-2, bf16_weights=False)
+    our_opt = bnb_optimizer(name, [ours], 1e-2, bf16_weights=True)
+    for g in grads:
+        ref.grad, ours.grad = g.float(), g.clone()
+        ref_opt.step()
+        our_opt.step()
+    a, b = ref_opt.state[ref], our_opt.state[ours]
+    assert a["step"] == b["step"] == 3
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        if key in a:
+            assert torch.equal(a[key], b[key]), key
+    assert ours.dtype == torch.bfloat16 and ours.shape == (50, 100) and ours.grad.dtype == torch.bfloat16
+    # Three stochastic roundings of at most one bf16 ulp each (ulp <= |w| * 2^-7, w before or after the steps).
+    ulp = torch.maximum(ref.detach().abs(), start.float().abs()) * 2 ** -7 + 1e-6
+    error = (ours.detach().float() - ref.detach()).abs() / ulp
+    assert error.max() < 6 and error.mean() < 0.6, (error.max(), error.mean())
+
+
 def test_master_weights_resolution():
     assert resolve_full_weights("auto", method="full", precision="bf16", strategy="none") == "bf16"
     assert resolve_full_weights("auto", method="full", precision="bf16", strategy="deepspeed") == "fp32"

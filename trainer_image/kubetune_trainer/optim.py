@@ -10,9 +10,9 @@ weight. Two update rules avoid that without an fp32 copy of the weights:
   it runs through ``torch.compile`` per parameter shape, which needs a compiler on the node and recompiles for
   every shape (minutes on CPU), so it is not used.
 - ``adamw_8bit`` / ``paged_adamw_8bit`` / ``paged_adamw_32bit``: bitsandbytes' optimizers, whose kernels round
-  the updated bf16 weight to nearest. Here each parameter is updated in fp32 (a temporary copy of that one
-  parameter and its gradient) and written back to bf16 with stochastic rounding: unbiased, so small updates
-  survive in expectation, with no persistent extra memory. The optimizer states stay 8-bit (or 32-bit) exactly
+  the updated bf16 weight to nearest. Here each parameter is updated in fp32 (a temporary copy of a slice of
+  at most 16M elements of the parameter and its gradient) and written back to bf16 with stochastic rounding:
+  unbiased, so small updates survive in expectation, with no persistent extra memory. The optimizer states stay 8-bit (or 32-bit) exactly
   as bitsandbytes keeps them.
 """
 
@@ -24,6 +24,8 @@ import torch
 
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 BETAS = (0.9, 0.999)
+SLICE_ELEMENTS = 1 << 24  # fp32 temporaries of the stochastic-rounding update: 2 x 64 MiB at most
+STATE_BLOCK = 256  # bitsandbytes' 8-bit optimizer states keep one absmax per 256 elements
 EPS = 1e-8
 
 
@@ -36,20 +38,41 @@ def stochastic_round_to_bf16(value: torch.Tensor) -> torch.Tensor:
 
 
 def _stochastic_rounding_class(base: type) -> type:
-    """A subclass of bitsandbytes optimizer `base` that updates bf16 parameters in fp32 with stochastic rounding."""
+    """A subclass of bitsandbytes optimizer `base` that updates bf16 parameters in fp32 with stochastic rounding.
+
+    The fp32 copy is made for SLICE_ELEMENTS of a parameter at a time (with the matching slices of the optimizer
+    states and of their per-256-element absmax), so the temporary stays small even for an embedding matrix.
+    """
 
     def update_step(self, group, p, gindex, pindex):  # noqa: ANN001 - bitsandbytes' signature
         if p.dtype != torch.bfloat16:
             return base.update_step(self, group, p, gindex, pindex)
+        state = self.state[p]
+        saved = dict(state)
         weight, grad = p.data, p.grad
-        p.data = weight.float()
-        p.grad = grad.float()
+        flat_w, flat_g = weight.contiguous().view(-1), grad.contiguous().view(-1)
+        n = flat_w.numel()
         try:
-            base.update_step(self, group, p, gindex, pindex)
-            updated = p.data
+            for start in range(0, n, SLICE_ELEMENTS):
+                end = min(n, start + SLICE_ELEMENTS)
+                state["step"] = saved["step"]  # bitsandbytes counts one step per call
+                for key in ("state1", "state2"):
+                    if isinstance(saved.get(key), torch.Tensor):
+                        state[key] = saved[key].view(-1)[start:end]
+                for key in ("absmax1", "absmax2"):
+                    if isinstance(saved.get(key), torch.Tensor):
+                        state[key] = saved[key][start // STATE_BLOCK:-(-end // STATE_BLOCK)]
+                p.data = flat_w[start:end].float()
+                p.grad = flat_g[start:end].float()
+                base.update_step(self, group, p, gindex, pindex)
+                flat_w[start:end].copy_(stochastic_round_to_bf16(p.data))
         finally:
+            step = state["step"]
+            state.update(saved)
+            state["step"] = step
             p.data, p.grad = weight, grad
-        weight.copy_(stochastic_round_to_bf16(updated))
+        if flat_w.data_ptr() != weight.data_ptr():
+            weight.copy_(flat_w.view_as(weight))
         return None
 
     return type(f"StochasticRounding{base.__name__}", (base,), {"update_step": update_step})
