@@ -94,6 +94,25 @@ def test_counter_peak_matches_torch_profiler_on_a_real_cpu_lora_step():
     assert counter.allocated == start  # everything the step allocated was freed again
 
 
+def test_counter_frees_views_once_and_keeps_paged_storage_out_of_the_peak():
+    counter = StorageCounter()
+    with counter:
+        a = torch.empty(1000, dtype=torch.float32)
+        view = a[:10]
+        assert counter.allocated == 4000
+        with counter.paged_allocations():
+            paged = torch.zeros(5000, dtype=torch.uint8)
+        assert (counter.allocated, counter.paged_bytes, counter.peak_bytes) == (4000, 5000, 4000)
+        del a
+        assert counter.allocated == 4000  # the view keeps the storage alive
+        del view
+        assert counter.allocated == 0
+        b = torch.empty(250, dtype=torch.float64)
+    assert counter.peak_bytes == 4000 and counter.peak_breakdown()["activations"] == 4000
+    assert counter.allocated == 2000 and counter.paged_bytes == 5000
+    del b, paged
+
+
 def _tiny_checkpoint(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -13,10 +13,11 @@ after the step) is labelled the same way in the peak snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -56,7 +57,7 @@ class StorageCounter(TorchDispatchMode):
 
     `run_op(func, args, kwargs)`, when given, replaces the plain `func(*args, **kwargs)` call (it runs below
     this mode, so whatever it allocates and returns is counted; temporaries it frees itself are added with
-    `track`). Paged storages (marked with `mark_paged`) are kept apart from the allocator total.
+    `track`). Paged storages (allocated inside `paged_allocations()`) are kept apart from the allocator total.
     """
 
     def __init__(self, run_op: RunOp | None = None) -> None:
@@ -73,6 +74,7 @@ class StorageCounter(TorchDispatchMode):
         self.phase = ""
         self.where = ""
         self.ops = 0
+        self._paged = False
 
     # ------------------------------------------------------------------ tracking
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -101,6 +103,7 @@ class StorageCounter(TorchDispatchMode):
                 self._grow(entry, nbytes - entry.nbytes)
             return entry
         entry = _Entry(nbytes, str(op))
+        entry.paged = self._paged
         entry.ref = weakref.ref(storage, partial(self._freed, key))
         self._live[key] = entry
         self._grow(entry, nbytes)
@@ -179,14 +182,15 @@ class StorageCounter(TorchDispatchMode):
         """The entries alive now."""
         return list(self._live.values())
 
-    def mark_paged(self, tensor: torch.Tensor) -> None:
-        """Move `tensor`'s storage out of the allocator total into the paged total (unified memory)."""
-        entry = self.track(tensor, "paged")
-        if entry is None or entry.paged:
-            return
-        self.allocated -= entry.nbytes
-        entry.paged = True
-        self.paged_bytes += entry.nbytes
+    @contextlib.contextmanager
+    def paged_allocations(self) -> Iterator[None]:
+        """Storages allocated inside this block are paged (CUDA unified memory): counted apart from the
+        allocator total and its peak."""
+        self._paged, previous = True, self._paged
+        try:
+            yield
+        finally:
+            self._paged = previous
 
     def reset_peak(self) -> None:
         """Start a new peak from what is alive now (e.g. after building the model)."""

@@ -5,7 +5,7 @@
   parameters at the step, so the trace makes them take the CUDA default.
 - bitsandbytes' paged optimizers keep their large state buffers (>= 1e5 elements) in CUDA unified memory,
   outside PyTorch's allocator; on CPU they fall back to ordinary tensors. The trace allocates them as
-  ordinary fake tensors and marks them paged, so they are reported apart from the allocator peak.
+  ordinary fake tensors counted as paged, so they are reported apart from the allocator peak.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def cuda_optimizer_defaults() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def paged_optimizer_states(mark_paged) -> Iterator[None]:
-    """While active, bitsandbytes paged optimizers allocate their large states as fake tensors passed to
-    `mark_paged(tensor)` (no-op without bitsandbytes)."""
+def paged_optimizer_states(paged_allocations) -> Iterator[None]:
+    """While active, bitsandbytes paged optimizers allocate their large states inside `paged_allocations()`
+    (a context manager, e.g. StorageCounter.paged_allocations); no-op without bitsandbytes."""
     try:
         from bitsandbytes.optim.optimizer import Optimizer8bit
     except ImportError:
@@ -66,10 +66,10 @@ def paged_optimizer_states(mark_paged) -> Iterator[None]:
     original = Optimizer8bit.get_state_buffer
 
     def get_state_buffer(self, p, dtype=torch.float32):
-        buffer = torch.zeros_like(p, dtype=dtype)
         if self.is_paged and p.numel() >= PAGED_MIN_ELEMENTS:
-            mark_paged(buffer)
-        return buffer
+            with paged_allocations():
+                return torch.zeros_like(p, dtype=dtype)
+        return torch.zeros_like(p, dtype=dtype)
 
     Optimizer8bit.get_state_buffer = get_state_buffer
     try:

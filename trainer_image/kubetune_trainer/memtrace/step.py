@@ -370,7 +370,7 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         stack.enter_context(config_loader(cfg, build_log, without_modes=_disable_current_modes))
         stack.enter_context(cuda_attention(kernels, force_flash=force_flash))
         stack.enter_context(cuda_optimizer_defaults())
-        stack.enter_context(paged_optimizer_states(counter.mark_paged))
+        stack.enter_context(paged_optimizer_states(counter.paged_allocations))
 
         counter.phase = "model build"
         recipe = _recipe_for_trace(plan, precision, attn)
