@@ -186,6 +186,8 @@ def test_unknown_model_type_is_refused_naming_what_is_missing():
         trace_step(settings, custom)
     with pytest.raises(UnsupportedModel, match="no model_type"):
         trace_step(settings, {"hidden_size": 64})
+    with pytest.raises(UnsupportedModel, match="pre-quantized.*quant_method gptq"):
+        trace_step(settings, {**TINY_LLAMA, "quantization_config": {"quant_method": "gptq", "bits": 4}})
 
 
 def test_tiny_trace_reports_a_consistent_peak_for_each_method():

@@ -8,7 +8,7 @@ changes around that call (dtypes, quantization, LoRA wrapping, gradient checkpoi
 
 `resolve_config` turns a config.json dict into a transformers config and raises `UnsupportedModel`, naming
 what is missing, for architectures the trace cannot build (unknown `model_type`, custom code that needs
-`trust_remote_code`, no causal-LM class, 8-bit quantization).
+`trust_remote_code`, no causal-LM class, pre-quantized checkpoints, 8-bit quantization).
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def resolve_config(config: Any, *, trust_remote_code: bool = False):
             f"model_type {cfg.model_type!r} loads custom code with trust_remote_code "
             f"(auto_map AutoModelForCausalLM: {auto_map['AutoModelForCausalLM']}); the trace cannot run code "
             "that is not part of transformers")
+    prequantized = getattr(cfg, "quantization_config", None)
+    if prequantized:
+        method = prequantized.get("quant_method", "?") if isinstance(prequantized, Mapping) else \
+            getattr(prequantized, "quant_method", "?")
+        raise UnsupportedModel(f"the checkpoint is pre-quantized (quantization_config quant_method {method}); the "
+                               "trace emulates only bitsandbytes 4-bit quantization applied at load time")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
