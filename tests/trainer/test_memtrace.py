@@ -191,6 +191,11 @@ def test_unknown_model_type_is_refused_naming_what_is_missing():
 
 
 def test_tiny_trace_reports_a_consistent_peak_for_each_method():
+    import torch.utils
+    from transformers import AutoModelForCausalLM
+
+    patched = (AutoModelForCausalLM.from_pretrained, torch.nn.functional.scaled_dot_product_attention,
+               torch.utils.swap_tensors)
     for method in ("full", "lora", "qlora"):
         if method == "qlora":
             pytest.importorskip("bitsandbytes")
@@ -204,6 +209,8 @@ def test_tiny_trace_reports_a_consistent_peak_for_each_method():
         assert report.breakdown["optimizerStates"] > 0
         assert report.to_dict()["peakBytes"] == report.peak_bytes
         assert report.padded_batch and report.attention.startswith("memory_efficient")  # a padded batch has a mask
+    assert (AutoModelForCausalLM.from_pretrained, torch.nn.functional.scaled_dot_product_attention,
+            torch.utils.swap_tensors) == patched  # everything the trace patches is restored
 
 
 def test_attention_is_the_kernel_cuda_picks_not_the_cpu_math_kernel():
