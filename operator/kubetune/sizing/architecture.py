@@ -167,19 +167,27 @@ class Architecture:
         )
 
     def quantizable_params(self) -> int:
-        """Parameters bitsandbytes stores in 4 bit for QLoRA: weights of decoder-layer linears and experts.
+        """Parameters bitsandbytes stores in 4 bit for QLoRA: weights of the decoder layers' nn.Linear modules.
 
-        Embeddings, lm_head, norms, biases and the router stay in the compute dtype.
+        Embeddings, lm_head, norms, biases, the router and fused MoE expert tensors (3-D parameters, not
+        nn.Linear modules, which bitsandbytes does not replace) stay in the compute dtype.
         """
         linear = sum(m.in_features * m.out_features for m in self.layer_linears())
-        experts = self.expert_params_per_layer() - (self.hidden_size * self.num_local_experts if self.is_moe else 0)
-        return self.num_hidden_layers * (linear + experts)
+        return self.num_hidden_layers * linear
 
     def largest_linear_params(self) -> int:
         """Weight elements of the biggest single decoder-layer matrix (QLoRA dequantizes one at a time)."""
         sizes = [m.in_features * m.out_features for m in self.layer_linears()]
         if self.is_moe:
             sizes.append(self.hidden_size * 2 * self.intermediate_size)
+        return max(sizes)
+
+    def largest_param_tensor(self) -> int:
+        """Elements of the biggest single parameter tensor (embedding, lm_head, a linear or a fused expert
+        tensor): optimizer steps that work one tensor at a time size their temporaries by it."""
+        sizes = [self.embedding_params(), self.lm_head_params(), self.largest_linear_params()]
+        if self.is_moe:
+            sizes.append(self.num_local_experts * self.hidden_size * 2 * self.intermediate_size)
         return max(sizes)
 
     def with_overrides(self, **changes: Any) -> "Architecture":

@@ -33,6 +33,9 @@ NF4_BLOCK = 64  # bitsandbytes 4-bit block size (one absmax per 64 weights)
 DQ_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax values
 QLORA_UNQUANTIZED_BYTES = 2  # QLoRA: parameters left unquantized stay in the bf16 compute dtype (no k-bit upcast)
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=True)
+LOSS_CHUNK_LOGIT_BYTES = 256 * MiB  # the trainer's loss: fp32 logits of at most 256 MiB per chunk
+LOSS_MIN_CHUNK_TOKENS = 64
+STOCHASTIC_ROUNDING_SLICE = 1 << 24  # elements per fp32 update slice around bitsandbytes (kubetune_trainer.optim)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class TrainingSetup:
     packing: bool = False
     gradient_checkpointing: bool = True
     attention: str = "sdpa"  # sdpa | flash | eager
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    master_weights: str = "auto"  # full fine-tuning: auto | fp32 | none (training.masterWeights)
+    optimizer_in_backward: bool | None = None  # None = auto (training.optimizerInBackward)
+    activation_offloading: bool = False
+    liger_kernels: bool = False
 
     def __post_init__(self) -> None:
         for value, allowed, what in ((self.method, METHODS, "method"), (self.optimizer, OPTIMIZERS, "optimizer"),
@@ -113,7 +122,12 @@ class Parallelism:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak bytes per GPU of one training step, term by term (see docs/sizing.md)."""
+    """Peak bytes per GPU of one training step, term by term (see docs/sizing.md).
+
+    Weights, master weights and optimizer states live through the whole step; gradients, activations (with
+    the step's temporaries) and logits (the loss buffers) are those alive at the step's peak moment, named
+    in `notes`.
+    """
 
     weights: int
     master_weights: int
@@ -189,20 +203,45 @@ def nf4_bytes_per_param(double_quant: bool) -> float:
     return 0.5 + 4 / NF4_BLOCK
 
 
-def weight_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int) -> int:
+def full_weights_dtype(setup: TrainingSetup, strategy: str = "none") -> str:
+    """Dtype of a full fine-tune's trainable weights, as the trainer resolves training.masterWeights.
+
+    `auto`: bf16 weights and gradients without an fp32 master copy when the run computes in bf16 outside
+    DeepSpeed (the update is Kahan-compensated or stochastically rounded: kubetune_trainer.optim); fp32
+    weights with autocast otherwise. DeepSpeed keeps bf16/fp16 module weights and its own fp32 master
+    partition ("deepspeed").
+    """
+    if strategy == "deepspeed":
+        return "deepspeed"
+    if setup.precision == "fp32":
+        return "fp32"
+    if setup.master_weights == "none" or (setup.master_weights == "auto" and setup.precision == "bf16"):
+        return "bf16"
+    return "fp32"
+
+
+def optimizer_in_backward(setup: TrainingSetup, strategy: str = "none") -> bool:
+    """Whether the trainer fuses the optimizer step into backward (training.optimizerInBackward; auto =
+    one process, no gradient accumulation, no clipping, not fp16)."""
+    possible = (strategy == "none" and setup.gradient_accumulation_steps == 1 and setup.max_grad_norm <= 0
+                and setup.precision != "fp16")
+    return possible if setup.optimizer_in_backward is None else bool(setup.optimizer_in_backward) and possible
+
+
+def weight_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int, strategy: str = "none") -> int:
     """Model weights on the GPU (unpartitioned).
 
-    full: every parameter in the compute dtype (bf16/fp16: 2 B, fp32: 4 B); the fp32 master
-    copy mixed precision needs is a separate term. lora: frozen base in the compute dtype plus
-    fp32 adapters. qlora: decoder linears in NF4 (see nf4_bytes_per_param) or int8, fp32 adapters, and
-    embeddings, lm_head, norms and biases in fp32: the trainer's k-bit preparation
-    (peft.prepare_model_for_kbit_training) upcasts every parameter that is not quantized to fp32
-    (checked on the trainer's own QLoRA path in tests/trainer/test_qlora_dtypes.py).
+    full: bf16 (2 B) without a master copy, fp32 (4 B) with masterWeights fp32 or fp16 loss scaling, and
+    the compute dtype under DeepSpeed (whose fp32 master partition is a separate term). lora: frozen base
+    in the compute dtype plus fp32 adapters. qlora: decoder linears in NF4 (see nf4_bytes_per_param) or
+    int8, fp32 adapters, and embeddings, lm_head, norms and biases in the compute dtype (the trainer does
+    not upcast them: tests/trainer/test_qlora_dtypes.py).
     """
     p = arch.total_params()
     b = setup.compute_bytes
     if setup.method == "full":
-        return p * b
+        dtype = full_weights_dtype(setup, strategy)
+        return p * (4 if dtype == "fp32" else b)
     adapters = n_trainable * ADAPTER_BYTES
     if setup.method == "lora":
         return p * b + adapters
@@ -211,69 +250,132 @@ def weight_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int) -> 
         + adapters
 
 
-def master_weight_bytes(setup: TrainingSetup, n_trainable: int) -> int:
-    """fp32 master copy of the trainable weights: needed for full fine-tuning in bf16/fp16 (4 B/param).
+def master_weight_bytes(setup: TrainingSetup, n_trainable: int, strategy: str = "none") -> int:
+    """fp32 master copy of the trainable weights: only DeepSpeed's bf16/fp16 mode keeps one (4 B/param).
 
-    LoRA adapters are already fp32 and fp32 training updates the weights in place: 0.
+    The native trainer either trains bf16 weights directly (no copy) or keeps the weights themselves in
+    fp32 (counted as weights); LoRA adapters are fp32 already.
     """
-    return n_trainable * 4 if setup.method == "full" and setup.precision != "fp32" else 0
+    if setup.method != "full" or setup.precision == "fp32":
+        return 0
+    return n_trainable * 4 if full_weights_dtype(setup, strategy) == "deepspeed" else 0
 
 
-def gradient_bytes(setup: TrainingSetup, n_trainable: int) -> int:
+def gradient_bytes(setup: TrainingSetup, n_trainable: int, strategy: str = "none") -> int:
     """Gradients of the trainable parameters, in the dtype of those parameters.
 
-    full: compute dtype (2 B in bf16/fp16, 4 B in fp32). lora/qlora: fp32 adapters -> 4 B.
-    They live across gradient-accumulation micro steps, so they count at the peak.
+    full: the weight dtype (bf16 2 B, fp32 4 B; DeepSpeed: the compute dtype). lora/qlora: fp32 adapters
+    -> 4 B. They live from backward to the optimizer step and across gradient-accumulation micro steps.
     """
-    per = setup.compute_bytes if setup.method == "full" else ADAPTER_BYTES
-    return n_trainable * per
+    if setup.method != "full":
+        return n_trainable * ADAPTER_BYTES
+    return n_trainable * (4 if full_weights_dtype(setup, strategy) == "fp32" else setup.compute_bytes)
 
 
-def optimizer_state_bytes(setup: TrainingSetup, n_trainable: int) -> int:
+# 8-bit optimizer states: two uint8 states plus one fp32 absmax per 256-value block each (bitsandbytes'
+# blockwise 8-bit optimizers)
+BNB_8BIT_BYTES = 2.0 + 8 / 256
+
+
+def optimizer_state_bytes(setup: TrainingSetup, n_trainable: int, strategy: str = "none") -> int:
     """Optimizer states per trainable parameter.
 
-    AdamW (and paged 32-bit): exp_avg + exp_avg_sq in fp32 = 8 B. 8-bit AdamW (bitsandbytes,
-    paged or not): two uint8 states = 2 B (+ one fp32 absmax per 2048-value block per state,
-    ~0.004 B). SGD as the trainer configures it (no momentum): 0. Paged optimizers can be
-    evicted to host RAM under pressure, but the sizer does not count on it.
+    bf16 full fine-tuning (no master copy): torch-optimi's Kahan-summed AdamW keeps exp_avg, exp_avg_sq
+    and the compensation buffer in bf16 (6 B); its SGD the momentum and the compensation (4 B).
+    fp32 parameters (LoRA adapters, fp32 full weights, DeepSpeed's master partition): torch AdamW 8 B,
+    SGD with momentum 0.9 4 B. bitsandbytes 8-bit AdamW (paged or not): two uint8 states and their
+    block absmax (BNB_8BIT_BYTES); paged 32-bit AdamW: 8 B. Paged states can be evicted to host RAM under
+    pressure, but the sizer does not count on it.
     """
-    per = {"adamw": 8.0, "paged_adamw_32bit": 8.0, "adamw_8bit": 2.0 + 8 / 2048,
-           "paged_adamw_8bit": 2.0 + 8 / 2048, "sgd": 0.0}[setup.optimizer]
+    bf16_full = setup.method == "full" and full_weights_dtype(setup, strategy) == "bf16"
+    if setup.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        per = BNB_8BIT_BYTES
+    elif setup.optimizer == "paged_adamw_32bit":
+        per = 8.0
+    elif setup.optimizer == "sgd":
+        per = 2 * setup.compute_bytes if bf16_full else 4.0
+    else:
+        per = 3 * setup.compute_bytes if bf16_full else 8.0
     return int(n_trainable * per)
+
+
+def step_temporary_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int, strategy: str = "none") -> int:
+    """Temporaries of the optimizer step, on top of weights, gradients and states.
+
+    bf16 full fine-tuning: optimi's foreach AdamW holds one bf16 temporary the size of the largest
+    parameter (2 B x largest); around bitsandbytes each parameter is updated in fp32 and stochastically
+    rounded back, a slice of at most 16M elements at a time (fp32 copies of the weight and gradient slice,
+    the random bits, their sum and the masked result: 20 B x slice).
+    fp32 weights: torch's foreach AdamW allocates an fp32 temporary for every parameter at once (4 B x n).
+    LoRA adapters are small; their foreach temporary (4 B x n) is counted the same way.
+    """
+    if setup.optimizer == "sgd" and setup.method == "full" and full_weights_dtype(setup, strategy) == "bf16":
+        return 0
+    if setup.method == "full" and full_weights_dtype(setup, strategy) == "bf16":
+        largest = arch.largest_param_tensor()
+        if setup.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+            return 20 * min(largest, STOCHASTIC_ROUNDING_SLICE)
+        return 2 * largest
+    if setup.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        return 0
+    return n_trainable * 4 if setup.optimizer == "adamw" else 0
+
+
+def attention_mask_kind(setup: TrainingSetup) -> str:
+    """Which attention kernel path a CUDA run takes: 'flash' (no mask: k/v stay narrow with GQA),
+    'masked' (SDPA's memory-efficient kernel with a mask: k/v repeated to all heads, an additive mask in
+    the compute dtype saved per layer) or 'eager'.
+
+    transformers passes no mask to SDPA for an unpadded, unpacked batch (one row, or padding-free rows);
+    packed rows (position_ids restart per example) and padded batches get a 4-D mask. flash_attention_2
+    never takes a mask (packed rows run as variable-length sequences).
+    """
+    if setup.attention == "eager":
+        return "eager"
+    if setup.attention == "flash":
+        return "flash"
+    return "masked" if (setup.packing or setup.micro_batch_size > 1) else "flash"
 
 
 def layer_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
     """Bytes autograd saves for backward in one decoder layer, per token (no checkpointing).
 
-    Counted from what PyTorch keeps for each op of a transformers decoder layer (a = bytes of
-    the compute dtype, H hidden, I intermediate, q = heads x head_dim, kv = key/value width):
+    Counted from what PyTorch keeps for each op of a transformers decoder layer (a = bytes of the
+    compute dtype, H hidden, I intermediate, q = heads x head_dim, kv = key/value width):
       RMSNorm: fp32 upcast of its input (4H) [+ normalized input aH if the norm weight trains]
-      q/k/v: the projected q, k, v after RoPE (a(q + 2kv); SDPA/eager repeat k/v to all heads
-      for GQA, flash-attn does not) [+ the shared input aH if the projections train]
-      attention core: SDPA/flash: output aq + fp32 logsumexp 4*heads; eager: fp32 softmax and
-      its bf16 copy (4 + a) x heads x s per token (the s^2 term), plus the tanh output with
-      logit soft-capping (Gemma 2)
+      q/k/v after RoPE: a(q + 2kv) when the kernel takes grouped k/v (flash); with a mask SDPA's
+      memory-efficient kernel gets k/v repeated to all heads (3aq); fused qkv (Phi-3) keeps the whole
+      projection output alive through the v view [+ the shared input aH if the projections train]
+      attention core: output aq + fp32 logsumexp 4 x heads (flash, memory-efficient) or the fp32 softmax
+      and its copy (4 + a) x heads x s (eager, the s^2 term; plus the tanh output with soft-capping)
       o_proj input aq (if trained); MLP: act input aI, act output aI, up output aI,
       [+ MLP input aH and down input aI if trained]; MoE: the same per routed expert copy,
       plus router logits.
-      LoRA per adapted module: its input copy in fp32 (peft casts to the adapter dtype) 4 x in,
-      a 1-byte dropout mask x in when dropout > 0, and the rank-r intermediate 4r.
+      LoRA per adapted module: its input recast to the compute dtype by autocast (a x in; peft first
+      casts to the fp32 adapter dtype, autocast back), a 1-byte dropout mask x in when dropout > 0, and
+      the rank-r intermediate a x r.
     """
     a = setup.compute_bytes
     h, i, s = arch.hidden_size, arch.intermediate_size, setup.seq_length
     full = setup.method == "full"
     heads = arch.num_attention_heads
-    kv = arch.kv_dim if setup.attention == "flash" else arch.q_dim  # repeat_kv outside flash-attn
+    kind = attention_mask_kind(setup)
+    kv = arch.kv_dim if kind == "flash" else arch.q_dim  # repeat_kv unless the kernel takes grouped k/v
     norm = 4 * h + (a * h if full else 0)
     per = arch.norms_per_layer * norm
     # attention
-    per += a * (arch.q_dim + 2 * kv)
-    if setup.attention == "eager":
+    if arch.fused_projections:
+        per += a * (arch.q_dim + kv) + a * (arch.q_dim + 2 * arch.kv_dim)  # q, k after RoPE; v keeps the qkv output
+    else:
+        per += a * (arch.q_dim + 2 * kv)
+    if kind == "eager":
         per += (4 + a) * heads * s
         if arch.attn_logit_softcapping:
             per += a * heads * s
     else:
         per += a * arch.q_dim + 4 * heads
+    if kind == "masked":
+        per += a * setup.seq_length  # the additive mask the kernel makes from the boolean one, per layer
     if full:
         per += a * h + a * arch.q_dim  # inputs of q/k/v (shared) and o_proj
     # MLP
@@ -292,6 +394,7 @@ def layer_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup) -
 
 def _lora_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
     """LoRA's own saved tensors per token and layer (see layer_activation_bytes_per_token)."""
+    a = setup.compute_bytes
     mask = 1 if setup.lora_dropout > 0 else 0
     total = 0.0
     for t in resolve_lora_targets(arch, setup.target_modules):
@@ -299,57 +402,110 @@ def _lora_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup) -
             continue  # outside the decoder layers; lm_head LoRA is counted with the logits
         rank = setup.lora_r * t.rank_multiplier
         routed = arch.num_experts_per_tok if t.module.name.startswith("experts.") else 1
-        total += routed * ((ADAPTER_BYTES + mask) * t.module.in_features + ADAPTER_BYTES * rank)
+        total += routed * ((a + mask) * t.module.in_features + a * rank)
     return total
 
 
-def activation_bytes(arch: Architecture, setup: TrainingSetup) -> int:
-    """Activation memory at the peak of backward for one micro batch.
+def chunk_tokens(arch: Architecture, setup: TrainingSetup) -> int:
+    """Tokens per loss chunk: fp32 logits of at most 256 MiB per chunk (kubetune_trainer.loss), at most a
+    micro batch."""
+    return min(setup.tokens, max(LOSS_MIN_CHUNK_TOKENS, LOSS_CHUNK_LOGIT_BYTES // (4 * arch.vocab_size)))
 
-    Without checkpointing: every layer's saved tensors (L x per-layer x tokens).
-    With checkpointing (one checkpoint per decoder layer, as transformers does): each layer
-    keeps only its input (aH per token), and during backward one layer is recomputed, so its
-    full saved set is live once: L x aH x T + per-layer x T.
-    Both add the final norm, the lm_head input when lm_head trains, two hidden-size gradient
-    buffers flowing between layers (2aH x T), the padding attention mask when sequences are
-    padded (SDPA/eager: b x s x s bytes as bool/dtype), and for QLoRA one dequantized
-    weight matrix (the largest linear, in the compute dtype) that bitsandbytes materializes
-    per matmul.
+
+@dataclass(frozen=True)
+class _Moment:
+    """Transient bytes at one moment of the step: gradients alive, activations/temporaries, loss buffers."""
+
+    gradients: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.gradients + self.activations + self.logits
+
+
+def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, grads: int,
+                 strategy: str = "none") -> dict[str, _Moment]:
+    """The candidate peaks of one training step beyond weights and optimizer states (docs/sizing.md).
+
+    - loss backward: every layer's saved tensors (or checkpointed inputs), the hidden states the loss
+      keeps, and one loss chunk's fp32 buffers (log-softmax output, its gradient and the gradient of the
+      logits: 12 x chunk x V) plus the lm_head gradient being formed when lm_head trains;
+    - layer recompute (checkpointing): the checkpointed inputs of every layer plus the last layer's full
+      saved set, rebuilt for its backward, plus the gradients flowing through it;
+    - end of backward (full fine-tuning): every gradient plus the first layer's saved set;
+    - optimizer step: every gradient plus the step's temporaries.
+    Accumulated gradients of earlier micro-batches are alive through forward and backward (accumulation > 1).
+    Liger's fused linear cross-entropy (CUDA) is counted as the chunked loss, whose buffers it does not exceed.
     """
     a = setup.compute_bytes
     t = setup.tokens
-    h = arch.hidden_size
-    per_layer = layer_activation_bytes_per_token(arch, setup)
-    if setup.gradient_checkpointing:
-        layers = arch.num_hidden_layers * a * h * t + per_layer * t
-    else:
-        layers = arch.num_hidden_layers * per_layer * t
-    final_norm = (4 * h + (a * h if setup.method == "full" else 0)) * t
-    head_input = a * h * t if setup.method == "full" or "lm_head" in setup.target_modules else 0
-    grad_flow = 2 * a * h * t
+    h, v = arch.hidden_size, arch.vocab_size
+    L = arch.num_hidden_layers
+    full = setup.method == "full"
+    in_bwd = optimizer_in_backward(setup, strategy)
+    per_layer = int(layer_activation_bytes_per_token(arch, setup) * t)
+    layer_input = a * h * t
+    kind = attention_mask_kind(setup)
     mask = 0
-    if not setup.packing and setup.attention != "flash":
-        mask = setup.micro_batch_size * setup.seq_length * setup.seq_length * (1 if setup.attention == "sdpa" else a)
+    if kind != "flash":
+        mask = setup.micro_batch_size * setup.seq_length * setup.seq_length  # the boolean 4-D mask, once
+    one_layer = layer_input if setup.gradient_checkpointing else per_layer
+    # activation offloading keeps saved tensors in CPU memory; one layer's set is in transit at a time
+    saved = (one_layer if setup.activation_offloading else L * one_layer) + mask
+    final_norm = a * h * t if full else 0  # the normed output, saved when the norm weight trains
+    loss_hidden = 2 * a * h * t  # the completion-token hidden states the chunks read, and their copy
+    flow = a * h * t  # gradient of the hidden states flowing into the layers
+    c = chunk_tokens(arch, setup)
+    loss_chunk = 12 * c * v + (2 * a * c * v if arch.final_logit_softcapping else 0)
+    head_params = arch.vocab_size * h if not arch.tie_word_embeddings else arch.embedding_params()
+    head_grad = a * head_params if full else 0  # lm_head's gradient, formed at the start of backward
+    # gradients of the layer's intermediates while its backward runs (MLP and projection widths), with
+    # the dequantized QLoRA weight of the matmul being differentiated
+    # (LoRA: the adapter path's input gradient as well, cast through the fp32 adapter dtype)
+    layer_backward = (3 * a * (h + arch.intermediate_size) + (0 if full else a * h)) * t
     dequant = arch.largest_linear_params() * a if setup.method == "qlora" else 0
-    return int(layers + final_norm + head_input + grad_flow + mask + dequant)
+    accumulated = grads if setup.gradient_accumulation_steps > 1 else 0
+    chunks = -(-t // c)
+    moments = {
+        "loss backward": _Moment(accumulated + (head_grad if chunks > 1 else 0),
+                                 saved + final_norm + flow, loss_hidden + loss_chunk),
+    }
+    if head_grad and chunks > 1:
+        # lm_head's gradient summed over loss chunks: the running sum, the next chunk's part and their sum
+        moments["lm_head gradient"] = _Moment(accumulated + 3 * head_grad, saved + final_norm + flow, loss_hidden)
+    if setup.gradient_checkpointing:
+        moments["layer recompute"] = _Moment(accumulated + (0 if in_bwd else head_grad),
+                                             saved + per_layer + layer_backward + flow, 0)
+    if in_bwd:
+        largest = arch.largest_param_tensor()
+        # the gradient of the largest parameter, its fp32 copy and square for the norm, while the loss
+        # backward's buffers are still alive
+        moments["parameter step in backward"] = _Moment(a * largest, 8 * largest + saved + flow, loss_hidden)
+    else:
+        if full:
+            # the first layer's backward: every gradient but its own and the (untied) embedding's, which come last
+            end = (layer_input + per_layer if setup.gradient_checkpointing else per_layer) + layer_backward + flow
+            later = arch.layer_params() + (0 if arch.tie_word_embeddings else arch.embedding_params())
+            moments["end of backward"] = _Moment(grads - _ceil_div(grads * later, n_trainable), end, 0)
+        moments["optimizer step"] = _Moment(grads, step_temporary_bytes(arch, setup, n_trainable, strategy), 0)
+    return moments
+
+
+def activation_bytes(arch: Architecture, setup: TrainingSetup) -> int:
+    """Activations and temporaries at the step's peak moment (see step_moments), without gradients or loss."""
+    n = trainable_params(arch, setup.method, setup.target_modules, setup.lora_r)
+    m = max(step_moments(arch, setup, n, gradient_bytes(setup, n)).values(), key=lambda x: x.total)
+    return m.activations
 
 
 def logits_bytes(arch: Architecture, setup: TrainingSetup) -> int:
-    """Logits and cross-entropy buffers at their peak, the start of the loss backward: 12 x V per token.
-
-    transformers computes the logits in the compute dtype, upcasts them to fp32 for the loss
-    (`logits.float()`), and cross_entropy = log_softmax + nll_loss saves the fp32 log-softmax output
-    (4V). The trainer drops the model outputs before backward, so at the peak the live tensors are
-    that saved output, its incoming gradient and the gradient w.r.t. the fp32 logits: 3 x 4V.
-    (During forward: logits aV + fp32 copy 4V + log-softmax 4V = (8 + a)V <= 12V.) This is why a
-    128k-256k vocabulary dominates small models. Final-logit soft-capping (Gemma 2: tanh before the
-    upcast) keeps its tanh output and the capped logits as well (2aV).
-    """
-    a = setup.compute_bytes
-    per_token = 12 * arch.vocab_size
-    if arch.final_logit_softcapping:
-        per_token += 2 * a * arch.vocab_size
-    return int(per_token * setup.tokens)
+    """Loss buffers at the step's peak moment: the hidden states the loss keeps and one chunk's fp32 logits
+    buffers (12 x chunk tokens x V); never the full [tokens, vocab] logits (kubetune_trainer.loss)."""
+    n = trainable_params(arch, setup.method, setup.target_modules, setup.lora_r)
+    m = max(step_moments(arch, setup, n, gradient_bytes(setup, n)).values(), key=lambda x: x.total)
+    return m.logits
 
 
 def zero3_working_set_bytes(arch: Architecture, setup: TrainingSetup) -> int:
@@ -382,19 +538,22 @@ def fragmentation_bytes(persistent: int, transient: int) -> int:
 def estimate_memory(arch: Architecture, setup: TrainingSetup, par: Parallelism | None = None) -> MemoryEstimate:
     """Peak bytes per GPU for one training step of `arch` under `setup` and `par`.
 
-    ZeRO partitioning over the data-parallel world size N: stage 1 divides optimizer states and
-    fp32 master weights by N, stage 2 also gradients, stage 3 also the weights (plus the gathered
-    working set). Offloading the optimizer moves gradients, states and master weights to host RAM; offloading
-    parameters (stage 3) leaves only the working set on the GPU.
+    Weights, master weights and optimizer states live through the whole step; gradients, activations and
+    loss buffers are taken at the step's peak moment (step_moments). ZeRO partitioning over the
+    data-parallel world size N: stage 1 divides optimizer states and fp32 master weights by N, stage 2
+    also gradients, stage 3 also the weights (plus the gathered working set). Offloading the optimizer
+    moves gradients, states and master weights to host RAM; offloading parameters (stage 3) leaves only
+    the working set on the GPU.
     """
     par = par or Parallelism()
     n = max(par.world_size, 1)
+    strategy = par.strategy
     n_train = trainable_params(arch, setup.method, setup.target_modules, setup.lora_r)
-    weights = weight_bytes(arch, setup, n_train)
-    master = master_weight_bytes(setup, n_train)
-    grads_full = gradient_bytes(setup, n_train)
+    weights = weight_bytes(arch, setup, n_train, strategy)
+    master = master_weight_bytes(setup, n_train, strategy)
+    grads_full = gradient_bytes(setup, n_train, strategy)
     grads = grads_full
-    optim = optimizer_state_bytes(setup, n_train)
+    optim = optimizer_state_bytes(setup, n_train, strategy)
     notes: list[str] = []
     host = 0
     z = par.zero
@@ -415,14 +574,21 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, par: Parallelism |
         host += weights - zero3_working_set_bytes(arch, setup)
         weights = zero3_working_set_bytes(arch, setup)
         notes.append("parameters live in host RAM; only the gathered working set is on the GPU")
-    acts = activation_bytes(arch, setup)
-    logits = logits_bytes(arch, setup)
+    moments = step_moments(arch, setup, n_train, grads, strategy)
+    if z:  # DeepSpeed steps its own optimizer on partitions: no per-parameter step temporaries here
+        moments.pop("optimizer step", None)
+        moments["optimizer step"] = _Moment(grads, 0, 0)
+    moment_name, peak = max(moments.items(), key=lambda kv: kv[1].total)
+    notes.append(f"peak at the {moment_name}")
+    if optimizer_in_backward(setup, strategy):
+        notes.append("optimizer step fused into backward: gradients are freed parameter by parameter")
+    acts, logits = peak.activations, peak.logits
     comm = comm_buffer_bytes(arch, setup, par, grads_full)
-    frag = fragmentation_bytes(weights + master + grads + optim + comm, acts + logits)
+    frag = fragmentation_bytes(weights + master + optim + comm, peak.total)
     if setup.method == "qlora" and z >= 3:
         notes.append("QLoRA with ZeRO-3 needs bnb_4bit_quant_storage set to the compute dtype")
     return MemoryEstimate(
-        weights=weights, master_weights=master, gradients=grads, optimizer_states=optim,
+        weights=weights, master_weights=master, gradients=peak.gradients, optimizer_states=optim,
         activations=acts, logits=logits, comm_buffers=comm, cuda_context=CUDA_CONTEXT_BYTES,
         fragmentation=frag, total_params=arch.total_params(), trainable_params=n_train,
         host_offload=host, notes=tuple(notes),

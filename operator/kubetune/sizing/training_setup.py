@@ -7,6 +7,8 @@ from kubetune.api import FineTuneJobSpec, LoraSpec
 from .estimator import TrainingSetup
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# spec.training.attentionImplementation -> the kernel a CUDA run uses (auto: transformers' default, SDPA)
+ATTENTIONS = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash"}
 
 
 def resolve_precision(spec: FineTuneJobSpec, bf16_capable: bool = True) -> str:
@@ -38,4 +40,11 @@ def setup_from_spec(spec: FineTuneJobSpec, bf16_capable: bool = True, precision:
         seq_length=training.max_seq_length,
         packing=training.packing,
         gradient_checkpointing=training.gradient_checkpointing,
+        attention=ATTENTIONS.get(training.attention_implementation, "sdpa"),
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_grad_norm=training.max_grad_norm,
+        master_weights=training.master_weights,
+        optimizer_in_backward=training.optimizer_in_backward,
+        activation_offloading=training.activation_offloading,
+        liger_kernels=training.liger_kernels,
     )
