@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -181,31 +183,49 @@ def _catalog_config(name: str) -> dict[str, Any] | None:
     return None
 
 
+TRACE_TIMEOUT_SECONDS = 900
+
+
 def _trace(args: argparse.Namespace, name: str, estimate: MemoryEstimate) -> tuple[dict[str, Any], str]:
-    """(JSON, text) of the trainer's traced step for these flags, or why there is none (the estimate stands)."""
+    """(JSON, text) of the trainer's traced step for these flags, or why there is none (the estimate stands).
+
+    The trace runs the trainer's own code on fake tensors, so it needs the trainer package and torch: it runs
+    as `python -m kubetune_trainer.memtrace` in a subprocess (the operator package never imports either)."""
     fallback = "; the figure above is the analytic estimate only"
-    try:
-        from kubetune_trainer.memtrace import TraceError, plan_settings, trace_step
-    except ImportError as exc:
-        reason = f"the trace needs the trainer package and torch ({exc.name or exc} is not installed)"
-        return {"error": reason}, f"  trace not run: {reason}{fallback}"
     config = json.loads(Path(args.config).read_text()) if args.config else _catalog_config(name)
     if config is None:
         reason = f"no config.json for {name} (not a catalog model); pass --config"
         return {"error": reason}, f"  trace not run: {reason}{fallback}"
-    settings = plan_settings(
-        args.method, micro_batch_size=args.batch, seq_length=args.seq, lora_r=args.r,
+    settings = dict(
+        method=args.method, micro_batch_size=args.batch, seq_length=args.seq, lora_r=args.r,
         target_modules=[t.strip() for t in args.targets.split(",") if t.strip()], optimizer=args.optimizer,
         precision=args.precision, gradient_checkpointing=not args.no_checkpointing, packing=args.packing,
         attention=ATTENTION_FLAGS[args.attention], gradient_accumulation_steps=_TRAINING.gradient_accumulation_steps)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as cfg:
+        json.dump(config, cfg)
+        cfg.flush()
+        try:
+            run = subprocess.run([sys.executable, "-m", "kubetune_trainer.memtrace", "--settings", json.dumps(settings),
+                                  "--config", cfg.name, "--model-name", name],
+                                 capture_output=True, text=True, timeout=TRACE_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            reason = f"the trace took longer than {TRACE_TIMEOUT_SECONDS} s"
+            return {"error": reason}, f"  trace not available: {reason}{fallback}"
+    if "No module named" in run.stderr and run.returncode != 0:
+        missing = run.stderr.strip().splitlines()[-1]
+        reason = f"the trace needs the trainer package and torch ({missing})"
+        return {"error": reason}, f"  trace not run: {reason}{fallback}"
     try:
-        report = trace_step(settings, config, model_name=name)
-    except TraceError as exc:
-        return {"error": str(exc)}, f"  trace not available: {exc}{fallback}"
-    text = (f"traced step of the trainer (one process; tensors only, no CUDA context or fragmentation): "
-            f"{gib(report.peak_bytes):.2f} GiB beside the estimate's {gib(estimate.total):.2f} GiB\n"
-            + report.format_text("  "))
-    return report.to_dict(), text
+        answer = json.loads(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else {}
+    except ValueError:
+        answer = {}
+    if "report" not in answer:
+        reason = answer.get("error") or (run.stderr.strip().splitlines() or ["the trace failed"])[-1]
+        return {"error": reason}, f"  trace not available: {reason}{fallback}"
+    peak = int(answer["report"]["peakBytes"]) if "peakBytes" in answer["report"] else None
+    head = (f"traced step of the trainer (one process; tensors only, no CUDA context or fragmentation): "
+            f"{gib(peak):.2f} GiB beside the estimate's {gib(estimate.total):.2f} GiB\n" if peak is not None else "")
+    return answer["report"], head + answer["text"]
 
 
 def main(argv: list[str] | None = None) -> int:
