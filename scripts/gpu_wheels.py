@@ -5,8 +5,8 @@
 The device machine (see scripts/gpu-checks.sh) runs Python 3.12 with PyTorch, transformers, accelerate
 and many other packages preinstalled, and can fetch nothing. This downloads, for CPython 3.12 on
 manylinux x86-64, the trainer's pinned packages it lacks (bitsandbytes, datasets, peft, liger-kernel,
-pydantic, DeepSpeed as a source archive) and then, until nothing is missing, every requirement of those
-that is neither downloaded nor in the image: pip installs them there with --no-deps, so a missing one
+pydantic, torch-optimi, DeepSpeed as a source archive) and then, until nothing is missing, every
+requirement of those that is neither downloaded nor in the image: pip installs them there with --no-deps, so a missing one
 would only show as an ImportError on the GPU, in device time. It fails when something cannot be found or
 when the wheels and the working tree would not fit the 64 MiB a device call carries.
 """
@@ -62,8 +62,12 @@ DEVICE_VERSIONS = {"torch": "2.11.0", "transformers": "5.17.0", "accelerate": "1
                    "safetensors": "0.8.0", "tokenizers": "0.23.2", "numpy": "2.5.2", "triton": "3.6.0"}
 
 # What the GPU checks import that the image lacks, or has at a version that may differ from our pin
-# (peft): pinned as in trainer_image/requirements.txt and pyproject.toml.
-CARRY_PINNED = ("bitsandbytes", "datasets", "peft", "liger-kernel", "pydantic")
+# (peft): pinned as in trainer_image/requirements.txt and pyproject.toml. torch-optimi: the trainer's
+# Kahan-summed optimizers for bf16 full fine-tuning (kubetune_trainer.optim), its only requirement is torch.
+CARRY_PINNED = ("bitsandbytes", "datasets", "peft", "liger-kernel", "pydantic", "torch-optimi")
+# Trainer requirements the GPU checks never import, so they are not carried (tests/unit/test_gpu_wheels.py
+# checks every requirement of the trainer extra is in the image, carried, or named here with its reason).
+NOT_CARRIED = {"minio": "S3 storage client, imported only for s3:// URIs; the GPU checks use local files"}
 SOURCE_ONLY = {"deepspeed"}  # no wheel on the index: carried as its source archive, built there
 EXTRA_PINS = ("deepspeed==0.19.8",)
 # transformers is in the image (5.17 when last read) and too large (13 MB) to carry beside

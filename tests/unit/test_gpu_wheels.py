@@ -75,6 +75,23 @@ def test_carried_pins_exist_in_the_trainer_requirements():
         assert "==" in pins[gw.canonicalize_name(name)], name
 
 
+@pytest.mark.unit
+def test_every_trainer_requirement_is_in_the_image_carried_or_left_out_with_a_reason():
+    """A package added to the trainer extra (torch-optimi was) must reach the GPU, or say why it need not."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["trainer"]
+    image = {gw.canonicalize_name(n) for n in gw.DEVICE_HAS}
+    carried = {gw.canonicalize_name(n) for n in gw.CARRY_PINNED}
+    left_out = {gw.canonicalize_name(n) for n in gw.NOT_CARRIED}
+    unplaced = [r for r in extra if gw.canonicalize_name(Requirement(r).name) not in image | carried | left_out]
+    assert unplaced == [], f"trainer requirements that would be missing on the GPU: {unplaced}"
+    assert "torch-optimi" in carried
+    assert all(gw.NOT_CARRIED.values())
+
+
 def test_gpu_checks_script_runs_its_steps_and_records_them(tmp_path):
     """`local tests` on this machine: imports everything, runs tests/gpu (skipped without CUDA, run with it)."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
