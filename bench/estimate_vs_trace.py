@@ -33,7 +33,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -176,13 +176,10 @@ def estimate_bytes(case: Case, layers: int | None) -> tuple[int, dict[str, int]]
                           attention="sdpa", gradient_accumulation_steps=case.gradient_accumulation_steps,
                           max_grad_norm=case.max_grad_norm, liger_kernels=case.liger)
     par = Parallelism("deepspeed", case.zero_stage, world_size=ZERO_WORLD) if case.zero_stage else Parallelism()
-    if case.zero_stage:
-        # the per-rank share of a single-process step: DeepSpeed's own buffers are configuration constants
-        e = estimate_memory(arch, setup, par)
-        gathered = zero3_working_set_bytes(arch, setup) if case.zero_stage == 3 else 0
-        return e.tensors - e.comm_buffers - gathered, e.breakdown()
     e = estimate_memory(arch, setup, par)
-    return e.tensors - e.comm_buffers, e.breakdown()
+    # ZeRO: the per-rank share of the step; DeepSpeed's gather working set and buckets are configuration constants
+    gathered = zero3_working_set_bytes(arch, setup) if case.zero_stage == 3 else 0
+    return e.tensors - e.comm_buffers - gathered, e.breakdown()
 
 
 def trace_bytes(case: Case, layers: int | None) -> tuple[int, dict[str, Any]]:

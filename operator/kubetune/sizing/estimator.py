@@ -432,10 +432,14 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     - loss backward: every layer's saved tensors (or checkpointed inputs), the hidden states the loss
       keeps, and one loss chunk's fp32 buffers (log-softmax output, its gradient and the gradient of the
       logits: 12 x chunk x V) plus the lm_head gradient being formed when lm_head trains;
+    - lm_head gradient (full, more than one loss chunk): its running sum, the next chunk's part and their sum;
     - layer recompute (checkpointing): the checkpointed inputs of every layer plus the last layer's full
-      saved set, rebuilt for its backward, plus the gradients flowing through it;
-    - end of backward (full fine-tuning): every gradient plus the first layer's saved set;
-    - optimizer step: every gradient plus the step's temporaries.
+      saved set, rebuilt for its backward, plus the gradients of its intermediates;
+    - end of backward (full fine-tuning): every gradient but the first layer's and the embedding's, plus the
+      first layer's saved set and backward working set;
+    - optimizer step: every gradient plus the step's temporaries (step_temporary_bytes);
+    - parameter step in backward (optimizerInBackward): the largest parameter's gradient, its fp32 copy and
+      square, instead of the last two.
     Accumulated gradients of earlier micro-batches are alive through forward and backward (accumulation > 1).
     Liger's fused linear cross-entropy (CUDA) is counted as the chunked loss, whose buffers it does not exceed.
     """
@@ -461,11 +465,10 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     loss_chunk = 12 * c * v + (2 * a * c * v if arch.final_logit_softcapping else 0)
     head_params = arch.vocab_size * h if not arch.tie_word_embeddings else arch.embedding_params()
     head_grad = a * head_params if full else 0  # lm_head's gradient, formed at the start of backward
-    # gradients of the layer's intermediates while its backward runs (MLP and projection widths), with
-    # the dequantized QLoRA weight of the matmul being differentiated
-    # (LoRA: the adapter path's input gradient as well, cast through the fp32 adapter dtype)
+    # gradients of the layer's intermediates while its backward runs (MLP and projection widths; LoRA: the
+    # adapter path's input gradient as well, cast through the fp32 adapter dtype). QLoRA's dequantized
+    # weight of the matmul being differentiated is freed before these peak (traced).
     layer_backward = (3 * a * (h + arch.intermediate_size) + (0 if full else a * h)) * t
-    dequant = arch.largest_linear_params() * a if setup.method == "qlora" else 0
     accumulated = grads if setup.gradient_accumulation_steps > 1 else 0
     chunks = -(-t // c)
     moments = {
@@ -485,7 +488,7 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
         moments["parameter step in backward"] = _Moment(a * largest, 8 * largest + saved + flow, loss_hidden)
     else:
         if full:
-            # the first layer's backward: every gradient but its own and the (untied) embedding's, which come last
+            # the first layer's backward: every gradient but its own and the (untied) embedding's (last)
             end = (layer_input + per_layer if setup.gradient_checkpointing else per_layer) + layer_backward + flow
             later = arch.layer_params() + (0 if arch.tie_word_embeddings else arch.embedding_params())
             moments["end of backward"] = _Moment(grads - _ceil_div(grads * later, n_trainable), end, 0)
