@@ -56,6 +56,18 @@ def resolve_optimizer_in_backward(requested: bool | None, problem: str) -> bool:
     return bool(requested)
 
 
+NORM_SLICE = 1 << 24  # elements per fp32 temporary when summing squared gradients
+
+
+def squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of `grad` in fp32, a slice at a time (no fp32 copy of a whole bf16 gradient)."""
+    flat = grad.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.numel(), NORM_SLICE):
+        total += flat[start:start + NORM_SLICE].float().square().sum()
+    return total
+
+
 def _offloading(enabled: bool, device: torch.device):
     """Saved activations go to (pinned, on CUDA) CPU memory during forward and come back for backward."""
     if not enabled:
@@ -108,7 +120,7 @@ class NativeEngine:
         so the optimizer's step touches this parameter only; its state lives in the one optimizer as usual
         (checkpoints and the LR schedule are unchanged).
         """
-        self._sq_norm += param.grad.detach().float().pow(2).sum()
+        self._sq_norm += squared_norm(param.grad)
         self._step_one(param)
         param.grad = None
 
@@ -149,8 +161,7 @@ class NativeEngine:
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in self._params
-                                                         if p.grad is not None]))
+            norm = torch.stack([squared_norm(p.grad) for p in self._params if p.grad is not None]).sum().sqrt()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

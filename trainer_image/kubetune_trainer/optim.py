@@ -71,7 +71,7 @@ def _stochastic_rounding_class(base: type) -> type:
             state.update(saved)
             state["step"] = step
             p.data, p.grad = weight, grad
-        if flat_w.data_ptr() != weight.data_ptr():
+        if not weight.is_contiguous():  # flat_w was a copy: write it back
             weight.copy_(flat_w.view_as(weight))
         return None
 
