@@ -12,8 +12,8 @@ weight. Two update rules avoid that without an fp32 copy of the weights:
 - ``adamw_8bit`` / ``paged_adamw_8bit`` / ``paged_adamw_32bit``: bitsandbytes' optimizers, whose kernels round
   the updated bf16 weight to nearest. Here each parameter is updated in fp32 (a temporary copy of a slice of
   at most 16M elements of the parameter and its gradient) and written back to bf16 with stochastic rounding:
-  unbiased, so small updates survive in expectation, with no persistent extra memory. The optimizer states stay 8-bit (or 32-bit) exactly
-  as bitsandbytes keeps them.
+  unbiased, so small updates survive in expectation, with no persistent extra memory. The optimizer states
+  stay 8-bit (or 32-bit) exactly as bitsandbytes keeps them.
 """
 
 from __future__ import annotations

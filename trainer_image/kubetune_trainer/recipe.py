@@ -181,7 +181,7 @@ class FineTuneRecipe:
             raise PlanError(f"training.torchCompile: {problem}; install one or turn torchCompile off")
 
     def _resolve_memory_features(self) -> None:
-        """Weight dtype of a full fine-tune, optimizer-in-backward, activation offloading (InvalidPlan if impossible)."""
+        """Weight dtype of a full fine-tune, optimizer-in-backward, activation offloading (InvalidPlan if not here)."""
         from kubetune_trainer.engine import in_backward_problem, resolve_optimizer_in_backward
         from kubetune_trainer.methods import resolve_full_weights
 
