@@ -36,6 +36,7 @@ ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=Tru
 LOSS_CHUNK_LOGIT_BYTES = 256 * MiB  # the trainer's loss: fp32 logits of at most 256 MiB per chunk
 LOSS_MIN_CHUNK_TOKENS = 64
 STOCHASTIC_ROUNDING_SLICE = 1 << 24  # elements per fp32 update slice around bitsandbytes (kubetune_trainer.optim)
+NORM_SLICE = 1 << 24  # elements per fp32 slice of the gradient norm (kubetune_trainer.engine.squared_norm)
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,8 @@ def optimizer_state_bytes(setup: TrainingSetup, n_trainable: int, strategy: str 
     return int(n_trainable * per)
 
 
-def step_temporary_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int, strategy: str = "none") -> int:
+def step_temporary_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int, strategy: str = "none",
+                         one_tensor: bool = False) -> int:
     """Temporaries of the optimizer step, on top of weights, gradients and states.
 
     bf16 full fine-tuning: optimi's foreach AdamW holds one bf16 temporary the size of the largest
@@ -307,7 +309,8 @@ def step_temporary_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: 
     rounded back, a slice of at most 16M elements at a time (fp32 copies of the weight and gradient slice,
     the random bits, their sum and the masked result: 20 B x slice).
     fp32 weights: torch's foreach AdamW allocates an fp32 temporary for every parameter at once (4 B x n).
-    LoRA adapters are small; their foreach temporary (4 B x n) is counted the same way.
+    LoRA adapters are small; their foreach temporary (4 B x n) is counted the same way. `one_tensor`: the
+    step of the largest tensor alone (optimizer in backward).
     """
     if setup.optimizer == "sgd" and setup.method == "full" and full_weights_dtype(setup, strategy) == "bf16":
         return 0
@@ -318,7 +321,9 @@ def step_temporary_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: 
         return 2 * largest
     if setup.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
         return 0
-    return n_trainable * 4 if setup.optimizer == "adamw" else 0
+    if setup.optimizer != "adamw":
+        return 0
+    return 4 * (min(n_trainable, arch.largest_param_tensor()) if one_tensor else n_trainable)
 
 
 def attention_mask_kind(setup: TrainingSetup) -> str:
@@ -438,10 +443,11 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     - end of backward (full fine-tuning): every gradient but the first layer's and the embedding's, plus the
       first layer's saved set and backward working set;
     - optimizer step: every gradient plus the step's temporaries (step_temporary_bytes);
-    - parameter step in backward (optimizerInBackward): the largest parameter's gradient, its fp32 copy and
-      square, instead of the last two.
+    - parameter step in backward (optimizerInBackward): the largest parameter's gradient, stepped alone
+      (the optimizer's temporaries for it and one fp32 norm slice), instead of the last two.
     Accumulated gradients of earlier micro-batches are alive through forward and backward (accumulation > 1).
-    Liger's fused linear cross-entropy (CUDA) is counted as the chunked loss, whose buffers it does not exceed.
+    Liger's fused linear cross-entropy (CUDA) is counted as the chunked loss: the trace runs the chunked loss
+    in its place, so Liger's own buffers (chunks of about T x H fp32 logits) are not modelled separately.
     """
     a = setup.compute_bytes
     t = setup.tokens
@@ -483,9 +489,11 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
                                              saved + per_layer + layer_backward + flow, 0)
     if in_bwd:
         largest = arch.largest_param_tensor()
-        # the gradient of the largest parameter, its fp32 copy and square for the norm, while the loss
-        # backward's buffers are still alive
-        moments["parameter step in backward"] = _Moment(a * largest, 8 * largest + saved + flow, loss_hidden)
+        # the largest parameter's gradient while it is stepped alone: the optimizer's temporaries for that
+        # tensor and the fp32 square of one norm slice, with the loss backward's hidden states still alive
+        norm = 8 * min(largest, NORM_SLICE)
+        temporaries = step_temporary_bytes(arch, setup, n_trainable, strategy, one_tensor=True) + norm
+        moments["parameter step in backward"] = _Moment(a * largest, temporaries + saved + flow, loss_hidden)
     else:
         if full:
             # the first layer's backward: every gradient but its own and the (untied) embedding's (last)
