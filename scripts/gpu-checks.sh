@@ -6,6 +6,7 @@
 #   there:       device run, carry [".whl"], from the repository root, e.g.
 #                  bash scripts/gpu-checks.sh env tests vram-qwen                 (timeout_s 600)
 #                  bash scripts/gpu-checks.sh env throughput                      (if time is left)
+#                  bash scripts/gpu-checks.sh env memory                          (~5 min: a lease of its own)
 #                  bash scripts/gpu-checks.sh env vram-llama                      (a later lease)
 #
 # Steps, run in the order given (a fresh machine is bare, so every call starts with `env`):
@@ -17,6 +18,10 @@
 #   vram-llama  bench/vram_accuracy.py --configs 'llama*'                 -> vram_accuracy-<gpu>-llama.json
 #   throughput  bench/train_throughput.py --device cuda, qwen2.5-0.5b (catalog config, random weights),
 #               lora, qlora and full                                       -> train_throughput-<gpu>-*.json
+#   memory      bench/memory_gpu.py, qwen2.5-0.5b lora/qlora/full: measured max_memory_allocated/reserved
+#               and tokens/s of the trainer and the plain transformers+peft step, beside the trace and
+#               the estimate                                               -> memory_gpu-<gpu>-qwen2.5-0.5b.json
+#   memory-1.5b the same for qwen2.5-1.5b                                  -> memory_gpu-<gpu>-qwen2.5-1.5b.json
 #   local       for a dry run on a machine without the wheels: use the Python and packages already there
 # Each step has its own time limit (STEP_TIMEOUT_<STEP>, seconds). Everything goes to $OUT (at most 8
 # files come back): summary.txt (one line per step: rc, seconds), steps.log (all output), the JSON files.
@@ -74,8 +79,9 @@ install_env() {
 smoke() {
     "$py" - <<'EOF'
 import importlib, sys
-mods = ["torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets", "liger_kernel",
-        "deepspeed", "pydantic", "yaml", "kubetune.sizing", "kubetune.builders", "kubetune_trainer.recipe"]
+mods = ["torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets", "liger_kernel", "optimi",
+        "deepspeed", "pydantic", "yaml", "kubetune.sizing", "kubetune.builders", "kubetune_trainer.recipe",
+        "kubetune_trainer.memtrace"]
 bad = 0
 for name in mods:
     try:
@@ -103,7 +109,7 @@ EOF
 }
 
 if [ $# -eq 0 ]; then
-    sed -n '2,23p' "$0"
+    sed -n '2,28p' "$0"
     exit 2
 fi
 export PYTHONPATH="$site:$root/operator:$root/trainer_image:$root/devtools${PYTHONPATH:+:$PYTHONPATH}"
@@ -137,6 +143,12 @@ for s in "$@"; do
                 --device cuda --model "$cfg" --method "$method" --steps "${THROUGHPUT_STEPS:-40}" \
                 --out "$out/train_throughput-$(gpu_slug)-qwen2.5-0.5b-$method.json" || status=1
         done
+        ;;
+    memory | memory-1.5b)
+        model=qwen2.5-0.5b
+        [ "$s" = memory-1.5b ] && model=qwen2.5-1.5b
+        step "$s" "${STEP_TIMEOUT_MEMORY:-420}" "$py" bench/memory_gpu.py --configs "$model-*" \
+            --steps "${MEMORY_STEPS:-6}" --out "$out/memory_gpu-$(gpu_slug)-$model.json" || status=1
         ;;
     *)
         echo "unknown step: $s" >&2
