@@ -109,6 +109,10 @@ def test_plain_bf16_adamw_loses_small_updates_that_the_compensated_rules_keep():
     assert abs(rounded.mean().item() - reference.mean().item()) < 2e-3
     plain_bnb = train(lambda ps: bnb_optimizer("adamw_8bit", ps, lr, bf16_weights=False), torch.bfloat16)
     assert torch.all(plain_bnb == 1.0), "bitsandbytes' own bf16 update was expected to round small steps away"
+    sgd_reference = train(lambda ps: torch.optim.SGD(ps, lr=lr * 0.1, momentum=0.9), torch.float32)
+    assert torch.all(train(lambda ps: torch.optim.SGD(ps, lr=lr * 0.1, momentum=0.9), torch.bfloat16) == 1.0)
+    sgd = train(lambda ps: compensated_optimizer("sgd", ps, lr * 0.1, 0.0), torch.bfloat16)
+    assert abs(sgd.mean().item() - sgd_reference.mean().item()) < 2e-3, (sgd.mean(), sgd_reference.mean())
 
 
 def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
@@ -208,7 +212,8 @@ def test_optimizer_in_backward_rules():
         resolve_optimizer_in_backward(True, "because")
 
 
-@pytest.mark.parametrize("method,training", [("lora", {}), ("full", {"precision": "bf16"})])
+@pytest.mark.parametrize("method,training", [("lora", {}), ("full", {"precision": "bf16"}),
+                                             ("full", {"precision": "bf16", "optimizer": "paged_adamw_8bit"})])
 def test_optimizer_in_backward_gives_the_same_losses(assets, tmp_path, monkeypatch, method, training):
     common = dict(maxGradNorm=0.0, gradientAccumulationSteps=1, **training)
     _, ref = run(tmp_path / "ref", monkeypatch, plan_for(assets, tmp_path / "ref" / "out", method,

@@ -29,12 +29,19 @@ STATE_BLOCK = 256  # bitsandbytes' 8-bit optimizer states keep one absmax per 25
 EPS = 1e-8
 
 
-def stochastic_round_to_bf16(value: torch.Tensor) -> torch.Tensor:
+def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """fp32 → bf16 rounding up or down with probability proportional to the distance (unbiased)."""
     bits = value.detach().float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
     rounded = (bits + noise) & -65536  # keep the upper 16 bits: exactly representable in bf16
     return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+def _rounding_generator(device: torch.device, step: int, gindex: int, pindex: int, start: int) -> torch.Generator:
+    """The rounding noise is a function of (step, parameter, slice) only: the same whatever order parameters are
+    stepped in (optimizer in backward or not) and after a resume, without touching the global RNG."""
+    seed = ((step * 1_000_003 + gindex) * 1_000_033 + pindex) * 1_000_037 + start // SLICE_ELEMENTS
+    return torch.Generator(device=device).manual_seed(seed % (2 ** 63))
 
 
 def _stochastic_rounding_class(base: type) -> type:
@@ -65,7 +72,8 @@ def _stochastic_rounding_class(base: type) -> type:
                 p.data = flat_w[start:end].float()
                 p.grad = flat_g[start:end].float()
                 base.update_step(self, group, p, gindex, pindex)
-                flat_w[start:end].copy_(stochastic_round_to_bf16(p.data))
+                flat_w[start:end].copy_(stochastic_round_to_bf16(p.data, _rounding_generator(
+                    p.device, int(state["step"]), gindex, pindex, start)))
         finally:
             step = state["step"]
             state.update(saved)
