@@ -98,6 +98,8 @@ class Reconciler:
         self.sizer = FleetSizer(self.children.list_nodes, config.node_cache_seconds)
         self.poller = ProgressPoller(fetch_progress, self.queue.add, period=config.progress_seconds,
                                      port=config.progress_port, timeout=config.progress_timeout)
+        metrics.queue_depth.set_function(self.queue.depth)
+        metrics.queue_delayed.set_function(lambda: len(self.queue.delayed()))
         self._watches: list[ChildWatch] = []
         self._workers: list[threading.Thread] = []
         self._resync_stop = threading.Event()
@@ -136,6 +138,7 @@ class Reconciler:
             result = self.reconcile_sync(*key)
         except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
             delay = self.queue.add_rate_limited(key)
+            self.metrics.queue_retries.inc()
             if isinstance(exc, ApiException) and exc.status == 409:
                 log.debug("%s/%s: conflict (%s); again in %.1fs", *key, exc.reason, delay)
             else:

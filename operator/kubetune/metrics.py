@@ -29,6 +29,12 @@ class OperatorMetrics:
                                     ["gpu_type"], registry=r)
         self.sizing_refusals = Counter("kubetune_sizing_refusals_total",
                                        "Sizing passes that found no GPU layout that fits.", registry=r)
+        self.queue_depth = Gauge("kubetune_workqueue_depth", "FineTuneJobs queued and ready for a reconcile pass.",
+                                 registry=r)
+        self.queue_delayed = Gauge("kubetune_workqueue_delayed", "FineTuneJobs waiting for a requeue-after or backoff.",
+                                   registry=r)
+        self.queue_retries = Counter("kubetune_workqueue_retries_total",
+                                     "Passes requeued with per-key backoff after an error or a conflict.", registry=r)
         self.watch_failures = Counter("kubetune_watch_failures_total",
                                       "Failed LIST/WATCH requests of the child Job and pod watches (each is "
                                       "retried with backoff).", ["watch"], registry=r)

@@ -154,6 +154,12 @@ def test_errors_back_off_per_key_and_success_resets():
         rec.queue._deadline.clear()  # noqa: SLF001 - look at each delay on its own
     rec.objects.rv = 10
     assert rec.process(KEY).decision.status["reason"] == R.WAITING_FOR_PODS
+    metrics = rec.metrics.registry
+    assert metrics.get_sample_value("kubetune_workqueue_retries_total") == 3
+    assert metrics.get_sample_value("kubetune_workqueue_delayed") == 0
+    rec.queue.add_after(KEY, 5)
+    assert metrics.get_sample_value("kubetune_workqueue_delayed") == 1
+    assert metrics.get_sample_value("kubetune_workqueue_depth") == 0
     assert rec.queue.failures(KEY) == 0
 
 
