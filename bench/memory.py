@@ -69,6 +69,7 @@ class Case:
     lora_r: int = 8
     target_modules: tuple[str, ...] = QVO
     optimizer: str = "adamw"
+    max_grad_norm: float = 1.0  # 0 = no clipping (lets the trainer step the optimizer inside backward)
     torchtune_gib: float | None = None
     layers: int | None = None  # keep only this many decoder layers of the model (the quick preset)
 
@@ -79,25 +80,25 @@ class Case:
         return plan_settings(self.method, micro_batch_size=self.micro_batch_size, seq_length=self.seq_length,
                              lora_r=self.lora_r, lora_alpha=2.0 * self.lora_r, target_modules=list(self.target_modules),
                              optimizer=self.optimizer, gradient_checkpointing=self.gradient_checkpointing,
-                             packing=self.packing)
+                             packing=self.packing, max_grad_norm=self.max_grad_norm)
 
     def baseline(self) -> BaselineSettings:
         """The same run for the plain script."""
         return BaselineSettings(method=self.method, lora_r=self.lora_r, lora_alpha=2.0 * self.lora_r,
                                 target_modules=self.target_modules, optimizer=self.optimizer,
-                                gradient_checkpointing=self.gradient_checkpointing)
+                                gradient_checkpointing=self.gradient_checkpointing, max_grad_norm=self.max_grad_norm)
 
 
 def _torchtune_case(method: str) -> Case:
+    # torchtune's 8B full single-device config: PagedAdamW8bit, optimizer_in_bwd True, clip_grad_norm null
+    full = method == "full"
     return Case(id=f"llama-3.1-8b-{method}-mbs2-seq2048-packed", model="llama-3.1-8b", method=method,
-                micro_batch_size=2, seq_length=2048,
-                optimizer="paged_adamw_8bit" if method == "full" else "adamw", torchtune_gib=TORCHTUNE_GIB[method])
+                micro_batch_size=2, seq_length=2048, optimizer="paged_adamw_8bit" if full else "adamw",
+                max_grad_norm=0.0 if full else 1.0, torchtune_gib=TORCHTUNE_GIB[method])
 
 
 TORCHTUNE_CASES = [_torchtune_case(m) for m in ("lora", "qlora", "full")]
 MORE_CASES = [
-    Case("llama-3.1-8b-lora-mbs1-seq8192", "llama-3.1-8b", "lora", 1, 8192, packing=False),
-    Case("llama-3.1-8b-qlora-mbs1-seq8192", "llama-3.1-8b", "qlora", 1, 8192, packing=False),
     Case("llama-3.1-8b-lora-mbs1-seq16384", "llama-3.1-8b", "lora", 1, 16384, packing=False),
     Case("llama-3.1-8b-qlora-mbs1-seq16384", "llama-3.1-8b", "qlora", 1, 16384, packing=False),
     Case("llama-3.1-8b-full-mbs1-seq16384", "llama-3.1-8b", "full", 1, 16384, packing=False,
@@ -197,6 +198,7 @@ def trace_baseline(case: Case, config: dict[str, Any], optimizer_steps: int = 2)
         stack.enter_context(counter)
         stack.enter_context(config_loader(cfg, log, without_modes=_disable_current_modes))
         stack.enter_context(cuda_attention(kernels))
+        stack.enter_context(autocast_attention_inputs())
         stack.enter_context(cuda_optimizer_defaults())
         stack.enter_context(paged_optimizer_states(_paged_hook(counter)))
         counter.phase = "model build"
@@ -237,6 +239,32 @@ def trace_baseline(case: Case, config: dict[str, Any], optimizer_steps: int = 2)
     return _side(counter.peak_bytes, breakdown, paged,
                  f"{moment.phase}, {moment.op}" + (f" in {moment.where}" if moment.where else ""),
                  kernels.summary(), trainable, time.perf_counter() - started, notes)
+
+
+@contextlib.contextmanager
+def autocast_attention_inputs():
+    """Under autocast, cast fp32 query/key/value to the autocast dtype before the (emulated) attention kernel.
+
+    CUDA autocast runs `scaled_dot_product_attention` in the lower precision, so fp32 inputs (the plain QLoRA
+    path's fp32 residual stream after `prepare_model_for_kbit_training`, full fine-tuning's fp32 rotary
+    tables) reach FlashAttention as bf16 copies. memtrace replaces the Python-level function, where autocast
+    has not cast yet; without this, fp32 grouped-query inputs would pick the math kernel and store the full
+    attention matrix, which a GPU run never does."""
+    import torch
+
+    emulated = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            query, key, value = (t.to(dtype) if t.dtype == torch.float32 else t for t in (query, key, value))
+        return emulated(query, key, value, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = emulated
 
 
 def _paged_hook(counter):
@@ -386,19 +414,32 @@ def _run_unit(unit: tuple[str, Any], budget: int) -> dict[str, Any]:
     return run_case(what, configs) if kind == "case" else run_longest_side(*what, configs, budget)
 
 
-def run_units(units: list[tuple[str, Any]], budget: int, jobs: int) -> list[dict[str, Any]]:
-    """Results of `units` in order: in this process (jobs 1) or in `jobs` worker processes."""
+def run_units(units: list[tuple[str, Any]], budget: int, jobs: int,
+              done: Callable[[dict[int, dict]], None] = lambda _: None) -> list[dict[str, Any]]:
+    """Results of `units` in order: in this process (jobs 1) or in `jobs` worker processes. `done(results so
+    far by unit index)` is called after each unit."""
+    results: dict[int, dict] = {}
     if jobs <= 1:
-        return [_run_unit(u, budget) for u in units]
+        for i, u in enumerate(units):
+            results[i] = _run_unit(u, budget)
+            done(results)
+        return [results[i] for i in range(len(units))]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    # longest-running units first (bisections, 70B), so the pool ends together
-    order = sorted(range(len(units)), key=lambda i: (units[i][0] != "longest", "70b" not in str(units[i][1])))
+    # torchtune's cases first (the headline), then the bisections and 70B (longest-running), then the rest
+    def rank(i: int) -> tuple:
+        kind, what = units[i]
+        case = what if kind == "case" else what[0]
+        return (case.torchtune_gib is None, kind != "longest", "70b" not in case.id)
+
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              max_tasks_per_child=1) as pool:
-        futures = {i: pool.submit(_run_unit, units[i], budget) for i in order}
-        return [futures[i].result() for i in range(len(units))]
+        futures = {pool.submit(_run_unit, units[i], budget): i for i in sorted(range(len(units)), key=rank)}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            done(results)
+    return [results[i] for i in range(len(units))]
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -414,6 +455,29 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                      f"{row['kubetune']['seqLength']:,} tokens, baseline {row['baseline']['seqLength']:,} "
                      f"(x{row['ratio']}); Unsloth claims x{UNSLOTH_TOKENS['unsloth'] / UNSLOTH_TOKENS['hf_fa2']:.1f}")
     return lines
+
+
+def result_json(args, argv, rows: list[dict], longest: list[dict], complete: bool, seconds: float,
+                torch_version: str, transformers_version: str) -> dict[str, Any]:
+    """The results file's content."""
+    result: dict[str, Any] = {
+        "schemaVersion": SCHEMA_VERSION,
+        "command": " ".join(["bench/memory.py", *(argv if argv is not None else sys.argv[1:])]),
+        "preset": "quick" if args.quick else "full",
+        "complete": complete,
+        "what": "traced peak of live tensor storage per GPU (kubetune_trainer.memtrace, fake tensors on CPU): "
+                "not a GPU measurement; no CUDA context or allocator fragmentation in peakBytes",
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch_version, "transformers": transformers_version},
+        "torchtuneSource": TORCHTUNE_SOURCE,
+        "unslothSource": UNSLOTH_SOURCE, "unslothTokens": UNSLOTH_TOKENS,
+        "cases": rows,
+        "longest": longest,
+        "seconds": round(seconds, 1),
+    }
+    if args.quick:
+        result["longestLeftOut"] = "--quick traces no longest-sequence bisection"
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -439,37 +503,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"memory: unknown case id(s) {unknown}; known: {sorted(known)}")
         cases = [known[c] for c in args.cases.split(",")]
     started = time.time()
-    configs: dict[str, dict] = {}
     units: list[tuple[str, Any]] = [("case", c) for c in cases]
     if not args.quick and not args.no_longest:
         units += [("longest", (c, side)) for c in LONGEST_CASES for side in ("kubetune", "baseline")]
-    done = run_units(units, args.gpu_mib * MiB, args.jobs)
-    rows = [done[i] for i, (kind, _) in enumerate(units) if kind == "case"]
-    longest = []
-    for case in (LONGEST_CASES if not args.quick and not args.no_longest else []):
-        sides = {u[1][1]: done[i] for i, u in enumerate(units) if u[0] == "longest" and u[1][0] is case}
-        b = sides["baseline"]["seqLength"]
-        longest.append({"id": case.id, "case": _case_json(case), "gpuBytes": args.gpu_mib * MiB, **sides,
-                        "ratio": round(sides["kubetune"]["seqLength"] / b, 2) if b else None})
     import transformers
 
-    result: dict[str, Any] = {
-        "schemaVersion": SCHEMA_VERSION,
-        "command": " ".join(["bench/memory.py", *(argv if argv is not None else sys.argv[1:])]),
-        "preset": "quick" if args.quick else "full",
-        "what": "traced peak of live tensor storage per GPU (kubetune_trainer.memtrace, fake tensors on CPU): "
-                "not a GPU measurement; no CUDA context or allocator fragmentation in peakBytes",
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
-        "torchtuneSource": TORCHTUNE_SOURCE,
-        "unslothSource": UNSLOTH_SOURCE, "unslothTokens": UNSLOTH_TOKENS,
-        "cases": rows,
-        "longest": longest,
-        "seconds": round(time.time() - started, 1),
-    }
-    if args.quick:
-        result["longestLeftOut"] = "--quick traces no longest-sequence bisection"
     out = args.out or (RESULTS if not args.quick else REPO / "bench" / "results" / "memory-quick.json")
+    budget = args.gpu_mib * MiB
+
+    def assemble(done: dict[int, dict], complete: bool) -> dict[str, Any]:
+        rows = [done[i] for i, (kind, _) in enumerate(units) if kind == "case" and i in done]
+        longest = []
+        for case in (LONGEST_CASES if not args.quick and not args.no_longest else []):
+            sides = {u[1][1]: done[i] for i, u in enumerate(units)
+                     if u[0] == "longest" and u[1][0] is case and i in done}
+            if not sides:
+                continue
+            b = sides["baseline"]["seqLength"] if "baseline" in sides and "kubetune" in sides else 0
+            longest.append({"id": case.id, "case": _case_json(case), "gpuBytes": budget, **sides,
+                            "ratio": round(sides["kubetune"]["seqLength"] / b, 2) if b else None})
+        return result_json(args, argv, rows, longest, complete, time.time() - started, torch.__version__,
+                           transformers.__version__)
+
+    def partial(done: dict[int, dict]) -> None:
+        if len(done) < len(units):  # progress: a run stopped early still leaves what it traced
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(assemble(done, False), indent=1) + "\n")
+
+    done = run_units(units, budget, args.jobs, partial)
+    result = assemble(dict(enumerate(done)), True)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(summary_lines(result)))
