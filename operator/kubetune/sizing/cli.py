@@ -222,9 +222,12 @@ def _trace(args: argparse.Namespace, name: str, estimate: MemoryEstimate) -> tup
     if "report" not in answer:
         reason = answer.get("error") or (run.stderr.strip().splitlines() or ["the trace failed"])[-1]
         return {"error": reason}, f"  trace not available: {reason}{fallback}"
-    peak = int(answer["report"]["peakBytes"]) if "peakBytes" in answer["report"] else None
-    head = (f"traced step of the trainer (one process; tensors only, no CUDA context or fragmentation): "
-            f"{gib(peak):.2f} GiB beside the estimate's {gib(estimate.total):.2f} GiB\n" if peak is not None else "")
+    report = answer["report"]
+    peak = int(report["peakBytes"]) + int(report.get("pagedOptimizerBytes") or 0)
+    comparable = estimate.tensors - estimate.comm_buffers  # the trace has no CUDA context, allocator or NCCL
+    head = (f"traced step of the trainer (one process; tensors only, paged optimizer states included): "
+            f"{gib(peak):.2f} GiB beside the estimate's {gib(comparable):.2f} GiB of tensors "
+            f"(ratio {comparable / peak:.3f}; the estimate's total adds the CUDA context and fragmentation)\n")
     return answer["report"], head + answer["text"]
 
 
