@@ -435,7 +435,8 @@ def test_data_error_fails_the_run_with_reason_file_and_line(tmp_path, tokenizer,
     from ._support import make_plan, read_summary, use_trainer_env, write_plan
 
     model_dir = tmp_path / "model"
-    tokenizer.save_pretrained(str(model_dir))  # the run fails before the model is loaded
+    tokenizer.save_pretrained(str(model_dir))  # the run fails before the model's weights are loaded
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))  # it is a model directory
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps(spell(12)) + "\n" + json.dumps(spell(13)) + "\nnot json\n")
     plan_path = write_plan(tmp_path / "plan.json", make_plan(model_dir, data, tmp_path / "out"))
