@@ -197,8 +197,7 @@ def trace_baseline(case: Case, config: dict[str, Any], optimizer_steps: int = 2)
         stack.enter_context(swappable_fake_tensors())
         stack.enter_context(counter)
         stack.enter_context(config_loader(cfg, log, without_modes=_disable_current_modes))
-        stack.enter_context(cuda_attention(kernels))
-        stack.enter_context(autocast_attention_inputs())
+        stack.enter_context(cuda_attention(kernels))  # casts fp32 inputs as CUDA autocast would
         stack.enter_context(cuda_optimizer_defaults())
         stack.enter_context(paged_optimizer_states(_paged_hook(counter)))
         counter.phase = "model build"
@@ -239,32 +238,6 @@ def trace_baseline(case: Case, config: dict[str, Any], optimizer_steps: int = 2)
     return _side(counter.peak_bytes, breakdown, paged,
                  f"{moment.phase}, {moment.op}" + (f" in {moment.where}" if moment.where else ""),
                  kernels.summary(), trainable, time.perf_counter() - started, notes)
-
-
-@contextlib.contextmanager
-def autocast_attention_inputs():
-    """Under autocast, cast fp32 query/key/value to the autocast dtype before the (emulated) attention kernel.
-
-    CUDA autocast runs `scaled_dot_product_attention` in the lower precision, so fp32 inputs (the plain QLoRA
-    path's fp32 residual stream after `prepare_model_for_kbit_training`, full fine-tuning's fp32 rotary
-    tables) reach FlashAttention as bf16 copies. memtrace replaces the Python-level function, where autocast
-    has not cast yet; without this, fp32 grouped-query inputs would pick the math kernel and store the full
-    attention matrix, which a GPU run never does."""
-    import torch
-
-    emulated = torch.nn.functional.scaled_dot_product_attention
-
-    def sdpa(query, key, value, *args, **kwargs):
-        if torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
-            query, key, value = (t.to(dtype) if t.dtype == torch.float32 else t for t in (query, key, value))
-        return emulated(query, key, value, *args, **kwargs)
-
-    torch.nn.functional.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = emulated
 
 
 def _paged_hook(counter):

@@ -266,3 +266,19 @@ def test_estimate_cli_shows_the_traced_peak_beside_the_estimate_or_says_why_not(
     text = capsys.readouterr().out
     assert "trace not available: unknown model_type 'no-such-arch'" in text
     assert "analytic estimate only" in text
+
+
+def test_traced_attention_casts_fp32_inputs_as_cuda_autocast_does():
+    """fp32 query/key/value under bf16 autocast reach the kernel as bf16 (as on CUDA), so grouped-query
+    attention takes flash, not the math kernel that stores the whole attention matrix."""
+    import torch
+
+    from kubetune_trainer.memtrace.attention import KernelLog, cuda_attention
+
+    q = torch.randn(1, 8, 64, 16, requires_grad=True)
+    kv = torch.randn(1, 2, 64, 16, requires_grad=True)
+    log = KernelLog()
+    with cuda_attention(log), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    assert out.dtype == torch.bfloat16
+    assert "math" not in log.summary() and log.calls, log.summary()

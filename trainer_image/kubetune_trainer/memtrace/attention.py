@@ -140,6 +140,12 @@ def cuda_attention(log: KernelLog, *, force_flash: bool = False) -> Iterator[Ker
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
              **kwargs: Any):
+        # CUDA autocast runs scaled_dot_product_attention in the lower precision: fp32 inputs (an fp32 residual
+        # stream, fp32 rotary tables) reach the kernel as bf16/fp16 copies. This function replaces the Python
+        # entry point, before autocast's dispatch has cast anything, so it casts as autocast would.
+        if torch.is_autocast_enabled(query.device.type):
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = (t.to(dtype) if t.dtype == torch.float32 else t for t in (query, key, value))
         kernel = cuda_kernel(query, key, attn_mask, enable_gqa=enable_gqa, force_flash=force_flash)
         log.add(kernel)
         if kernel == FLASH:
