@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -14,10 +15,15 @@ from typing import Any, Iterator, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO_ROOT / "crds"
 FTJ_CRD = "finetunejobs.kubetune.io"
+POLICY = "finetunejobs.kubetune.io"
+_POLICY_PROBE = json.dumps({
+    "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "policy-probe"},
+    "spec": {"model": {"uri": "hf://probe/probe"}, "dataset": {"uri": "pvc://probe/train.jsonl"}, "method": "lora",
+             "training": {"epochs": 1, "learningRate": "not-a-number"}, "output": {"uri": "pvc://probe/out"}}})
 
 
 def install_crds(kubectl: Any, timeout: float = 60) -> None:
-    """`kubectl apply -f crds/` and wait until the FineTuneJob CRD is established.
+    """`kubectl apply -f crds/` and wait until the FineTuneJob CRD is served and its admission policy enforced.
 
     kubectl: a callable like devcluster's `cluster.kubectl(*args, input=None, check=True)`."""
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS_DIR))
@@ -28,6 +34,13 @@ def install_crds(kubectl: Any, timeout: float = 60) -> None:
     while kubectl("get", "finetunejobs", "-A", check=False).returncode != 0:
         if time.monotonic() > deadline:
             raise RuntimeError("finetunejobs.kubetune.io is established but not served")
+        time.sleep(0.2)
+    # The admission policy (crds/kubetune.io_finetunejobs-policy.yaml) is enforced a moment after it is created:
+    # wait until a server-side dry run of a bad learning rate is denied by it.
+    while f"ValidatingAdmissionPolicy '{POLICY}'" not in kubectl("create", "--dry-run=server", "-n", "default", "-f", "-", input=_POLICY_PROBE,
+                                check=False).stderr:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the ValidatingAdmissionPolicy {POLICY} is not enforced")
         time.sleep(0.2)
 
 

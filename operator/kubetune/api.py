@@ -100,11 +100,17 @@ class TrainingSpec(_Model):
     @field_validator("learning_rate", mode="before")
     @classmethod
     def _parse_lr(cls, value: Any) -> float:
-        """Accept "2e-4" strings as well as numbers."""
+        """A YAML number or a decimal string such as "2e-4", in (0, 1] (the CRD leaves the field untyped; the
+        admission policy in crds/ enforces the same rule, this catches clusters without it)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"spec.training.learningRate {value!r} is not a number")
         try:
-            return float(value)
-        except (TypeError, ValueError) as exc:
+            rate = float(value)
+        except ValueError as exc:
             raise ValueError(f"spec.training.learningRate {value!r} is not a number") from exc
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"spec.training.learningRate {value!r} is outside (0, 1]")
+        return rate
 
 
 class ResourcesSpec(_Model):

@@ -60,7 +60,9 @@ class Helm:
 
 
 def crd_names(directory: Path) -> list[str]:
-    return [yaml.safe_load(p.read_text())["metadata"]["name"] for p in sorted(directory.glob("*.yaml"))]
+    """The names of the CustomResourceDefinitions in a directory of manifests."""
+    return [d["metadata"]["name"] for p in sorted(directory.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())
+            if d and d.get("kind") == "CustomResourceDefinition"]
 
 
 def make_namespace(cluster: Any, prefix: str) -> str:
@@ -152,7 +154,8 @@ def test_rendered_chart_passes_server_side_dry_run(case, cluster, crds, helm, na
     objects = [d for d in yaml.safe_load_all(manifest) if d]
     # Every namespaced object names its namespace (the release's or a watched one).
     assert all(o["metadata"].get("namespace") for o in objects
-               if o["kind"] not in {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"})
+               if o["kind"] not in {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                                    "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"})
     result = cluster.kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts",
                              "-f", "-", input=manifest, check=False)
     assert result.returncode == 0, result.stderr
@@ -255,7 +258,7 @@ def test_helm_install_upgrade_uninstall(cluster, crds, helm, namespace, watch_na
 def probe_crd(group: str, drop_field: str | None) -> dict[str, Any]:
     """kubetune's CRD under another group and kind (so it cannot clash with the real one), optionally without
     one spec field: the "old release" of the CRD."""
-    crd = yaml.safe_load(next((ROOT / "crds").glob("*.yaml")).read_text())
+    crd = yaml.safe_load((ROOT / "crds" / "kubetune.io_finetunejobs.yaml").read_text())
     crd["metadata"] = {"name": f"upgradeprobes.{group}"}
     crd["spec"]["group"] = group
     crd["spec"]["names"] = {"kind": "UpgradeProbe", "listKind": "UpgradeProbeList", "plural": "upgradeprobes",

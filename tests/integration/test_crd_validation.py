@@ -77,7 +77,13 @@ INVALID = [
     ("micro-batch-zero", _with("training", {"epochs": 1, "microBatchSize": 0}), ["spec.training.microBatchSize"]),
     ("seq-length-too-small", _with("training", {"epochs": 1, "maxSeqLength": 8}), ["spec.training.maxSeqLength"]),
     ("learning-rate-text", _with("training", {"epochs": 1, "learningRate": "fast"}), ["spec.training.learningRate"]),
-    ("learning-rate-float-type", _with("training", {"epochs": 1, "learningRate": 0.0002}), ["spec.training.learningRate"]),
+    ("learning-rate-above-one", _with("training", {"epochs": 1, "learningRate": 2.0}), ["spec.training.learningRate: 2"]),
+    ("learning-rate-zero", _with("training", {"epochs": 1, "learningRate": 0.0}), ["spec.training.learningRate"]),
+    ("learning-rate-string-range", _with("training", {"epochs": 1, "learningRate": "1e30"}),
+     ["spec.training.learningRate: 1e30"]),
+    ("learning-rate-list", _with("training", {"epochs": 1, "learningRate": [0.1]}),
+     ["spec.training.learningRate: a list or object"]),
+    ("learning-rate-bool", _with("training", {"epochs": 1, "learningRate": True}), ["spec.training.learningRate"]),
     ("name-too-long", _named("n" * 53), ["metadata.name must be at most 52 characters"]),
     ("name-with-dot", _named("llama.v2"), ["metadata.name must not contain '.'"]),
     ("eval-split-range", _with("dataset.evalSplit", 0.9), ["spec.dataset.evalSplit"]),
@@ -128,7 +134,7 @@ def test_valid_spec_gets_defaults(cluster, namespace):
     result = _apply(cluster, namespace, VALID)
     assert result.returncode == 0, result.stderr
     spec = json.loads(cluster.kubectl("get", "ftj", "valid", "-n", namespace, "-o", "json").stdout)["spec"]
-    assert spec["training"]["learningRate"] == "2e-4" and spec["training"]["maxSteps"] == 0
+    assert spec["training"]["learningRate"] == 0.0002 and spec["training"]["maxSteps"] == 0
     assert spec["dataset"]["format"] == "auto" and spec["dataset"]["evalSplit"] == 0.05
     assert spec["distributed"] == {"strategy": "auto", "zeroStage": 0, "offloadOptimizer": False,
                                    "offloadParams": False}
@@ -140,6 +146,37 @@ def test_valid_spec_gets_defaults(cluster, namespace):
     assert _apply(cluster, namespace, q).returncode == 0
     qspec = json.loads(cluster.kubectl("get", "ftj", "qlora", "-n", namespace, "-o", "json").stdout)["spec"]
     assert qspec["quantization"] == {"bits": 4, "quantType": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("written,stored", [
+    ("2e-4", 0.0002), ("0.0002", 0.0002), ("1e-5", 1e-5), ("1", 1), ('"2e-4"', "2e-4"), ('"0.0002"', "0.0002")])
+def test_learning_rate_is_a_yaml_number_or_a_decimal_string(cluster, namespace, written, stored):
+    """`learningRate: 2e-4` as kubectl parses it (a number) and the quoted string both apply; the operator
+    reads both as the same float."""
+    manifest = yaml.safe_dump(VALID).replace("  epochs: 1\n", f"  epochs: 1\n    learningRate: {written}\n")
+    assert f"learningRate: {written}" in manifest
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest, check=False)
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(cluster.kubectl("get", "ftj", "valid", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert spec["training"]["learningRate"] == stored
+    from kubetune.api import parse_spec
+    assert parse_spec(spec).training.learning_rate == pytest.approx(float(stored))
+
+
+def test_learning_rate_changes_only_while_suspended(cluster, namespace):
+    """The untyped learningRate is still covered by the CRD's run-settings immutability rule, and the admission
+    policy checks a changed value on update too."""
+    assert _apply(cluster, namespace, VALID).returncode == 0
+    change = json.dumps({"spec": {"training": {"learningRate": 0.0003}}})
+    refused = cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p", change, check=False)
+    assert refused.returncode != 0 and "set spec.suspend: true first" in refused.stderr, refused.stderr
+    cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    bad = cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p",
+                          json.dumps({"spec": {"training": {"learningRate": "fast"}}}), check=False)
+    assert bad.returncode != 0 and "spec.training.learningRate: fast" in bad.stderr, bad.stderr
+    cluster.kubectl("patch", "ftj", "valid", "-n", namespace, "--type=merge", "-p", change)
+    got = json.loads(cluster.kubectl("get", "ftj", "valid", "-n", namespace, "-o", "json").stdout)
+    assert got["spec"]["training"]["learningRate"] == 0.0003
 
 
 @pytest.mark.parametrize("field,value,needle", [

@@ -501,8 +501,10 @@ def test_crd_upgrade_path_is_documented():
 def test_helm_show_crds_is_the_crds_dir():
     """`helm show crds` (the documented upgrade command) prints exactly the CRDs of crds/."""
     shown = [d for d in yaml.safe_load_all(helm("show", "crds", str(CHART)).stdout) if d]
-    expected = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
-    key = lambda d: d["metadata"]["name"]  # noqa: E731
+    expected = [d for p in sorted((ROOT / "crds").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    assert {d["kind"] for d in expected} == {"CustomResourceDefinition", "ValidatingAdmissionPolicy",
+                                             "ValidatingAdmissionPolicyBinding"}
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
     assert sorted(shown, key=key) == sorted(expected, key=key)
 
 
