@@ -76,6 +76,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                      "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
                      "tie_word_embeddings": True, "head_dim": 64},
+    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                     "tie_word_embeddings": True, "use_sliding_window": False},
 }
 
 
@@ -149,6 +153,9 @@ def _cases() -> list[Case]:
         c("phi3-qlora-b1-s4096-nogc", "phi-3-mini", "qlora", 1, 4096, gradient_checkpointing=False),
         c("llama1b-full-b4-s2048-pack", "llama-3.2-1b", "full", 4, 2048, packing=True),
         c("llama1b-lora-b1-s8192-nogc", "llama-3.2-1b", "lora", 1, 8192, gradient_checkpointing=False),
+        # Qwen2.5 0.5B: tied embeddings where the 152k-row table is a third of the model
+        c("qwen05b-full-b2-s2048", "qwen2.5-0.5b", "full", 2, 2048),
+        c("qwen05b-lora-b4-s1024-pad", "qwen2.5-0.5b", "lora", 4, 1024),
     ]
 
 

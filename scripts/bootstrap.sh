@@ -3,6 +3,7 @@
 #   - a virtualenv with the operator, trainer and dev dependencies and the development tools
 #     (devtools/: `kubetune-dev`), outside the clone under ~/.cache/kubetune so repeat runs are quick,
 #     reinstalled when pyproject.toml or devtools/pyproject.toml changes;
+#   - MLflow, for the tracking tests, in a virtualenv of its own (~/.cache/kubetune/mlflow-venv);
 #   - the pinned local control plane binaries (devcluster/build.sh).
 # Prints nothing on stdout but `export` lines, so callers can `eval "$(scripts/bootstrap.sh)"`.
 set -euo pipefail
@@ -36,6 +37,17 @@ if [[ ! -f $venv/.deps-$stamp ]]; then
 else
   # The venv is shared between clones: point the editable install at this one.
   "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" -e "$root/devtools" >&2
+fi
+
+# The MLflow tracking server the tracking tests run (tests/support/mlflow_server.py): in its own virtualenv,
+# because mlflow pins packages the trainer also uses. The trainer itself talks to MLflow's REST API only.
+mlflow_venv=$cache/mlflow-venv
+mlflow_pin=mlflow==3.17.2
+if [[ ! -f $mlflow_venv/.installed-$mlflow_pin ]]; then
+  log "installing $mlflow_pin into $mlflow_venv (tracking tests)"
+  rm -rf "$mlflow_venv" && python3 -m venv "$mlflow_venv"
+  "$mlflow_venv/bin/pip" install -q "$mlflow_pin" >&2
+  touch "$mlflow_venv/.installed-$mlflow_pin"
 fi
 
 if [[ $(id -u) -eq 0 ]] || sudo -n true 2>/dev/null; then "$root/scripts/install-system-deps.sh" >&2; fi  # prometheus + promtool for the monitoring tests

@@ -67,7 +67,10 @@ DEVICE_VERSIONS = {"torch": "2.11.0", "transformers": "5.17.0", "accelerate": "1
 CARRY_PINNED = ("bitsandbytes", "datasets", "peft", "liger-kernel", "pydantic", "torch-optimi")
 # Trainer requirements the GPU checks never import, so they are not carried (tests/unit/test_gpu_wheels.py
 # checks every requirement of the trainer extra is in the image, carried, or named here with its reason).
-NOT_CARRIED = {"minio": "S3 storage client, imported only for s3:// URIs; the GPU checks use local files"}
+NOT_CARRIED = {"minio": "S3 storage client, imported only for s3:// URIs; the GPU checks use local files",
+               "rouge-score": "post-training evaluation metric (kubetune_trainer.evaluation), CPU-only; the GPU "
+                              "checks do not evaluate",
+               "gguf": "GGUF export writer (kubetune_trainer.export), CPU-only; the GPU checks do not export"}
 SOURCE_ONLY = {"deepspeed"}  # no wheel on the index: carried as its source archive, built there
 EXTRA_PINS = ("deepspeed==0.19.8",)
 # transformers is in the image (5.17 when last read) and too large (13 MB) to carry beside

@@ -8,7 +8,8 @@ What it runs (all local processes, nothing mocked):
      `kubetune-demo` backed by `<work dir>/data/pvc/kubetune-demo/` holding a tiny model (built
      locally by `python -m kubetune_trainer.tiny`) and the quickstart dataset;
   4. the operator (`python -m kubetune operator`, a subprocess);
-  5. `kubectl apply -f examples/quickstart.yaml`, then one line per status change (phase, step/total,
+  5. `kubectl apply -f examples/quickstart.yaml`, the preflight line (examples, tokens, steps, estimated GPU-hours
+     and cost, from the CPU preflight before training), then one line per status change (phase, step/total,
      loss, tokens/s, read from the FineTuneJob's status), and at the end `kubectl get ftj`, the adapter
      files and greedy generations before/after the adapter (`python -m kubetune_trainer.generate`).
 
@@ -106,6 +107,25 @@ def format_progress(view: ProgressView, elapsed: float) -> str:
     return "  ".join(p for p in parts if p)
 
 
+def format_preflight(status: dict[str, Any]) -> str | None:
+    """The preflight line, once the trainer Job is created with its estimate: examples, tokens, steps, estimated
+    GPU-hours and cost (None before)."""
+    pre, est = status.get("preflight") or {}, status.get("estimate") or {}
+    if not pre or not est:
+        return None
+    line = (f"preflight: {pre.get('examples', 0)} examples ({pre.get('trainExamples', 0)} trained), "
+            f"{est.get('tokens', 0):,} tokens, {est.get('steps', 0)} steps")
+    if est.get("gpuHours") is not None:
+        line += f", estimated {est['gpuHours']:.2f} GPU-hours"
+        if est.get("cost") is not None:
+            line += f", cost {est['cost']:.2f} {est.get('currency', '')}".rstrip()
+    if est.get("basis"):
+        line += f" ({est['basis']})"
+    if pre.get("datasetSha256"):
+        line += f"; dataset sha256 {pre['datasetSha256'][:12]}"
+    return line
+
+
 # --------------------------------------------------------------------------- the run
 class Demo:
     """Owns every process the demo starts; `close()` stops them all (idempotent)."""
@@ -196,8 +216,13 @@ class Demo:
         objects = client.CustomObjectsApi(self.api)
         deadline = time.monotonic() + self.args.timeout
         last_key = None
+        preflight_shown = False
         while True:
             obj = objects.get_namespaced_custom_object(API_GROUP, API_VERSION, self.args.namespace, PLURAL, name)
+            line = None if preflight_shown else format_preflight(obj.get("status") or {})
+            if line:
+                preflight_shown = True
+                self.out(f"[{time.monotonic() - self.t0:6.1f}s] {line}")
             view = ProgressView.from_status(obj.get("status") or {})
             if view.key() != last_key:
                 last_key = view.key()

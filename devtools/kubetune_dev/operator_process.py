@@ -27,10 +27,15 @@ def install_crds(kubectl: Any, timeout: float = 60) -> None:
 
     kubectl: a callable like devcluster's `cluster.kubectl(*args, input=None, check=True)`."""
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS_DIR))
-    kubectl("wait", "--for=condition=established", f"crd/{FTJ_CRD}", f"--timeout={int(timeout)}s",
-            timeout=timeout + 10)
-    # The new resource is served a moment after it is established.
     deadline = time.monotonic() + timeout
+    # `kubectl wait --for=condition=established` fails at once on a CRD whose status has no conditions yet
+    # (a moment after its first creation), so read the condition until it is True.
+    established = '{.status.conditions[?(@.type=="Established")].status}'
+    while kubectl("get", f"crd/{FTJ_CRD}", "-o", f"jsonpath={established}", check=False).stdout.strip() != "True":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{FTJ_CRD} is not established after {timeout:.0f} s")
+        time.sleep(0.2)
+    # The new resource is served a moment after it is established.
     while kubectl("get", "finetunejobs", "-A", check=False).returncode != 0:
         if time.monotonic() > deadline:
             raise RuntimeError("finetunejobs.kubetune.io is established but not served")

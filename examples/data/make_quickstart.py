@@ -1,9 +1,13 @@
-"""Regenerate quickstart.jsonl: a deterministic toy task a tiny model learns in ~100-200 CPU steps.
+"""Regenerate quickstart.jsonl: the quickstart's toy task, deterministic, in OpenAI `messages` format.
 
     python examples/data/make_quickstart.py > examples/data/quickstart.jsonl
 
-Two inverse lookup tasks on 3-6 random digits, in OpenAI `messages` format:
-"Spell out: 3 1 4" -> "three one four" and "Digits: three one four" -> "3 1 4".
+"Spell out: 3 1 4" -> "three one four", for 600 distinct random strings of 3-5 digits. A randomly initialised
+tiny model (kubetune_trainer.tiny) answers it with nonsense; the quickstart's LoRA learns it in a few hundred CPU
+steps. Every digit and every number word is one token of the tiny tokenizer, so the answer is a position-by-
+position lookup: something a two-layer model can learn, and something exact match checks without judgement. The
+held-out prompts (evalSplit) are digit strings the model never saw in training, so exact match on them measures
+the mapping it learned, not memorised answers.
 """
 
 import json
@@ -12,20 +16,17 @@ import random
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def examples(count: int = 480, seed: int = 7):
-    """Yield `count` distinct examples."""
+def examples(count: int = 600, seed: int = 7):
+    """Yield `count` examples with distinct prompts."""
     rng = random.Random(seed)
     seen = set()
     while len(seen) < count:
-        digits = [rng.randrange(10) for _ in range(rng.randint(3, 6))]
-        spell = rng.random() < 0.5
-        key = (spell, tuple(digits))
-        if key in seen:
+        digits = tuple(rng.randrange(10) for _ in range(rng.randint(3, 5)))
+        if digits in seen:
             continue
-        seen.add(key)
-        numbers = " ".join(str(d) for d in digits)
-        words = " ".join(WORDS[d] for d in digits)
-        prompt, answer = (f"Spell out: {numbers}", words) if spell else (f"Digits: {words}", numbers)
+        seen.add(digits)
+        prompt = "Spell out: " + " ".join(str(d) for d in digits)
+        answer = " ".join(WORDS[d] for d in digits)
         yield {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 PVC_SCHEME = "pvc://"
@@ -41,11 +41,33 @@ class ModelSource(_Model):
     trust_remote_code: bool = False
 
 
+# Built-in chat templates (dataset.chatTemplate by name); the Jinja text lives in the trainer
+# (kubetune_trainer.data.chat_templates) and the CRD lists the same names.
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral", "gemma", "phi3", "alpaca")
+
+
+class PromptTemplate(_Model):
+    """Records of any shape rendered as plain text: `{field}` placeholders; the prompt is masked, the completion trained."""
+
+    prompt: str
+    completion: str
+
+
 class DatasetSource(_Model):
     uri: str
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
     eval_uri: str = ""
     eval_split: float = 0.05
+    chat_template: str = ""  # "" = the tokenizer's own; a CHAT_TEMPLATE_NAMES name or inline Jinja
+    prompt_template: PromptTemplate | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str) -> str:
+        if value and value not in CHAT_TEMPLATE_NAMES and "{{" not in value and "{%" not in value:
+            raise ValueError(f"spec.dataset.chatTemplate {value!r} is neither a built-in template "
+                             f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor an inline Jinja template")
+        return value
 
 
 class LoraSpec(_Model):
@@ -67,6 +89,27 @@ class EarlyStopping(_Model):
     threshold: float = 0.0
 
 
+class Divergence(_Model):
+    """Stop (or warn) when the smoothed train loss stays above `factor` x its best for `patience` steps."""
+
+    action: Literal["stop", "warn", "off"] = "stop"
+    factor: float = 10.0
+    patience: int = 10
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
+# Other projects' spellings (transformers' OptimizerNames, Axolotl, Unsloth) -> the canonical name. The CRD stores only
+# canonical names (it refuses an alias, naming the canonical one); the models here, `kubetune convert` and the trainer
+# plan (kubetune_trainer.plan.OPTIMIZER_ALIASES, the same table) translate.
+OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw",
+                     "adamw_bnb_8bit": "adamw_8bit", "paged_adamw": "paged_adamw_32bit"}
+
+
+def canonical_optimizer(name: Any) -> Any:
+    """The canonical optimizer name for an alias (other values unchanged, for the model to validate)."""
+    return OPTIMIZER_ALIASES.get(name, name) if isinstance(name, str) else name
+
+
 class TrainingSpec(_Model):
     epochs: float = 0
     max_steps: int = 0
@@ -75,7 +118,8 @@ class TrainingSpec(_Model):
     gradient_accumulation_steps: int = 8
     max_seq_length: int = 2048
     packing: bool = False
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.03  # no CRD default: absent means 0.03 unless warmup_steps is set (exactly one)
+    warmup_steps: int | None = None
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
     weight_decay: float = 0.0
@@ -85,8 +129,12 @@ class TrainingSpec(_Model):
     seed: int = 42
     completion_only: bool = True
     checkpoint_every_steps: int = 200
+    checkpoint_strategy: Literal["steps", "epoch"] = "steps"
+    keep_checkpoints: int = 2  # 0 = keep all; the newest complete checkpoint is never deleted
+    log_every_steps: int = 0  # 0 = about 50 lines per run
     eval_every_steps: int = 0
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    divergence: Divergence = Field(default_factory=Divergence)
     # Speed features: no CRD default (absent = off / transformers' default); the plan carries them only when
     # set (builders.SPEED_FIELD_DEFAULTS).
     attention_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
@@ -111,6 +159,18 @@ class TrainingSpec(_Model):
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"spec.training.learningRate {value!r} is outside (0, 1]")
         return rate
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_alias(cls, value: Any) -> Any:
+        """Accept other projects' spellings (OPTIMIZER_ALIASES); the model holds the canonical name."""
+        return canonical_optimizer(value)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainingSpec":
+        if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set:
+            raise ValueError("set only one of spec.training.warmupSteps or spec.training.warmupRatio")
+        return self
 
 
 class ResourcesSpec(_Model):
@@ -137,9 +197,46 @@ class DistributedSpec(_Model):
     offload_params: bool = False
 
 
+class ExportSpec(_Model):
+    """spec.output.export: a GGUF file of the fine-tuned weights and an Ollama Modelfile next to it."""
+
+    gguf: Literal["f16"] = "f16"
+    modelfile: bool = True
+    system: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    num_ctx: int = 0  # 0 = training.maxSeqLength
+
+
 class OutputSpec(_Model):
     uri: str
     merge_adapter: bool = False
+    export: ExportSpec | None = None
+
+
+EVAL_METRICS = ("exactMatch", "tokenF1", "rougeL", "bleu", "chrf", "evalLoss", "perplexity")
+EvalMetric = Literal["exactMatch", "tokenF1", "rougeL", "bleu", "chrf", "evalLoss", "perplexity"]
+
+
+class EvalGate(_Model):
+    """Pass only if the tuned model beats the base by at least `min_improvement` on `metric` (for evalLoss and
+    perplexity an improvement is a decrease)."""
+
+    metric: EvalMetric
+    min_improvement: float = 0.0
+
+
+class EvaluationSpec(_Model):
+    """Base-vs-tuned evaluation after training (spec.evaluation; absent = none)."""
+
+    metrics: list[EvalMetric] = Field(default_factory=lambda: ["exactMatch", "tokenF1", "rougeL"])
+    num_examples: int = 50
+    dataset_uri: str = ""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    general_probe_uri: str = ""
+    gates: list[EvalGate] = Field(default_factory=list)
+    max_general_regression: float | None = None
 
 
 class SecretKeyRef(_Model):
@@ -149,6 +246,28 @@ class SecretKeyRef(_Model):
 
 class SecretRef(_Model):
     name: str = ""
+
+
+class MlflowSpec(_Model):
+    """An MLflow tracking server: one run per job attempt, logged from rank 0."""
+
+    tracking_uri: str
+    experiment: str
+    run_name: str = ""
+    credentials_secret_ref: SecretRef | None = None  # keys MLFLOW_TRACKING_TOKEN or _USERNAME / _PASSWORD
+
+
+class TrackingSpec(_Model):
+    """spec.tracking (absent = none): where the run's parameters, plan and metrics are logged."""
+
+    mlflow: MlflowSpec | None = None
+    required: bool = False
+
+
+class PreflightSpec(_Model):
+    """spec.preflight (absent = enabled): the CPU check of the model and data before any GPU pod starts."""
+
+    enabled: bool = True
 
 
 class SecretsSpec(_Model):
@@ -166,6 +285,9 @@ class FineTuneJobSpec(_Model):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     output: OutputSpec
+    evaluation: EvaluationSpec | None = None
+    tracking: TrackingSpec | None = None
+    preflight: PreflightSpec | None = None
     image: str = ""
     secrets: SecretsSpec = Field(default_factory=SecretsSpec)
     suspend: bool = False
@@ -191,6 +313,8 @@ class FineTuneJobSpec(_Model):
         found = [self.model.uri, self.dataset.uri, self.output.uri]
         if self.dataset.eval_uri:
             found.append(self.dataset.eval_uri)
+        if self.evaluation is not None:
+            found += [u for u in (self.evaluation.dataset_uri, self.evaluation.general_probe_uri) if u]
         return found
 
     def pvc_claims(self) -> list[str]:
@@ -210,5 +334,5 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
     return FineTuneJobSpec.model_validate(dict(spec))
 
 
-PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled")
+PHASES = ("Pending", "Preparing", "Queued", "Running", "Succeeded", "Failed", "Suspended", "Cancelled")
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})

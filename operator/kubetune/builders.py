@@ -6,10 +6,12 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any
 
 from kubetune import API_GROUP, API_VERSION, KIND, reasons
-from kubetune.api import FineTuneJobSpec, pvc_claim
+from kubetune.api import Divergence, FineTuneJobSpec, pvc_claim
+from kubetune.grace import termination_grace_seconds
 from kubetune.sizing.layout import Layout
 
 PLAN_VERSION = 1
@@ -18,6 +20,7 @@ PLAN_KEY = "plan.json"
 METRICS_PORT = 9090
 RENDEZVOUS_PORT = 29500
 CONTAINER = "trainer"
+CACHE_VOLUME = "model-cache"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 SPEC_HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
@@ -26,12 +29,17 @@ COMPONENT_LABEL = f"{API_GROUP}/component"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune"}
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 # Spec fields that do not change what the trainer runs (so they are not part of the spec hash).
-LIFECYCLE_FIELDS = ("suspend", "cancel", "ttlSecondsAfterFinished")
+LIFECYCLE_FIELDS = ("suspend", "cancel", "ttlSecondsAfterFinished", "preflight")
 # spec.training fields added after the first release, with their defaults. The plan carries them only when they
 # differ, so plans of jobs that do not use them stay readable by older trainer images (which reject unknown keys).
 SPEED_FIELD_DEFAULTS: dict[str, Any] = {"attentionImplementation": "auto", "torchCompile": False,
                                         "ligerKernels": False, "masterWeights": "auto", "optimizerInBackward": None,
-                                        "activationOffloading": False}
+                                        "activationOffloading": False,
+                                        # settings other trainers' configs carry (docs/contracts.md §2)
+                                        "warmupSteps": None, "checkpointStrategy": "steps", "keepCheckpoints": 2,
+                                        "logEverySteps": 0}
+# spec.dataset fields added after the first release, written to the plan only when set (same reason).
+DATASET_FIELD_DEFAULTS: dict[str, Any] = {"chatTemplate": "", "promptTemplate": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,19 @@ class BuildConfig:
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()  # Secret names for pulling the trainer image (imagePullSecrets)
     gpu_node_selector: tuple[tuple[str, str], ...] = ()  # nodeSelector for GPU runs (the layout's own keys win)
+    # terminationGracePeriodSeconds = this (the step in flight, shutdown) + one checkpoint at the write rate below
+    termination_grace_base_seconds: int = 60
+    checkpoint_write_bytes_per_second: int = 100 * 1024 * 1024
+    # the CPU preflight pod (kubetune.preflight): tokenizer + dataset in memory, no GPU
+    preflight_cpu: str = "1"
+    preflight_memory: str = "4Gi"
+    preflight_deadline_seconds: int = 3600
+    # the shared model/dataset cache (docs/cache.md): an existing ReadWriteMany claim in each job's namespace, filled
+    # by the preflight (read-write) and mounted read-only by trainer pods; "" = no cache, every pod downloads
+    cache_claim: str = ""
+    cache_mount_path: str = "/var/cache/kubetune"
+    cache_max_bytes: int = 0  # size cap enforced by the preflight's eviction (0: none)
+    cache_lease_seconds: int = 7 * 24 * 3600  # how long a job's lease keeps its entries from eviction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,23 +134,38 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_plan(ref: JobRef, spec: FineTuneJobSpec, layout: Layout) -> dict[str, Any]:
-    """The training plan JSON (docs/contracts.md §2)."""
+def build_plan(ref: JobRef, spec: FineTuneJobSpec, layout: Layout,
+               memory_replans: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The training plan JSON (docs/contracts.md §2); the last of `memory_replans` (status.memoryReplans, written
+    after the trainer ran out of GPU memory: kubetune.oom) overrides the micro batch, accumulation and
+    gradient checkpointing."""
     training = spec.training.dump()
+    if memory_replans:
+        training.update(memory_replans[-1].get("training") or {})
     training["learningRate"] = float(spec.training.learning_rate)
     for key, default in SPEED_FIELD_DEFAULTS.items():
         if training.get(key) == default:
             del training[key]  # only the speed features a job asks for (older trainer images reject the keys)
+    if training.get("divergence") == Divergence().dump():
+        del training["divergence"]  # the trainer's defaults; only a changed setting travels (older images reject it)
     if spec.training.max_steps > 0:
         training["epochs"] = 0
+    if spec.training.warmup_steps is not None:
+        del training["warmupRatio"]  # warmup is given in steps (exactly one of the two)
+    dataset = {"uri": spec.dataset.uri, "format": spec.dataset.format, "evalUri": spec.dataset.eval_uri,
+               "evalSplit": spec.dataset.eval_split}
+    for key, default in DATASET_FIELD_DEFAULTS.items():
+        value = spec.dataset.dump()[key]
+        if value != default:
+            dataset[key] = value
     lora = spec.effective_lora()
-    quant = spec.quantization.dump() if spec.quantization is not None else None
-    return {
+    effective_quant = spec.effective_quantization()  # qlora without a block gets the defaults, as the sizer
+    quant = effective_quant.dump() if effective_quant is not None else None
+    plan: dict[str, Any] = {
         "version": PLAN_VERSION,
         "job": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
         "model": {"uri": spec.model.uri, "trustRemoteCode": spec.model.trust_remote_code},
-        "dataset": {"uri": spec.dataset.uri, "format": spec.dataset.format,
-                    "evalUri": spec.dataset.eval_uri, "evalSplit": spec.dataset.eval_split},
+        "dataset": dataset,
         "method": spec.method,
         "lora": lora.dump() if lora is not None else None,
         "quantization": quant,
@@ -137,11 +173,22 @@ def build_plan(ref: JobRef, spec: FineTuneJobSpec, layout: Layout) -> dict[str, 
         "distributed": layout.distributed(),
         "output": {"uri": spec.output.uri, "mergeAdapter": spec.output.merge_adapter},
     }
+    if spec.evaluation is not None:  # only when asked for: older trainer images reject the key
+        plan["evaluation"] = spec.evaluation.dump()
+    if spec.tracking is not None and spec.tracking.mlflow is not None:  # same rule; credentials stay in the Secret
+        mlflow = spec.tracking.mlflow
+        plan["tracking"] = {"mlflow": {"trackingUri": mlflow.tracking_uri, "experiment": mlflow.experiment,
+                                       "runName": mlflow.run_name or ref.name},
+                            "required": spec.tracking.required}
+    if spec.output.export is not None:  # the same rule
+        plan["output"]["export"] = spec.output.export.dump()
+    return plan
 
 
-def build_configmap(ref: JobRef, spec: FineTuneJobSpec, layout: Layout) -> dict[str, Any]:
+def build_configmap(ref: JobRef, spec: FineTuneJobSpec, layout: Layout,
+                    memory_replans: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """ConfigMap `<job>-plan` holding plan.json."""
-    plan = build_plan(ref, spec, layout)
+    plan = build_plan(ref, spec, layout, memory_replans)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": _meta(ref, plan_name(ref.name), "plan"),
             "data": {PLAN_KEY: json.dumps(plan, indent=2, sort_keys=True) + "\n"}}
@@ -163,13 +210,24 @@ def shm_size(layout: Layout) -> str:
     return f"{2 * layout.gpus_per_pod}Gi" if layout.gpus_per_pod > 0 else "512Mi"
 
 
+def host_memory_gi(layout: Layout, cfg: BuildConfig) -> int:
+    """Host RAM a GPU pod requests: memory_per_gpu_gi per GPU, plus, with CPU offload, the sizer's estimate of
+    the offloaded optimizer states / parameters and 10% (the sizer refused layouts whose nodes lack it). A
+    layout pinned by spec.resources has no estimate: twice the per-GPU amount, as before."""
+    base = cfg.memory_per_gpu_gi * layout.gpus_per_pod
+    if not (layout.offload_optimizer or layout.offload_params):
+        return base
+    if layout.host_offload_bytes:
+        return base + math.ceil(layout.host_offload_bytes * 1.1 / 1024**3)
+    return 2 * base
+
+
 def pod_resources(spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig) -> dict[str, Any]:
     """Container requests/limits: spec.resources cpu/memory or per-GPU defaults; GPUs as limits."""
     gpus = layout.gpus_per_pod
     if gpus > 0:
         cpu = spec.resources.cpu or str(int(float(cfg.cpu_per_gpu) * gpus))
-        extra = 2 if layout.offload_optimizer or layout.offload_params else 1
-        memory = spec.resources.memory or f"{cfg.memory_per_gpu_gi * gpus * extra}Gi"
+        memory = spec.resources.memory or f"{host_memory_gi(layout, cfg)}Gi"
     else:
         cpu = spec.resources.cpu or cfg.cpu_only_cpu
         memory = spec.resources.memory or cfg.cpu_only_memory
@@ -199,6 +257,9 @@ def _env(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig) -
         {"name": "HOME", "value": f"{cfg.work_dir}/home"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if cfg.cache_claim:  # trainer pods read the entries their preflight's lease names (kubetune_trainer.cache)
+        env += [{"name": "KUBETUNE_CACHE_DIR", "value": cfg.cache_mount_path},
+                {"name": "KUBETUNE_CACHE_LEASE", "value": ref.uid}]
     hf = spec.secrets.hf_token_secret_ref
     if hf.name:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.name, "key": hf.key}}})
@@ -208,6 +269,11 @@ def _env(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig) -
                               ("AWS_ENDPOINT_URL", True)):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {
                 "name": s3.name, "key": key, "optional": optional}}})
+    mlflow = spec.tracking.mlflow if spec.tracking is not None else None
+    if mlflow is not None and mlflow.credentials_secret_ref is not None and mlflow.credentials_secret_ref.name:
+        for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {
+                "name": mlflow.credentials_secret_ref.name, "key": key, "optional": True}}})
     return env
 
 
@@ -230,6 +296,10 @@ def _volumes(ref: JobRef, spec: FineTuneJobSpec, layout: Layout,
                         "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
         mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{cfg.pvc_root}/{claim}",
                        "readOnly": read_only})
+    if cfg.cache_claim:  # read-only here; the preflight builder makes it writable for the filler
+        volumes.append({"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cfg.cache_claim,
+                                                                         "readOnly": True}})
+        mounts.append({"name": CACHE_VOLUME, "mountPath": cfg.cache_mount_path, "readOnly": True})
     return volumes, mounts
 
 
@@ -243,17 +313,22 @@ def tolerations(layout: Layout, cfg: BuildConfig) -> list[dict[str, Any]]:
 
 
 def pod_failure_policy() -> dict[str, Any]:
-    """Fail at once on permanent trainer errors; do not count disruptions (preemption) as failures."""
+    """Fail at once on permanent trainer errors and on running out of GPU memory (the operator re-plans); do not
+    count preemption (the trainer's Preempted exit code after its checkpoint, or a pod disruption) as a failure."""
     return {"rules": [
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                              "values": [reasons.PERMANENT_EXIT_CODE]}},
+                                              "values": sorted(reasons.PERMANENT_EXIT_CODES
+                                                               + reasons.REPLAN_EXIT_CODES)}},
+        {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                             "values": [reasons.PREEMPTED_EXIT_CODE]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
     ]}
 
 
 def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig,
-              *, hash_: str = "") -> dict[str, Any]:
-    """Indexed batch/v1 Job `<job>-trainer`: one pod per node, completions = parallelism = pods."""
+              *, hash_: str = "", plan_status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Indexed batch/v1 Job `<job>-trainer`: one pod per node, completions = parallelism = pods. The pods' grace
+    period covers a checkpoint of the sized plan (`plan_status`, the sizer's status.plan)."""
     name = trainer_name(ref.name)
     volumes, mounts = _volumes(ref, spec, layout, cfg)
     pod_labels = child_labels(ref.name, "trainer")
@@ -274,6 +349,9 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": termination_grace_seconds(
+            plan_status, base_seconds=cfg.termination_grace_base_seconds,
+            write_bytes_per_second=cfg.checkpoint_write_bytes_per_second),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": cfg.run_as_user,
@@ -317,9 +395,11 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
 
 
 def build_children(ref: JobRef, spec_dict: dict[str, Any], spec: FineTuneJobSpec, layout: Layout,
-                   cfg: BuildConfig) -> list[dict[str, Any]]:
+                   cfg: BuildConfig, *, plan_status: dict[str, Any] | None = None,
+                   memory_replans: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """All children in creation order: ConfigMap, Service (multi-pod runs only), Job (the Job carries the
     spec hash, and comes last)."""
     hash_ = spec_hash(spec_dict)
     service = [build_service(ref)] if needs_service(layout) else []
-    return [build_configmap(ref, spec, layout), *service, build_job(ref, spec, layout, cfg, hash_=hash_)]
+    return [build_configmap(ref, spec, layout, memory_replans), *service,
+            build_job(ref, spec, layout, cfg, hash_=hash_, plan_status=plan_status)]

@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 SUBCOMMANDS = {
     "estimate": ("kubetune.sizing.cli", "estimate GPU memory and size a job (no cluster needed)"),
     "operator": ("kubetune.main", "run the operator"),
+    "convert": ("kubetune.convert.cli", "convert an Axolotl, TRL or LLaMA-Factory config into a FineTuneJob"),
 }
 
 

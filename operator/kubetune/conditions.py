@@ -13,8 +13,13 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
 CANCELLED = "Cancelled"
+EVALUATION_PASSED = "EvaluationPassed"  # only for jobs with spec.evaluation, once the trainer reported it
+EXPORTED = "Exported"  # only for jobs with spec.output.export, once the trainer reported it
+VALIDATED = "Validated"  # the CPU preflight checked the model and data (absent when the preflight is off)
+ADVICE = "Advice"  # True when the preflight's numbers trip one of the advice rules (kubetune.advice); never blocks
+TRACKED = "Tracked"  # only for jobs with spec.tracking, once the trainer reported it
 
-CONDITION_TYPES = (READY, SIZED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, CANCELLED)
+CONDITION_TYPES = (READY, SIZED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, CANCELLED, EVALUATION_PASSED, EXPORTED, TRACKED)
 
 
 def make_condition(ctype: str, status: bool | str, reason: str, message: str = "",

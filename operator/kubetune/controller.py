@@ -35,10 +35,13 @@ from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
 from kubetune.builders import METRICS_PORT, BuildConfig, JobRef, build_children, spec_hash
 from kubetune.child_watch import ChildWatch, child_watches
 from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
+from kubetune.estimate import Pricing
 from kubetune.expectations import Expectations
 from kubetune.metrics import OperatorMetrics
+from kubetune.preflight import build_preflight_job, preflight_enabled, preflight_name
 from kubetune.progress import ProgressPoller
-from kubetune.reconcile import (CREATE, FOLLOW, Decision, Observed, decide, decide_child_rejected, decide_not_owned, iso, parse_time, phase_of,
+from kubetune.resize import avoided_types, moves, resize_due
+from kubetune.reconcile import (CANCEL, CREATE, FOLLOW, Decision, Observed, decide, decide_child_rejected, decide_not_owned, iso, parse_time, phase_of,
                                 status_changed, still_acting)
 from kubetune.sizing.fleet_sizer import FleetSizer
 from kubetune.status import checked_status
@@ -69,8 +72,12 @@ class OperatorConfig:
     progress_port: int = METRICS_PORT
     progress_host: str = ""  # override the rank-0 pod IP (local process nodes, tests)
     node_cache_seconds: float = 5.0  # how long one Node list serves sizing passes
+    occupancy: bool = True  # size with the GPUs free now (lists the cluster's unfinished pods per snapshot)
+    resize_unschedulable_seconds: float = 300.0  # re-size a job whose pods stayed unschedulable this long; 0 = off
     workers: int = 12
     cache_sync_timeout: float = 60.0  # how long workers wait for the child watches' first LIST
+    preflight: bool = True  # run the CPU preflight before the trainer Job (spec.preflight.enabled overrides)
+    pricing: Pricing = dataclasses.field(default_factory=Pricing)  # price per GPU-hour per GPU type (status cost)
 
 
 @dataclasses.dataclass
@@ -95,7 +102,8 @@ class Reconciler:
         self.store = ClusterStore()
         self.queue: WorkQueue[Key] = WorkQueue(clock=clock)
         self.expectations = Expectations(clock=clock)
-        self.sizer = FleetSizer(self.children.list_nodes, config.node_cache_seconds)
+        self.sizer = FleetSizer(self.children.list_nodes, config.node_cache_seconds,
+                                list_pods=self.children.list_unfinished_pods if config.occupancy else None)
         self.poller = ProgressPoller(fetch_progress, self.queue.add, period=config.progress_seconds,
                                      port=config.progress_port, timeout=config.progress_timeout)
         metrics.queue_depth.set_function(self.queue.depth)
@@ -253,6 +261,9 @@ class Reconciler:
         want_hash = spec_hash(spec_dict)
         observed = Observed(job=job, pods=pods if job is not None else [], children_exist=job is not None)
         branch = phase_of(status, spec, job, want_hash)
+        observed.preflight = preflight_enabled(spec, cfg.preflight)
+        if observed.preflight and branch in (CREATE, CANCEL):
+            observed.preflight_job, observed.preflight_pods = self.store.preflight(uid)
         self._follow_progress(key, status, spec, observed)
         if job is None and status.get("phase") in TERMINAL_PHASES and spec.ttl_seconds_after_finished > 0 \
                 and not status.get("childrenDeleted"):
@@ -261,15 +272,24 @@ class Reconciler:
         ref = JobRef(name, ns, uid, labels)
         if branch == CREATE or (branch == FOLLOW and not status.get("layout")):
             # Sizing is needed to create the Job, and to recover a layout that never reached the status.
-            observed.sizing = self.sizer.size(spec)
+            observed.sizing = self.sizer.size(spec, avoided_types(status))
             if branch == CREATE:
                 if observed.sizing.fits and observed.sizing.layout is not None:
-                    observed.children = build_children(ref, spec_dict, spec, observed.sizing.layout, cfg.build)
+                    observed.children = build_children(ref, spec_dict, spec, observed.sizing.layout, cfg.build,
+                                                       plan_status=observed.sizing.plan_status,
+                                                       memory_replans=status.get("memoryReplans"))
+                    if observed.preflight:  # the plan ConfigMap first, then the preflight Job
+                        observed.preflight_children = [
+                            observed.children[0],
+                            build_preflight_job(ref, spec, observed.sizing.layout, cfg.build, hash_=want_hash)]
                 else:
                     self.metrics.sizing_refusals.inc()
+        elif branch == FOLLOW:
+            self._consider_resize(status, spec, observed, now)
         generation = int(meta.get("generation") or 0)
         decision = decide(name=name, generation=generation, labels=labels, spec=spec, spec_hash=want_hash,
-                          status=status, observed=observed, now=now, sizing_retry_seconds=cfg.sizing_retry_seconds)
+                          status=status, observed=observed, now=now, sizing_retry_seconds=cfg.sizing_retry_seconds,
+                          pricing=cfg.pricing)
         try:
             self._act(key, uid, decision)
         except NotOwned as exc:
@@ -297,6 +317,17 @@ class Reconciler:
                                  (now - created_at).total_seconds() if created_at else None, previous=status)
         return PassResult(decision, decision.retry_after)
 
+    def _consider_resize(self, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed,
+                         now: dt.datetime) -> None:
+        """Size the job again, avoiding its GPU type, when its pods stayed unschedulable long enough (resize.py);
+        hand the new layout to the pass only when the job would move to GPUs that are free now."""
+        stuck_on = resize_due(spec, status, observed.pods, now, self.config.resize_unschedulable_seconds)
+        if not stuck_on:
+            return
+        outcome = self.sizer.size(spec, avoided_types(status) | {stuck_on})
+        if moves(status, outcome):
+            observed.resize, observed.resize_from = outcome, stuck_on
+
     def _follow_progress(self, key: Key, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed) -> None:
         """Track the rank-0 pod of a running job with the poller and hand its last answer to the pass."""
         running = observed.job is not None and status.get("phase") not in TERMINAL_PHASES \
@@ -321,12 +352,14 @@ class Reconciler:
                         raise
                     raise rejected from exc
                 log.info("%s/%s: %s %s %s", ns, name, result, action.obj["kind"], action.obj["metadata"]["name"])
-                if action.obj["kind"] == "Job":
-                    self.expectations.expect_job(uid)
+                if action.obj["kind"] == "Job" and action.obj["metadata"]["name"] != preflight_name(name):
+                    self.expectations.expect_job(uid)  # the trainer Job (the store keeps the preflight's apart)
             elif action.kind == "suspend_job":
                 self.children.set_job_suspend(ns, name, bool(action.value))
             elif action.kind == "delete_job":
                 self.children.delete_job(ns, name)
+            elif action.kind == "delete_preflight":
+                self.children.delete_job(ns, name, preflight_name(name))
             elif action.kind == "delete_children":
                 self.children.delete_children(ns, name)
 
@@ -379,5 +412,10 @@ class Reconciler:
         try:
             body_of(self.children.core.create_namespaced_event(meta["namespace"], body, _preload_content=False))
         except ApiException as exc:
-            log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+            if exc.status == 403 and "NamespaceTerminating" in str(exc.body or ""):
+                log.debug("no event %s for %s/%s: the namespace is being deleted", reason, meta["namespace"],
+                          meta["name"])
+                return
+            log.warning("could not post event %s for %s/%s: %s %s", reason, meta["namespace"], meta["name"],
+                        exc.status, exc.reason)
         log.info("%s/%s: %s %s: %s", meta["namespace"], meta["name"], etype, reason, message)

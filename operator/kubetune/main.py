@@ -16,6 +16,7 @@ import kopf
 
 from kubetune import API_GROUP
 from kubetune.builders import BuildConfig
+from kubetune.estimate import parse_pricing
 from kubetune.handlers import OperatorConfig, Reconciler, registry
 from kubetune.leader import LeaseElector, default_identity
 from kubetune.metrics import OperatorMetrics
@@ -60,6 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizing-retry-seconds", type=float,
                    default=float(env("KUBETUNE_SIZING_RETRY_SECONDS", "60")),
                    help="retry delay while no GPU layout fits")
+    p.add_argument("--occupancy", action=argparse.BooleanOptionalAction,
+                   default=env("KUBETUNE_OCCUPANCY", "true").lower() not in ("0", "false", "no"),
+                   help="size with the GPUs free now (lists unfinished pods of all namespaces); "
+                        "--no-occupancy sizes on allocatable GPUs only")
+    p.add_argument("--resize-unschedulable-seconds", type=float,
+                   default=float(env("KUBETUNE_RESIZE_UNSCHEDULABLE_SECONDS", "300")),
+                   help="size a job again, avoiding its GPU type, when its trainer pods stayed unschedulable "
+                        "this long (0: never)")
+    p.add_argument("--preflight", action=argparse.BooleanOptionalAction,
+                   default=env("KUBETUNE_PREFLIGHT", "true").lower() not in ("0", "false", "no"),
+                   help="check each job's model and data in a CPU Job <job>-preflight before its trainer Job "
+                        "(spec.preflight.enabled overrides per job); --no-preflight creates the trainer Job at once")
+    p.add_argument("--cache-claim", default=env("KUBETUNE_CACHE_CLAIM", ""),
+                   help="an existing ReadWriteMany PersistentVolumeClaim (in each job's namespace) holding the shared "
+                        "model and dataset cache: the preflight fills it, trainer pods mount it read-only; "
+                        "empty: no cache, every trainer pod downloads the model (docs/cache.md)")
+    p.add_argument("--cache-mount-path", default=env("KUBETUNE_CACHE_MOUNT_PATH", BuildConfig.cache_mount_path),
+                   help="where pods mount the cache claim")
+    p.add_argument("--cache-max-gib", type=float, default=float(env("KUBETUNE_CACHE_MAX_GIB", "0")),
+                   help="size cap of the cache: the preflight evicts least recently used entries no running job "
+                        "uses above it (0: no cap)")
+    p.add_argument("--cache-lease-hours", type=float,
+                   default=float(env("KUBETUNE_CACHE_LEASE_HOURS", str(BuildConfig.cache_lease_seconds / 3600))),
+                   help="how long a job's lease keeps the entries it uses from eviction (its longest expected run)")
+    p.add_argument("--pricing", default=env("KUBETUNE_PRICING", ""),
+                   help="price per GPU-hour by nvidia.com/gpu.product, PRODUCT=PRICE,... or a JSON object; gives "
+                        "status.estimate.cost and status.accounting.cost")
+    p.add_argument("--currency", default=env("KUBETUNE_CURRENCY", "USD"), help="currency of --pricing")
     p.add_argument("--trainer-image", default=env("KUBETUNE_TRAINER_IMAGE", BuildConfig.image))
     p.add_argument("--trainer-image-pull-policy", choices=["Always", "IfNotPresent", "Never"],
                    default=env("KUBETUNE_TRAINER_IMAGE_PULL_POLICY", BuildConfig.image_pull_policy),
@@ -67,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer-image-pull-secrets", default=env("KUBETUNE_TRAINER_IMAGE_PULL_SECRETS", ""),
                    help="name[,name] of Secrets for pulling the trainer image (imagePullSecrets of trainer pods)")
     p.add_argument("--pvc-root", default=env("KUBETUNE_PVC_ROOT", BuildConfig.pvc_root))
+    p.add_argument("--termination-grace-base-seconds", type=int,
+                   default=int(env("KUBETUNE_TERMINATION_GRACE_BASE_SECONDS",
+                                   str(BuildConfig.termination_grace_base_seconds))),
+                   help="trainer pods' terminationGracePeriodSeconds before the checkpoint time is added "
+                        "(the optimizer step in flight, shutdown)")
+    p.add_argument("--checkpoint-write-mib-per-second", type=int,
+                   default=int(env("KUBETUNE_CHECKPOINT_WRITE_MIB_PER_SECOND",
+                                   str(BuildConfig.checkpoint_write_bytes_per_second // (1024 * 1024)))),
+                   help="write rate assumed for the checkpoint a preempted trainer saves within its grace period")
     p.add_argument("--extra-tolerations", default=env("KUBETUNE_EXTRA_TOLERATIONS", "[]"),
                    help="JSON list of tolerations added to every trainer pod")
     p.add_argument("--cpu-node-selector", default=env("KUBETUNE_CPU_NODE_SELECTOR", ""),
@@ -140,14 +178,25 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
             raise SystemExit(f"--gpu-node-selector: {item!r} is not key=value")
         gpu_selector.append((key.strip(), value.strip()))
     pull_secrets = tuple(n.strip() for n in (args.trainer_image_pull_secrets or "").split(",") if n.strip())
+    try:
+        pricing = parse_pricing(args.pricing, args.currency)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     build = BuildConfig(image=args.trainer_image, pvc_root=args.pvc_root,
                         extra_tolerations=tuple(tolerations), cpu_node_selector=tuple(selector),
                         image_pull_policy=args.trainer_image_pull_policy, image_pull_secrets=pull_secrets,
-                        gpu_node_selector=tuple(gpu_selector))
+                        gpu_node_selector=tuple(gpu_selector),
+                        termination_grace_base_seconds=args.termination_grace_base_seconds,
+                        checkpoint_write_bytes_per_second=max(1, args.checkpoint_write_mib_per_second) * 1024 * 1024,
+                        cache_claim=args.cache_claim.strip(), cache_mount_path=args.cache_mount_path,
+                        cache_max_bytes=max(0, int(args.cache_max_gib * 1024**3)),
+                        cache_lease_seconds=max(60, int(args.cache_lease_hours * 3600)))
     return OperatorConfig(namespaces=list(args.namespace), build=build, resync_seconds=args.resync_seconds,
                           progress_seconds=args.progress_seconds, workers=args.workers,
                           sizing_retry_seconds=args.sizing_retry_seconds, progress_port=args.progress_port,
-                          progress_host=args.progress_host)
+                          progress_host=args.progress_host, occupancy=args.occupancy,
+                          resize_unschedulable_seconds=args.resize_unschedulable_seconds,
+                          preflight=args.preflight, pricing=pricing)
 
 
 

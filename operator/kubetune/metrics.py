@@ -45,6 +45,11 @@ class OperatorMetrics:
                                        registry=r)
         self.progress_ratio = Gauge("kubetune_job_progress_ratio", "Steps done / steps planned (0..1).", labels,
                                     registry=r)
+        self.eval_metric = Gauge("kubetune_eval_metric", "Post-training evaluation score (spec.evaluation) of the "
+                                 "base or the tuned model.", [*labels, "metric", "model"], registry=r)
+        self.eval_passed = Gauge("kubetune_eval_passed", "1 when the evaluation gates held, 0 when not.", labels,
+                                 registry=r)
+        self._eval_series: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._phases: dict[tuple[str, str], str] = {}
         self._gpus: dict[tuple[str, str], tuple[str, int]] = {}
         self._running_seen: set[tuple[str, str]] = set()
@@ -90,7 +95,20 @@ class OperatorMetrics:
         if progress.get("totalSteps"):
             self.progress_ratio.labels(namespace, name).set(
                 min(float(progress.get("step") or 0) / float(progress["totalSteps"]), 1.0))
+        self._observe_evaluation(key, status.get("evaluation") or {})
         self._refresh()
+
+    def _observe_evaluation(self, key: tuple[str, str], evaluation: dict[str, Any]) -> None:
+        if not evaluation:
+            return
+        series = self._eval_series.setdefault(key, set())
+        for row in evaluation.get("metrics") or []:
+            for model in ("base", "tuned"):
+                if row.get("metric") and row.get(model) is not None:
+                    self.eval_metric.labels(*key, row["metric"], model).set(float(row[model]))
+                    series.add((row["metric"], model))
+        if evaluation.get("passed") is not None:
+            self.eval_passed.labels(*key).set(1.0 if evaluation["passed"] else 0.0)
 
     def forget_job(self, namespace: str, name: str) -> None:
         """Drop a deleted FineTuneJob from the gauges."""
@@ -102,9 +120,14 @@ class OperatorMetrics:
         self._phases.pop(key, None)
         self._gpus.pop(key, None)
         self._running_seen.discard(key)
-        for gauge in (self.train_loss, self.tokens_per_second, self.progress_ratio):
+        for gauge in (self.train_loss, self.tokens_per_second, self.progress_ratio, self.eval_passed):
             try:
                 gauge.remove(namespace, name)
+            except KeyError:
+                pass
+        for metric, model in self._eval_series.pop(key, set()):
+            try:
+                self.eval_metric.remove(namespace, name, metric, model)
             except KeyError:
                 pass
         self._refresh()

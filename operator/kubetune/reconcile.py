@@ -14,10 +14,17 @@ import json
 from typing import Any
 
 from kubetune import conditions as C
+from kubetune import evaluation as E
 from kubetune import reasons as R
+from kubetune.export_status import export_verdict
+from kubetune.tracking_status import tracking_status, tracking_verdict
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec
 from kubetune.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEUE_LABEL, SPEC_HASH_ANNOTATION
+from kubetune.advice import advise
+from kubetune.estimate import Pricing, estimate_status
+from kubetune.preflight import preflight_status, validated_for
 from kubetune.sizing.layout import SizingOutcome
+from kubetune.oom import exhausted_message, next_memory_plan
 from kubetune.status import checked_status
 
 JOB_FAILURE_REASONS = {
@@ -41,13 +48,19 @@ class Observed:
     sizing: SizingOutcome | None = None  # only computed when a Job has to be created
     children: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # rendered when sizing fits
     progress: dict[str, Any] | None = None  # rank-0 /progress JSON, None when not read
+    resize: SizingOutcome | None = None  # a new layout for a job whose pods stayed unschedulable (resize.py)
+    resize_from: str = ""  # the GPU type the pods could not be scheduled on
+    preflight: bool = False  # this job runs the CPU preflight before its trainer Job (kubetune.preflight)
+    preflight_job: dict[str, Any] | None = None  # the preflight Job, when there is one
+    preflight_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    preflight_children: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plan ConfigMap + Job
 
 
 @dataclasses.dataclass
 class Action:
     """A change to make in the cluster: create/apply a child, patch the Job's suspend, delete children."""
 
-    kind: str  # "apply" | "suspend_job" | "delete_job" | "delete_children"
+    kind: str  # "apply" | "suspend_job" | "delete_job" | "delete_preflight" | "delete_children"
     obj: dict[str, Any] | None = None
     value: bool | None = None
 
@@ -126,6 +139,45 @@ def failure_text(pod: dict[str, Any]) -> str:
                 f"({term.get('reason', 'Error')}) {detail}").strip()
     status = pod.get("status") or {}
     return f"pod {name}: {status.get('reason') or 'Failed'} {status.get('message') or ''}".strip()
+
+
+def trainer_exit_code(pod: dict[str, Any]) -> int | None:
+    """The trainer container's exit code, when it has terminated."""
+    term = trainer_terminated(pod)
+    code = (term or {}).get("exitCode")
+    return int(code) if isinstance(code, int) else None
+
+
+def trainer_reason(pod: dict[str, Any]) -> str:
+    """The trainer's reason for a failed pod: the summary's, else the one its exit code stands for."""
+    summary = parse_summary(pod) or {}
+    reason = str(summary.get("reason") or "")
+    if reason in R.TRAINER_EXIT_CODES:
+        return reason
+    code = trainer_exit_code(pod)
+    named = [r for r, c in R.TRAINER_EXIT_CODES.items() if c == code]
+    return named[0] if len(named) == 1 else "TrainingError"
+
+
+def permanent_failure(failed_pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first failed pod whose exit code the pod failure policy turns into a Job failure (no retry)."""
+    for pod in failed_pods:
+        if trainer_exit_code(pod) in R.PERMANENT_EXIT_CODES:
+            return pod
+    return None
+
+
+def out_of_memory(failed_pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest failed pod whose trainer ran out of GPU memory (its exit code fails the Job for a re-plan)."""
+    for pod in reversed(failed_pods):
+        if trainer_exit_code(pod) in R.REPLAN_EXIT_CODES:
+            return pod
+    return None
+
+
+def was_preempted(pod: dict[str, Any]) -> bool:
+    """The trainer stopped on SIGTERM after a checkpoint (the retry resumes there and is not counted)."""
+    return trainer_exit_code(pod) == R.PREEMPTED_EXIT_CODE or trainer_reason(pod) == "Preempted"
 
 
 def _created(pod: dict[str, Any]) -> str:
@@ -244,7 +296,9 @@ def phase_of(status: dict[str, Any], spec: FineTuneJobSpec, job: dict[str, Any] 
 class _Pass:
     """The status being built by one pass: phase, conditions, Events, actions."""
 
-    def __init__(self, status: dict[str, Any], generation: int, now: dt.datetime) -> None:
+    def __init__(self, status: dict[str, Any], generation: int, now: dt.datetime,
+                 pricing: Pricing | None = None) -> None:
+        self.pricing = pricing
         self.old = status or {}
         self.st = copy.deepcopy(self.old)
         self.st["observedGeneration"] = generation
@@ -271,21 +325,25 @@ class _Pass:
     def finish(self) -> Decision:
         self.st["conditions"] = C.merge_conditions(self.old.get("conditions"), self.conds)
         if self.st.get("layout"):
-            self.st.setdefault("accounting", {})["gpuHours"] = _gpu_hours(self.st, self.now)
+            acc = self.st.setdefault("accounting", {})
+            acc["gpuHours"] = _gpu_hours(self.st, self.now)
+            price = self.pricing.price(str(self.st["layout"].get("gpuType") or "")) if self.pricing else None
+            if price is not None and self.pricing is not None:  # the actual cost beside status.estimate's
+                acc["cost"], acc["currency"] = round(acc["gpuHours"] * price, 4), self.pricing.currency
         checked_status(self.st)
         return self.out
 
 
 def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTuneJobSpec, spec_hash: str,
            status: dict[str, Any], observed: Observed, now: dt.datetime,
-           sizing_retry_seconds: float = 60.0) -> Decision:
+           sizing_retry_seconds: float = 60.0, pricing: Pricing | None = None) -> Decision:
     """Compute the desired status and the actions for one FineTuneJob (level-based, idempotent).
 
     Runs once per pass. When `phase_of` says create, the caller sizes the job and renders its children into
     `observed` first."""
     del name  # part of the signature for logging callers; the branches need only what follows
     branch = phase_of(status, spec, observed.job, spec_hash)
-    p = _Pass(status, generation, now)
+    p = _Pass(status, generation, now, pricing)
     if branch == TERMINAL:
         return _decide_terminal(p, spec, observed)
     if branch == CANCEL:
@@ -293,9 +351,13 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTune
     if branch == CREATE:
         if observed.sizing is None:
             raise ValueError("a pass that creates the trainer Job must size it first (Observed.sizing)")
+        if observed.preflight and not validated_for(status, spec_hash):
+            return _decide_preparing(p, spec, spec_hash, labels, observed, sizing_retry_seconds)
         return _decide_create(p, spec, spec_hash, labels, observed, sizing_retry_seconds)
     if branch == RECREATE:
         return _decide_recreate(p, spec)
+    if observed.resize is not None:
+        return _decide_resize(p, observed)
     return _decide_follow(p, spec, labels, observed)
 
 
@@ -318,9 +380,11 @@ def _decide_terminal(p: _Pass, spec: FineTuneJobSpec, observed: Observed) -> Dec
 
 
 def _decide_cancel(p: _Pass, observed: Observed) -> Decision:
-    """Cancel: delete the Job, keep the FineTuneJob and what it learned."""
+    """Cancel: delete the Job (and a preflight still running), keep the FineTuneJob and what it learned."""
     if observed.job is not None:
         p.out.actions.append(Action("delete_job"))
+    if observed.preflight_job is not None and not _job_finished(observed.preflight_job):
+        p.out.actions.append(Action("delete_preflight"))
     _close_running(p.st, p.now)
     p.st["completionTime"] = p.now_s
     p.set_phase("Cancelled", R.CANCELLED, "spec.cancel is true: the trainer Job was deleted")
@@ -351,6 +415,8 @@ def _decide_create(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict
         st["plan"] = sizing.plan_status
     st["layout"] = sizing.layout.to_status(want_hash)
     p.cond(C.SIZED, True, sizing.reason, sizing.message)
+    if st.get("preflight") and st["preflight"].get("steps"):
+        st["estimate"] = estimate_status(st["preflight"], st["layout"], st.get("plan"), spec, p.pricing or Pricing())
     recreating = bool(p.old.get("layout")) and p.old_phase != ""
     reason = R.RECREATING if recreating else R.CREATED
     if spec.suspend:
@@ -360,9 +426,90 @@ def _decide_create(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict
         p.set_phase("Queued", R.QUEUED,
                     f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
     else:
-        p.set_phase("Pending", reason, f"created the trainer Job ({sizing.message})")
+        estimate = f"; estimate: {st['estimate']['display']}" if st.get("estimate") else ""
+        p.set_phase("Pending", reason, f"created the trainer Job ({sizing.message}){estimate}")
     p.cond(C.RUNNING, False, R.WAITING_FOR_PODS)
     p.cond(C.READY, False, st["reason"], st["message"])
+    return p.finish()
+
+
+def _job_finished(job: dict[str, Any]) -> bool:
+    return any(job_condition(job, c) for c in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"))
+
+
+def _decide_preparing(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict[str, str], observed: Observed,
+                      sizing_retry_seconds: float) -> Decision:
+    """Before the trainer Job: run the CPU preflight (plan ConfigMap + `<job>-preflight`), fold its report into
+    status.preflight and create the trainer Job in the pass that sees it succeed; a failed preflight fails the
+    job with the trainer's reason and message (a bad line: DataError with file:line), and no GPU pod is made."""
+    st, out, sizing, job = p.st, p.out, observed.sizing, observed.preflight_job
+    assert sizing is not None
+    if job is None and (not sizing.fits or sizing.layout is None):
+        return _decide_create(p, spec, want_hash, labels, observed, sizing_retry_seconds)  # waits for GPUs
+    if job is not None and job_spec_hash(job) != want_hash:
+        out.actions.append(Action("delete_preflight"))
+        message = "the spec changed: deleting the preflight Job to run it again"
+        p.set_phase("Preparing", R.PREFLIGHT_RERUN, message)
+        p.cond(C.VALIDATED, "Unknown", R.PREFLIGHT_RERUN, message)
+        p.cond(C.READY, False, R.PREFLIGHT_RERUN, message)
+        return p.finish()
+    if job is None:
+        out.actions.extend(Action("apply", child) for child in observed.preflight_children)
+        message = "checking the model and the data on CPU before any GPU is used"
+        p.set_phase("Preparing", R.PREFLIGHT_RUNNING, message)
+        p.cond(C.VALIDATED, "Unknown", R.PREFLIGHT_RUNNING, message)
+        p.cond(C.RUNNING, False, R.PREFLIGHT_RUNNING)
+        p.cond(C.READY, False, R.PREFLIGHT_RUNNING, message)
+        return p.finish()
+    pods = sorted(observed.preflight_pods, key=_created)
+    failed_pods = [pod for pod in pods if _phase_of(pod) == "Failed"]
+    permanent = permanent_failure(failed_pods)
+    if job_condition(job, "Complete") or job_condition(job, "SuccessCriteriaMet"):
+        done = [pod for pod in pods if _phase_of(pod) == "Succeeded"]
+        if pods and not done:
+            # The Job's watch event came before its pod's: wait for the pod that carries the report.
+            p.set_phase("Preparing", R.PREFLIGHT_RUNNING, "the preflight finished; reading its report")
+            p.out.retry_after = 1.0
+            return p.finish()
+        summary = parse_summary(done[-1]) if done else None
+        report = (summary or {}).get("preflight")
+        st["preflight"] = preflight_status(report if isinstance(report, dict) else None, want_hash, p.now_s)
+        message = f"preflight: {st['preflight']['display']}"
+        p.cond(C.VALIDATED, True, R.VALIDATED, message)
+        out.events.append(("Normal", R.VALIDATED, message))
+        advice = advise(spec, st["preflight"]) if isinstance(report, dict) and report else []
+        for rule, text in advice:
+            out.events.append(("Warning", rule, text))
+        if advice:
+            p.cond(C.ADVICE, True, advice[0][0], "; ".join(text for _, text in advice))
+        else:
+            p.cond(C.ADVICE, False, R.ADVICE_NONE,
+                   "no advice rule applies" if isinstance(report, dict) and report else "no preflight figures")
+        return _decide_create(p, spec, want_hash, labels, observed, sizing_retry_seconds)
+    failed = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
+    if failed is not None or permanent is not None:
+        culprit = permanent or (failed_pods[-1] if failed_pods else None)
+        cause = trainer_reason(culprit) if culprit is not None else R.PREFLIGHT_FAILED
+        detail = failure_text(culprit) if culprit is not None else (failed or {}).get("message", "")
+        fix = R.PERMANENT_FAILURE_FIXES.get(cause, "fix the cause named above and recreate the FineTuneJob")
+        message = f"the preflight failed with {cause}, before any GPU was used: {detail}; {fix}"
+        st["completionTime"] = p.now_s
+        p.set_phase("Failed", R.PREFLIGHT_FAILED, message, warning=True)
+        p.cond(C.VALIDATED, False, cause, message)
+        p.cond(C.FAILED, True, R.PREFLIGHT_FAILED, message)
+        p.cond(C.RUNNING, False, R.PREFLIGHT_FAILED)
+        p.cond(C.READY, False, R.PREFLIGHT_FAILED, message)
+        return p.finish()
+    stuck = stuck_container_message(pods)
+    waiting = stuck or unschedulable_message(pods)
+    reason = R.CONTAINER_NOT_STARTING if stuck else R.PREFLIGHT_RUNNING  # the trainer image, as in its Job
+    message = "checking the model and the data on CPU before any GPU is used" + (f": {waiting}" if waiting else "")
+    if failed_pods:
+        message += f" (retry after failure: {failure_text(failed_pods[-1])})"
+    p.set_phase("Preparing", reason, message, warning=bool(stuck))
+    p.cond(C.VALIDATED, "Unknown", reason, message)
+    p.cond(C.RUNNING, False, reason)
+    p.cond(C.READY, False, reason, message)
     return p.finish()
 
 
@@ -374,6 +521,59 @@ def _decide_recreate(p: _Pass, spec: FineTuneJobSpec) -> Decision:
                 "the spec changed: deleting the trainer Job to recreate it (the run resumes from its last checkpoint)")
     p.cond(C.RUNNING, False, R.RECREATING)
     p.cond(C.READY, False, R.RECREATING, p.st["message"])
+    return p.finish()
+
+
+def _decide_resize(p: _Pass, observed: Observed) -> Decision:
+    """The pods never got a node on the GPU type the sizer chose, and another one fits with GPUs free now: delete
+    the Job (its pods never ran) and remember the type, so the next pass creates it with the new layout."""
+    assert observed.resize is not None and observed.resize.layout is not None
+    p.out.actions.append(Action("delete_job"))
+    _close_running(p.st, p.now)
+    p.st["unschedulableGpuTypes"] = sorted(set(p.st.get("unschedulableGpuTypes") or []) | {observed.resize_from})
+    scheduler = unschedulable_message(observed.pods)
+    message = (f"the trainer pods could not be scheduled on {observed.resize_from}"
+               + (f" ({scheduler})" if scheduler else "")
+               + f"; sized again without it: {observed.resize.message}")
+    p.set_phase("Pending", R.RESIZING, message, warning=True)
+    p.cond(C.RUNNING, False, R.RESIZING, message)
+    p.cond(C.READY, False, R.RESIZING, message)
+    return p.finish()
+
+
+def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any]) -> Decision:
+    """The trainer ran out of GPU memory: record the next leaner plan (kubetune.oom) and delete the Job, so the next
+    pass creates it with that plan (resuming from the last checkpoint); fail when no leaner plan is left."""
+    st = p.st
+    summary = parse_summary(pod) or {}
+    if summary:
+        _fold_trainer_report(st, summary, p.now_s, final=True)
+    _close_running(st, p.now)
+    replans = list(st.get("memoryReplans") or [])
+    name = (pod.get("metadata") or {}).get("name", "")
+    if not any(r.get("pod") == name for r in replans):
+        leaner = next_memory_plan(spec, replans)
+        if leaner is None:
+            message = f"{failure_text(pod)}; {exhausted_message(spec, replans)}"
+            st["completionTime"] = p.now_s
+            p.set_phase("Failed", R.OUT_OF_MEMORY, message, warning=True)
+            p.cond(C.FAILED, True, R.OUT_OF_MEMORY, message)
+            p.cond(C.RUNNING, False, R.OUT_OF_MEMORY)
+            p.cond(C.READY, False, R.OUT_OF_MEMORY, message)
+            return p.finish()
+        training, change = leaner
+        replans.append({"pod": name, "step": int(summary.get("step") or 0),
+                        "message": str(summary.get("message") or "")[:1024], "change": change, "training": training})
+        st["memoryReplans"] = replans
+    p.out.actions.append(Action("delete_job"))
+    last = replans[-1]
+    ckpt = int((st.get("checkpoint") or {}).get("step") or 0)
+    message = (f"the trainer ran out of GPU memory at step {last['step']} ({failure_text(pod)}); re-planned: "
+               f"{last['change']}; recreating the trainer Job, which resumes from "
+               + (f"checkpoint step-{ckpt}" if ckpt else "the start"))
+    p.set_phase("Pending", R.REPLANNED_OOM, message, warning=True)
+    p.cond(C.RUNNING, False, R.REPLANNED_OOM, message)
+    p.cond(C.READY, False, R.REPLANNED_OOM, message)
     return p.finish()
 
 
@@ -407,6 +607,11 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     # reported as a retry in between.
     complete = job_condition(job, "Complete") or job_condition(job, "SuccessCriteriaMet")
     failed = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
+    # A trainer exit code the pod failure policy fails the Job on: report the failure now, not a retry.
+    permanent = permanent_failure(failed_pods)
+    oom = out_of_memory(failed_pods) if permanent is None and complete is None else None
+    if oom is not None:
+        return _decide_replan(p, spec, oom)
     if complete is not None:
         _close_running(st, now)
         zero = [pod for pod in pods if pod_index(pod) == 0 and _phase_of(pod) == "Succeeded"]
@@ -418,26 +623,62 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         message = "training finished"
         if summary and summary.get("step") is not None:
             message += f" at step {summary.get('step')}"
+        if summary and summary.get("message"):  # early stopping, or a divergence reported with action warn
+            message += f" ({summary['message']})"
         if st.get("artifacts"):
             message += "; artifacts: " + ", ".join(f"{k}={v}" for k, v in sorted(st["artifacts"].items()))
+        evaluation = (summary or {}).get("evaluation")
+        if isinstance(evaluation, dict):
+            st["evaluation"] = E.evaluation_status(evaluation)
+            message += f"; evaluation: {st['evaluation']['display']}"
         p.set_phase("Succeeded", R.COMPLETED, message)
         p.cond(C.SUCCEEDED, True, R.COMPLETED, message)
         p.cond(C.RUNNING, False, R.COMPLETED)
         p.cond(C.READY, True, R.COMPLETED, message)
+        if isinstance(evaluation, dict):
+            passed, ev_reason, ev_message = E.verdict(evaluation)
+            p.cond(C.EVALUATION_PASSED, passed, ev_reason, ev_message)
+            out.events.append(("Normal" if passed else "Warning", ev_reason, ev_message))
+        elif spec.evaluation is not None:
+            p.cond(C.EVALUATION_PASSED, "Unknown", R.EVALUATION_ERROR,
+                   "the trainer reported no evaluation (is the trainer image older than spec.evaluation?)")
+        export = (summary or {}).get("export")
+        if isinstance(export, dict):
+            done, ex_reason, ex_message = export_verdict(export)
+            p.cond(C.EXPORTED, done, ex_reason, ex_message)
+            if not done:
+                out.events.append(("Warning", ex_reason, ex_message))
+        if spec.tracking is not None and spec.tracking.mlflow is not None:
+            tracking = (summary or {}).get("tracking")
+            if tracking_status(tracking):
+                st["tracking"] = tracking_status(tracking)
+            tracked, tr_reason, tr_message = tracking_verdict(tracking, str((summary or {}).get("message", "")))
+            p.cond(C.TRACKED, tracked, tr_reason, tr_message)
+            if not tracked:
+                out.events.append(("Warning", tr_reason, tr_message))
         return p.finish()
-    if failed is not None:
+    if failed is not None or permanent is not None:
         _close_running(st, now)
-        reason = JOB_FAILURE_REASONS.get(failed.get("reason", ""), R.JOB_FAILED)
+        reason = JOB_FAILURE_REASONS.get((failed or {}).get("reason", ""), R.JOB_FAILED)
         ranked = sorted(failed_pods, key=lambda pod: (pod_index(pod) != 0, _created(pod)))
         latest_zero = [pod for pod in failed_pods if pod_index(pod) == 0]
         culprit = latest_zero[-1] if latest_zero else (ranked[-1] if ranked else None)
+        if permanent is not None:
+            culprit = permanent
         detail = failure_text(culprit) if culprit is not None else ""
         summary = parse_summary(culprit) if culprit is not None else None
         if summary:
             _fold_trainer_report(st, summary, now_s, final=True)
-        message = f"{failed.get('message') or failed.get('reason', 'the trainer Job failed')}"
-        if detail:
-            message += f"; last failure: {detail}"
+        if permanent is not None:
+            # The same reason before and after the Job controller marks the Job failed: one Event.
+            cause = trainer_reason(permanent)
+            reason = cause if cause in R.PERMANENT_TRAINER_REASONS else R.POD_FAILURE_POLICY
+            fix = R.PERMANENT_FAILURE_FIXES.get(cause, "fix the cause named above and recreate the FineTuneJob")
+            message = f"the trainer failed with {cause}, which a retry cannot fix (not retried): {detail}; {fix}"
+        else:
+            message = f"{failed.get('message') or failed.get('reason', 'the trainer Job failed')}"
+            if detail:
+                message += f"; last failure: {detail}"
         st["completionTime"] = job_status.get("completionTime") or now_s
         p.set_phase("Failed", reason, message, warning=True)
         p.cond(C.FAILED, True, reason, message)
@@ -469,7 +710,12 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
 
     running = [pod for pod in pods
                if _phase_of(pod) == "Running" and not (pod.get("metadata") or {}).get("deletionTimestamp")]
-    retry_note = f" (retry after failure: {failure_text(failed_pods[-1])})" if failed_pods else ""
+    preempted = bool(failed_pods) and was_preempted(failed_pods[-1])
+    if preempted:
+        retry_note = f" (resuming after preemption: {failure_text(failed_pods[-1])})"
+    else:
+        retry_note = f" (retry after failure: {failure_text(failed_pods[-1])})" if failed_pods else ""
+    retry_reason = R.PREEMPTED_RESUMING if preempted else R.RETRYING
     if running and not job_suspended:
         if old_phase != "Running":
             acc["runningSince"] = now_s
@@ -484,7 +730,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         message = f"{len(running)}/{pods_total} trainer pod(s) running{retry_note}"
         if st.get("resumedFromStep") and old_phase != "Running":
             message += f"; resuming from checkpoint step {st['resumedFromStep']}"
-        reason = R.RETRYING if failed_pods else R.PODS_RUNNING
+        reason = retry_reason if failed_pods else R.PODS_RUNNING
         p.set_phase("Running", reason, message)
         p.cond(C.RUNNING, True, reason, message)
         p.cond(C.READY, True, reason, message)
@@ -503,9 +749,9 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     _close_running(st, now)
     stuck = stuck_container_message(pods)
     waiting = stuck or unschedulable_message(pods)
-    reason = R.CONTAINER_NOT_STARTING if stuck else R.RETRYING if failed_pods else R.WAITING_FOR_PODS
+    reason = R.CONTAINER_NOT_STARTING if stuck else retry_reason if failed_pods else R.WAITING_FOR_PODS
     message = "waiting for the trainer pods to start" + (f": {waiting}" if waiting else "") + retry_note
-    p.set_phase("Pending", reason, message, warning=bool(failed_pods or stuck))
+    p.set_phase("Pending", reason, message, warning=bool((failed_pods and not preempted) or stuck))
     p.cond(C.RUNNING, False, reason, message)
     p.cond(C.READY, False, reason, message)
     return p.finish()
@@ -516,7 +762,7 @@ def decide_blocked(*, generation: int, status: dict[str, Any], reason: str, mess
     """The pass could not carry out its actions for a reason the user must fix: say so in the status, the
     conditions and an Event, and try again later."""
     p = _Pass(status, generation, now)
-    p.set_phase(p.old_phase if p.old_phase in ("Pending", "Queued", "Suspended") else "Pending", reason, message,
+    p.set_phase(p.old_phase if p.old_phase in ("Pending", "Preparing", "Queued", "Suspended") else "Pending", reason, message,
                 warning=True)
     p.cond(C.RUNNING, False, reason, message)
     p.cond(C.READY, False, reason, message)
@@ -562,5 +808,6 @@ def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
         s = copy.deepcopy(s or {})
         (s.get("progress") or {}).pop("updatedAt", None)
         (s.get("accounting") or {}).pop("gpuHours", None)  # grows every second while running
+        (s.get("accounting") or {}).pop("cost", None)  # gpuHours x price: grows with it
         return s
     return strip(old) != strip(new)

@@ -74,6 +74,46 @@ class ArtifactsStatus(_Status):
     merged: str | None = None
     model: str | None = None
     metrics: str | None = None
+    evaluation: str | None = None
+    report: str | None = None
+    gguf: str | None = None
+    modelfile: str | None = None
+
+
+class EvalMetricStatus(_Status):
+    """One metric of status.evaluation.metrics."""
+
+    metric: str | None = None
+    base: float | None = None
+    tuned: float | None = None
+    delta: float | None = None
+    passed: bool | None = None
+
+
+class RegurgitationStatus(_Status):
+    """status.evaluation.regurgitation."""
+
+    training: float | None = None
+    held_out: float | None = None
+
+
+class EvaluationStatus(_Status):
+    """Base-vs-tuned evaluation summary (status.evaluation)."""
+
+    passed: bool | None = None
+    display: str | None = None
+    message: str | None = None
+    error: str | None = None
+    general_regression: float | None = None
+    regurgitation: RegurgitationStatus | None = None
+    metrics: list[EvalMetricStatus] | None = None
+
+
+class TrackingStatus(_Status):
+    """The experiment-tracking run (status.tracking, spec.tracking)."""
+
+    run_id: str | None = None
+    url: str | None = None
 
 
 class CheckpointStatus(_Status):
@@ -91,6 +131,87 @@ class AccountingStatus(_Status):
     running_since: str | None = None
     tokens: int | None = None
     restarts: int | None = None
+    cost: float | None = None  # gpuHours x the GPU type's price (operator --pricing); absent without a price
+    currency: str | None = None
+
+
+class TokenLengthsStatus(_Status):
+    """Token-length distribution of the examples (status.preflight.tokenLengths)."""
+
+    min: int | None = None
+    mean: float | None = None
+    p50: int | None = None
+    p95: int | None = None
+    max: int | None = None
+
+
+class PreflightCacheStatus(_Status):
+    """The shared model cache as the preflight used it (status.preflight.cache; docs/cache.md)."""
+
+    volume: str | None = None
+    model: str | None = None
+    dataset: str | None = None
+    filled: list[str] | None = None
+    hits: list[str] | None = None
+    evicted: int | None = None
+    bytes: int | None = None
+
+
+class PreflightStatus(_Status):
+    """What the CPU preflight found (status.preflight; kubetune.preflight)."""
+
+    spec_hash: str | None = None
+    completed_at: str | None = None
+    display: str | None = None
+    model_revision: str | None = None
+    model_type: str | None = None
+    dataset_sha256: str | None = None
+    eval_dataset_sha256: str | None = None
+    format: str | None = None
+    examples: int | None = None
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    train_rows: int | None = None
+    tokens_per_epoch: int | None = None
+    tokens: int | None = None
+    steps: int | None = None
+    world: int | None = None
+    max_seq_length: int | None = None
+    truncated: int | None = None
+    truncated_locations: list[str] | None = None
+    duplicates: int | None = None
+    near_duplicates: int | None = None
+    empty_answers: int | None = None
+    token_lengths: TokenLengthsStatus | None = None
+    cache: PreflightCacheStatus | None = None
+
+
+class EstimateStatus(_Status):
+    """Steps, tokens, time and cost of the run before it starts (status.estimate; kubetune.estimate)."""
+
+    steps: int | None = None
+    tokens: int | None = None
+    world: int | None = None
+    gpu_type: str | None = None
+    gpus: int | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    gpu_hours: float | None = None
+    price_per_gpu_hour: float | None = None
+    cost: float | None = None
+    currency: str | None = None
+    basis: str | None = None
+    display: str | None = None
+
+
+class MemoryReplanStatus(_Status):
+    """One re-plan after the trainer ran out of GPU memory (kubetune.oom)."""
+
+    pod: str | None = None
+    step: int | None = None
+    message: str | None = None
+    change: str | None = None
+    training: dict[str, Any] | None = None  # the plan's training settings from then on
 
 
 class FineTuneJobStatus(_Status):
@@ -106,12 +227,18 @@ class FineTuneJobStatus(_Status):
     progress: ProgressStatus | None = None
     metrics: MetricsStatus | None = None
     artifacts: ArtifactsStatus | None = None
+    evaluation: EvaluationStatus | None = None
+    tracking: TrackingStatus | None = None
     checkpoint: CheckpointStatus | None = None
     resumed_from_step: int | None = None
     accounting: AccountingStatus | None = None
+    preflight: PreflightStatus | None = None
+    estimate: EstimateStatus | None = None
     start_time: str | None = None
     completion_time: str | None = None
     children_deleted: bool | None = None
+    unschedulable_gpu_types: list[str] | None = None  # re-sizing avoids them while another GPU type fits
+    memory_replans: list[MemoryReplanStatus] | None = None  # after running out of GPU memory, oldest first
 
 
 def condition(ctype: str, status: bool | str, reason: str, message: str = "", *, now: str,

@@ -22,7 +22,9 @@ import copy
 import threading
 from typing import Any
 
-from kubetune.builders import COMPLETION_INDEX_ANNOTATION, JOB_NAME_LABEL, SPEC_HASH_ANNOTATION
+from kubetune.builders import COMPLETION_INDEX_ANNOTATION, COMPONENT_LABEL, JOB_NAME_LABEL, SPEC_HASH_ANNOTATION
+
+PREFLIGHT_COMPONENT = "preflight"  # kubetune.preflight.COMPONENT: the CPU check's Job, indexed apart from the trainer's
 
 Key = tuple[str, str]  # (namespace, FineTuneJob name)
 
@@ -58,7 +60,10 @@ def _meta(obj: dict[str, Any], annotation: str) -> dict[str, Any]:
     value = (meta.get("annotations") or {}).get(annotation)
     if value is not None:
         out["annotations"] = {annotation: value}
-    out["labels"] = {JOB_NAME_LABEL: (meta.get("labels") or {}).get(JOB_NAME_LABEL, "")}
+    labels = meta.get("labels") or {}
+    out["labels"] = {JOB_NAME_LABEL: labels.get(JOB_NAME_LABEL, "")}
+    if labels.get(COMPONENT_LABEL) == PREFLIGHT_COMPONENT:
+        out["labels"][COMPONENT_LABEL] = PREFLIGHT_COMPONENT
     out["ownerReferences"] = [{k: o[k] for k in ("uid", "kind", "name", "controller") if o.get(k) is not None}
                               for o in meta.get("ownerReferences") or []]
     return out
@@ -131,6 +136,7 @@ class ClusterStore:
         self._ftjs: dict[Key, dict[str, Any]] = {}
         self._jobs: dict[str, dict[str, Any]] = {}  # job uid -> slim Job
         self._job_of: dict[str, str] = {}  # FineTuneJob uid -> job uid
+        self._preflight_of: dict[str, str] = {}  # FineTuneJob uid -> preflight job uid
         self._pods: dict[str, dict[str, Any]] = {}  # pod uid -> slim pod
         self._pods_of: dict[str, set[str]] = {}  # job uid -> pod uids
 
@@ -187,17 +193,19 @@ class ClusterStore:
         uid = _uid(obj)
         ref = controller_of(obj, "FineTuneJob")
         owner = str(ref.get("uid") or "") if ref else ""
+        preflight = ((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL) == PREFLIGHT_COMPONENT
         with self._lock:
+            index = self._preflight_of if preflight else self._job_of
             old = self._jobs.get(uid)
             if event_type == "DELETED":
                 if old is not None:
                     del self._jobs[uid]
-                    if owner and self._job_of.get(owner) == uid:
-                        del self._job_of[owner]
+                    if owner and index.get(owner) == uid:
+                        del index[owner]
             elif _newer(obj, old):
                 self._jobs[uid] = slim_job(obj)
                 if owner:
-                    self._job_of[owner] = uid
+                    index[owner] = uid
         return self._ftj_key_of_job(obj)
 
     def observe_pod(self, event_type: str | None, obj: dict[str, Any]) -> Key | None:
@@ -231,6 +239,16 @@ class ClusterStore:
         """(Job, pods) owned by the FineTuneJob with this UID, as copies."""
         with self._lock:
             job_uid = self._job_of.get(ftj_uid)
+            job = self._jobs.get(job_uid) if job_uid else None
+            if job is None:
+                return None, []
+            pods = [self._pods[p] for p in self._pods_of.get(job_uid, ()) if p in self._pods]
+            return copy.deepcopy(job), copy.deepcopy(pods)
+
+    def preflight(self, ftj_uid: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """(preflight Job, its pods) owned by the FineTuneJob with this UID, as copies."""
+        with self._lock:
+            job_uid = self._preflight_of.get(ftj_uid)
             job = self._jobs.get(job_uid) if job_uid else None
             if job is None:
                 return None, []

@@ -174,17 +174,66 @@ def test_two_pod_job_rendezvouses_over_the_headless_service(cluster, ftj, ws):
     assert "[rank 0]" in logs[0] + logs[1] and "[rank 1]" in logs[0] + logs[1], joined
 
 
-def test_bad_dataset_line_fails_the_job_naming_the_line(cluster, ftj, ws):
+class PodWatch:
+    """Every pod of a namespace the apiserver reports from now on (a watch in a thread): (name, component label)."""
+
+    def __init__(self, ftj: FtjClient, namespace: str) -> None:
+        import threading
+
+        self.seen: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._core, self._ns = ftj.core, namespace
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            for event in watch.Watch().stream(self._core.list_namespaced_pod, self._ns, timeout_seconds=2):
+                meta = event["object"].metadata
+                self.seen.add((meta.name, (meta.labels or {}).get("kubetune.io/component", "")))
+
+    def stop(self) -> set[tuple[str, str]]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.seen
+
+
+def test_bad_dataset_line_fails_in_preflight_and_no_trainer_pod_is_ever_created(cluster, ftj, ws):
     lines = DATASET.read_text().splitlines()
     lines.insert(6, '{"messages": [{"role": "user", "content": "unterminated')
     (ws.root / "data" / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    pods = PodWatch(ftj, ws.namespace)
     ws.apply(cluster, ws.manifest("bad-data", dataset="data/bad.jsonl"))
     st = wait_terminal(ftj, ws.namespace, "bad-data", timeout=300)
-    assert st["phase"] == "Failed", json.dumps(st)[:3000]
+    seen = pods.stop()
+    assert st["phase"] == "Failed" and st["reason"] == "PreflightFailed", json.dumps(st)[:3000]
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert "bad.jsonl:7:" in failed["message"], failed
-    # A data error is permanent: no retry.
-    assert len(ftj.pods(ws.namespace, "bad-data")) == 1
+    validated = next(c for c in st["conditions"] if c["type"] == "Validated")
+    assert validated["status"] == "False" and validated["reason"] == "DataError", validated
+    # Only the preflight pod ever existed (a data error is permanent: no retry), and no trainer Job.
+    assert {component for _, component in seen} == {"preflight"} and len(seen) == 1, seen
+    assert [j.metadata.name for j in ftj.jobs(ws.namespace)] == ["bad-data-preflight"]
+    assert "layout" not in st
+
+
+def test_the_preflight_counts_the_steps_the_trainer_runs(cluster, ftj, ws):
+    """A run sized by epochs (not maxSteps): the steps the preflight counted are the steps the trainer took."""
+    ws.apply(cluster, ws.manifest("counted", maxSteps=0, epochs=0.3, gradientAccumulationSteps=3,
+                                  checkpointEverySteps=1000))
+    st = wait_terminal(ftj, ws.namespace, "counted")
+    assert st["phase"] == "Succeeded", json.dumps(st)[:3000]
+    pre = st["preflight"]
+    assert next(c for c in st["conditions"] if c["type"] == "Validated")["status"] == "True"
+    assert pre["steps"] == st["progress"]["step"] == st["progress"]["totalSteps"] > 1, (pre, st["progress"])
+    assert st["estimate"]["steps"] == pre["steps"] and st["estimate"]["gpuHours"] == 0.0  # CPU-only layout
+    lines = DATASET.read_text().splitlines()
+    assert pre["examples"] == len(lines) and pre["trainExamples"] + pre["evalExamples"] == len(lines)
+    import hashlib
+
+    assert pre["datasetSha256"] == hashlib.sha256(DATASET.read_bytes()).hexdigest()
 
 
 def test_deleting_a_running_job_stops_its_processes(cluster, ftj, ws):
@@ -215,3 +264,71 @@ def test_a_missing_secret_is_named_in_the_status_and_an_event(cluster, ftj, ws):
     assert ready["status"] == "False" and "hf-token-missing" in ready["message"]
     assert any(reason == "TrainerContainerNotStarting" and "hf-token-missing" in message
                for reason, message in ftj.events(ws.namespace, "nosecret"))
+
+
+def test_evaluation_and_export_reach_the_status_conditions_events_and_kubectl_get(cluster, ftj, ws):
+    """spec.evaluation and spec.output.export through the real operator: base vs tuned in status.evaluation, a gate
+    set above what the run reached fails EvaluationPassed (with the numbers) while the job stays Succeeded with
+    every artifact, and the GGUF + Modelfile are listed in status.artifacts with Exported=True."""
+    m = ws.manifest("evaluated", maxSteps=40, checkpointEverySteps=1000)
+    m["spec"]["evaluation"] = {"metrics": ["exactMatch", "tokenF1", "evalLoss"], "numExamples": 10,
+                               "maxNewTokens": 16,
+                               "gates": [{"metric": "evalLoss", "minImprovement": 0.5},
+                                         {"metric": "tokenF1", "minImprovement": 1.5}]}
+    m["spec"]["output"]["export"] = {"gguf": "f16", "system": "Spell digits out."}
+    ws.apply(cluster, m)
+    st = wait_terminal(ftj, ws.namespace, "evaluated")
+    assert st["phase"] == "Succeeded", json.dumps(st)[:3000]
+    ev = st["evaluation"]
+    rows = {r["metric"]: r for r in ev["metrics"]}
+    assert set(rows) == {"exactMatch", "tokenF1", "evalLoss"}, ev
+    assert rows["evalLoss"]["tuned"] < rows["evalLoss"]["base"] - 0.5 and rows["evalLoss"]["passed"] is True, ev
+    assert rows["tokenF1"]["passed"] is False and ev["passed"] is False, ev
+    cond = next(c for c in st["conditions"] if c["type"] == "EvaluationPassed")
+    assert cond["status"] == "False" and cond["reason"] == "EvaluationGatesFailed", cond
+    assert "tokenF1 improvement" in cond["message"] and "evalLoss" in cond["message"], cond
+    # The Event is recorded after the status write of the same pass: wait for it.
+    wait_for(lambda: any(reason == "EvaluationGatesFailed" for reason, _ in ftj.events(ws.namespace, "evaluated")),
+             60, "an EvaluationGatesFailed Event")
+    for key in ("adapter", "evaluation", "report"):
+        assert ws.local(st["artifacts"][key]).exists(), (key, st["artifacts"])
+    doc = json.loads(ws.local(st["artifacts"]["evaluation"]).read_text())
+    assert len(doc["examples"]) == 10 and doc["passed"] is False
+    row = cluster.kubectl("get", "ftj", "evaluated", "-n", ws.namespace).stdout
+    assert "tokenF1" in row and "failed" in row, row
+    # The serving export ran too: a GGUF and a Modelfile that points at it.
+    exported = next(c for c in st["conditions"] if c["type"] == "Exported")
+    assert exported["status"] == "True" and exported["reason"] == "GGUFExported", exported
+    gguf_path = ws.local(st["artifacts"]["gguf"])
+    assert gguf_path.read_bytes()[:4] == b"GGUF"
+    modelfile = ws.local(st["artifacts"]["modelfile"]).read_text()
+    assert f"FROM ./{gguf_path.name}" in modelfile and 'SYSTEM """Spell digits out."""' in modelfile
+
+
+def test_tracking_logs_the_run_to_a_real_mlflow_server(cluster, ftj, ws, tmp_path):
+    """spec.tracking through the real operator: the trainer pod logs to an `mlflow server` started here; the run ID
+    and URL reach status.tracking and the Tracked condition, and the run holds the job's parameters and metrics."""
+    from tests.support.mlflow_server import SKIP_REASON, get, mlflow_bin, running_server
+
+    binary = mlflow_bin()
+    if binary is None:
+        pytest.skip(SKIP_REASON)
+    with running_server(binary, tmp_path) as url:
+        m = ws.manifest("tracked", maxSteps=8, checkpointEverySteps=1000, logEverySteps=2)
+        m["spec"]["tracking"] = {"mlflow": {"trackingUri": url, "experiment": "kubetune-e2e"}}
+        ws.apply(cluster, m)
+        st = wait_terminal(ftj, ws.namespace, "tracked")
+        assert st["phase"] == "Succeeded", json.dumps(st)[:3000]
+        run_id = st["tracking"]["runId"]
+        assert st["tracking"]["url"] == f"{url}/#/experiments/1/runs/{run_id}", st["tracking"]
+        cond = next(c for c in st["conditions"] if c["type"] == "Tracked")
+        assert cond["status"] == "True" and cond["reason"] == "TrackingRunLogged" and run_id in cond["message"]
+        run = get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+        assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "tracked"
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["training.maxSteps"] == "8" and params["model.uri"] == m["spec"]["model"]["uri"]
+        history = get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
+        assert sorted(h["step"] for h in history) == list(range(1, 9))
+        assert history[-1]["value"] == pytest.approx(st["metrics"]["trainLoss"], rel=1e-4)
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["kubetune.artifact.adapter"] == st["artifacts"]["adapter"]

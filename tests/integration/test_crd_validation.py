@@ -88,6 +88,11 @@ INVALID = [
     ("name-with-dot", _named("llama.v2"), ["metadata.name must not contain '.'"]),
     ("eval-split-range", _with("dataset.evalSplit", 0.9), ["spec.dataset.evalSplit"]),
     ("lora-rank-zero", _with("lora", {"r": 0}), ["spec.lora.r"]),
+    ("test-only-faults", _with("faults", {"outOfMemoryAtStep": 5}), ["unknown field", "spec.faults"]),
+    ("divergence-factor-one", _with("training", {"epochs": 1, "divergence": {"factor": 1.0}}),
+     ["spec.training.divergence.factor"]),
+    ("divergence-action-enum", _with("training", {"epochs": 1, "divergence": {"action": "ignore"}}),
+     ["spec.training.divergence.action", "Unsupported value"]),
     ("lora-dropout-one", _with("lora", {"dropout": 1.0}), ["spec.lora.dropout"]),
     ("gpus-per-pod-range", _with("resources", {"gpusPerPod": 32}), ["spec.resources.gpusPerPod"]),
     ("max-gpus-exceeded", _with("resources", {"gpusPerPod": 8, "pods": 2, "maxGpus": 8}), ["spec.resources.maxGpus", "exceeds"]),
@@ -98,7 +103,81 @@ INVALID = [
     ("backoff-limit-negative", _with("backoffLimit", -1), ["spec.backoffLimit"]),
     ("unknown-scheduler", _with("training", {"epochs": 1, "scheduler": "step"}), ["spec.training.scheduler"]),
     ("secret-name-invalid", _with("secrets", {"hfTokenSecretRef": {"name": "Bad_Name"}}), ["spec.secrets.hfTokenSecretRef.name"]),
+    # post-training evaluation
+    ("evaluation-metric-unknown", _with("evaluation", {"metrics": ["exactMatch", "accuracy"]}),
+     ["spec.evaluation.metrics[1]", "Unsupported value", "accuracy"]),
+    ("evaluation-gate-metric-unknown", _with("evaluation", {"gates": [{"metric": "bleurt", "minImprovement": 0.1}]}),
+     ["spec.evaluation.gates[0].metric", "Unsupported value"]),
+    ("evaluation-gate-on-unscored-metric", _with("evaluation", {"metrics": ["exactMatch"],
+                                                                "gates": [{"metric": "rougeL"}]}),
+     ["spec.evaluation.gates", "must be one of the metrics listed in spec.evaluation.metrics"]),
+    ("evaluation-without-held-out-data", _with("evaluation", {}, _with("dataset.evalSplit", 0)),
+     ["spec.evaluation", "needs held-out examples"]),
+    ("evaluation-max-new-tokens-zero", _with("evaluation", {"maxNewTokens": 0}), ["spec.evaluation.maxNewTokens"]),
+    ("evaluation-regression-above-one", _with("evaluation", {"maxGeneralRegression": 2}),
+     ["spec.evaluation.maxGeneralRegression"]),
+    ("export-gguf-type-unknown", _with("output.export", {"gguf": "q4_k_m"}),
+     ["spec.output.export.gguf", "Unsupported value"]),
+    # settings other trainers' configs carry
+    ("warmup-steps-and-ratio", _with("training", {"epochs": 1, "warmupSteps": 10, "warmupRatio": 0.1}),
+     ["spec.training.warmupSteps", "only one of spec.training.warmupSteps or spec.training.warmupRatio"]),
+    ("warmup-steps-negative", _with("training", {"epochs": 1, "warmupSteps": -1}), ["spec.training.warmupSteps"]),
+    ("keep-checkpoints-negative", _with("training", {"epochs": 1, "keepCheckpoints": -1}),
+     ["spec.training.keepCheckpoints"]),
+    ("log-every-steps-negative", _with("training", {"epochs": 1, "logEverySteps": -2}), ["spec.training.logEverySteps"]),
+    ("checkpoint-strategy-enum", _with("training", {"epochs": 1, "checkpointStrategy": "best"}),
+     ["spec.training.checkpointStrategy", "Unsupported value"]),
+    ("optimizer-alias-names-canonical", _with("training", {"epochs": 1, "optimizer": "adamw_bnb_8bit"}),
+     ["spec.training.optimizer", "adamw_bnb_8bit is spelled adamw_8bit"]),
+    ("optimizer-alias-torch", _with("training", {"epochs": 1, "optimizer": "adamw_torch"}),
+     ["adamw_torch is spelled adamw"]),
+    ("optimizer-unknown", _with("training", {"epochs": 1, "optimizer": "adafactor"}),
+     ["spec.training.optimizer", "unsupported optimizer adafactor"]),
+    ("chat-template-unknown-name", _with("dataset.chatTemplate", "vicuna"),
+     ["spec.dataset.chatTemplate", "chatml, llama3"]),
+    ("prompt-template-without-placeholder", _with("dataset.promptTemplate", {"prompt": "Q:", "completion": "{a}"}),
+     ["spec.dataset.promptTemplate.prompt", "{field} placeholder"]),
+    ("prompt-template-needs-completion", _with("dataset.promptTemplate", {"prompt": "Q: {q}"}),
+     ["spec.dataset.promptTemplate.completion", "Required"]),
+    ("prompt-template-with-chat-format", _with("dataset.format", "messages",
+                                               _with("dataset.promptTemplate", {"prompt": "{q}", "completion": "{a}"})),
+     ["spec.dataset.promptTemplate", "format auto or text"]),
+    ("tracking-uri-scheme", _with("tracking", {"mlflow": {"trackingUri": "mlflow.svc:5000", "experiment": "x"}}),
+     ["spec.tracking.mlflow.trackingUri"]),
+    ("tracking-needs-experiment", _with("tracking", {"mlflow": {"trackingUri": "http://mlflow:5000"}}),
+     ["spec.tracking.mlflow.experiment", "Required"]),
+    ("prompt-and-chat-template", _with("dataset.chatTemplate", "chatml",
+                                       _with("dataset.promptTemplate", {"prompt": "{q}", "completion": "{a}"})),
+     ["spec.dataset.chatTemplate", "exclude each other"]),
 ]
+
+VALID_CONFIG_FIELDS = [
+    ("warmup-steps", _with("training", {"epochs": 1, "warmupSteps": 100})),
+    ("warmup-ratio", _with("training", {"epochs": 1, "warmupRatio": 0.1})),
+    ("checkpointing", _with("training", {"maxSteps": 50, "checkpointStrategy": "epoch", "keepCheckpoints": 0,
+                                         "logEverySteps": 5})),
+    ("named-chat-template", _with("dataset.chatTemplate", "llama3")),
+    ("mlflow-tracking", _with("tracking", {"mlflow": {"trackingUri": "http://mlflow.mlflow.svc:5000",
+                                                      "experiment": "support", "credentialsSecretRef": {"name": "m"}},
+                                           "required": True})),
+    ("hf-dataset-repository", _with("dataset.uri", "hf://datasets/HuggingFaceH4/ultrachat_200k@main")),
+    ("inline-chat-template", _with("dataset.chatTemplate",
+                                   "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")),
+    ("prompt-template", _with("dataset.promptTemplate", {"prompt": "### Q:\n{question}\n### A:\n",
+                                                          "completion": "{answer}"})),
+]
+
+
+@pytest.mark.parametrize("case,manifest", VALID_CONFIG_FIELDS, ids=[c[0] for c in VALID_CONFIG_FIELDS])
+def test_config_fields_are_accepted_and_read_back(cluster, namespace, case, manifest):
+    result = _apply(cluster, namespace, manifest, "--dry-run=server", "-o", "json")
+    assert result.returncode == 0, f"{case}: {result.stderr}"
+    from kubetune.api import parse_spec
+    stored = json.loads(result.stdout)["spec"]
+    assert parse_spec(stored).dump()["training"]["optimizer"] == "adamw"
+    for block in ("training", "dataset"):
+        for key, value in manifest["spec"].get(block, {}).items():
+            assert stored[block][key] == value, f"{case}: spec.{block}.{key}"
 
 
 @pytest.mark.parametrize("case,manifest,needles", INVALID, ids=[c[0] for c in INVALID])
@@ -140,6 +219,7 @@ def test_valid_spec_gets_defaults(cluster, namespace):
                                    "offloadParams": False}
     assert spec["resources"]["gpusPerPod"] == 0 and spec["backoffLimit"] == 3 and spec["suspend"] is False
     assert "lora" not in spec  # the block is optional; the operator applies the LoRA defaults
+    assert spec["training"]["divergence"] == {"action": "stop", "factor": 10.0, "patience": 10}
     # A qlora spec gets the quantization defaults.
     q = copy.deepcopy(QLORA)
     q["metadata"]["name"] = "qlora"
@@ -161,6 +241,33 @@ def test_learning_rate_is_a_yaml_number_or_a_decimal_string(cluster, namespace, 
     assert spec["training"]["learningRate"] == stored
     from kubetune.api import parse_spec
     assert parse_spec(spec).training.learning_rate == pytest.approx(float(stored))
+
+
+def test_evaluation_gets_defaults_and_changes_only_while_suspended(cluster, namespace):
+    manifest = _with("evaluation", {"gates": [{"metric": "tokenF1"}], "maxGeneralRegression": 0.05})
+    manifest["metadata"]["name"] = "evaluated"
+    result = _apply(cluster, namespace, manifest)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(cluster.kubectl("get", "ftj", "evaluated", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert got["evaluation"] == {"metrics": ["exactMatch", "tokenF1", "rougeL"], "numExamples": 50,
+                                 "datasetUri": "", "maxNewTokens": 64, "temperature": 0, "generalProbeUri": "",
+                                 "gates": [{"metric": "tokenF1", "minImprovement": 0}],
+                                 "maxGeneralRegression": 0.05}
+    from kubetune.api import parse_spec
+    assert parse_spec(got).evaluation.gates[0].metric == "tokenF1"
+    change = json.dumps({"spec": {"evaluation": {"numExamples": 10}}})
+    refused = cluster.kubectl("patch", "ftj", "evaluated", "-n", namespace, "--type=merge", "-p", change, check=False)
+    assert refused.returncode != 0 and "set spec.suspend: true first" in refused.stderr, refused.stderr
+
+
+def test_export_gets_defaults(cluster, namespace):
+    manifest = _with("output.export", {"system": "Be brief."})
+    manifest["metadata"]["name"] = "exported"
+    result = _apply(cluster, namespace, manifest)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(cluster.kubectl("get", "ftj", "exported", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert got["output"]["export"] == {"gguf": "f16", "modelfile": True, "system": "Be brief.", "temperature": 0.7,
+                                       "topP": 0.9, "numCtx": 0}
 
 
 def test_learning_rate_changes_only_while_suspended(cluster, namespace):
@@ -217,7 +324,7 @@ def test_printer_columns_and_short_name(cluster, namespace):
     assert _apply(cluster, namespace, VALID).returncode == 0
     out = cluster.kubectl("get", "ftj", "-n", namespace).stdout
     header = out.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "METHOD", "MODEL", "GPUS", "PROGRESS", "AGE"], out
+    assert header == ["NAME", "PHASE", "METHOD", "MODEL", "GPUS", "PROGRESS", "EVAL", "AGE"], out
     assert "hf://meta-llama/Llama-3.1-8B" in out and "lora" in out
     assert "finetunejob" in cluster.kubectl("get", "kubetune", "-n", namespace, "-o", "name").stdout
 

@@ -8,6 +8,7 @@ of the same name (test_lifecycle.py), a missing Secret (tests/e2e, where a proce
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from kubernetes import client
@@ -81,3 +82,29 @@ def test_a_quota_that_refuses_the_children_is_reported_then_the_job_proceeds(ftj
     ftj.core.delete_namespaced_resource_quota("no-configmaps", ns)
     wait_phase(ftj, ns, "quota", "Running", timeout=60)
     assert len(ftj.jobs(ns)) == 1
+
+
+def test_a_terminating_namespace_is_nothing_to_do(ftj, operator, namespace):  # noqa: F811
+    """Input: delete the namespace of a running job whose FineTuneJob a finalizer keeps (so the operator keeps
+    seeing it while the namespace controller removes its children). Expected: no traceback, exactly one log
+    line saying the namespace is being deleted, no child re-created, and the job goes once the finalizer does."""
+    ns = namespace
+    manifest = ftj_manifest("leaving")
+    manifest["metadata"]["finalizers"] = [HOLD]
+    ftj.create(ns, manifest)
+    wait_phase(ftj, ns, "leaving", "Running")
+    before = len(operator.log_text())
+    ftj.core.delete_namespace(ns)
+    wait_for(lambda: not ftj.jobs(ns) or None, 60, "the namespace controller removed the trainer Job")
+    time.sleep(5)  # five resyncs of the job (1 s each) in the terminating namespace
+    log = operator.log_text()[before:]
+    mine = [line for line in log.splitlines() if ns in line]
+    assert "Traceback" not in log, log[-3000:]
+    assert len([line for line in mine if "is being deleted" in line]) == 1, mine
+    assert not [line for line in mine if "could not post event" in line], mine  # a 403 the namespace explains
+    assert not ftj.jobs(ns) and not [cm for cm in ftj.core.list_namespaced_config_map(ns).items
+                                      if cm.metadata.name == "leaving-plan"]
+    ftj.objects.patch_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs", "leaving",
+                                               {"metadata": {"finalizers": None}})
+    wait_for(lambda: ftj.core.list_namespace(field_selector=f"metadata.name={ns}").items == [] or None, 90,
+             f"namespace {ns} deleted")

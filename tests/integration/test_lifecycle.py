@@ -87,8 +87,71 @@ def test_permanent_trainer_error_fails_without_retry(ftj, k8s, namespace):
                            message="/mnt/pvc/data/train.jsonl:3: invalid JSON", step=0)
     complete_pod(k8s, namespace, pod.metadata.name, exit_code=3, message=message)
     st = wait_phase(ftj, namespace, "baddata", "Failed")
-    assert st["reason"] == "PodFailurePolicy" and "train.jsonl:3: invalid JSON" in st["message"]
+    assert st["reason"] == "DataError" and "train.jsonl:3: invalid JSON" in st["message"]
+    assert "not retried" in st["message"]
     assert len(ftj.pods(namespace, "baddata")) == 1
+    reasons = [r for r, _ in ftj.events(namespace, "baddata")]
+    assert "PodFailedRetrying" not in reasons and reasons.count("DataError") == 1, reasons
+
+
+def test_full_disk_fails_at_once_with_the_trainers_reason(ftj, k8s, namespace):
+    ftj.create(namespace, ftj_manifest("fulldisk", backoffLimit=5))
+    pod = wait_running_pod(ftj, namespace, "fulldisk")
+    message = summary_json("fulldisk", status="Failed", reason="NoSpaceLeft", step=14,
+                           message="no space left on pvc://outputs/run: a checkpoint needs ~380 MB, 12 MB free")
+    complete_pod(k8s, namespace, pod.metadata.name, exit_code=7, message=message)
+    st = wait_phase(ftj, namespace, "fulldisk", "Failed")
+    assert st["reason"] == "NoSpaceLeft" and "needs ~380 MB, 12 MB free" in st["message"]
+    # The Job controller applies the pod failure policy (FailJob on exit code 7): no retry pod, ever.
+    wait_for(lambda: any(c.type in ("Failed", "FailureTarget") and c.reason == "PodFailurePolicy"
+                         for c in ftj.batch.read_namespaced_job("fulldisk-trainer", namespace).status.conditions
+                         or []), 30, "the Job failed by its pod failure policy")
+    assert len(ftj.pods(namespace, "fulldisk")) == 1
+    st = ftj.status(namespace, "fulldisk")
+    assert st["reason"] == "NoSpaceLeft", st  # unchanged once the Job is failed: one Event
+    assert [r for r, _ in ftj.events(namespace, "fulldisk")].count("NoSpaceLeft") == 1
+
+
+def test_out_of_memory_recreates_the_job_with_a_leaner_plan(ftj, k8s, namespace):
+    """The OutOfMemory exit code fails the Job by its pod failure policy; the operator recreates it with half the
+    micro batch and twice the accumulation (global batch kept) in the plan ConfigMap, and says so."""
+    ftj.create(namespace, ftj_manifest("oom", training={"maxSteps": 100, "microBatchSize": 8}))
+    first = wait_running_pod(ftj, namespace, "oom")
+    old_job_uid = ftj.batch.read_namespaced_job("oom-trainer", namespace).metadata.uid
+    message = summary_json("oom", status="Failed", reason="OutOfMemory", step=37,
+                           message="OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    complete_pod(k8s, namespace, first.metadata.name, exit_code=9, message=message)
+    second = wait_for(lambda: (p := ftj.running_pod(namespace, "oom", 0)) and p.metadata.name != first.metadata.name
+                      and p, 90, "a trainer pod of the recreated Job")
+    job = ftj.batch.read_namespaced_job("oom-trainer", namespace)
+    assert job.metadata.uid != old_job_uid, "the Job was not recreated"
+    assert second.metadata.owner_references[0].uid == job.metadata.uid
+    plan = json.loads(ftj.core.read_namespaced_config_map("oom-plan", namespace).data["plan.json"])
+    assert (plan["training"]["microBatchSize"], plan["training"]["gradientAccumulationSteps"]) == (4, 16)
+    st = ftj.status(namespace, "oom")
+    assert [r["change"] for r in st["memoryReplans"]] == [
+        "microBatchSize 8 -> 4, gradientAccumulationSteps 8 -> 16 (global batch 64 per process kept)"]
+    assert st["memoryReplans"][0]["step"] == 37
+    events = ftj.events(namespace, "oom")
+    replanned = [m for r, m in events if r == "ReplannedAfterOutOfMemory"]
+    assert len(replanned) == 1 and "microBatchSize 8 -> 4" in replanned[0], events
+
+
+def test_preempted_pod_is_replaced_without_counting_a_failure(ftj, k8s, namespace):
+    """backoffLimit 0: one counted failure would fail the Job; the Preempted exit code is ignored by the policy."""
+    ftj.create(namespace, ftj_manifest("preempt", backoffLimit=0))
+    first = wait_running_pod(ftj, namespace, "preempt")
+    message = summary_json("preempt", status="Failed", reason="Preempted", step=37,
+                           message="stopped by SIGTERM at step 37 after writing checkpoint step-37")
+    complete_pod(k8s, namespace, first.metadata.name, exit_code=75, message=message)
+    wait_for(lambda: (p := ftj.running_pod(namespace, "preempt", 0)) and p.metadata.name != first.metadata.name,
+             60, "a replacement trainer pod")
+    st = wait_for(lambda: ((s := ftj.status(namespace, "preempt")).get("reason"), s.get("phase")) ==
+                  ("ResumingAfterPreemption", "Running") and s, 30, "Running with reason ResumingAfterPreemption")
+    assert "resuming after preemption" in st["message"] and "step 37" in st["message"]
+    job = ftj.batch.read_namespaced_job("preempt-trainer", namespace)
+    assert not job.status.failed, "a preemption must not count against backoffLimit"
+    assert "PodFailedRetrying" not in [r for r, _ in ftj.events(namespace, "preempt")]
 
 
 def test_progress_checkpoint_and_resume_after_failure(ftj, k8s, namespace, progress):

@@ -55,7 +55,7 @@ class Replicas:
                 "--namespace", self.namespace, "--lease-namespace", self.namespace, "--lease-name", self.lease,
                 "--lease-seconds", str(LEASE_SECONDS), "--resync-seconds", "1", "--progress-seconds", "1", "--liveness-port", str(liveness_port),
                 "--metrics-port", str(metrics_port), "--progress-host", "127.0.0.1",
-                "--progress-port", str(self.progress_port),
+                "--progress-port", str(self.progress_port), "--no-preflight",  # KWOK pods run no preflight
             ]
         op = OperatorProcess(self.cluster.kubeconfig, [*args, *extra_args], self.logs / f"{pod_name}.log",
                              env={"POD_NAME": pod_name})
@@ -291,9 +291,10 @@ def test_sigkill_and_restart_keeps_children_and_finishes_the_job(replicas, ftj, 
     st = wait_for(lambda: (s := ftj.status(ns, "crashy")).get("message", "").startswith("1/2 trainer pod") and s,
                   30, "the restarted operator folding the pod that finished while it was down")
     assert st["phase"] == "Running"
-    # The restarted operator counts the job as Running, but not as a new start (it started before).
-    metrics = scrape(restarted)
-    assert metrics['kubetune_jobs{phase="Running"}'] == 1
+    # The restarted operator counts the job as Running, but not as a new start (it started before). The gauges are
+    # set after the pass's status write and Events, so the status can be seen a moment before them.
+    metrics = wait_for(lambda: (m := scrape(restarted)).get('kubetune_jobs{phase="Running"}') == 1 and m, 10,
+                       lambda: f"kubetune_jobs{{phase=\"Running\"}} == 1; last scrape {scrape(restarted)}")
     assert metrics["kubetune_job_time_to_running_seconds_count"] == 0
     # Same children, same pods: nothing was recreated or duplicated by the restart.
     assert assert_one_set_of_children(ftj, ns, "crashy") == kids
@@ -406,7 +407,7 @@ def test_failover_with_the_flags_the_chart_gives_two_replicas(replicas, ftj, k8s
     assert not [a for a in chart_args if a.startswith(("--peering", "--standalone", "--priority"))], chart_args
     # The chart's flags, with ports that are free on this machine and a short Lease (argparse: the last wins).
     args = [*chart_args, "--liveness-port=0", "--metrics-port=0", f"--lease-seconds={LEASE_SECONDS}",
-            "--progress-host=127.0.0.1", f"--progress-port={replicas.progress_port}"]
+            "--progress-host=127.0.0.1", f"--progress-port={replicas.progress_port}", "--no-preflight"]
     a = replicas.start("chart-a", args=args)
     a.wait_for_log("leading as", 60)
     ftj.create(ns, ftj_manifest("charted"))

@@ -158,6 +158,7 @@ def operator(cluster, namespace, progress, tmp_path) -> Iterator[OperatorProcess
         "--namespace", namespace, "--lease-namespace", namespace, "--lease-name", f"prom-{uuid.uuid4().hex[:6]}",
         "--lease-seconds", "5", "--resync-seconds", "1", "--progress-seconds", "1", "--liveness-port", "0",
         "--metrics-port", str(free_port()), "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
+        "--no-preflight",  # KWOK pods run no preflight
     ], tmp_path / "operator.log")
     op.metrics_port = int(op.args[op.args.index("--metrics-port") + 1])
     with op.leading(log_tail=3000):

@@ -32,6 +32,7 @@ def operator(cluster, progress, tmp_path_factory):
         "--resync-seconds", "1", "--progress-seconds", "1", "--sizing-retry-seconds", "2",
         "--lease-namespace", "default", "--lease-name", f"ops-{uuid.uuid4().hex[:6]}",
         "--lease-seconds", "5", "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
+        "--no-preflight",  # KWOK pods run no preflight; tests/e2e covers it on process nodes
     ], log)
     op.metrics_port = metrics_port
     with op.leading():

@@ -120,11 +120,21 @@ def test_qlora_nf4_learns_on_cpu_and_merges_into_dequantized_base(assets, tmp_pa
 
 
 def test_nan_loss_fails_with_nonfinite_reason(assets, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     model_dir, data = assets
-    plan = make_plan(model_dir, data, tmp_path / "out", "lora", maxSteps=10, learningRate=1e30, maxGradNorm=0.0,
-                     optimizer="sgd")
+    # A learning rate that overflows the weights is refused by the plan's bounds (the CRD's (0, 1]); a checkpoint
+    # with a NaN weight makes the loss NaN the same way.
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["lm_head.weight"][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    plan = make_plan(broken, data, tmp_path / "out", "lora", maxSteps=10, maxGradNorm=0.0, optimizer="sgd")
     code, summary = run_in_process(tmp_path, monkeypatch, plan)
-    assert code != 0
+    assert code == 4, "NonFiniteLoss is permanent: the pod failure policy fails the Job on exit code 4"
     assert summary["status"] == "Failed" and summary["reason"] == "NonFiniteLoss"
     assert "step" in summary["message"] and "learningRate" in summary["message"]
     assert_summary_shape(summary)

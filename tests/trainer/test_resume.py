@@ -1,5 +1,5 @@
-"""Run control: a LoRA run preempted (SIGTERM) after a checkpoint resumes from the latest complete checkpoint
-(not step 0, ignoring incomplete ones) and ends exactly where an uninterrupted run ends; the termination
+"""Run control: a LoRA run preempted (SIGTERM) mid-step checkpoints that step and resumes there (not step 0,
+ignoring and removing incomplete checkpoints) and ends exactly where an uninterrupted run ends; the termination
 summary is valid JSON under 4 KiB (docs/contracts.md §4, §5, §6)."""
 
 from __future__ import annotations
@@ -142,25 +142,25 @@ def test_preempted_run_resumes_from_latest_complete_checkpoint(assets, tmp_path,
     plan = make_plan(model_dir, data, out, "lora", maxSteps=8, checkpointEverySteps=2, microBatchSize=4,
                      learningRate=5e-3)
 
-    # 1. Preemption: SIGTERM arrives right after the step-4 checkpoint (the real signal handler of run_worker).
-    original_save = recipe_mod.FineTuneRecipe.save_checkpoint
+    # 1. Preemption: SIGTERM arrives during step 5 (after the step-4 checkpoint; the real signal handler of
+    # run_worker). Every rank finishes step 5, a checkpoint of step 5 is written, and the run exits Preempted.
+    original_micro = recipe_mod.FineTuneRecipe.micro_batch
 
-    def save_then_preempt(self):
-        final = original_save(self)
-        if self.step == 4:
+    def micro_then_preempt(self, index):
+        if index == 4 and not self.stop.requested:  # the first micro-batch of step 5 (one micro-batch a step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return final
+        return original_micro(self, index)
 
-    monkeypatch.setattr(recipe_mod.FineTuneRecipe, "save_checkpoint", save_then_preempt)
+    monkeypatch.setattr(recipe_mod.FineTuneRecipe, "micro_batch", micro_then_preempt)
     code, first = _run(tmp_path / "first", monkeypatch, plan)
-    assert code not in (0, 3), "a preempted run must exit with a retryable code"
-    assert first["status"] == "Failed" and first["reason"] == "TrainingError"
-    assert "terminated by signal" in first["message"]
-    assert first["step"] == 4 and first["checkpoint"] == {"step": 4, "uri": f"{out}/checkpoints/step-4"}
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert code == 75, "a preempted run exits with the Preempted code (not counted as a failure)"
+    assert first["status"] == "Failed" and first["reason"] == "Preempted"
+    assert "stopped by SIGTERM at step 5" in first["message"]
+    assert first["step"] == 5 and first["checkpoint"] == {"step": 5, "uri": f"{out}/checkpoints/step-5"}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-5"]
     assert not (out / "final").exists()
-    state4 = checkpoints.read_state(out / "checkpoints" / "step-4")
-    assert state4["step"] == 4 and [h["step"] for h in state4["history"]] == [1, 2, 3, 4]
+    state5 = checkpoints.read_state(out / "checkpoints" / "step-5")
+    assert state5["step"] == 5 and [h["step"] for h in state5["history"]] == [1, 2, 3, 4, 5]
 
     # Leftovers the restart must not trust: a temp dir from a save that died and a step dir without state.
     junk = checkpoints.prepare_temp(out / "checkpoints", 6)
@@ -176,20 +176,20 @@ def test_preempted_run_resumes_from_latest_complete_checkpoint(assets, tmp_path,
         seen["step"] = self.step
         seen["progress"] = _get_json(self.server.port, "/progress")
 
-    monkeypatch.setattr(recipe_mod.FineTuneRecipe, "save_checkpoint", original_save)
+    monkeypatch.setattr(recipe_mod.FineTuneRecipe, "micro_batch", original_micro)
     monkeypatch.setattr(recipe_mod.FineTuneRecipe, "_resume", resume_and_observe)
     code, second = _run(tmp_path / "second", monkeypatch, plan, metrics_port="0")
     assert code == 0, second
-    assert seen["step"] == 4, "did not resume from the latest complete checkpoint"
+    assert seen["step"] == 5, "did not resume from the latest complete checkpoint"
     assert seen["progress"]["phase"] == "resuming"
-    assert seen["progress"]["checkpoint"] == {"step": 4, "uri": f"{out}/checkpoints/step-4"}
+    assert seen["progress"]["checkpoint"] == {"step": 5, "uri": f"{out}/checkpoints/step-5"}
     assert second["status"] == "Succeeded" and second["step"] == second["totalSteps"] == 8
     assert second["checkpoint"] == {"step": 6, "uri": f"{out}/checkpoints/step-6"}
     metrics = json.loads((out / "final" / "metrics.json").read_text())
-    assert metrics["resumedFromStep"] == 4
+    assert metrics["resumedFromStep"] == 5
     assert [h["step"] for h in metrics["history"]] == list(range(1, 9))
-    assert metrics["history"][:4] == state4["history"]
-    assert not (out / "checkpoints" / ".tmp-step-6").exists()
+    assert metrics["history"][:5] == state5["history"]
+    assert not (out / "checkpoints" / ".tmp-step-6").exists() and not (out / "checkpoints" / "step-7").exists()
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
     # 3. The resumed run ends where an uninterrupted run ends: data position, optimizer, scheduler and RNG restored.

@@ -5,6 +5,7 @@ Set KUBETUNE_UPDATE_GOLDEN=1 to rewrite the expected files after an intended ren
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,11 @@ pytestmark = pytest.mark.unit
 CASES_DIR = Path(__file__).resolve().parents[1] / "data" / "builders"
 CASES = sorted(p.name for p in CASES_DIR.iterdir() if (p / "input.yaml").exists())
 CONFIG = BuildConfig(image="registry.example/kubetune-trainer:test")
+
+
+def case_config(data: dict) -> BuildConfig:
+    """CONFIG with the case's `buildConfig` (BuildConfig field names) applied, e.g. a cache claim."""
+    return dataclasses.replace(CONFIG, **(data.get("buildConfig") or {}))
 
 
 class _GoldenDumper(yaml.SafeDumper):
@@ -47,7 +53,7 @@ def _render(case: str) -> list[dict]:
         layout = Layout(gpu_type=lay["gpuType"], gpus_per_pod=lay["gpusPerPod"], pods=lay["pods"],
                         strategy=lay["strategy"], zero_stage=lay.get("zeroStage", 0),
                         node_selector=lay.get("nodeSelector", {}))
-    return build_children(ref, data["spec"], spec, layout, CONFIG)
+    return build_children(ref, data["spec"], spec, layout, case_config(data))
 
 
 @pytest.mark.parametrize("case", CASES)

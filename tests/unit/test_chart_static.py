@@ -304,14 +304,25 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_needs():
 
 
 @needs_helm
+def test_occupancy_off_drops_the_cluster_wide_pod_list(tmp_path):
+    objs = render({"watchNamespaces": ["team-a"], "operator": {"occupancy": False, "resizeUnschedulableSeconds": 0}},
+                  tmp_path)
+    args = operator_container(objs)["args"]
+    assert "--no-occupancy" in args and "--resize-unschedulable-seconds=0" in args
+    assert rules_of(one(objs, "ClusterRole")) == {**CLUSTER_READS, ("", "namespaces"): {"list", "watch"}}
+
+
+@needs_helm
 def test_namespaced_mode_rbac(tmp_path):
     objs = render({"watchNamespaces": ["team-a", "team-b"]}, tmp_path)
     assert_no_wildcards_or_secrets(objs)
     args = operator_container(objs)["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
     cr = one(objs, "ClusterRole")
-    # Only cluster-scoped reads cluster-wide; kopf lists/watches namespaces in namespaced mode.
-    assert rules_of(cr) == {**CLUSTER_READS, ("", "namespaces"): {"list", "watch"}}
+    # Only reads cluster-wide: cluster-scoped objects, the namespaces kopf lists/watches in namespaced mode, and
+    # (operator.occupancy, on by default) the list of pods whose GPUs the sizer counts as taken.
+    assert rules_of(cr) == {**CLUSTER_READS, ("", "namespaces"): {"list", "watch"}, ("", "pods"): {"list"}}
+    assert "--occupancy" in args and "--resize-unschedulable-seconds=300" in args
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in by_kind(objs, "Role")}
     for ns in ("team-a", "team-b"):
         assert rules_of(roles[(ns, "kt-kubetune")]) == NAMESPACED_NEEDS

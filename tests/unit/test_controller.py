@@ -77,8 +77,9 @@ class FakeSizer:
     def __init__(self, outcome: SizingOutcome) -> None:
         self.outcome, self.calls = outcome, 0
 
-    def size(self, spec):
+    def size(self, spec, avoid=frozenset()):
         self.calls += 1
+        self.avoided = avoid
         return copy.deepcopy(self.outcome)
 
 
@@ -89,9 +90,11 @@ def ftj(rv: int, status: dict | None = None) -> dict:
             "spec": copy.deepcopy(SPEC), "status": status or {}}
 
 
-def controller(outcome: SizingOutcome | None = None, *, retry: float = 45.0):
+def controller(outcome: SizingOutcome | None = None, *, retry: float = 45.0, preflight: bool = False):
+    """A Reconciler on fakes (the preflight's own passes are tested in test_preflight_flow.py)."""
     clock = Clock()
-    rec = Reconciler(client.ApiClient(), OperatorConfig(sizing_retry_seconds=retry), OperatorMetrics(), clock=clock)
+    rec = Reconciler(client.ApiClient(), OperatorConfig(sizing_retry_seconds=retry, preflight=preflight),
+                     OperatorMetrics(), clock=clock)
     rec.children = FakeChildren()
     rec.objects = FakeObjects(rv=10)
     rec.sizer = FakeSizer(outcome or SizingOutcome(True, LAYOUT, R.SIZED, "sized", plan_status={"fits": True}))

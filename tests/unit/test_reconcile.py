@@ -231,8 +231,8 @@ def test_failure_target_fails_at_once_without_a_retry_report() -> None:
                   failed=1)
     d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
             observed=Observed(job=job, pods=[pod("Failed", summary=summary, exit_code=3)]))
-    assert d.status["phase"] == "Failed" and d.status["reason"] == "PodFailurePolicy", d.status
-    assert "train.jsonl:7" in d.status["message"]
+    assert d.status["phase"] == "Failed" and d.status["reason"] == "DataError", d.status
+    assert "train.jsonl:7" in d.status["message"] and "not retried" in d.status["message"]
     assert all(reason != "PodFailedRetrying" for _, reason, *_ in d.events), d.events
 
 

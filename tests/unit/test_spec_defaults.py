@@ -30,6 +30,13 @@ NO_CRD_DEFAULT = {
     "training.masterWeights": "memory feature: absent means auto (the trainer decides)",
     "training.activationOffloading": "memory feature: absent means off",
     "quantization.bits": "required by a CEL rule (bits: 4 for qlora), never defaulted",
+    "training.warmupRatio": "absent means 0.03 unless warmupSteps is set; a CRD default would make the two "
+                            "indistinguishable and 'exactly one' impossible to check",
+    "training.checkpointStrategy": "added later: absent means steps (plans keep their old shape)",
+    "training.keepCheckpoints": "added later: absent means 2 (plans keep their old shape)",
+    "training.logEverySteps": "added later: absent means about 50 log lines per run",
+    "dataset.chatTemplate": "absent means the tokenizer's own template",
+    "tracking.mlflow.credentialsSecretRef.name": "required by the CRD whenever the reference is given",
 }
 HINTS = "model.architecture."  # model hints: 0/empty means "not given", the CRD leaves them unset
 
@@ -37,7 +44,10 @@ HINTS = "model.architecture."  # model hints: 0/empty means "not given", the CRD
 PLAN_PAIRS = [
     (api.ModelSource, plan.ModelRef), (api.DatasetSource, plan.DatasetPlan), (api.LoraSpec, plan.LoraPlan),
     (api.QuantizationSpec, plan.QuantizationPlan), (api.TrainingSpec, plan.TrainingPlan),
-    (api.EarlyStopping, plan.EarlyStoppingPlan), (api.OutputSpec, plan.OutputPlan),
+    (api.EarlyStopping, plan.EarlyStoppingPlan), (api.Divergence, plan.DivergencePlan),
+    (api.OutputSpec, plan.OutputPlan),
+    (api.EvaluationSpec, plan.EvaluationPlan), (api.EvalGate, plan.EvalGatePlan), (api.ExportSpec, plan.ExportPlan),
+    (api.TrackingSpec, plan.TrackingPlan),
 ]
 # Resolved by the operator, not copied from the spec: the spec says `auto`, the plan `none|ddp|deepspeed`.
 PLAN_RESOLVED = {(api.DistributedSpec, "strategy")}

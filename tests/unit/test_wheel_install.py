@@ -117,4 +117,6 @@ def test_installed_commands_start(venv):
     assert "usage:" in train_help and "launch" in train_help, train_help
     commands = [line.split()[0] for line in _in_venv(venv, "kubetune", "--help").stdout.splitlines()
                 if line.startswith("  ")]
-    assert commands == ["estimate", "operator"], commands  # the development tools are `kubetune-dev`'s
+    assert commands == ["estimate", "operator", "convert"], commands  # the development tools are `kubetune-dev`'s
+    convert_help = _in_venv(venv, "kubetune", "convert", "--help").stdout
+    assert "Axolotl" in convert_help and "--dataset-uri" in convert_help, convert_help

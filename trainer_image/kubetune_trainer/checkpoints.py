@@ -1,4 +1,8 @@
-"""Checkpoint directories: `checkpoints/step-N/`, written atomically (temp dir + rename), last K kept."""
+"""Checkpoint directories: `checkpoints/step-N/`, written atomically (temp dir + rename), last K kept.
+
+`trainer_state.json` is the completion marker: it is written last (after every rank's files are on disk) and
+a directory without it is never resumed from; a restart removes such torn directories.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +55,48 @@ def prepare_temp(root: Path, step: int) -> Path:
     return tmp
 
 
+def torn_checkpoints(root: Path) -> list[Path]:
+    """Directories a save left behind without finishing: temp dirs and `step-N` without the state file."""
+    if not root.is_dir():
+        return []
+    torn = []
+    for child in root.iterdir():
+        if not child.is_dir():
+            continue
+        if child.name.startswith(".tmp-step-") or (_STEP_RE.match(child.name) and not (child / STATE_FILE).is_file()):
+            torn.append(child)
+    return sorted(torn)
+
+
+def remove_torn(root: Path) -> list[Path]:
+    """Remove what `torn_checkpoints` finds (at resume, before any save of this run); returns what it removed."""
+    removed = []
+    for path in torn_checkpoints(root):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def sync_tree(directory: Path) -> None:
+    """fsync every file under `directory` (and the directories), so the state file is never durable before the
+    weights it describes."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for path in [directory, *sorted(p for p in directory.rglob("*") if p.is_dir())]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def write_state(directory: Path, state: dict[str, Any]) -> None:
     """Write the trainer state (the completeness marker, so it is written last) with fsync."""
     path = directory / STATE_FILE
@@ -83,10 +129,11 @@ def publish(root: Path, step: int) -> Path:
 
 
 def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints and stale temp dirs; returns what was removed."""
+    """Delete all but the newest `keep` complete checkpoints (keep 0: none; the newest complete checkpoint, the one a
+    restart resumes from, is always kept) and stale temp dirs; returns what was removed."""
     removed = []
     complete = complete_checkpoints(root)
-    for _, path in complete[:-keep] if keep > 0 else complete:
+    for _, path in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     newest = complete[-1][0] if complete else -1

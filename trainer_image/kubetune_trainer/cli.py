@@ -1,4 +1,4 @@
-"""`kubetune-train`: launch (pod entrypoint) | run (one worker) | validate-plan | validate-data."""
+"""`kubetune-train`: launch (pod entrypoint) | run (one worker) | preflight | validate-plan | validate-data."""
 
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("launch", help="pod entrypoint: start one training process per GPU (torchrun)")
     p_run = sub.add_parser("run", help="one training process (reads KUBETUNE_PLAN)")
     p_run.add_argument("--plan", help="plan JSON path (default $KUBETUNE_PLAN)")
+    p_pf = sub.add_parser("preflight", help="CPU check before training: model, data, token and step counts "
+                          "(termination message JSON)")
+    p_pf.add_argument("plan", nargs="?", help="plan JSON path (default $KUBETUNE_PLAN)")
     p_vp = sub.add_parser("validate-plan", help="validate a plan JSON and print it normalised")
     p_vp.add_argument("plan", nargs="?", help="plan JSON path (default $KUBETUNE_PLAN)")
     p_vd = sub.add_parser("validate-data", help="load and tokenize the plan's dataset; print the data report")
@@ -67,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch()
     if args.command == "run":
         return run_worker(args.plan)
+    if args.command == "preflight":
+        from kubetune_trainer.preflight import preflight_main
+
+        return preflight_main(args.plan)
     if args.command == "validate-plan":
         return validate_plan(args.plan)
     return validate_data(args.plan, args.tokenizer)

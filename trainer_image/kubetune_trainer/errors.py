@@ -47,6 +47,36 @@ class NonFiniteLossError(KubetuneTrainerError):
     reason = "NonFiniteLoss"
 
 
+class DivergedError(KubetuneTrainerError):
+    """The loss stayed far above its best value (the divergence detector, training.divergence)."""
+
+    reason = "Diverged"
+
+
+class PermissionDeniedError(KubetuneTrainerError):
+    """The output (or another path the run writes) is not writable."""
+
+    reason = "PermissionDenied"
+
+
+class NoSpaceError(KubetuneTrainerError):
+    """The output volume is full (or too small for a checkpoint)."""
+
+    reason = "NoSpaceLeft"
+
+
+class UnsupportedModelError(KubetuneTrainerError):
+    """The model's architecture cannot be loaded by this trainer."""
+
+    reason = "UnsupportedModel"
+
+
+class PreemptedError(KubetuneTrainerError):
+    """The run was asked to stop (SIGTERM) and stopped at a step boundary after a complete checkpoint."""
+
+    reason = "Preempted"
+
+
 class StorageError(KubetuneTrainerError):
     """A model/dataset/output URI cannot be resolved, fetched or uploaded."""
 

@@ -61,19 +61,48 @@ def render_prompt(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each rendered prompt (special tokens removed, whitespace trimmed)."""
+def render_messages(tokenizer, messages: Sequence[dict]) -> str:
+    """A conversation (role/content dicts, ending before the answer) as the trainer formats it, followed by the
+    assistant's generation prompt."""
+    from kubetune_trainer.data import ensure_chat_template
+
+    ensure_chat_template(tokenizer)
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, item: Sequence[dict] | str) -> list[int]:
+    """Token ids of a prompt as the trainer encodes it: a conversation through the chat template, or a plain-text
+    prompt (dataset.promptTemplate) as BOS + text."""
+    if isinstance(item, str):
+        ids = list(tokenizer(item, add_special_tokens=False)["input_ids"])
+        return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return list(tokenizer(render_messages(tokenizer, item), add_special_tokens=False)["input_ids"])
+
+
+def generate_replies(model, tokenizer, prompts: Sequence[Sequence[dict] | str], max_new_tokens: int,
+                     temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """The model's answer to each prompt (a conversation ending before the answer, or a plain-text prompt): greedy
+    at temperature 0, else sampled after seeding with `seed` (the same draws for every model). Special tokens
+    removed, whitespace trimmed."""
     import torch
 
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
     out = []
-    for prompt in prompts:
-        text = render_prompt(tokenizer, prompt)
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    for item in prompts:
+        ids = torch.tensor([prompt_ids(tokenizer, item)], device=device)
         with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return out
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each user prompt (special tokens removed, whitespace trimmed)."""
+    return generate_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens)
 
 
 def run(base: str, adapter: str | None, samples: list[Sample], max_new_tokens: int = 24) -> list[Sample]:

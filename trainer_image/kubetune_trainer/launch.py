@@ -5,13 +5,17 @@ With 1 node x 1 process the run happens in this process (no launcher overhead).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune_trainer.errors import PlanError
+from kubetune_trainer.outcomes import PREEMPTED_EXIT, exit_code_for
+from kubetune_trainer.preemption import child_pids
 from kubetune_trainer.worker import PERMANENT_FAILURE_EXIT, run_worker
 
 
@@ -116,14 +120,76 @@ def launch(env: dict[str, str] | None = None) -> int:
         return run_worker()
     log_path = termination_log_path()
     before = _summary_fingerprint(log_path)
-    proc = subprocess.run(launch_command(rdv), env=worker_env(e, rdv), check=False)
-    code = proc.returncode
-    if code != 0 and rdv.node_rank == 0 and _summary_fingerprint(log_path) == before:
-        reason = "OutOfMemory" if code in (-9, 137) else "TrainingError"
-        what = "killed (SIGKILL: out of memory?)" if code in (-9, 137) else f"exited with code {code}"
+    stopping: list[int] = []
+    told: set[int] = set()
+
+    def tell_workers() -> None:
+        # The workers (not torchrun, which would kill them after its own short timeout) get the signal: they
+        # stop together at the next step boundary after a checkpoint and exit; torchrun then exits.
+        for worker in child_pids(proc.pid) if proc is not None else ():
+            if worker not in told:
+                told.add(worker)
+                try:
+                    os.kill(worker, stopping[0])
+                except OSError:
+                    pass
+
+    def forward(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+        stopping.append(signum)
+        tell_workers()
+
+    proc = None
+    previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
+    try:
+        proc = subprocess.Popen(launch_command(rdv), env=worker_env(e, rdv))
+        code = _wait(proc, lambda: stopping and tell_workers())  # workers started after the signal hear it too
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    written = _summary_fingerprint(log_path) != before
+    if code != 0 and rdv.node_rank == 0 and not written:
+        if stopping:
+            reason, what = "Preempted", "was stopped (SIGTERM)"
+        elif code in (-9, 137):
+            reason, what = "OutOfMemory", "killed (SIGKILL: out of memory?)"
+        else:
+            reason, what = "TrainingError", f"exited with code {code}"
         write_summary(build_summary(status="Failed", reason=reason,
                                     message=f"a training process on node {rdv.node_rank} {what} before "
                                             "writing a summary; see the pod log"))
-    if code < 0:
-        return 128 - code
-    return code
+    return launch_exit_code(code, summary_reason(log_path) if rdv.node_rank == 0 else "", bool(stopping))
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _wait(proc: subprocess.Popen, every_second) -> int:
+    """Wait for `proc`, calling `every_second()` while it runs."""
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            every_second()
+
+
+def summary_reason(path: Path) -> str:
+    """The `reason` of the termination summary at `path` ('' when there is none)."""
+    try:
+        return str(json.loads(path.read_bytes()).get("reason") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def launch_exit_code(torchrun_code: int, reason: str, stopped: bool) -> int:
+    """The pod's exit code: torchrun reports any worker failure as 1, so the code comes from the summary's
+    reason (node 0) - permanent failures fail the Job at once, a preempted run is not counted as a failure."""
+    if torchrun_code == 0:
+        return 0
+    if reason and reason != "Completed":
+        return exit_code_for(reason)
+    if stopped:
+        return PREEMPTED_EXIT
+    return 128 - torchrun_code if torchrun_code < 0 else torchrun_code

@@ -190,9 +190,12 @@ def build_optimizer(params: Iterable, training: TrainingPlan, *, ds_cpu_adam: bo
 
 
 def warmup_steps(training: TrainingPlan, total_steps: int) -> int:
-    """Warmup steps from warmupRatio (only the *_with_warmup/linear/cosine schedules use it)."""
+    """Warmup steps from warmupSteps (capped at the run's length) or warmupRatio (only the *_with_warmup/linear/cosine
+    schedules use it)."""
     if training.scheduler == "constant":
         return 0
+    if training.warmup_steps is not None:
+        return min(training.warmup_steps, total_steps)
     return int(round(training.warmup_ratio * total_steps))
 
 

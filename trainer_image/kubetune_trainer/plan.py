@@ -40,11 +40,27 @@ class ModelRef(_Model):
     trust_remote_code: bool = False
 
 
+class PromptTemplatePlan(_Model):
+    prompt: str = Field(min_length=1)
+    completion: str = Field(min_length=1)
+
+
 class DatasetPlan(_Model):
     uri: str = Field(min_length=1)
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
     eval_uri: str = ""
     eval_split: float = Field(default=0.05, ge=0.0, le=0.5)
+    # Optional (absent = the tokenizer's template / format detection); kubetune_trainer.data.chat_templates.
+    chat_template: str = ""
+    prompt_template: PromptTemplatePlan | None = None
+
+    @model_validator(mode="after")
+    def _one_template(self) -> "DatasetPlan":
+        if self.prompt_template is not None and self.chat_template:
+            raise ValueError("chatTemplate and promptTemplate exclude each other")
+        if self.prompt_template is not None and self.format not in ("auto", "text"):
+            raise ValueError(f"promptTemplate renders plain text; format must be auto or text, not {self.format}")
+        return self
 
 
 class LoraPlan(_Model):
@@ -66,6 +82,17 @@ class EarlyStoppingPlan(_Model):
     threshold: float = Field(default=0.0, ge=0.0)
 
 
+# Other projects' spellings -> canonical optimizer names (the same table as kubetune.api.OPTIMIZER_ALIASES).
+OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw",
+                     "adamw_bnb_8bit": "adamw_8bit", "paged_adamw": "paged_adamw_32bit"}
+
+
+class DivergencePlan(_Model):
+    action: Literal["stop", "warn", "off"] = "stop"
+    factor: float = Field(default=10.0, gt=1.0)
+    patience: int = Field(default=10, ge=1)
+
+
 class TrainingPlan(_Model):
     epochs: float = Field(default=0.0, ge=0.0)
     max_steps: int = Field(default=0, ge=0)
@@ -75,6 +102,7 @@ class TrainingPlan(_Model):
     max_seq_length: int = Field(default=2048, ge=8)
     packing: bool = False
     warmup_ratio: float = Field(default=0.03, ge=0.0, le=1.0)
+    warmup_steps: int | None = Field(default=None, ge=0)  # instead of warmupRatio (exactly one)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
     weight_decay: float = Field(default=0.0, ge=0.0)
@@ -84,8 +112,12 @@ class TrainingPlan(_Model):
     seed: int = Field(default=42, ge=0)
     completion_only: bool = True
     checkpoint_every_steps: int = Field(default=200, ge=1)
+    checkpoint_strategy: Literal["steps", "epoch"] = "steps"
+    keep_checkpoints: int = Field(default=2, ge=0)  # 0 = keep all; the newest complete one is never deleted
+    log_every_steps: int = Field(default=0, ge=0)  # 0 = about 50 lines per run
     eval_every_steps: int = Field(default=0, ge=0)
     early_stopping: EarlyStoppingPlan = Field(default_factory=EarlyStoppingPlan)
+    divergence: DivergencePlan = Field(default_factory=DivergencePlan)  # kubetune_trainer.divergence
     # Speed features (optional; absent = today's behaviour). Where each applies: kubetune_trainer.speedups.
     attention_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     torch_compile: bool = False
@@ -111,6 +143,17 @@ class TrainingPlan(_Model):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"must be a finite number >= 0, got {value}")
         return value
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_alias(cls, value: Any) -> Any:
+        return OPTIMIZER_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainingPlan":
+        if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set:
+            raise ValueError("set only one of warmupSteps or warmupRatio")
+        return self
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainingPlan":
@@ -146,9 +189,69 @@ class DistributedPlan(_Model):
         return self.num_nodes * self.procs_per_node
 
 
+class ExportPlan(_Model):
+    """GGUF + Ollama Modelfile after training (kubetune_trainer.export); absent = none."""
+
+    gguf: Literal["f16"] = "f16"
+    modelfile: bool = True
+    system: str = ""
+    temperature: float = Field(default=0.7, ge=0.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    num_ctx: int = Field(default=0, ge=0)
+
+
 class OutputPlan(_Model):
     uri: str = Field(min_length=1)
     merge_adapter: bool = False
+    export: ExportPlan | None = None
+
+
+EvalMetric = Literal["exactMatch", "tokenF1", "rougeL", "bleu", "chrf", "evalLoss", "perplexity"]
+
+
+class EvalGatePlan(_Model):
+    metric: EvalMetric
+    min_improvement: float = 0.0
+
+
+class EvaluationPlan(_Model):
+    """Base-vs-tuned evaluation after training (kubetune_trainer.evaluation); absent = none."""
+
+    metrics: list[EvalMetric] = Field(default_factory=lambda: ["exactMatch", "tokenF1", "rougeL"], min_length=1)
+    num_examples: int = Field(default=50, ge=1)
+    dataset_uri: str = ""
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    general_probe_uri: str = ""
+    gates: list[EvalGatePlan] = Field(default_factory=list)
+    max_general_regression: float | None = Field(default=None, ge=0.0)
+
+    @model_validator(mode="after")
+    def _gated_metrics_are_scored(self) -> "EvaluationPlan":
+        missing = sorted({g.metric for g in self.gates} - set(self.metrics))
+        if missing:
+            raise ValueError(f"gates on {missing} need those metrics in evaluation.metrics")
+        return self
+
+
+class MlflowPlan(_Model):
+    tracking_uri: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+    run_name: str = ""
+
+
+class TrackingPlan(_Model):
+    """Experiment tracking from rank 0 (kubetune_trainer.tracking); absent = none. Credentials come from the pod
+    environment (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / _PASSWORD), never from the plan."""
+
+    mlflow: MlflowPlan | None = None
+    required: bool = False
+
+
+class FaultsPlan(_Model):
+    """Test-only fault injection (the operator never writes it; the FineTuneJob CRD has no such field)."""
+
+    out_of_memory_at_step: int = Field(default=0, ge=0)  # raise a CUDA out-of-memory error in this step (1-based)
 
 
 class Plan(_Model):
@@ -162,6 +265,9 @@ class Plan(_Model):
     training: TrainingPlan
     distributed: DistributedPlan = Field(default_factory=DistributedPlan)
     output: OutputPlan
+    evaluation: EvaluationPlan | None = None
+    tracking: TrackingPlan | None = None
+    faults: FaultsPlan | None = None
 
     @field_validator("version")
     @classmethod
@@ -169,6 +275,15 @@ class Plan(_Model):
         if value != PLAN_VERSION:
             raise ValueError(f"unsupported plan version {value}; this trainer reads version {PLAN_VERSION}")
         return value
+
+    @model_validator(mode="after")
+    def _within_crd_bounds(self) -> "Plan":
+        from kubetune_trainer.bounds import bound_problems
+
+        problems = bound_problems(self.to_json_dict())
+        if problems:
+            raise PlanError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _method_blocks(self) -> "Plan":

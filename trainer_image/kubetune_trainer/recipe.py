@@ -24,12 +24,12 @@ from typing import Any
 
 from kubetune_trainer.errors import NonFiniteLossError, PlanError
 from kubetune_trainer.plan import Plan
+from kubetune_trainer.preemption import GracefulStop
 from kubetune_trainer.speedups import SpeedReport
 from kubetune_trainer.storage import join_uri
 
 log = logging.getLogger("kubetune_trainer")
 
-KEEP_CHECKPOINTS = 2
 HISTORY_LIMIT = 5000
 
 
@@ -83,6 +83,7 @@ class TrainResult:
     checkpoint_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -116,9 +117,10 @@ def epoch_shard(train_size: int, seed: int, epoch: int, rank: int, world: int) -
 class FineTuneRecipe:
     """setup → train → save_checkpoint (periodic) → export → cleanup."""
 
-    def __init__(self, plan: Plan, env: RunEnv) -> None:
+    def __init__(self, plan: Plan, env: RunEnv, stop: GracefulStop | None = None) -> None:
         self.plan = plan
         self.env = env
+        self.stop = stop if stop is not None else GracefulStop()
         self.t = plan.training
         self.result = TrainResult()
         self.metrics = None
@@ -129,6 +131,7 @@ class FineTuneRecipe:
         self.data_report: dict[str, Any] = {}
         self.speed = SpeedReport(attention_requested=plan.training.attention_implementation)
         self.attn_implementation: str | None = None
+        self.tracker = None  # kubetune_trainer.tracking.MlflowTracker on rank 0 when the plan has tracking
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -168,6 +171,8 @@ class FineTuneRecipe:
         self._load_data()
         self._build_model_and_engine()
         self._resume()
+        self._check_output()
+        self._start_tracking()
 
     def _check_speed_features(self, cuda: bool) -> None:
         """Refuse speed features that cannot run here (InvalidPlan) before any data or model is loaded."""
@@ -238,6 +243,9 @@ class FineTuneRecipe:
                                                        trust_remote_code=self.plan.model.trust_remote_code)
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        from kubetune_trainer.data.chat_templates import apply_override
+
+        apply_override(self.tokenizer, self.plan.dataset.chat_template)  # InvalidPlan before any data is read
 
     def _load_data(self) -> None:
         from kubetune_trainer.data import DataCollator, build_datasets
@@ -266,8 +274,14 @@ class FineTuneRecipe:
 
         self._set_phase("loading model")
         cuda = self.device.type == "cuda"
-        model = load_base_model(str(self.model_dir), self.plan, self.precision, self.device,
-                                attn_implementation=self.attn_implementation, full_weights=self.full_weights)
+        try:
+            model = load_base_model(str(self.model_dir), self.plan, self.precision, self.device,
+                                    attn_implementation=self.attn_implementation, full_weights=self.full_weights)
+        except (ValueError, KeyError) as exc:
+            unsupported = unsupported_model_error(exc, self.plan.model.uri)
+            if unsupported is None:
+                raise
+            raise unsupported from exc
         zero_stage = self.plan.distributed.zero_stage if self.strategy == "deepspeed" else 0
         apply_liger(model, enabled=self.t.liger_kernels, cuda=cuda, zero_stage=zero_stage, report=self.speed)
         model = apply_method(model, self.plan)
@@ -307,12 +321,21 @@ class FineTuneRecipe:
                                        optimizer_in_backward=self.optimizer_in_backward,
                                        activation_offloading=self.t.activation_offloading)
         self.step = 0
+        self.divergence = None
+        if self.t.divergence.action != "off":
+            from kubetune_trainer.divergence import DivergenceDetector
+
+            self.divergence = DivergenceDetector(self.t.divergence.factor, self.t.divergence.patience)
         self.best_eval: float | None = None
         self.bad_evals = 0
 
     def _resume(self) -> None:
         from kubetune_trainer import checkpoints
 
+        if self.env.local_rank == 0:
+            for path in checkpoints.remove_torn(self.ckpt_root):
+                log.warning("removed incomplete checkpoint %s (a save that did not finish)", path)
+        self._barrier()
         found = checkpoints.latest_checkpoint(self.ckpt_root)
         if found is None:
             return
@@ -335,6 +358,9 @@ class FineTuneRecipe:
         self.result.train_loss = state.get("trainLoss")
         self.result.eval_loss = state.get("evalLoss")
         self.result.history = list(state.get("history", []))
+        self.result.warnings = list(state.get("warnings", []))
+        if self.divergence is not None:
+            self.divergence.replay(self.result.history)
         self.result.eval_history = list(state.get("evalHistory", []))
         self.best_eval = state.get("bestEvalLoss")
         self.bad_evals = int(state.get("badEvals", 0))
@@ -366,25 +392,36 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
-        """Run optimizer steps until the plan's length or early stopping; checkpoints and evals on schedule."""
+        """Run optimizer steps until the plan's length or early stopping; checkpoints and evals on schedule.
+
+        A stop request (SIGTERM) ends the run at the next step boundary on every rank, after a checkpoint of
+        that step (PreemptedError)."""
+        with self.stop.deferred():
+            return self._train()
+
+    def _train(self) -> TrainResult:
         import torch
 
         t, res = self.t, self.result
         gas = t.gradient_accumulation_steps
         start_step, started = self.step, time.time()
         tokens_at_start = res.tokens
-        log_every = max(1, self.total_steps // 50)
+        log_every = self.t.log_every_steps or max(1, self.total_steps // 50)
         self._set_phase("training")
         self.engine.train(True)
         while self.step < self.total_steps:
             loss_sum = torch.zeros(3, dtype=torch.float64)  # loss sum, micro count, tokens
+            self._inject_faults()
             for micro in range(gas):
                 batch, tokens = self.micro_batch(self.step * gas + micro)
                 with self.engine.accumulating(boundary=micro == gas - 1):
                     loss = self.engine.forward(batch).loss
                     self.engine.backward(loss)
                 loss_sum += torch.tensor([float(loss.detach().float()), 1.0, float(tokens)], dtype=torch.float64)
-            loss_sum = self._all_reduce(loss_sum)
+            # The stop flag travels with the loss: every rank learns of a stop request at the same step.
+            reduced = self._all_reduce(torch.cat([loss_sum, torch.tensor([float(self.stop.requested)],
+                                                                         dtype=torch.float64)]))
+            loss_sum, stop_now = reduced[:3], bool(reduced[3] > 0)
             step_loss = float(loss_sum[0] / loss_sum[1])
             if not math.isfinite(step_loss):
                 raise NonFiniteLossError(
@@ -403,14 +440,20 @@ class FineTuneRecipe:
             tps = (res.tokens - tokens_at_start) / elapsed
             res.tokens_per_second = tps
             self._report_step(step_loss, lr, tps, start_step, started)
+            if self.tracker is not None:
+                self.tracker.log(self.step, {"train_loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
+                                             "tokens_per_second": tps, "epoch": self.epoch_at(self.step)})
             if self.env.is_main and (self.step % log_every == 0 or self.step == self.total_steps):
                 log.info("step %d/%d epoch %.2f loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", self.step,
                          self.total_steps, self.epoch_at(self.step), step_loss, lr, grad_norm, tps)
+            self._watch_divergence(step_loss)
+            if stop_now:
+                self._stop_on_request()
             if self._eval_due() and self.eval_rows is not None:
                 self.evaluate()
                 if self._early_stop():
                     break
-            if self.step % t.checkpoint_every_steps == 0 and self.step < self.total_steps:
+            if self._checkpoint_due() and self.step < self.total_steps:
                 self.save_checkpoint()
         if self.eval_rows is not None and (not res.eval_history or res.eval_history[-1]["step"] != self.step):
             self.evaluate()
@@ -419,11 +462,61 @@ class FineTuneRecipe:
         res.runtime_seconds = time.time() - self.started
         return res
 
+    def _inject_faults(self) -> None:
+        """plan.faults (tests only): fail the coming step the way a real fault would."""
+        faults = self.plan.faults
+        if faults is not None and faults.out_of_memory_at_step == self.step + 1:
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory at step {self.step + 1} (injected by the plan's "
+                                         "faults.outOfMemoryAtStep)")
+
+    def _watch_divergence(self, loss: float) -> None:
+        """Feed the divergence detector (training.divergence); stop with Diverged or warn once."""
+        from kubetune_trainer.errors import DivergedError
+
+        if self.divergence is None:
+            return
+        message = self.divergence.update(self.step, loss)
+        if not message:
+            return
+        kept = self.result.checkpoint_step
+        if self.t.divergence.action == "stop":
+            where = f"checkpoint step-{kept} is kept" if kept else "no checkpoint was written yet"
+            raise DivergedError(f"{message}; stopped ({where}); lower training.learningRate, raise warmup or set "
+                                "training.divergence.action: warn to continue anyway")
+        self.result.warnings.append(message)
+        if self.env.is_main:
+            log.warning("%s; continuing (training.divergence.action is warn)", message)
+
+    def _stop_on_request(self) -> None:
+        """Checkpoint this step (unless just done) and end the run as Preempted (all ranks together)."""
+        from kubetune_trainer.errors import PreemptedError
+        from kubetune_trainer.preemption import stop_message
+
+        if self.result.checkpoint_step != self.step:
+            self.save_checkpoint()
+        self.result.step = self.step
+        message = stop_message(self.step, self.step, self.stop.signum)
+        if self.env.is_main:
+            log.warning(message)
+        raise PreemptedError(message)
+
     def _eval_due(self) -> bool:
         if self.t.eval_every_steps > 0:
             return self.step % self.t.eval_every_steps == 0
+        return self._epoch_ended()
+
+    def _epoch_ended(self) -> bool:
+        """True when the last optimizer step crossed an epoch boundary."""
         gas = self.t.gradient_accumulation_steps
         return (self.step * gas) // self.micro_per_epoch > ((self.step - 1) * gas) // self.micro_per_epoch
+
+    def _checkpoint_due(self) -> bool:
+        """checkpointStrategy steps: every checkpointEverySteps steps; epoch: at every epoch boundary."""
+        if self.t.checkpoint_strategy == "epoch":
+            return self._epoch_ended()
+        return self.step % self.t.checkpoint_every_steps == 0
 
     def _early_stop(self) -> bool:
         es = self.t.early_stopping
@@ -472,6 +565,8 @@ class FineTuneRecipe:
             log.info("eval step %d: loss %.4f perplexity %.3f", self.step, value, math.exp(min(value, 80.0)))
         if self.metrics:
             self.metrics.update(evalLoss=value)
+        if self.tracker is not None:
+            self.tracker.log(self.step, {"eval_loss": value, "eval_perplexity": math.exp(min(value, 80.0))})
         self._set_phase("training")
         return value
 
@@ -513,7 +608,7 @@ class FineTuneRecipe:
         return join_uri(self.plan.output.uri, "checkpoints", f"step-{step}")
 
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/step-N/` atomically (temp dir + rename) and keep the newest two."""
+        """Write `checkpoints/step-N/` atomically (temp dir + rename) and keep the newest `keepCheckpoints`."""
         import torch
 
         from kubetune_trainer import checkpoints
@@ -524,26 +619,38 @@ class FineTuneRecipe:
             checkpoints.prepare_temp(self.ckpt_root, step)
         self._barrier()
         tmp = checkpoints.temp_dir(self.ckpt_root, step)
-        tmp.mkdir(parents=True, exist_ok=True)  # nodes without a shared filesystem
-        self.engine.save(tmp)
-        torch.save(checkpoints.rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
-        self._barrier()
         res = self.result
-        if self.env.is_main:
-            checkpoints.write_state(tmp, {
-                "step": step, "epoch": self.epoch_at(step), "method": self.plan.method,
-                "strategy": self.strategy, "worldSize": self.env.world_size, "tokens": res.tokens,
-                "trainLoss": res.train_loss, "evalLoss": res.eval_loss, "bestEvalLoss": self.best_eval,
-                "badEvals": self.bad_evals, "history": res.history, "evalHistory": res.eval_history,
-                "savedAt": time.time()})
-        self._barrier()
+        failure: BaseException | None = None
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)  # nodes without a shared filesystem
+            self.engine.save(tmp)
+            torch.save(checkpoints.rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
+        except Exception as exc:  # noqa: BLE001 - every rank learns of the failure below
+            failure = exc
+        self._check_saved(failure, tmp)
+        try:
+            if self.env.local_rank == 0:
+                checkpoints.sync_tree(tmp)
+            if self.env.is_main:
+                checkpoints.write_state(tmp, {
+                    "step": step, "epoch": self.epoch_at(step), "method": self.plan.method,
+                    "strategy": self.strategy, "worldSize": self.env.world_size, "tokens": res.tokens,
+                    "trainLoss": res.train_loss, "evalLoss": res.eval_loss, "bestEvalLoss": self.best_eval,
+                    "badEvals": self.bad_evals, "history": res.history, "evalHistory": res.eval_history,
+                    "warnings": res.warnings, "savedAt": time.time()})
+        except Exception as exc:  # noqa: BLE001
+            failure = exc
+        self._check_saved(failure, tmp)
         if self.env.local_rank == 0:
             if not (tmp / checkpoints.STATE_FILE).exists():
                 # Another node's filesystem: rank 0 wrote the state there; mark ours complete too.
                 checkpoints.write_state(tmp, {"step": step, "method": self.plan.method,
                                               "worldSize": self.env.world_size, "tokens": res.tokens})
             final = checkpoints.publish(self.ckpt_root, step)
-            checkpoints.prune(self.ckpt_root, KEEP_CHECKPOINTS)
+            from kubetune_trainer.diskspace import tree_bytes
+
+            self.checkpoint_need_bytes = max(getattr(self, "checkpoint_need_bytes", 0), tree_bytes(final))
+            checkpoints.prune(self.ckpt_root, self.t.keep_checkpoints)
         else:
             final = checkpoints.step_dir(self.ckpt_root, step)
         self._barrier()
@@ -555,9 +662,60 @@ class FineTuneRecipe:
         self._set_phase("training")
         return final
 
+    def _all_ok(self, ok: bool) -> bool:
+        """True when `ok` holds on every rank (one small all-reduce; a failure on one rank stops all of them)."""
+        import torch
+
+        flag = self._all_reduce(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))
+        return float(flag[0]) == 0.0
+
+    def _check_saved(self, failure: BaseException | None, tmp: Path) -> None:
+        """After a part of a checkpoint save: when any rank failed, remove the temp dir and raise on every rank
+        (a full disk or a read-only volume in plain words)."""
+        from kubetune_trainer import diskspace
+        from kubetune_trainer.errors import KubetuneTrainerError
+
+        if self._all_ok(failure is None):
+            return
+        if self.env.local_rank == 0:
+            diskspace.remove_quietly(tmp)
+        if failure is None:
+            raise KubetuneTrainerError(f"saving checkpoint step-{self.step} failed on another rank; see its log")
+        need = getattr(self, "checkpoint_need_bytes", 0)
+        plain = diskspace.write_error(failure, self.output_dir, self.plan.output.uri, need)
+        if plain is not None:
+            raise plain from failure
+        raise failure
+
+    def _check_output(self) -> None:
+        """Before training: the output is writable and has room for a checkpoint (every rank agrees)."""
+        from kubetune_trainer import checkpoints, diskspace
+        from kubetune_trainer.errors import KubetuneTrainerError
+
+        need = diskspace.estimate_checkpoint_bytes(self.engine.raw_model, self.t.optimizer)
+        latest = checkpoints.latest_checkpoint(self.ckpt_root)
+        if latest is not None:
+            need = max(need, diskspace.tree_bytes(latest[1]))  # measured beats estimated
+        self.checkpoint_need_bytes = need
+        problem: KubetuneTrainerError | None = None
+        if self.env.local_rank == 0:
+            try:
+                diskspace.check_output(self.output_dir, self.plan.output.uri, need)
+            except KubetuneTrainerError as exc:
+                problem = exc
+        if not self._all_ok(problem is None):
+            raise problem or KubetuneTrainerError("the output check failed on another node; see its log")
+
     # ------------------------------------------------------------------ export
     def export(self) -> dict[str, str]:
-        """Write final/adapter | final/model, final/merged (mergeAdapter), final/metrics.json; upload."""
+        """Write final/adapter | final/model, final/merged (mergeAdapter), final/metrics.json; upload.
+
+        Training is over: a stop request no longer interrupts (the export finishes within the grace period or
+        the restarted run exports from the last checkpoint)."""
+        with self.stop.deferred():
+            return self._export()
+
+    def _export(self) -> dict[str, str]:
         from kubetune_trainer import storage
 
         self._set_phase("exporting")
@@ -608,11 +766,47 @@ class FineTuneRecipe:
             "trainLoss": r.train_loss, "initialTrainLoss": first, "evalLoss": r.eval_loss,
             "perplexity": r.perplexity, "tokens": r.tokens, "runtimeSeconds": round(r.runtime_seconds, 3),
             "tokensPerSecond": round(r.tokens_per_second, 2), "resumedFromStep": r.resumed_from_step,
-            "earlyStopped": r.early_stopped, "stopMessage": r.stop_message,
+            "earlyStopped": r.early_stopped, "stopMessage": r.stop_message, "warnings": list(r.warnings),
             "peakGpuMemoryBytes": _peak_gpu_memory(), "artifacts": r.artifacts,
             "history": r.history, "evalHistory": r.eval_history, "data": self.data_report,
             "speed": self.speed.to_json(),
+            **({"tracking": self.tracker.report()} if self.tracker is not None else {}),
         }
+
+    # ------------------------------------------------------------------ tracking
+    def _start_tracking(self) -> None:
+        """Open the MLflow run on rank 0: parameters, the resolved plan, job tags (plan `tracking`)."""
+        from kubetune_trainer.tracking import MlflowTracker
+
+        if not self.env.is_main or self.plan.tracking is None:
+            return
+        flush_every = self.t.log_every_steps or max(1, self.total_steps // 50)
+        self.tracker = MlflowTracker.from_plan(self.plan.tracking, flush_every=flush_every)
+        if self.tracker is None:
+            return
+        plan = self.plan.to_json_dict()
+        job = plan.get("job") or {}
+        self.tracker.start({k: v for k, v in plan.items() if k not in ("version", "job")}, plan, {
+            "kubetune.job": f"{job.get('namespace', '')}/{job.get('name', '')}", "kubetune.uid": job.get("uid", ""),
+            "kubetune.resumedFromStep": str(self.result.resumed_from_step)})
+        self._note_tracking_warning()
+
+    def _note_tracking_warning(self) -> None:
+        if self.tracker is not None and self.tracker.warning and self.tracker.warning not in self.result.warnings:
+            self.result.warnings.append(self.tracker.warning)
+
+    def finish_tracking(self, artifacts: dict[str, str], evaluation: dict[str, Any] | None = None) -> None:
+        """Close the run: final metrics, the base-vs-tuned evaluation (when run), the output URIs as tags."""
+        if self.tracker is None:
+            return
+        from kubetune_trainer.tracking import evaluation_metrics
+
+        r = self.result
+        final = {"final_train_loss": r.train_loss, "final_eval_loss": r.eval_loss, "perplexity": r.perplexity,
+                 "tokens": r.tokens, "runtime_seconds": time.time() - self.started,
+                 "mean_tokens_per_second": r.tokens_per_second, **evaluation_metrics(evaluation)}
+        self.tracker.finish("FINISHED", final, {f"kubetune.artifact.{k}": v for k, v in artifacts.items()})
+        self._note_tracking_warning()
 
     def _release_model(self) -> None:
         import gc
@@ -629,6 +823,11 @@ class FineTuneRecipe:
         """Stop the metrics server and tear down the process group."""
         import torch
 
+        if self.tracker is not None and self.tracker.active and not self.tracker.finished:
+            try:
+                self.tracker.finish("FAILED", {}, {})
+            except Exception:  # noqa: BLE001 - a required tracker's error must not hide the run's own failure
+                pass
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -638,6 +837,21 @@ class FineTuneRecipe:
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
             self._dist = False
+
+
+_UNSUPPORTED_SIGNS = ("does not recognize this architecture", "unrecognized model", "unrecognized configuration class",
+                      "model type")
+
+
+def unsupported_model_error(exc: BaseException, uri: str) -> Exception | None:
+    """An UnsupportedModelError for transformers' "unknown architecture" errors, else None."""
+    from kubetune_trainer.errors import UnsupportedModelError
+
+    text = str(exc)
+    if not any(sign in text.lower() for sign in _UNSUPPORTED_SIGNS):
+        return None
+    return UnsupportedModelError(f"model {uri}: this trainer's transformers cannot load its architecture "
+                                 f"({text.splitlines()[0][:300]}); use a supported model or a newer trainer image")
 
 
 def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, plan: Plan, precision: str, device) -> None:

@@ -67,14 +67,14 @@ def hf_cache_dir() -> Path:
 def _clean_relative(path: str, raw: str) -> str:
     parts = [p for p in PurePosixPath(path).parts if p not in ("", "/", ".")]
     if ".." in parts:
-        raise StorageError(f"{raw}: '..' is not allowed in a URI path")
+        raise StorageError(f"{raw}: '..' is not allowed in a URI path", reason="InvalidPlan")
     return "/".join(parts)
 
 
 def parse_uri(uri: str) -> Uri:
     """Parse a kubetune URI (pvc://, file://, hf://, s3://) or a plain local path."""
     if not isinstance(uri, str) or not uri.strip():
-        raise StorageError("empty URI")
+        raise StorageError("empty URI", reason="InvalidPlan")
     text = uri.strip()
     if "://" not in text:
         return Uri("local", path=text, raw=uri)
@@ -84,21 +84,22 @@ def parse_uri(uri: str) -> Uri:
         parsed = urlparse(text)
         path = parsed.path
         if parsed.netloc not in ("", "localhost") or not path.startswith("/"):
-            raise StorageError(f"{uri}: file:// URIs need an absolute path (file:///abs/path)")
+            raise StorageError(f"{uri}: file:// URIs need an absolute path (file:///abs/path)", reason="InvalidPlan")
         return Uri("file", path=path, raw=uri)
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         if not claim:
-            raise StorageError(f"{uri}: expected pvc://claim/path")
+            raise StorageError(f"{uri}: expected pvc://claim/path", reason="InvalidPlan")
         return Uri("pvc", authority=claim, path=_clean_relative(path, uri), raw=uri)
     if scheme == "s3":
         bucket, _, key = rest.partition("/")
         if not bucket:
-            raise StorageError(f"{uri}: expected s3://bucket/prefix")
+            raise StorageError(f"{uri}: expected s3://bucket/prefix", reason="InvalidPlan")
         return Uri("s3", authority=bucket, path=_clean_relative(key, uri), raw=uri)
     if scheme == "hf":
         return _parse_hf(rest, uri)
-    raise StorageError(f"{uri}: unsupported URI scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    raise StorageError(f"{uri}: unsupported URI scheme {scheme!r}; expected one of {', '.join(SCHEMES)}",
+                       reason="InvalidPlan")
 
 
 def _parse_hf(rest: str, raw: str) -> Uri:
@@ -108,7 +109,8 @@ def _parse_hf(rest: str, raw: str) -> Uri:
         repo_type = "dataset" if parts[0] == "datasets" else "model"
         parts = parts[1:]
     if not parts:
-        raise StorageError(f"{raw}: expected hf://org/name[@rev] or hf://datasets/org/name[@rev]/file")
+        raise StorageError(f"{raw}: expected hf://org/name[@rev] or hf://datasets/org/name[@rev]/file",
+                           reason="InvalidPlan")
     # The revision is attached to the repo name: org/name@rev or name@rev.
     repo_parts: list[str] = []
     revision = ""
@@ -125,7 +127,7 @@ def _parse_hf(rest: str, raw: str) -> Uri:
     else:
         file_parts = []
     if not repo_parts[-1]:
-        raise StorageError(f"{raw}: empty Hugging Face repo name")
+        raise StorageError(f"{raw}: empty Hugging Face repo name", reason="InvalidPlan")
     return Uri("hf", authority="/".join(repo_parts), path="/".join(file_parts), revision=revision,
                repo_type=repo_type, raw=raw)
 
@@ -154,7 +156,8 @@ def join_uri(uri: str, *parts: str) -> str:
         if not isinstance(part, str):
             raise StorageError(f"{uri}: cannot append {part!r}: path parts must be strings")
         if ".." in part.split("/"):
-            raise StorageError(f"{uri}: cannot append {part!r}: '..' is not allowed in a URI path")
+            raise StorageError(f"{uri}: cannot append {part!r}: '..' is not allowed in a URI path",
+                               reason="InvalidPlan")
         cleaned = _clean_relative(part, uri)
         if cleaned:
             segments.append(cleaned)
@@ -248,12 +251,12 @@ def _s3_keys(client, uri: Uri) -> list[str]:
         raise _s3_error(uri, exc, "list objects") from exc
 
 
-def _s3_download_dir(uri: Uri) -> Path:
+def _s3_download_dir(uri: Uri, target: Path | None = None) -> Path:
     client = s3_client()
     keys = _s3_keys(client, uri)
     if not keys:
         raise StorageError(f"{uri.raw}: no objects under this prefix")
-    target = work_dir() / "s3" / uri.authority / uri.path
+    target = target if target is not None else work_dir() / "s3" / uri.authority / uri.path
     prefix = uri.path.rstrip("/") + "/" if uri.path else ""
     for key in keys:
         rel = _clean_relative(key[len(prefix):], uri.raw)
@@ -298,8 +301,11 @@ def fetch_dir(uri: str) -> Path:
 
 
 def fetch_model(uri: str) -> Path:
-    """Local directory holding the model (config.json, weights, tokenizer)."""
-    path = fetch_dir(uri)
+    """Local directory holding the model (config.json, weights, tokenizer): the shared cache's copy when the job's
+    preflight put it there (kubetune_trainer.cache), else fetched."""
+    from .cache import lookup
+
+    path = lookup("models", uri) or fetch_dir(uri)
     if not (path / "config.json").is_file():
         raise StorageError(f"{uri}: no config.json in {path}; not a transformers model directory")
     return path
@@ -316,7 +322,13 @@ def _single_data_file(directory: Path, uri: str) -> Path:
 
 
 def fetch_dataset(uri: str) -> Path:
-    """Local path of a dataset file (a directory or prefix must hold exactly one data file)."""
+    """Local path of a dataset file (a directory or prefix must hold exactly one data file): the shared cache's
+    copy when the job's preflight put it there, else fetched."""
+    from .cache import lookup
+
+    cached = lookup("datasets", uri)
+    if cached is not None:
+        return cached
     try:
         parsed = parse_uri(uri)
         path = local_path(uri)
@@ -346,7 +358,8 @@ def output_dir(uri: str) -> Path:
     path = local_path(uri)
     if path is None:
         if parsed.scheme != "s3":
-            raise StorageError(f"{uri}: outputs can go to pvc://, file://, a local path or s3://, not {parsed.scheme}://")
+            raise StorageError(f"{uri}: outputs can go to pvc://, file://, a local path or s3://, "
+                               f"not {parsed.scheme}://", reason="InvalidPlan")
         path = work_dir() / "outputs" / parsed.authority / parsed.path
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -367,7 +380,7 @@ def upload_dir(local_dir: str | Path, uri: str) -> int:
         shutil.copytree(source, path, dirs_exist_ok=True)
         return len(files)
     if parsed.scheme != "s3":
-        raise StorageError(f"{uri}: uploading to {parsed.scheme}:// is not supported")
+        raise StorageError(f"{uri}: uploading to {parsed.scheme}:// is not supported", reason="InvalidPlan")
     client = s3_client()
     for file in files:
         key = "/".join(p for p in (parsed.path, file.relative_to(source).as_posix()) if p)

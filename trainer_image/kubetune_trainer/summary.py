@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -9,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer import SUMMARY_VERSION
+from kubetune_trainer.outcomes import REASONS
 
 MAX_SUMMARY_BYTES = 4096
-REASONS = ("Completed", "InvalidPlan", "DataError", "NonFiniteLoss", "OutOfMemory", "TrainingError")
+OPTIONAL_ARTIFACTS = ("evaluation", "report", "gguf", "modelfile")  # only runs with an evaluation / export
 
 
 def _num(value: Any) -> float | int | None:
@@ -30,14 +32,16 @@ def build_summary(*, status: str, reason: str, message: str = "", step: int = 0,
                   epoch: float = 0.0, train_loss: float | None = None, eval_loss: float | None = None,
                   perplexity: float | None = None, tokens: int = 0, runtime_seconds: float = 0.0,
                   tokens_per_second: float = 0.0, artifacts: dict[str, str] | None = None,
-                  checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A summary dict in the §5 shape (numbers rounded, non-finite values as null)."""
+                  checkpoint: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
+                  export: dict[str, Any] | None = None, tracking: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A summary dict in the §5 shape (numbers rounded, non-finite values as null). `evaluation` (the compact
+    base-vs-tuned block) and `export` (GGUF outcome), with their artifacts, appear only when the run did them."""
     if status not in ("Succeeded", "Failed"):
         raise ValueError(f"status must be Succeeded or Failed, got {status!r}")
     if reason not in REASONS:
         raise ValueError(f"reason must be one of {REASONS}, got {reason!r}")
     arts = {"adapter": "", "merged": "", "model": "", "metrics": ""}
-    arts.update({k: v for k, v in (artifacts or {}).items() if k in arts and v})
+    arts.update({k: v for k, v in (artifacts or {}).items() if (k in arts or k in OPTIONAL_ARTIFACTS) and v})
     ckpt = {"step": 0, "uri": ""}
     ckpt.update({k: v for k, v in (checkpoint or {}).items() if k in ckpt})
 
@@ -45,7 +49,7 @@ def build_summary(*, status: str, reason: str, message: str = "", step: int = 0,
         x = _num(x)
         return round(x, nd) if isinstance(x, float) else x
 
-    return {
+    summary = {
         "version": SUMMARY_VERSION, "status": status, "reason": reason, "message": message,
         "step": int(step), "totalSteps": int(total_steps), "epoch": r(epoch, 4) or 0.0,
         "trainLoss": r(train_loss), "evalLoss": r(eval_loss), "perplexity": r(perplexity, 4),
@@ -53,6 +57,13 @@ def build_summary(*, status: str, reason: str, message: str = "", step: int = 0,
         "tokensPerSecond": r(tokens_per_second, 2) or 0.0,
         "artifacts": arts, "checkpoint": {"step": int(ckpt["step"]), "uri": str(ckpt["uri"])},
     }
+    if evaluation is not None:
+        summary["evaluation"] = evaluation
+    if export is not None:
+        summary["export"] = export
+    if tracking and tracking.get("runId"):
+        summary["tracking"] = {"runId": str(tracking["runId"])[:64], "url": str(tracking.get("url", ""))[:512]}
+    return summary
 
 
 def _clip(text: str, max_bytes: int, marker: str = "") -> str:
@@ -122,5 +133,9 @@ def failure_summary(exc: BaseException, **progress: Any) -> dict[str, Any]:
         name = type(exc).__name__
         if name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in text.lower():
             reason = "OutOfMemory"
+        elif (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "no space left on device" in text.lower():
+            reason = "NoSpaceLeft"
+        elif isinstance(exc, PermissionError):
+            reason = "PermissionDenied"
         text = f"{name}: {text}"
     return build_summary(status="Failed", reason=reason, message=text, **progress)

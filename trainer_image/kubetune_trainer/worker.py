@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 
+from kubetune_trainer import outcomes
 from kubetune_trainer.errors import KubetuneTrainerError
+from kubetune_trainer.preemption import GracefulStop
 
 DEFAULT_PLAN_PATH = "/etc/kubetune/plan.json"
 PERMANENT_FAILURE_EXIT = 3  # InvalidPlan / DataError: a retry cannot fix them (contracts §5)
-PERMANENT_REASONS = ("InvalidPlan", "DataError")
+PERMANENT_REASONS = tuple(sorted(outcomes.PERMANENT_REASONS))
 
 
 def resolve_plan_path(arg: str | None) -> str:
@@ -27,8 +27,8 @@ def resolve_plan_path(arg: str | None) -> str:
 
 
 def exit_code_for(reason: str) -> int:
-    """3 for failures a retry cannot fix, 1 for the rest."""
-    return PERMANENT_FAILURE_EXIT if reason in PERMANENT_REASONS else 1
+    """The exit code of a summary reason (kubetune_trainer.outcomes): permanent, preempted or retried."""
+    return outcomes.exit_code_for(reason)
 
 
 def _setup_logging() -> None:
@@ -39,9 +39,24 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
-    raise SystemExit(f"terminated by signal {signum} (preemption or deletion); the run resumes from "
-                     "the latest checkpoint when restarted")
+def oom_detail(peak_bytes: int, total_bytes: int, micro_batch: int) -> str:
+    """The measured side of an out-of-memory failure, appended to the summary message ('' without a GPU)."""
+    if total_bytes <= 0:
+        return f" (microBatchSize {micro_batch})"
+    gib = 1024 ** 3
+    return (f" (peak {peak_bytes / gib:.1f} GiB allocated of {total_bytes / gib:.1f} GiB on the GPU, "
+            f"microBatchSize {micro_batch})")
+
+
+def _gpu_memory() -> tuple[int, int]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated()), int(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001 - a report detail, never a second failure
+        pass
+    return 0, 0
 
 
 def run_worker(plan_path: str | None = None) -> int:
@@ -55,6 +70,8 @@ def run_worker(plan_path: str | None = None) -> int:
                 os.environ["DS_ACCELERATOR"] = "cpu"
         except ImportError:
             pass
+    from kubetune_trainer.evaluation import hook as evaluation
+    from kubetune_trainer.export import hook as export_hook
     from kubetune_trainer.plan import load_plan
     from kubetune_trainer.recipe import FineTuneRecipe, RunEnv
     from kubetune_trainer.summary import build_summary, failure_summary, write_summary
@@ -63,16 +80,16 @@ def run_worker(plan_path: str | None = None) -> int:
     env = RunEnv.from_env()
     reporter = env.rank == 0
     recipe = None
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    stop = GracefulStop()
+    stop.install()
 
     def progress() -> dict:
         if recipe is None:
             return {}
         r = recipe.result
-        return {"step": getattr(recipe, "step", r.step), "total_steps": r.total_steps,
-                "epoch": recipe.epoch_at(recipe.step) if hasattr(recipe, "micro_per_epoch") else 0.0,
+        step = getattr(recipe, "step", r.step)
+        return {"step": step, "total_steps": r.total_steps,
+                "epoch": recipe.epoch_at(step) if hasattr(recipe, "micro_per_epoch") else 0.0,
                 "train_loss": r.train_loss, "eval_loss": r.eval_loss, "perplexity": r.perplexity,
                 "tokens": r.tokens, "tokens_per_second": r.tokens_per_second,
                 "checkpoint": {"step": r.checkpoint_step,
@@ -80,13 +97,26 @@ def run_worker(plan_path: str | None = None) -> int:
 
     try:
         plan = load_plan(resolve_plan_path(plan_path))
-        recipe = FineTuneRecipe(plan, env)
+        recipe = FineTuneRecipe(plan, env, stop=stop)
         recipe.setup()
+        stop.hold()  # SIGTERM from here on: checkpoint at the next step boundary (recipe.train), never mid-export
+        eval_set = evaluation.prepare(plan) if reporter else None  # a bad evaluation file fails before training
         result = recipe.train()
         arts = recipe.export()
+        exported = export_hook.after_training(recipe) if reporter and plan.output.export is not None else None
+        if exported is not None:
+            arts = {**arts, **exported.artifacts}
+        evaluated = evaluation.after_training(recipe, eval_set) if eval_set is not None else None
+        if evaluated is not None:
+            arts = {**arts, **evaluated.artifacts}
+        recipe.finish_tracking(arts, evaluated.summary if evaluated is not None else None)
         if reporter:
-            write_summary(build_summary(status="Succeeded", reason="Completed", message=result.stop_message,
-                                        artifacts=arts, runtime_seconds=result.runtime_seconds, **{
+            notes = "; ".join(filter(None, [result.stop_message, *result.warnings]))
+            write_summary(build_summary(status="Succeeded", reason="Completed", message=notes,
+                                        artifacts=arts, runtime_seconds=result.runtime_seconds,
+                                        evaluation=evaluated.summary if evaluated is not None else None,
+                                        export=exported.summary if exported is not None else None,
+                                        tracking=recipe.tracker.report() if recipe.tracker is not None else None, **{
                                             k: v for k, v in progress().items() if k != "runtime_seconds"}))
             log.info("training succeeded: %s", json.dumps(recipe.final_metrics()["artifacts"]))
         return 0
@@ -98,6 +128,8 @@ def run_worker(plan_path: str | None = None) -> int:
                 return 0
             exc = KubetuneTrainerError(str(exc.code))
         summary = failure_summary(exc, **progress())
+        if summary["reason"] == "OutOfMemory" and recipe is not None:
+            summary["message"] += oom_detail(*_gpu_memory(), recipe.plan.training.micro_batch_size)
         if isinstance(exc, KubetuneTrainerError):
             log.error("training failed (%s): %s", summary["reason"], exc)
         else:
@@ -110,5 +142,4 @@ def run_worker(plan_path: str | None = None) -> int:
     finally:
         if recipe is not None:
             recipe.cleanup()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        stop.restore()

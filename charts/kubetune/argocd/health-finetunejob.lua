@@ -5,7 +5,7 @@
 --   * phase Cancelled (spec.cancel)                                     -> Degraded
 --   * phase Suspended (spec.suspend)                                    -> Suspended
 --   * phase Succeeded                                                   -> Healthy
---   * phase Pending / Queued / Running (and anything else)              -> Progressing
+--   * phase Pending / Preparing / Queued / Running (and anything else)  -> Progressing
 -- The message is the operator's status.message, or the Ready condition's message.
 
 local function find_condition(status, ctype)

@@ -127,6 +127,26 @@ values; flag names and formats: `kubetune operator --help`).
 - name: KUBETUNE_CPU_NODE_SELECTOR
   value: {{ include "kubetune.keyValueList" . | quote }}
 {{- end }}
+- name: KUBETUNE_PREFLIGHT
+  value: {{ .Values.trainer.preflight | toString | quote }}
+{{- with .Values.trainer.cache }}
+{{- if .existingClaim }}
+- name: KUBETUNE_CACHE_CLAIM
+  value: {{ .existingClaim | quote }}
+- name: KUBETUNE_CACHE_MOUNT_PATH
+  value: {{ .mountPath | quote }}
+- name: KUBETUNE_CACHE_MAX_GIB
+  value: {{ .maxSizeGi | toString | quote }}
+- name: KUBETUNE_CACHE_LEASE_HOURS
+  value: {{ .leaseHours | toString | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.pricing }}
+- name: KUBETUNE_PRICING
+  value: {{ toJson . | quote }}
+{{- end }}
+- name: KUBETUNE_CURRENCY
+  value: {{ .Values.currency | quote }}
 {{- end -}}
 
 {{/*
@@ -183,6 +203,12 @@ true
 {{- else }}
 - --no-leader-election
 {{- end }}
+{{- if .Values.operator.occupancy }}
+- --occupancy
+{{- else }}
+- --no-occupancy
+{{- end }}
+- --resize-unschedulable-seconds={{ .Values.operator.resizeUnschedulableSeconds }}
 {{- range .Values.operator.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -221,6 +247,12 @@ the per-namespace Roles. No Secrets: trainer pods reference them by name only.
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["get", "list", "watch"]
+{{- if .Values.operator.occupancy }}
+# operator.occupancy: the GPUs held by pods of every namespace, for sizing on free capacity.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+{{- end }}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]

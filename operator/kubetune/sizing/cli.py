@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="auto", choices=("auto", "none", "ddp", "zero1", "zero2", "zero3"))
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--offload-params", action="store_true")
+    p.add_argument("--data", metavar="FILE",
+                   help="with -f: run the trainer's preflight on this dataset file (needs the trainer package) and "
+                        "print its examples, tokens, steps, GPU-hours and cost, as status.preflight/.estimate would")
+    p.add_argument("--model-dir", default="", help="with --data: a local model directory instead of spec.model.uri")
+    p.add_argument("--pvc-root", default="", help="with --data: local directory holding the pvc:// claims")
+    p.add_argument("--pricing", default="", help="with --data: PRODUCT=PRICE,... per GPU-hour (as the operator's)")
+    p.add_argument("--currency", default="USD", help="currency of --pricing")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trace", action="store_true",
                    help="also trace the trainer's real step on fake tensors (needs torch, no GPU) and show the "
@@ -151,7 +158,8 @@ def _size_manifest(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         decision = size_job(spec, fleet, config=config)
         status = decision.to_status()
         name = (job.get("metadata") or {}).get("name", "?")
-        results.append({"name": name, "plan": status})
+        result = {"name": name, "plan": status}
+        results.append(result)
         text = [f"FineTuneJob {name}: {'fits' if decision.fits else 'DOES NOT FIT'}", f"  {decision.reason}"]
         if decision.fits:
             d = decision.distributed
@@ -163,6 +171,17 @@ def _size_manifest(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         if decision.estimate is not None:
             text.append(format_breakdown("  per-GPU estimate:" if decision.device == "gpu" else "  host estimate:",
                                          decision.estimate))
+        if decision.fits and args.data:
+            from kubetune.estimate import parse_pricing
+            from kubetune.estimate_offline import describe as describe_offline
+            from kubetune.estimate_offline import offline_estimate
+            from kubetune.sizing.layout import layout_from_decision
+
+            offline = offline_estimate(name, spec, layout_from_decision(decision, spec), status, args.data,
+                                       model_dir=args.model_dir, pvc_root=args.pvc_root,
+                                       pricing=parse_pricing(args.pricing, args.currency))
+            result.update(offline)
+            text.append(describe_offline(offline))
         if not decision.fits:
             text.append(f"  {decision.message}")
             if decision.suggestion:
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.file:
             data, text = _size_manifest(args)
             print(json.dumps(data, indent=2) if args.json else text)
-            return 0 if all(j["plan"]["fits"] for j in data["jobs"]) else 1
+            return 0 if all(j["plan"]["fits"] and "error" not in j for j in data["jobs"]) else 1
         if args.config:
             arch = architecture_from_config(json.loads(Path(args.config).read_text()), name=args.config)
         elif args.model:

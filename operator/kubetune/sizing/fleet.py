@@ -34,6 +34,30 @@ class GpuPool:
     memory_mib: int
     node_gpus: dict[str, int] = field(default_factory=dict)  # node name -> allocatable GPUs
     node_memory: dict[str, int] = field(default_factory=dict)  # node name -> allocatable host RAM bytes (0 unknown)
+    node_used: dict[str, int] = field(default_factory=dict)  # node name -> GPUs requested by pods bound there
+    pending: int = 0  # GPUs requested by pods not yet bound that select this product (queued demand)
+    avoid: bool = False  # set for a re-size: pods for this product stayed unschedulable
+
+    def free_on(self, node: str) -> int:
+        """GPUs of one node no pod has requested yet."""
+        return max(0, self.node_gpus.get(node, 0) - self.node_used.get(node, 0))
+
+    @property
+    def free_gpus(self) -> int:
+        """GPUs of the pool no bound pod has requested, less the queued demand for this product."""
+        return max(0, sum(self.free_on(n) for n in self.node_gpus) - self.pending)
+
+    def placeable_now(self, gpus: int, pods: int) -> bool:
+        """Whether `pods` pods of `gpus` GPUs each fit in the free GPUs now (one pod per node)."""
+        if self.avoid:
+            return False
+        nodes = sum(1 for n in self.node_gpus if self.free_on(n) >= gpus)
+        return nodes >= pods and self.free_gpus >= gpus * pods
+
+    def describe_free(self) -> str:
+        """e.g. 'NVIDIA-L4: 0 of 8 GPUs free, 4 queued'."""
+        queued = f", {self.pending} requested by pods waiting for it" if self.pending else ""
+        return f"{self.product}: {self.free_gpus} of {self.total_gpus} GPUs free{queued}"
 
     @property
     def host_memory_bytes(self) -> int:
@@ -78,6 +102,7 @@ class Fleet:
     pools: list[GpuPool] = field(default_factory=list)
     cpu_nodes: int = 0
     skipped: list[str] = field(default_factory=list)  # why some GPU nodes were ignored
+    occupancy_known: bool = False  # set by with_occupancy(): the pools' free GPUs are known
 
     @property
     def has_gpus(self) -> bool:
@@ -188,6 +213,45 @@ def fleet_from_nodes(nodes: Iterable[Mapping[str, Any]]) -> Fleet:
         pool.node_gpus[name] = gpus
         pool.node_memory[name] = parse_quantity_bytes(str(allocatable.get("memory", "") or ""))
     fleet.pools = sorted(pools.values(), key=lambda p: (p.memory_mib, p.product))
+    return fleet
+
+
+def pod_gpu_request(pod: Mapping[str, Any]) -> int:
+    """GPUs a pod holds: the sum over its containers (requests, else limits), or its largest init container."""
+    def one(container: Mapping[str, Any]) -> int:
+        res = container.get("resources") or {}
+        value = (res.get("requests") or {}).get(GPU_RESOURCE, (res.get("limits") or {}).get(GPU_RESOURCE, 0))
+        return _quantity_int(value)
+    spec = pod.get("spec") or {}
+    main = sum(one(c) for c in spec.get("containers") or [])
+    init = max((one(c) for c in spec.get("initContainers") or []), default=0)
+    return max(main, init)
+
+
+def with_occupancy(fleet: Fleet, pods: Iterable[Mapping[str, Any]]) -> Fleet:
+    """The fleet with each pool's GPUs in use: pods bound to a node and not finished hold their GPUs; pods not
+    bound yet that select a GPU product (nodeSelector nvidia.com/gpu.product) are queued demand for it.
+    Mutates and returns `fleet` (built per snapshot, never shared before this)."""
+    by_node = {node: pool for pool in fleet.pools for node in pool.node_gpus}
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        gpus = pod_gpu_request(pod)
+        if gpus <= 0:
+            continue
+        spec = pod.get("spec") or {}
+        node = spec.get("nodeName") or ""
+        if node:
+            pool = by_node.get(node)
+            if pool is not None:
+                pool.node_used[node] = pool.node_used.get(node, 0) + gpus
+            continue
+        product = (spec.get("nodeSelector") or {}).get(PRODUCT_LABEL)
+        pool = fleet.pool(product) if product else None
+        if pool is not None:
+            pool.pending += gpus
+    fleet.occupancy_known = True
     return fleet
 
 

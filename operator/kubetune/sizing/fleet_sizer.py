@@ -11,6 +11,7 @@ re-sized on the next retry.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 from kubetune.api import FineTuneJobSpec
 
-from .fleet import Fleet, fleet_from_nodes
+from .fleet import Fleet, fleet_from_nodes, with_occupancy
 from .layout import SizingOutcome, size_job_layout
 
 # The spec fields the sizer and the layout read (sizer.size_job, layout.size_job_layout), by their Python
@@ -41,8 +42,12 @@ class FleetSizer:
     """size(spec) -> SizingOutcome against a node snapshot refreshed at most every ttl_seconds."""
 
     def __init__(self, list_nodes: Callable[[], list[dict[str, Any]]], ttl_seconds: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 list_pods: Callable[[], list[dict[str, Any]] | None] | None = None) -> None:
         self._list_nodes = list_nodes
+        # Unfinished pods of the whole cluster (None when they cannot be read): with them the sizer prefers GPU
+        # types with free capacity now. Without them it sizes on allocatable GPUs alone.
+        self._list_pods = list_pods
         self._ttl = ttl_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -59,15 +64,24 @@ class FleetSizer:
             now = self._clock()
             if now - self._taken > self._ttl:
                 nodes = self._list_nodes()
-                self._nodes, self._fleet, self._memo = nodes, fleet_from_nodes(nodes), {}
+                fleet = fleet_from_nodes(nodes)
+                pods = self._list_pods() if self._list_pods is not None else None
+                if pods is not None:
+                    with_occupancy(fleet, pods)
+                self._nodes, self._fleet, self._memo = nodes, fleet, {}
                 self._taken = now
                 self.snapshots += 1
             return self._nodes, self._fleet, self._memo
 
-    def size(self, spec: FineTuneJobSpec) -> SizingOutcome:
-        """The layout for this spec on the current snapshot (a private copy: callers may change it)."""
+    def size(self, spec: FineTuneJobSpec, avoid: frozenset[str] = frozenset()) -> SizingOutcome:
+        """The layout for this spec on the current snapshot (a private copy: callers may change it).
+
+        avoid: GPU products to treat as having no free GPUs (a re-size after the job's pods stayed unschedulable
+        there); they are still chosen when nothing else fits."""
         nodes, fleet, memo = self._snapshot()
-        key = sizing_key(spec)
+        key = sizing_key(spec) + "|" + ",".join(sorted(avoid))
+        if avoid and fleet is not None:
+            fleet = avoiding(fleet, avoid)
         with self._lock:  # the counters too: jobs are sized from the reconcile thread pool
             hit = memo.get(key)
             if hit is not None:
@@ -82,3 +96,12 @@ class FleetSizer:
                 memo.clear()
             memo[key] = outcome
         return copy.deepcopy(outcome)
+
+
+def avoiding(fleet: Fleet, products: frozenset[str]) -> Fleet:
+    """A copy of the fleet whose pools of these products count as having no free GPUs (the shared snapshot is
+    left as it is)."""
+    wanted = {p.lower() for p in products}
+    pools = [dataclasses.replace(pool, avoid=True) if pool.product.lower() in wanted else pool
+             for pool in fleet.pools]
+    return dataclasses.replace(fleet, pools=pools, occupancy_known=True)

@@ -28,6 +28,7 @@ class Layout:
     node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
     source: str = "sizer"  # sizer | spec
     gpu_memory_bytes: int = 0
+    host_offload_bytes: int = 0  # host RAM per pod the sizer estimated for CPU offload (0: none or unknown)
 
     @property
     def procs_per_node(self) -> int:
@@ -97,7 +98,10 @@ def layout_from_decision(decision: SizingDecision, spec: FineTuneJobSpec) -> Lay
                   strategy=strategy, zero_stage=stage,
                   offload_optimizer=par.offload_optimizer, offload_params=par.offload_params,
                   node_selector=selector, source="sizer",
-                  gpu_memory_bytes=decision.gpu_memory_bytes)
+                  gpu_memory_bytes=decision.gpu_memory_bytes,
+                  host_offload_bytes=(decision.estimate.host_offload * max(gpus, 1)
+                                      if decision.estimate is not None and (par.offload_optimizer or par.offload_params)
+                                      else 0))
 
 
 @dataclasses.dataclass
@@ -110,6 +114,7 @@ class SizingOutcome:
     message: str
     suggestion: str = ""
     plan_status: dict[str, Any] = dataclasses.field(default_factory=dict)
+    free_now: bool = True  # the layout's GPUs are free now (always True when occupancy is unknown)
 
 
 def size_job_layout(spec: FineTuneJobSpec, nodes: list[dict[str, Any]], *, fleet: Fleet | None = None
@@ -135,7 +140,7 @@ def size_job_layout(spec: FineTuneJobSpec, nodes: list[dict[str, Any]], *, fleet
                              plan_status)
     layout = layout_from_decision(decision, spec)
     return SizingOutcome(True, layout, reasons.SIZED, f"sized: {describe(layout)}. {decision.message}".strip(),
-                         plan_status=plan_status)
+                         plan_status=plan_status, free_now=decision.free_now)
 
 
 def describe(layout: Layout) -> str:

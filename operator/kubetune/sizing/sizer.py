@@ -44,6 +44,7 @@ class SizingDecision:
     model: str = ""
     model_source: str = ""
     method: str = ""
+    free_now: bool = True  # False when the cluster's occupancy is known and the chosen GPUs are all taken
 
     @property
     def total_gpus(self) -> int:
@@ -77,6 +78,9 @@ class SizingDecision:
             e = self.estimate
             breakdown = e.breakdown()
             out["estimate"] = {
+                # analytic: kubetune.sizing.estimator's formulas (kept within +5%/-2% of the trainer's traced
+                # step by bench/estimate_vs_trace.py); `kubetune estimate --trace` traces the real step offline
+                "source": "analytic",
                 "perGpuBytes": e.total, "perGpuGiB": gib(e.total),
                 "usableBytes": self.usable_bytes, "usableGiB": gib(self.usable_bytes),
                 "totalParams": e.total_params, "trainableParams": e.trainable_params,
@@ -185,6 +189,7 @@ class _SearchResult:
     best: _Candidate | None  # the preferred fitting candidate
     closest: _Candidate | None  # the candidate with the smallest GPU need relative to its GPU
     host_note: str = ""  # set when offload would fit the GPUs but not the pods' host RAM
+    occupancy_note: str = ""  # set when free capacity changed the choice, or the choice has none free now
 
 
 def _search(arch: Architecture, spec: FineTuneJobSpec, fleet: Fleet, headroom: float) -> _SearchResult:
@@ -194,6 +199,7 @@ def _search(arch: Architecture, spec: FineTuneJobSpec, fleet: Fleet, headroom: f
     pinned = res.gpu_type
     pools = [p for p in fleet.pools if not pinned or p.product.lower() == pinned.lower()]
     best: _Candidate | None = None
+    cheapest: _Candidate | None = None  # the best ignoring free capacity
     closest: _Candidate | None = None
     host_blocked: list[_Candidate] = []
     setups: dict[bool, TrainingSetup] = {}
@@ -215,14 +221,44 @@ def _search(arch: Architecture, spec: FineTuneJobSpec, fleet: Fleet, headroom: f
                     host_blocked.append(cand)
                 if cand.fits(headroom):
                     found_in_pool[tier] = True
-                    if best is None or _rank(cand) < _rank(best):
+                    if best is None or _preference(cand, fleet) < _preference(best, fleet):
                         best = cand
+                    if cheapest is None or _rank(cand) < _rank(cheapest):
+                        cheapest = cand
     note = ""
     if best is None and host_blocked:
         h = min(host_blocked, key=lambda c: c.host_need() / c.host_limit)
         note = (f"with CPU offload ({h.describe()}) the GPUs would suffice but each pod needs "
                 f"{gib(h.host_need())} GiB of host RAM and only {gib(h.host_limit)} GiB is allocatable")
-    return _SearchResult(best, closest, note)
+    return _SearchResult(best, closest, note, _occupancy_note(best, cheapest, fleet))
+
+
+def _placeable(c: _Candidate) -> bool:
+    return c.pool.placeable_now(c.gpus_per_pod, c.pods)
+
+
+def _preference(c: _Candidate, fleet: Fleet) -> tuple:
+    """_rank, except that with the cluster's occupancy known a layout whose GPUs are free now comes before one
+    that would queue (within the same offload tier: free GPUs never buy a slower, offloaded run)."""
+    rank = _rank(c)
+    if not fleet.occupancy_known:
+        return rank
+    return (rank[0], 0 if _placeable(c) else 1, *rank[1:])
+
+
+def _occupancy_note(best: _Candidate | None, cheapest: _Candidate | None, fleet: Fleet) -> str:
+    """Why free capacity moved the choice away from the cheapest layout, or that the choice must wait."""
+    if best is None or cheapest is None or not fleet.occupancy_known:
+        return ""
+    if best is not cheapest and best.pool is not cheapest.pool:
+        why = ("its pods stayed unschedulable" if cheapest.pool.avoid
+               else f"{cheapest.n} GPU(s) are needed and {cheapest.pool.describe_free()}")
+        return (f"chose {best.n} x {best.pool.product} over {cheapest.n} x {cheapest.pool.product}: {why}; "
+                f"{best.pool.describe_free()}")
+    if not _placeable(best):
+        return (f"the pods will wait for free GPUs: {best.n} needed and {best.pool.describe_free()}; "
+                "no other GPU type that fits has them free")
+    return ""
 
 
 def _need_ratio(c: _Candidate) -> float:
@@ -302,11 +338,13 @@ def size_job(spec: FineTuneJobSpec, fleet: Fleet, headroom: float = DEFAULT_HEAD
         usable = best.pool.memory_bytes * (1 - headroom)
         reason = (f"{what} needs {gib(e.total)} GiB per GPU with {best.par.describe()}; "
                   f"fits {best.n} x {best.pool.product} ({gib(usable)} GiB usable each)")
+        occupancy = f". Free GPUs: {found.occupancy_note}" if found.occupancy_note else ""
         return SizingDecision(
             fits=True, **base, gpu_product=best.pool.product, gpus_per_pod=best.gpus_per_pod, pods=best.pods,
             gpu_memory_bytes=best.pool.memory_bytes, parallelism=best.par,
             node_selector={PRODUCT_LABEL: best.pool.product}, estimate=e, reason=reason,
-            message=f"{reason}. Breakdown: {_brief(e)}",
+            message=f"{reason}{occupancy}. Breakdown: {_brief(e)}",
+            free_now=not fleet.occupancy_known or _placeable(best),
         )
     largest = fleet.largest()
     assert largest is not None
@@ -439,11 +477,11 @@ def _alternatives(spec: FineTuneJobSpec) -> Iterator[tuple[str, dict[str, Any]]]
     relax = {"resources": free_res, "distributed": auto_dist} if (pinned_res or pinned_dist) else {}
     if not training.gradient_checkpointing:
         yield "enable training.gradientCheckpointing", _deep_merge(relax, {"training": {"gradientCheckpointing": True}})
-    mb = training.micro_batch_size
-    if mb > 1:
-        ga = training.gradient_accumulation_steps * mb
-        yield (f"set training.microBatchSize: 1 and gradientAccumulationSteps: {ga} (same effective batch)",
-               _deep_merge(relax, {"training": {"microBatchSize": 1, "gradientAccumulationSteps": ga}}))
+    smaller = _smaller_micro_batch(training.micro_batch_size, training.gradient_accumulation_steps)
+    if smaller is not None:
+        mb, ga = smaller
+        yield (f"set training.microBatchSize: {mb} and gradientAccumulationSteps: {ga} (same effective batch)",
+               _deep_merge(relax, {"training": {"microBatchSize": mb, "gradientAccumulationSteps": ga}}))
     if training.optimizer in ("adamw", "paged_adamw_32bit") and method == "full":
         yield "use training.optimizer: adamw_8bit", _deep_merge(relax, {"training": {"optimizer": "adamw_8bit"}})
     seq = training.max_seq_length
@@ -455,6 +493,20 @@ def _alternatives(spec: FineTuneJobSpec) -> Iterator[tuple[str, dict[str, Any]]]
         yield "use method: lora", _deep_merge(relax, {"method": "lora"})
     if method in ("full", "lora"):
         yield "use method: qlora (4-bit NF4 base weights)", _deep_merge(relax, {"method": "qlora"})
+
+
+# The CRD's maximum of spec.training.gradientAccumulationSteps (a unit test ties the two): a suggestion never
+# asks for more.
+MAX_GRADIENT_ACCUMULATION_STEPS = 4096
+
+
+def _smaller_micro_batch(mb: int, ga: int) -> tuple[int, int] | None:
+    """The smallest micro batch that divides `mb` and keeps the effective batch (mb x ga) with a number of
+    accumulation steps within the CRD's bound; None when there is none smaller than `mb`."""
+    for smaller in range(1, mb):
+        if mb % smaller == 0 and ga * mb // smaller <= MAX_GRADIENT_ACCUMULATION_STEPS:
+            return smaller, ga * mb // smaller
+    return None
 
 
 def _dedupe_seq(texts: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ class Conversation:
     source: str = ""
     line: int | None = None
     fmt: str = ""
+    prompt_chars: int = 0  # plain text from a prompt template: the first prompt_chars characters are the prompt
     _hash: str = field(default="", compare=False, repr=False)
 
     @property

@@ -12,9 +12,12 @@ from ..errors import DataError
 from .conversation import Conversation
 from .formats import FORMATS, convert, detect_format
 from .packing import pack
+from .prompt_template import FORMAT as PROMPT_TEMPLATE_FORMAT
+from .prompt_template import render as render_prompt_template
 from .readers import read_records
 from .report import length_stats
 from .split import duplicate_count, split_by_hash
+from .chat_templates import NAMED_TEMPLATES
 from .templating import IGNORE_INDEX, encode, ensure_chat_template
 
 log = logging.getLogger("kubetune_trainer.data")
@@ -31,8 +34,9 @@ def _local_path(uri_or_path: str | Path) -> tuple[Path, str]:
     return fetch_dataset(text), text
 
 
-def load_examples(uri_or_path: str | Path, fmt: str = "auto") -> list[Conversation]:
-    """Read and convert every example of a dataset file; DataError names the file, line and field."""
+def load_examples(uri_or_path: str | Path, fmt: str = "auto", prompt_template: dict | None = None) -> list[Conversation]:
+    """Read and convert every example of a dataset file (rendered by `prompt_template` when given); DataError names
+    the file, line and field."""
     path, name = _local_path(uri_or_path)
     source = str(path) if name == str(path) else f"{name} ({path.name})"
     if fmt != "auto" and fmt not in FORMATS:
@@ -40,6 +44,9 @@ def load_examples(uri_or_path: str | Path, fmt: str = "auto") -> list[Conversati
     examples: list[Conversation] = []
     chosen = None if fmt == "auto" else fmt
     for line, record in read_records(path):
+        if prompt_template:
+            examples.append(render_prompt_template(record, prompt_template, source, line))
+            continue
         if chosen is None:
             chosen = detect_format(record, source, line)
         examples.append(convert(record, chosen, source, line))
@@ -105,14 +112,16 @@ def build_datasets(plan_dataset: dict, plan_training: dict, tokenizer, seed: int
     if max_len < 2:
         raise DataError(f"training.maxSeqLength must be at least 2, got {max_len}")
 
-    examples = load_examples(uri, fmt)
+    prompt_template = plan_dataset.get("promptTemplate") or None
+    examples = load_examples(uri, fmt, prompt_template)
     detected = examples[0].fmt
     duplicates = duplicate_count(examples)
-    template_added = False if detected == "text" else ensure_chat_template(tokenizer)
+    plain = detected in ("text", PROMPT_TEMPLATE_FORMAT)
+    template_added = False if plain else ensure_chat_template(tokenizer)
 
     overlap_dropped = 0
     if eval_uri:
-        eval_examples = load_examples(eval_uri, fmt)
+        eval_examples = load_examples(eval_uri, fmt, prompt_template)
         eval_hashes = {ex.content_hash() for ex in eval_examples}
         train_examples = [ex for ex in examples if ex.content_hash() not in eval_hashes]
         overlap_dropped = len(examples) - len(train_examples)
@@ -169,6 +178,8 @@ def build_datasets(plan_dataset: dict, plan_training: dict, tokenizer, seed: int
         "trainTargetTokens": train_target_tokens,
         "maxSeqLength": max_len,
         "completionOnly": completion_only and detected != "text",
+        "chatTemplate": plan_dataset.get("chatTemplate") if plan_dataset.get("chatTemplate") in NAMED_TEMPLATES
+        else ("inline" if plan_dataset.get("chatTemplate") else ""),
         "packing": packing,
         "packedTrainBlocks": train_blocks,
         "packedEvalBlocks": eval_blocks,

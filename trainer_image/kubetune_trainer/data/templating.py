@@ -125,16 +125,24 @@ def _encode_by_segments(tokenizer, text: str, spans: list[tuple[int, int]]) -> E
     return Encoded(ids, labels)
 
 
-def encode_text(conv: Conversation, tokenizer) -> Encoded:
-    """Plain text: bos (if the tokenizer has one) + text + eos; every token is a label."""
-    ids = list(tokenizer(conv.text, add_special_tokens=False)["input_ids"])
+def encode_text(conv: Conversation, tokenizer, completion_only: bool = True) -> Encoded:
+    """Plain text: bos (if the tokenizer has one) + text + eos; every token is a label, except (completion_only) the
+    prompt of a prompt-template example (its first `prompt_chars` characters)."""
+    masked = bool(conv.prompt_chars) and completion_only
+    if masked:
+        split = _encode_by_segments(tokenizer, conv.text, [(conv.prompt_chars, len(conv.text))])
+        ids, labels = split.input_ids, split.labels
+    else:
+        ids = list(tokenizer(conv.text, add_special_tokens=False)["input_ids"])
+        labels = list(ids)
     if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
+        ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE_INDEX if masked else tokenizer.bos_token_id] + labels
     if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    return Encoded(ids, list(ids))
+        ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    return Encoded(ids, labels)
 
 
 def encode(conv: Conversation, tokenizer, completion_only: bool = True) -> Encoded:
     """Tokenize one example (chat or text)."""
-    return encode_text(conv, tokenizer) if conv.is_text else encode_chat(conv, tokenizer, completion_only)
+    return encode_text(conv, tokenizer, completion_only) if conv.is_text else encode_chat(conv, tokenizer,
+                                                                                           completion_only)

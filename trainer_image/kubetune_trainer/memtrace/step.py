@@ -83,7 +83,7 @@ def trace_plan(settings: Any):
     gas = int(training.get("gradientAccumulationSteps",
                            TrainingPlan.model_fields["gradient_accumulation_steps"].default))
     training.update(epochs=0, maxSteps=OPTIMIZER_STEPS, gradientAccumulationSteps=min(gas, MAX_MICRO_STEPS),
-                    checkpointEverySteps=10 ** 9, evalEverySteps=0,
+                    checkpointEverySteps=1_000_000, evalEverySteps=0,
                     earlyStopping={"patience": 0, "threshold": 0.0})
     if gas > MAX_MICRO_STEPS:
         notes.append(f"{MAX_MICRO_STEPS} of {gas} micro-batches per optimizer step traced (later ones repeat the "

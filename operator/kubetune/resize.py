@@ -1,0 +1,64 @@
+"""When to size a job again because its trainer pods cannot be scheduled (pure functions).
+
+The sizer chooses a GPU type from the nodes it sees and the GPUs free on them, but the scheduler has the last
+word: a taint, an affinity, a quota or GPUs taken in the meantime can leave the pods Pending. When every pod of
+the trainer Job has been unschedulable for `after_seconds`, none has ever been bound, and the layout was the
+sizer's choice (not pinned by spec.resources), the operator sizes the job again treating that GPU type as full.
+It moves the job only to a layout whose GPUs are free now; the pods never ran, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from kubetune.api import FineTuneJobSpec
+from kubetune.sizing.layout import SizingOutcome
+
+
+def _parse(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def unschedulable_seconds(pods: list[dict[str, Any]], now: dt.datetime) -> float:
+    """How long every pod has been waiting for a node the scheduler could not find: 0 unless there is at least
+    one pod, none is bound to a node or finished, and each carries PodScheduled=False/Unschedulable."""
+    if not pods:
+        return 0.0
+    waited: list[float] = []
+    for pod in pods:
+        if (pod.get("spec") or {}).get("nodeName") or (pod.get("status") or {}).get("phase") not in (None, "Pending"):
+            return 0.0
+        cond = next((c for c in (pod.get("status") or {}).get("conditions") or []
+                     if c.get("type") == "PodScheduled"), None)
+        since = _parse((cond or {}).get("lastTransitionTime"))
+        if not cond or cond.get("status") != "False" or cond.get("reason") != "Unschedulable" or since is None:
+            return 0.0
+        waited.append((now - since).total_seconds())
+    return max(0.0, min(waited))
+
+
+def resize_due(spec: FineTuneJobSpec, status: dict[str, Any], pods: list[dict[str, Any]], now: dt.datetime,
+               after_seconds: float) -> str:
+    """The GPU type to avoid when the job should be sized again, else ''."""
+    layout = status.get("layout") or {}
+    if after_seconds <= 0 or spec.suspend or spec.cancel or spec.resources.gpu_type:
+        return ""
+    if layout.get("source") != "sizer" or not layout.get("gpuType"):
+        return ""
+    return str(layout["gpuType"]) if unschedulable_seconds(pods, now) >= after_seconds else ""
+
+
+def moves(status: dict[str, Any], outcome: SizingOutcome) -> bool:
+    """Whether a new sizing outcome is worth recreating the Job for: it fits, its GPUs are free now, and it
+    runs on another GPU type."""
+    layout = status.get("layout") or {}
+    return bool(outcome.fits and outcome.layout is not None and outcome.free_now
+                and outcome.layout.gpu_type and outcome.layout.gpu_type != layout.get("gpuType"))
+
+
+def avoided_types(status: dict[str, Any]) -> frozenset[str]:
+    """The GPU types this job's pods stayed unschedulable on (status.unschedulableGpuTypes)."""
+    return frozenset(str(t) for t in status.get("unschedulableGpuTypes") or [])

@@ -1,0 +1,101 @@
+"""status.estimate and the cost in status.accounting (kubetune.estimate): exact steps and tokens from the preflight's
+counts, GPU-hours from the documented throughput model, cost from the operator's price table."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+
+import pytest
+
+from kubetune import reasons as R
+from kubetune.api import parse_spec
+from kubetune.builders import BuildConfig, JobRef, build_children, spec_hash
+from kubetune.estimate import (MODEL_FLOPS_UTILIZATION, Pricing, estimate_status, optimizer_steps, parse_pricing,
+                               peak_tflops)
+from kubetune.reconcile import Observed, decide
+from kubetune.sizing.layout import Layout, SizingOutcome
+
+pytestmark = pytest.mark.unit
+
+SPEC = {"model": {"uri": "hf://meta-llama/Llama-3.1-8B"}, "dataset": {"uri": "pvc://data/train.jsonl"},
+        "method": "lora", "training": {"epochs": 2, "microBatchSize": 4, "gradientAccumulationSteps": 4,
+                                       "learningRate": "2e-4"},
+        "output": {"uri": "pvc://out/run"}}
+H100 = "NVIDIA-H100-80GB-HBM3"
+PREFLIGHT = {"specHash": spec_hash(SPEC), "trainRows": 1000, "trainExamples": 1000, "tokensPerEpoch": 400_000,
+             "steps": 125, "tokens": 800_000}
+PLAN = {"estimate": {"totalParams": 8_030_261_248}}
+
+
+def test_the_step_formula_is_the_trainers():
+    from kubetune_trainer.recipe import total_optimizer_steps
+
+    for rows, micro, accum, world, epochs, max_steps in itertools.product(
+            (1, 7, 100, 1001), (1, 3, 8), (1, 4, 7), (1, 2, 8), (0.3, 1.0, 2.5), (0, 17)):
+        want, _ = total_optimizer_steps(rows, micro, accum, world, epochs, max_steps)
+        assert optimizer_steps(rows, micro, accum, world, epochs, max_steps) == want, (rows, micro, accum, world)
+
+
+def test_gpu_hours_and_cost_follow_the_documented_model():
+    layout = {"gpuType": H100, "totalGpus": 2, "pods": 1, "procsPerNode": 2}
+    est = estimate_status(PREFLIGHT, layout, PLAN, parse_spec(SPEC), Pricing(((H100, 2.5),), "EUR"))
+    # 1000 rows over 2 processes, micro 4 -> 125 micro-batches per epoch; 2 epochs / accumulation 4 -> 63 steps.
+    assert est["steps"] == 63 and est["world"] == 2
+    processed = 63 * 4 * 4 * 2  # steps x accumulation x micro x world rows (the last epoch wraps around)
+    assert est["tokens"] == round(400_000 * processed / 1000)
+    flops = (4 + 2) * 8_030_261_248  # LoRA with gradient checkpointing (the default)
+    seconds = est["tokens"] * flops / (2 * 989e12 * MODEL_FLOPS_UTILIZATION)
+    assert est["gpuHours"] == pytest.approx(2 * seconds / 3600, rel=1e-3)
+    assert est["cost"] == pytest.approx(est["gpuHours"] * 2.5, rel=1e-3) and est["currency"] == "EUR"
+    assert "63 steps" in est["display"] and "EUR" in est["display"]
+
+
+def test_no_price_means_no_cost_and_unknown_gpus_no_time():
+    layout = {"gpuType": H100, "totalGpus": 1, "pods": 1, "procsPerNode": 1}
+    est = estimate_status(PREFLIGHT, layout, PLAN, parse_spec(SPEC), Pricing())
+    assert est["gpuHours"] > 0 and "cost" not in est and "no price" in est["basis"]
+    odd = estimate_status(PREFLIGHT, {**layout, "gpuType": "Acme-X1"}, PLAN, parse_spec(SPEC), Pricing())
+    assert "gpuHours" not in odd and odd["steps"] == 125 and "Acme-X1" in odd["basis"]
+    cpu = estimate_status(PREFLIGHT, {"gpuType": "", "totalGpus": 0, "pods": 1, "procsPerNode": 1}, PLAN,
+                          parse_spec(SPEC), Pricing())
+    assert cpu["gpuHours"] == 0.0 and cpu["cost"] == 0.0
+
+
+def test_peak_table_matches_longer_names_first():
+    assert peak_tflops("NVIDIA-H100-PCIe") == 756.0 and peak_tflops(H100) == 989.0
+    assert peak_tflops("NVIDIA-L40S") == 362.0 and peak_tflops("NVIDIA-L4") == 121.0
+    assert peak_tflops("NVIDIA-A100-SXM4-80GB") == 312.0 and peak_tflops("NVIDIA-A10-24GB") == 125.0
+
+
+def test_pricing_from_the_flag_and_the_chart():
+    flag = parse_pricing("NVIDIA-L4=0.8, NVIDIA-H100-80GB-HBM3=2.5", "USD")
+    chart = parse_pricing('{"NVIDIA-L4":0.8,"NVIDIA-H100-80GB-HBM3":2.5}', "USD")
+    assert flag == chart and flag.price("NVIDIA-L4") == 0.8 and flag.price("NVIDIA-T4") is None
+    for bad in ("NVIDIA-L4", "NVIDIA-L4=-1", "NVIDIA-L4=abc"):
+        with pytest.raises(ValueError):
+            parse_pricing(bad)
+
+
+def test_the_pass_that_creates_the_trainer_job_writes_the_estimate_and_running_adds_the_cost():
+    layout = Layout(gpu_type=H100, gpus_per_pod=1, pods=1, strategy="none", node_selector={})
+    outcome = SizingOutcome(True, layout, R.SIZED, "sized", plan_status=PLAN)
+    children = build_children(JobRef("demo", "ns", "uid-1"), SPEC, parse_spec(SPEC), layout, BuildConfig())
+    t0 = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
+    pricing = Pricing(((H100, 2.5),), "USD")
+    d = decide(name="demo", generation=1, labels={}, spec=parse_spec(SPEC), spec_hash=spec_hash(SPEC),
+               status={"preflight": copy.deepcopy(PREFLIGHT)}, observed=Observed(sizing=outcome, children=children),
+               now=t0, pricing=pricing)
+    est = d.status["estimate"]
+    assert est["steps"] == 125 and est["cost"] > 0 and "estimate:" in d.status["message"]
+    # An hour of one running GPU costs the price of one GPU-hour, beside the estimate.
+    st = copy.deepcopy(d.status)
+    st["accounting"] = {"runningSeconds": 3600.0}
+    job = copy.deepcopy(children[-1])
+    job["metadata"]["uid"] = "job-uid"
+    job["status"] = {}
+    later = decide(name="demo", generation=1, labels={}, spec=parse_spec(SPEC), spec_hash=spec_hash(SPEC),
+                   status=st, observed=Observed(job=job), now=t0, pricing=pricing)
+    acc = later.status["accounting"]
+    assert acc["gpuHours"] == 1.0 and acc["cost"] == 2.5 and acc["currency"] == "USD"

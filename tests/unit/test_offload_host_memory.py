@@ -1,0 +1,42 @@
+"""With CPU offload the trainer pod asks for the host RAM the sizer estimated, and a layout whose nodes lack it
+is refused with the numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.api import parse_spec
+from kubetune.builders import BuildConfig, pod_resources
+from kubetune.sizing.fleet import fleet_from_nodes, parse_gpu_shorthand, parse_quantity_bytes
+from kubetune.sizing.layout import size_job_layout
+
+pytestmark = pytest.mark.unit
+
+
+def full_70b(**resources):
+    return parse_spec({"model": {"uri": "hf://meta-llama/Llama-3.1-70B"}, "dataset": {"uri": "s3://d/t.jsonl"},
+                       "method": "full", "training": {"maxSteps": 10}, "output": {"uri": "s3://o/x"},
+                       "distributed": {"strategy": "deepspeed", "zeroStage": 3, "offloadOptimizer": True},
+                       "resources": resources})
+
+
+def nodes(host_memory: str):
+    out = parse_gpu_shorthand("H100-80GB:8x2")
+    for n in out:
+        n["status"]["allocatable"]["memory"] = host_memory
+    return out
+
+
+def test_the_pod_requests_the_estimated_offload_memory():
+    outcome = size_job_layout(full_70b(), nodes("2048Gi"))
+    assert outcome.fits and outcome.layout.offload_optimizer, outcome.message
+    need = outcome.layout.host_offload_bytes
+    assert need > 100 * 1024**3  # fp32 Adam states of 70B parameters, shared by the pods
+    requested = parse_quantity_bytes(pod_resources(full_70b(), outcome.layout, BuildConfig())["requests"]["memory"])
+    assert requested >= need * 1.1 and requested <= need * 1.1 + (BuildConfig().memory_per_gpu_gi * 8 + 1) * 1024**3
+
+
+def test_nodes_without_that_much_host_ram_are_refused_with_the_numbers():
+    outcome = size_job_layout(full_70b(maxGpus=8), nodes("256Gi"))
+    assert not outcome.fits
+    assert "GiB of host RAM" in outcome.message and "allocatable" in outcome.message, outcome.message
