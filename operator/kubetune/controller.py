@@ -42,7 +42,8 @@ from kubetune.preflight import build_preflight_job, preflight_enabled, preflight
 from kubetune.progress import ProgressPoller
 from kubetune.resize import avoided_types, moves, resize_due
 from kubetune.reconcile import (CANCEL, CREATE, FOLLOW, Decision, Observed, decide, decide_child_rejected, decide_not_owned, iso, parse_time, phase_of,
-                                status_changed, still_acting)
+                                out_of_memory, parse_summary, status_changed, still_acting)
+from kubetune.oom_layout import memory_outlook, replanned_layout, with_replanned_layout
 from kubetune.sizing.fleet_sizer import FleetSizer
 from kubetune.status import checked_status
 from kubetune.store import ClusterStore
@@ -272,7 +273,7 @@ class Reconciler:
         ref = JobRef(name, ns, uid, labels)
         if branch == CREATE or (branch == FOLLOW and not status.get("layout")):
             # Sizing is needed to create the Job, and to recover a layout that never reached the status.
-            observed.sizing = self.sizer.size(spec, avoided_types(status))
+            observed.sizing = with_replanned_layout(self.sizer.size(spec, avoided_types(status)), status)
             if branch == CREATE:
                 if observed.sizing.fits and observed.sizing.layout is not None:
                     observed.children = build_children(ref, spec_dict, spec, observed.sizing.layout, cfg.build,
@@ -285,7 +286,9 @@ class Reconciler:
                 else:
                     self.metrics.sizing_refusals.inc()
         elif branch == FOLLOW:
-            self._consider_resize(status, spec, observed, now)
+            if replanned_layout(status) is None:  # a memory re-plan's layout stays; it is not re-sized
+                self._consider_resize(status, spec, observed, now)
+            self._consider_memory(status, spec, observed)
         generation = int(meta.get("generation") or 0)
         decision = decide(name=name, generation=generation, labels=labels, spec=spec, spec_hash=want_hash,
                           status=status, observed=observed, now=now, sizing_retry_seconds=cfg.sizing_retry_seconds,
@@ -316,6 +319,19 @@ class Reconciler:
         self.metrics.observe_job(ns, name, decision.status,
                                  (now - created_at).total_seconds() if created_at else None, previous=status)
         return PassResult(decision, decision.retry_after)
+
+    def _consider_memory(self, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed) -> None:
+        """A pod of the current Job ran out of GPU memory and is not re-planned yet: hand the pass the failure as
+        measured and the next layout that needs less memory per GPU (kubetune.oom_layout)."""
+        job_uid = ((observed.job or {}).get("metadata") or {}).get("uid")
+        failed = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Failed"
+                  and any(o.get("uid") == job_uid for o in (p.get("metadata") or {}).get("ownerReferences") or [])]
+        failed.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+        pod = out_of_memory(failed)
+        name = ((pod or {}).get("metadata") or {}).get("name")
+        if pod is None or any(r.get("pod") == name for r in status.get("memoryReplans") or []):
+            return
+        observed.memory = memory_outlook(spec, status, parse_summary(pod), self.sizer.fleet())
 
     def _consider_resize(self, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed,
                          now: dt.datetime) -> None:

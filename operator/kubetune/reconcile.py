@@ -24,7 +24,8 @@ from kubetune.advice import advise
 from kubetune.estimate import Pricing, estimate_status
 from kubetune.preflight import preflight_status, validated_for
 from kubetune.sizing.layout import SizingOutcome
-from kubetune.oom import exhausted_message, next_memory_plan
+from kubetune.oom import current_training, exhausted_message, next_memory_plan
+from kubetune.oom_layout import MemoryOutlook
 from kubetune.status import checked_status
 
 JOB_FAILURE_REASONS = {
@@ -54,6 +55,7 @@ class Observed:
     preflight_job: dict[str, Any] | None = None  # the preflight Job, when there is one
     preflight_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     preflight_children: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plan ConfigMap + Job
+    memory: MemoryOutlook | None = None  # a trainer pod ran out of GPU memory: the failure and the next layout
 
 
 @dataclasses.dataclass
@@ -541,9 +543,10 @@ def _decide_resize(p: _Pass, observed: Observed) -> Decision:
     return p.finish()
 
 
-def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any]) -> Decision:
-    """The trainer ran out of GPU memory: record the next leaner plan (kubetune.oom) and delete the Job, so the next
-    pass creates it with that plan (resuming from the last checkpoint); fail when no leaner plan is left."""
+def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any], outlook: MemoryOutlook | None) -> Decision:
+    """The trainer ran out of GPU memory: record the next leaner plan (kubetune.oom: micro batch, checkpointing;
+    then kubetune.oom_layout: a layout that needs less memory per GPU) and delete the Job, so the next pass creates
+    it with that plan (resuming from the last checkpoint); fail when no leaner plan is left."""
     st = p.st
     summary = parse_summary(pod) or {}
     if summary:
@@ -552,18 +555,35 @@ def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any]) -> Deci
     replans = list(st.get("memoryReplans") or [])
     name = (pod.get("metadata") or {}).get("name", "")
     if not any(r.get("pod") == name for r in replans):
-        leaner = next_memory_plan(spec, replans)
-        if leaner is None:
-            message = f"{failure_text(pod)}; {exhausted_message(spec, replans)}"
+        blocked = outlook.batch_blocked if outlook is not None else ""
+        leaner = None if blocked else next_memory_plan(spec, replans)
+        entry: dict[str, Any] = {"pod": name, "step": int(summary.get("step") or 0),
+                                 "message": str(summary.get("message") or "")[:1024]}
+        if outlook is not None:
+            entry["failed"] = outlook.failed_record()
+        new_layout = outlook.layout_record() if outlook is not None and leaner is None else None
+        if leaner is None and new_layout is None:
+            if blocked and outlook is not None:
+                message = (f"{failure_text(pod)}; {blocked}, and {outlook.leaner.reason}; use a shorter "
+                           "training.maxSeqLength, method qlora, or fewer spec.resources / spec.distributed pins")
+            else:
+                message = f"{failure_text(pod)}; {exhausted_message(spec, replans)}"
+                if outlook is not None:
+                    message += f" ({outlook.leaner.reason})"
             st["completionTime"] = p.now_s
             p.set_phase("Failed", R.OUT_OF_MEMORY, message, warning=True)
             p.cond(C.FAILED, True, R.OUT_OF_MEMORY, message)
             p.cond(C.RUNNING, False, R.OUT_OF_MEMORY)
             p.cond(C.READY, False, R.OUT_OF_MEMORY, message)
             return p.finish()
-        training, change = leaner
-        replans.append({"pod": name, "step": int(summary.get("step") or 0),
-                        "message": str(summary.get("message") or "")[:1024], "change": change, "training": training})
+        if leaner is not None:
+            entry["training"], entry["change"] = leaner
+        else:
+            assert outlook is not None and new_layout is not None
+            entry["training"] = current_training(spec, replans)
+            entry["change"] = (f"{blocked}, so a smaller micro batch cannot help; " if blocked else "") + outlook.leaner.change
+            entry["layout"] = new_layout
+        replans.append(entry)
         st["memoryReplans"] = replans
     p.out.actions.append(Action("delete_job"))
     last = replans[-1]
@@ -611,7 +631,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     permanent = permanent_failure(failed_pods)
     oom = out_of_memory(failed_pods) if permanent is None and complete is None else None
     if oom is not None:
-        return _decide_replan(p, spec, oom)
+        return _decide_replan(p, spec, oom, observed.memory)
     if complete is not None:
         _close_running(st, now)
         zero = [pod for pod in pods if pod_index(pod) == 0 and _phase_of(pod) == "Succeeded"]
@@ -648,11 +668,13 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
             p.cond(C.EXPORTED, done, ex_reason, ex_message)
             if not done:
                 out.events.append(("Warning", ex_reason, ex_message))
-        if spec.tracking is not None and spec.tracking.mlflow is not None:
+        if spec.tracking is not None and (spec.tracking.mlflow is not None or spec.tracking.wandb is not None):
             tracking = (summary or {}).get("tracking")
             if tracking_status(tracking):
                 st["tracking"] = tracking_status(tracking)
-            tracked, tr_reason, tr_message = tracking_verdict(tracking, str((summary or {}).get("message", "")))
+            tracked, tr_reason, tr_message = tracking_verdict(tracking, str((summary or {}).get("message", "")),
+                                                              mlflow=spec.tracking.mlflow is not None,
+                                                              wandb=spec.tracking.wandb is not None)
             p.cond(C.TRACKED, tracked, tr_reason, tr_message)
             if not tracked:
                 out.events.append(("Warning", tr_reason, tr_message))

@@ -204,14 +204,39 @@ class EstimateStatus(_Status):
     display: str | None = None
 
 
+class ReplanLayoutStatus(_Status):
+    """A layout in a memory re-plan: the one that failed, or the one chosen after it (kubetune.sizing.leaner)."""
+
+    gpu_type: str | None = None
+    gpus_per_pod: int | None = None
+    pods: int | None = None
+    strategy: str | None = None
+    zero_stage: int | None = None
+    offload_optimizer: bool | None = None
+    offload_params: bool | None = None
+    estimated_per_gpu_bytes: int | None = None  # the estimator's need per GPU with this layout
+    gpu_memory_bytes: int | None = None  # memory of one GPU of this type
+
+
+class ReplanFailureStatus(_Status):
+    """What ran out of GPU memory, as planned and as measured."""
+
+    layout: ReplanLayoutStatus | None = None
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool | None = None
+    peak_gpu_memory_bytes: int | None = None  # the trainer's reported peak (absent when it reported none)
+
+
 class MemoryReplanStatus(_Status):
-    """One re-plan after the trainer ran out of GPU memory (kubetune.oom)."""
+    """One re-plan after the trainer ran out of GPU memory (kubetune.oom, kubetune.oom_layout)."""
 
     pod: str | None = None
     step: int | None = None
     message: str | None = None
     change: str | None = None
     training: dict[str, Any] | None = None  # the plan's training settings from then on
+    failed: ReplanFailureStatus | None = None
+    layout: ReplanLayoutStatus | None = None  # the layout from then on, when this re-plan changed it
 
 
 class FineTuneJobStatus(_Status):

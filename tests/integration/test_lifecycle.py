@@ -137,6 +137,61 @@ def test_out_of_memory_recreates_the_job_with_a_leaner_plan(ftj, k8s, namespace)
     assert len(replanned) == 1 and "microBatchSize 8 -> 4" in replanned[0], events
 
 
+def test_out_of_memory_twice_moves_the_job_to_a_layout_that_needs_less_per_gpu(ftj, k8s, namespace):
+    """The first OutOfMemory halves the micro batch; at micro batch 1 with gradient checkpointing the second moves
+    the job to a layout the sizer estimates needs less memory per GPU (ZeRO-3 over more GPUs or CPU offload) on the
+    pinned GPU type: the recreated Job, its plan and status.layout carry it; status and Event say what failed."""
+    manifest = ftj_manifest("oomlayout", training={"maxSteps": 100, "microBatchSize": 2, "gradientAccumulationSteps": 4,
+                                                   "gradientCheckpointing": True})
+    manifest["spec"]["resources"] = {"gpuType": "NVIDIA-L4"}  # the sizer chooses the layout on L4 GPUs
+    ftj.create(namespace, manifest)
+    first = wait_running_pod(ftj, namespace, "oomlayout")
+    st = ftj.status(namespace, "oomlayout")
+    assert (st["layout"]["source"], st["layout"]["totalGpus"], st["layout"]["strategy"]) == ("sizer", 1, "none"), st
+    oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    complete_pod(k8s, namespace, first.metadata.name, exit_code=9,
+                 message=summary_json("oomlayout", status="Failed", reason="OutOfMemory", step=12, message=oom))
+    second = wait_for(lambda: (p := ftj.running_pod(namespace, "oomlayout", 0)) and p.metadata.name != first.metadata.name
+                      and p, 90, "a trainer pod of the Job recreated with micro batch 1")
+    plan = json.loads(ftj.core.read_namespaced_config_map("oomlayout-plan", namespace).data["plan.json"])
+    assert plan["training"]["microBatchSize"] == 1 and plan["distributed"]["strategy"] == "none"
+    peak = 20 * 2**30  # the trainer's measured peak, as its OOM summary reports it
+    summary = json.loads(summary_json("oomlayout", status="Failed", reason="OutOfMemory", step=30, message=oom))
+    complete_pod(k8s, namespace, second.metadata.name, exit_code=9,
+                 message=json.dumps({**summary, "peakGpuMemoryBytes": peak}))
+    third = wait_for(lambda: (p := ftj.running_pod(namespace, "oomlayout", 0)) and p.metadata.name not in
+                     (first.metadata.name, second.metadata.name) and p, 90, "a trainer pod of the re-laid-out Job")
+    st = ftj.status(namespace, "oomlayout")
+    assert len(st["memoryReplans"]) == 2, st.get("memoryReplans")
+    batch, layout = st["memoryReplans"]
+    assert "microBatchSize 2 -> 1" in batch["change"] and "layout" not in batch
+    assert batch["failed"]["layout"]["strategy"] == "none" and batch["failed"]["microBatchSize"] == 2
+    failed = layout["failed"]
+    assert (failed["microBatchSize"], failed["gradientCheckpointing"], failed["peakGpuMemoryBytes"]) == (1, True, peak)
+    assert failed["layout"]["gpusPerPod"] == 1 and failed["layout"]["estimatedPerGpuBytes"] > 0
+    new = layout["layout"]
+    assert new["gpuType"] == "NVIDIA-L4" and new["strategy"] == "deepspeed"
+    assert new["zeroStage"] == 3 or new["offloadOptimizer"]
+    assert new["estimatedPerGpuBytes"] * failed["layout"]["gpuMemoryBytes"] \
+        < failed["layout"]["estimatedPerGpuBytes"] * new["gpuMemoryBytes"]  # a smaller share of its GPU
+    # status.layout, the plan's distributed block and the Job's pods follow the new layout
+    assert st["layout"]["source"] == "replan" and st["layout"]["zeroStage"] == new["zeroStage"]
+    assert (st["layout"]["gpusPerPod"], st["layout"]["pods"]) == (new["gpusPerPod"], new["pods"])
+    plan = json.loads(ftj.core.read_namespaced_config_map("oomlayout-plan", namespace).data["plan.json"])
+    assert plan["training"]["microBatchSize"] == 1
+    assert (plan["distributed"]["strategy"], plan["distributed"]["zeroStage"], plan["distributed"]["offloadOptimizer"],
+            plan["distributed"]["numNodes"]) == ("deepspeed", new["zeroStage"], new["offloadOptimizer"], new["pods"])
+    job = ftj.batch.read_namespaced_job("oomlayout-trainer", namespace)
+    assert job.spec.parallelism == new["pods"]
+    limits = job.spec.template.spec.containers[0].resources.limits
+    assert limits["nvidia.com/gpu"] == str(new["gpusPerPod"]) and third.spec.node_selector == {
+        "nvidia.com/gpu.product": "NVIDIA-L4"}
+    replanned = [m for r, m in ftj.events(namespace, "oomlayout") if r == "ReplannedAfterOutOfMemory"]
+    assert any(layout["change"] in m for m in replanned), replanned
+    assert "GiB estimated per GPU with 1 x NVIDIA-L4, single GPU ran out of memory" in layout["change"]
+    assert "the trainer measured a peak of 20.0 GiB" in layout["change"]
+
+
 def test_preempted_pod_is_replaced_without_counting_a_failure(ftj, k8s, namespace):
     """backoffLimit 0: one counted failure would fail the Job; the Preempted exit code is ignored by the policy."""
     ftj.create(namespace, ftj_manifest("preempt", backoffLimit=0))

@@ -85,7 +85,7 @@ def test_out_of_memory_exits_for_a_replan_and_the_leaner_plan_resumes(tmp_path):
     summary = read_summary(first)
     assert proc.returncode == 9, proc.stderr[-3000:]
     assert summary["reason"] == "OutOfMemory" and "CUDA out of memory at step 5" in summary["message"]
-    assert summary["message"].endswith("(microBatchSize 8)")
+    assert summary["message"].endswith("(microBatchSize 8)") and "peakGpuMemoryBytes" not in summary  # no GPU
     assert summary["step"] == 4 and summary["checkpoint"]["step"] == 4
 
     spec = parse_spec({"model": {"uri": "hf://x/y"}, "dataset": {"uri": "s3://d/x"}, "method": "lora",
@@ -110,3 +110,16 @@ def test_oom_detail_names_the_measured_memory():
     assert oom_detail(75 * 2 ** 30, 80 * 2 ** 30, 8) == \
         " (peak 75.0 GiB allocated of 80.0 GiB on the GPU, microBatchSize 8)"
     assert oom_detail(0, 0, 4) == " (microBatchSize 4)"
+
+
+@pytest.mark.unit
+def test_the_oom_summary_carries_the_measured_peak_only_when_a_gpu_reported_one():
+    from kubetune_trainer.worker import add_oom_detail
+
+    summary = {"message": "CUDA out of memory"}
+    add_oom_detail(summary, 75 * 2 ** 30, 80 * 2 ** 30, 8)
+    assert summary == {"message": "CUDA out of memory (peak 75.0 GiB allocated of 80.0 GiB on the GPU, "
+                                  "microBatchSize 8)", "peakGpuMemoryBytes": 75 * 2 ** 30}
+    on_cpu = {"message": "CUDA out of memory"}
+    add_oom_detail(on_cpu, 0, 0, 4)
+    assert on_cpu == {"message": "CUDA out of memory (microBatchSize 4)"}

@@ -39,6 +39,14 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def add_oom_detail(summary: dict, peak_bytes: int, total_bytes: int, micro_batch: int) -> None:
+    """The measured side of an out-of-memory failure in the summary: in its message, and the peak as a field when a
+    GPU reported one (the operator scales its estimates by it when it re-plans the layout)."""
+    summary["message"] += oom_detail(peak_bytes, total_bytes, micro_batch)
+    if peak_bytes:
+        summary["peakGpuMemoryBytes"] = peak_bytes
+
+
 def oom_detail(peak_bytes: int, total_bytes: int, micro_batch: int) -> str:
     """The measured side of an out-of-memory failure, appended to the summary message ('' without a GPU)."""
     if total_bytes <= 0:
@@ -129,7 +137,7 @@ def run_worker(plan_path: str | None = None) -> int:
             exc = KubetuneTrainerError(str(exc.code))
         summary = failure_summary(exc, **progress())
         if summary["reason"] == "OutOfMemory" and recipe is not None:
-            summary["message"] += oom_detail(*_gpu_memory(), recipe.plan.training.micro_batch_size)
+            add_oom_detail(summary, *_gpu_memory(), recipe.plan.training.micro_batch_size)
         if isinstance(exc, KubetuneTrainerError):
             log.error("training failed (%s): %s", summary["reason"], exc)
         else:

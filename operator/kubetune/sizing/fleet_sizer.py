@@ -73,6 +73,10 @@ class FleetSizer:
                 self.snapshots += 1
             return self._nodes, self._fleet, self._memo
 
+    def fleet(self) -> Fleet | None:
+        """The GPU pools of the current snapshot (shared: callers must not change it)."""
+        return self._snapshot()[1]
+
     def size(self, spec: FineTuneJobSpec, avoid: frozenset[str] = frozenset()) -> SizingOutcome:
         """The layout for this spec on the current snapshot (a private copy: callers may change it).
 
