@@ -11,7 +11,10 @@ What it runs (all local processes, nothing mocked):
   5. `kubectl apply -f examples/quickstart.yaml`, the preflight line (examples, tokens, steps, estimated GPU-hours
      and cost, from the CPU preflight before training), then one line per status change (phase, step/total,
      loss, tokens/s, read from the FineTuneJob's status), and at the end `kubectl get ftj`, the adapter
-     files and greedy generations before/after the adapter (`python -m kubetune_trainer.generate`).
+     files and, for a job with spec.evaluation (the quickstart's), the base-vs-tuned table from status.evaluation,
+     the report path, held-out examples before/after and one held-out prompt answered from the exported GGUF by
+     llama.cpp (`python -m kubetune_trainer.export.ask`; through transformers, saying so, without llama_cpp).
+     Without spec.evaluation: greedy generations before/after the adapter (`python -m kubetune_trainer.generate`).
 
 Everything is stopped and removed on exit, on Ctrl-C and on SIGTERM. With `--keep` the cluster
 stays up after the run (until Ctrl-C) and the KUBECONFIG to use is printed.
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kubetune import API_GROUP, API_VERSION, PLURAL
+from kubetune_dev.demo_ending import after_training_note
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO_ROOT / "examples" / "quickstart.yaml"
@@ -216,7 +220,7 @@ class Demo:
         objects = client.CustomObjectsApi(self.api)
         deadline = time.monotonic() + self.args.timeout
         last_key = None
-        preflight_shown = False
+        preflight_shown = after_shown = False
         while True:
             obj = objects.get_namespaced_custom_object(API_GROUP, API_VERSION, self.args.namespace, PLURAL, name)
             line = None if preflight_shown else format_preflight(obj.get("status") or {})
@@ -227,6 +231,11 @@ class Demo:
             if view.key() != last_key:
                 last_key = view.key()
                 self.out(format_progress(view, time.monotonic() - self.t0))
+                note = None if after_shown else after_training_note(obj.get("spec") or {}, view.phase, view.step,
+                                                                    view.total)
+                if note:
+                    after_shown = True
+                    self.out(f"[{time.monotonic() - self.t0:6.1f}s] {note}")
             if view.phase in TERMINAL:
                 return obj
             if self.operator is not None and not self.operator.alive():
@@ -259,6 +268,8 @@ class Demo:
             self.out("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if not files:
             return 1
+        if status.get("evaluation") is not None:
+            return self.evaluation_ending(status, paths["model"], adapter)
         training = ((obj.get("spec") or {}).get("training") or {})
         eval_split = ((obj.get("spec") or {}).get("dataset") or {}).get("evalSplit", 0.0)
         cmd = [sys.executable, "-m", "kubetune_trainer.generate", "--base", str(paths["model"]),
@@ -274,6 +285,40 @@ class Demo:
             return 1
         self.out(result.stdout.rstrip())
         return 0
+
+    def evaluation_ending(self, status: dict[str, Any], model: Path, adapter: Path) -> int:
+        """spec.evaluation ran: the base-vs-tuned table, the report, held-out examples, and one held-out prompt
+        answered from the exported GGUF (llama.cpp; transformers, saying so, where llama_cpp is not installed).
+        0 when the gates passed and the tuned model beats the base on every metric."""
+        from kubetune_dev import demo_ending
+
+        evaluation, artifacts = status["evaluation"], status.get("artifacts") or {}
+        pvc_root = self.data_root / "pvc"
+        doc_path = pvc_local_path(artifacts["evaluation"], pvc_root) if artifacts.get("evaluation") else None
+        doc = json.loads(doc_path.read_text()) if doc_path is not None and doc_path.is_file() else {}
+        self.out("\n" + demo_ending.format_evaluation(evaluation, len(doc.get("examples") or []) or None))
+        if artifacts.get("report"):
+            self.out(f"report: {artifacts['report']}\n  = {pvc_local_path(artifacts['report'], pvc_root)}")
+        shown = max(self.args.prompts, 0)
+        if doc.get("examples"):
+            self.out(f"\nheld-out examples (greedy, from {doc_path.name}):\n" + demo_ending.format_examples(doc, shown))
+        ok = bool(evaluation.get("passed")) and all(demo_ending.improved(r) for r in evaluation.get("metrics") or [])
+        if not artifacts.get("gguf") or not doc.get("examples"):
+            self.out(f"\nno GGUF to ask (status.artifacts: {sorted(artifacts)})")
+            return 0 if ok else 1
+        gguf = pvc_local_path(artifacts["gguf"], pvc_root)
+        example = doc["examples"][min(shown, len(doc["examples"]) - 1)]
+        cmd = demo_ending.ask_command(sys.executable, str(gguf), str(adapter), example["prompt"], str(model),
+                                      str(adapter))
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            self.out(f"asking the GGUF failed ({result.returncode}):\n{result.stderr[-3000:]}")
+            return 1
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+        self.out("\n" + demo_ending.format_answer(answer, gguf.name, example["reference"]))
+        if artifacts.get("modelfile"):
+            self.out(f"Ollama Modelfile next to it: {pvc_local_path(artifacts['modelfile'], pvc_root)}")
+        return 0 if ok else 1
 
     def keep_running(self) -> None:
         """--keep: leave everything up until Ctrl-C."""
@@ -356,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=None,
                    help="keep the cluster, PVC data and logs here (default: a temp dir removed on exit)")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the FineTuneJob to finish")
-    p.add_argument("--prompts", type=int, default=3, help="how many prompts to generate from before/after")
+    p.add_argument("--prompts", type=int, default=3, help="how many held-out prompts to show before/after")
     p.add_argument("--node-cpu", default="4", help="allocatable CPU of the process node")
     p.add_argument("--resync-seconds", type=float, default=1.0,
                    help="operator resync period (how often progress is read from the trainer)")

@@ -6,8 +6,7 @@ with the model's own chat template, which is what a llama.cpp or Ollama server l
 
 llama-cpp-python has no wheel on PyPI (it builds from source). Where it is not importable and `--base` is given,
 the answer comes from transformers instead (the base model plus `--adapter`, the weights the GGUF was made from),
-and the output says so; without `--base` the command fails with that reason. Never imports torch on the llama.cpp
-path except through the tokenizer.
+and the output says so; without `--base` the command fails with that reason.
 """
 
 from __future__ import annotations
@@ -56,12 +55,13 @@ def ask_gguf(gguf: str, tokenizer, prompt: str, max_new_tokens: int = 32, thread
         stop.add(int(tokenizer.eos_token_id))
     out: list[int] = []
     for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-        if int(token) in stop or llm.token_is_eog(int(token)) if hasattr(llm, "token_is_eog") else int(token) in stop:
+        if int(token) in stop:
             break
         out.append(int(token))
         if len(out) >= max_new_tokens:
             break
-    llm.close() if hasattr(llm, "close") else None
+    if hasattr(llm, "close"):
+        llm.close()
     return tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
