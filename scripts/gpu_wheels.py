@@ -70,7 +70,10 @@ CARRY_PINNED = ("bitsandbytes", "datasets", "peft", "liger-kernel", "pydantic", 
 NOT_CARRIED = {"minio": "S3 storage client, imported only for s3:// URIs; the GPU checks use local files",
                "rouge-score": "post-training evaluation metric (kubetune_trainer.evaluation), CPU-only; the GPU "
                               "checks do not evaluate",
-               "gguf": "GGUF export writer (kubetune_trainer.export), CPU-only; the GPU checks do not export"}
+               "gguf": "GGUF export writer (kubetune_trainer.export), CPU-only; the GPU checks do not export",
+               "wandb": "Weights & Biases client (kubetune_trainer.tracking_wandb), imported only for "
+                        "spec.tracking.wandb; the GPU checks do not track, and its 20 MB wheel would not fit "
+                        "beside bitsandbytes"}
 SOURCE_ONLY = {"deepspeed"}  # no wheel on the index: carried as its source archive, built there
 EXTRA_PINS = ("deepspeed==0.19.8",)
 # transformers is in the image (5.17 when last read) and too large (13 MB) to carry beside

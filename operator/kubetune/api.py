@@ -257,10 +257,29 @@ class MlflowSpec(_Model):
     credentials_secret_ref: SecretRef | None = None  # keys MLFLOW_TRACKING_TOKEN or _USERNAME / _PASSWORD
 
 
+class WandbKeyRef(_Model):
+    """A key of a Secret in the job's namespace."""
+
+    name: str
+    key: str = "apiKey"
+
+
+class WandbSpec(_Model):
+    """A Weights & Biases project: one run per job attempt, logged from rank 0 (offline: run files under the
+    output, for a later `wandb sync`)."""
+
+    project: str
+    entity: str = ""
+    run_name: str = ""
+    mode: Literal["online", "offline"] = "online"
+    api_key_secret_ref: WandbKeyRef | None = None  # reaches the pod as WANDB_API_KEY, never the plan
+
+
 class TrackingSpec(_Model):
     """spec.tracking (absent = none): where the run's parameters, plan and metrics are logged."""
 
     mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
     required: bool = False
 
 

@@ -175,11 +175,16 @@ def build_plan(ref: JobRef, spec: FineTuneJobSpec, layout: Layout,
     }
     if spec.evaluation is not None:  # only when asked for: older trainer images reject the key
         plan["evaluation"] = spec.evaluation.dump()
-    if spec.tracking is not None and spec.tracking.mlflow is not None:  # same rule; credentials stay in the Secret
-        mlflow = spec.tracking.mlflow
-        plan["tracking"] = {"mlflow": {"trackingUri": mlflow.tracking_uri, "experiment": mlflow.experiment,
-                                       "runName": mlflow.run_name or ref.name},
-                            "required": spec.tracking.required}
+    if spec.tracking is not None and (spec.tracking.mlflow or spec.tracking.wandb):  # same rule; keys stay in Secrets
+        mlflow, wandb = spec.tracking.mlflow, spec.tracking.wandb
+        tracking: dict[str, Any] = {}
+        if mlflow is not None:
+            tracking["mlflow"] = {"trackingUri": mlflow.tracking_uri, "experiment": mlflow.experiment,
+                                  "runName": mlflow.run_name or ref.name}
+        if wandb is not None:
+            tracking["wandb"] = {"project": wandb.project, "entity": wandb.entity,
+                                 "runName": wandb.run_name or ref.name, "mode": wandb.mode}
+        plan["tracking"] = {**tracking, "required": spec.tracking.required}
     if spec.output.export is not None:  # the same rule
         plan["output"]["export"] = spec.output.export.dump()
     return plan
@@ -274,6 +279,10 @@ def _env(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig) -
         for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {
                 "name": mlflow.credentials_secret_ref.name, "key": key, "optional": True}}})
+    wandb = spec.tracking.wandb if spec.tracking is not None else None
+    if wandb is not None and wandb.api_key_secret_ref is not None:
+        env.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": wandb.api_key_secret_ref.name, "key": wandb.api_key_secret_ref.key}}})
     return env
 
 

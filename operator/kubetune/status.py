@@ -109,11 +109,20 @@ class EvaluationStatus(_Status):
     metrics: list[EvalMetricStatus] | None = None
 
 
+class WandbTrackingStatus(_Status):
+    """The Weights & Biases run (status.tracking.wandb)."""
+
+    run_id: str | None = None
+    url: str | None = None
+    run_dir: str | None = None
+
+
 class TrackingStatus(_Status):
     """The experiment-tracking run (status.tracking, spec.tracking)."""
 
     run_id: str | None = None
     url: str | None = None
+    wandb: WandbTrackingStatus | None = None
 
 
 class CheckpointStatus(_Status):

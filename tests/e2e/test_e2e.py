@@ -346,3 +346,27 @@ def test_tracking_logs_the_run_to_a_real_mlflow_server(cluster, ftj, ws, tmp_pat
         assert history[-1]["value"] == pytest.approx(st["metrics"]["trainLoss"], rel=1e-4)
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["kubetune.artifact.adapter"] == st["artifacts"]["adapter"]
+
+
+def test_tracking_writes_an_offline_wandb_run_into_the_output(cluster, ftj, ws):
+    """spec.tracking.wandb through the real operator, offline (the W&B service cannot be reached here): the trainer
+    pod writes the run files, they land under output.uri/wandb/, and the run ID and the files' URI reach
+    status.tracking.wandb and the Tracked condition; read back, the run holds every step's loss."""
+    pytest.importorskip("wandb")
+    from tests.support.wandb_files import read_run
+
+    m = ws.manifest("wandb-offline", maxSteps=6, checkpointEverySteps=1000)
+    m["spec"]["tracking"] = {"wandb": {"project": "kubetune-e2e", "mode": "offline"}}
+    ws.apply(cluster, m)
+    st = wait_terminal(ftj, ws.namespace, "wandb-offline")
+    assert st["phase"] == "Succeeded", json.dumps(st)[:3000]
+    w = st["tracking"]["wandb"]
+    assert w["runDir"].startswith(m["spec"]["output"]["uri"] + "/wandb/offline-run-"), w
+    assert w["runDir"].endswith(w["runId"]) and "url" not in w, w
+    cond = next(c for c in st["conditions"] if c["type"] == "Tracked")
+    assert cond["status"] == "True" and cond["reason"] == "TrackingRunLogged" and w["runDir"] in cond["message"]
+    run = read_run(ws.local(w["runDir"]))
+    assert (run.run_id, run.project, run.name) == (w["runId"], "kubetune-e2e", "wandb-offline")
+    assert run.group == f"{ws.namespace}/wandb-offline" and run.exit_code == 0
+    assert sorted(run.series("train_loss")) == list(range(1, 7))
+    assert run.summary["kubetune.artifact.adapter"] == st["artifacts"]["adapter"]

@@ -146,6 +146,14 @@ INVALID = [
      ["spec.tracking.mlflow.trackingUri"]),
     ("tracking-needs-experiment", _with("tracking", {"mlflow": {"trackingUri": "http://mlflow:5000"}}),
      ["spec.tracking.mlflow.experiment", "Required"]),
+    ("wandb-online-needs-key", _with("tracking", {"wandb": {"project": "p"}}),
+     ["spec.tracking.wandb.apiKeySecretRef", "mode online needs apiKeySecretRef"]),
+    ("wandb-mode-enum", _with("tracking", {"wandb": {"project": "p", "mode": "cloud"}}),
+     ["spec.tracking.wandb.mode", "Unsupported value"]),
+    ("wandb-project-path", _with("tracking", {"wandb": {"project": "team/p", "mode": "offline"}}),
+     ["spec.tracking.wandb.project"]),
+    ("wandb-key-needs-secret-name", _with("tracking", {"wandb": {"project": "p", "apiKeySecretRef": {"key": "k"}}}),
+     ["spec.tracking.wandb.apiKeySecretRef.name", "Required"]),
     ("prompt-and-chat-template", _with("dataset.chatTemplate", "chatml",
                                        _with("dataset.promptTemplate", {"prompt": "{q}", "completion": "{a}"})),
      ["spec.dataset.chatTemplate", "exclude each other"]),
@@ -207,6 +215,21 @@ def test_the_longest_name_gives_children_the_apiserver_accepts(cluster, namespac
         assert result.returncode == 0, f"{child['kind']}: {result.stderr}"
     job = children[-1]
     assert len(f"{job['metadata']['name']}-{job['spec']['completions'] - 1}") <= 63  # pod hostnames
+
+
+@pytest.mark.parametrize("wandb,stored", [
+    ({"project": "p", "mode": "offline"}, {"project": "p", "entity": "", "runName": "", "mode": "offline"}),
+    ({"project": "p", "entity": "team", "apiKeySecretRef": {"name": "wandb-key"}},
+     {"project": "p", "entity": "team", "runName": "", "mode": "online",
+      "apiKeySecretRef": {"name": "wandb-key", "key": "apiKey"}})])
+def test_wandb_tracking_gets_defaults(cluster, namespace, wandb, stored):
+    result = _apply(cluster, namespace, _with("tracking", {"wandb": wandb}), "--dry-run=server", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)["spec"]["tracking"]
+    assert got == {"wandb": stored, "required": False}
+    from kubetune.api import parse_spec
+    assert parse_spec(json.loads(result.stdout)["spec"]).tracking.wandb.dump() == {
+        "apiKeySecretRef": None, **stored}
 
 
 def test_valid_spec_gets_defaults(cluster, namespace):

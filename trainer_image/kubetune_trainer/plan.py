@@ -240,11 +240,20 @@ class MlflowPlan(_Model):
     run_name: str = ""
 
 
+class WandbPlan(_Model):
+    project: str = Field(min_length=1)
+    entity: str = ""
+    run_name: str = ""
+    mode: Literal["online", "offline"] = "online"
+
+
 class TrackingPlan(_Model):
     """Experiment tracking from rank 0 (kubetune_trainer.tracking); absent = none. Credentials come from the pod
-    environment (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / _PASSWORD), never from the plan."""
+    environment (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / _PASSWORD; WANDB_API_KEY), never from the
+    plan."""
 
     mlflow: MlflowPlan | None = None
+    wandb: WandbPlan | None = None
     required: bool = False
 
 

@@ -131,7 +131,7 @@ class FineTuneRecipe:
         self.data_report: dict[str, Any] = {}
         self.speed = SpeedReport(attention_requested=plan.training.attention_implementation)
         self.attn_implementation: str | None = None
-        self.tracker = None  # kubetune_trainer.tracking.MlflowTracker on rank 0 when the plan has tracking
+        self.tracker = None  # kubetune_trainer.trackers.Trackers on rank 0 when the plan has tracking
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -775,13 +775,15 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------ tracking
     def _start_tracking(self) -> None:
-        """Open the MLflow run on rank 0: parameters, the resolved plan, job tags (plan `tracking`)."""
-        from kubetune_trainer.tracking import MlflowTracker
+        """Open the MLflow and/or W&B run on rank 0: parameters, the resolved plan, job tags (plan `tracking`)."""
+        from kubetune_trainer.trackers import Trackers
 
         if not self.env.is_main or self.plan.tracking is None:
             return
         flush_every = self.t.log_every_steps or max(1, self.total_steps // 50)
-        self.tracker = MlflowTracker.from_plan(self.plan.tracking, flush_every=flush_every)
+        self.tracker = Trackers.from_plan(self.plan.tracking, flush_every=flush_every,
+                                          staging_dir=str(self.env.work_dir / "tracking"),
+                                          output_uri=self.plan.output.uri)
         if self.tracker is None:
             return
         plan = self.plan.to_json_dict()
@@ -792,8 +794,9 @@ class FineTuneRecipe:
         self._note_tracking_warning()
 
     def _note_tracking_warning(self) -> None:
-        if self.tracker is not None and self.tracker.warning and self.tracker.warning not in self.result.warnings:
-            self.result.warnings.append(self.tracker.warning)
+        for warning in self.tracker.warnings if self.tracker is not None else []:
+            if warning not in self.result.warnings:
+                self.result.warnings.append(warning)
 
     def finish_tracking(self, artifacts: dict[str, str], evaluation: dict[str, Any] | None = None) -> None:
         """Close the run: final metrics, the base-vs-tuned evaluation (when run), the output URIs as tags."""

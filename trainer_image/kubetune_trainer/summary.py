@@ -61,8 +61,12 @@ def build_summary(*, status: str, reason: str, message: str = "", step: int = 0,
         summary["evaluation"] = evaluation
     if export is not None:
         summary["export"] = export
-    if tracking and tracking.get("runId"):
-        summary["tracking"] = {"runId": str(tracking["runId"])[:64], "url": str(tracking.get("url", ""))[:512]}
+    wandb = (tracking or {}).get("wandb") or {}
+    if tracking and (tracking.get("runId") or wandb.get("runId")):
+        summary["tracking"] = {"runId": str(tracking.get("runId", ""))[:64], "url": str(tracking.get("url", ""))[:512]}
+        if wandb.get("runId"):
+            summary["tracking"]["wandb"] = {"runId": str(wandb["runId"])[:64], "url": str(wandb.get("url", ""))[:512],
+                                            "runDir": str(wandb.get("runDir", ""))[:512]}
     return summary
 
 

@@ -10,6 +10,7 @@ warning once, keeps the message in `warning` (final/metrics.json) and stops send
 failure raises TrackingError, a retried failure (the pod restarts and resumes from its checkpoint).
 Credentials come from the environment, as MLflow's own client reads them: MLFLOW_TRACKING_TOKEN (bearer) or
 MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (basic).
+kubetune_trainer.trackers drives every tracker the plan names (this one and kubetune_trainer.tracking_wandb's) as one.
 """
 
 from __future__ import annotations

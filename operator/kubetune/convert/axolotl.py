@@ -23,9 +23,12 @@ CHAT_TEMPLATES = {"chatml": "chatml", "llama3": "llama3", "mistral_v1": "mistral
 ATTENTION = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager"}
 LIGER_FLAGS = ("liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_layer_norm",
                "liger_fused_linear_cross_entropy", "liger_cross_entropy")
-WANDB = ("wandb_project", "wandb_entity", "wandb_name", "wandb_run_id", "wandb_watch", "wandb_log_model",
-         "wandb_mode", "use_wandb", "use_mlflow",
+WANDB_RUN = ("wandb_project", "wandb_entity", "wandb_name", "wandb_mode")  # -> spec.tracking.wandb
+WANDB = ("wandb_run_id", "wandb_watch", "wandb_log_model", "use_wandb", "use_mlflow",
          "comet_api_key", "comet_project_name")
+WANDB_OFFLINE = ("the config holds no API key, so the job logs to W&B offline: run files under output.uri/wandb/ "
+                 "for `wandb sync`; for live logging set spec.tracking.wandb.mode: online and apiKeySecretRef "
+                 "(a Secret with the key)")
 NOT_NEEDED = "not needed: the model and tokenizer classes are found from config.json"
 REASONS: dict[str, str] = {
     "base_model_config": NOT_NEEDED, "model_type": NOT_NEEDED, "tokenizer_type": NOT_NEEDED,
@@ -116,7 +119,7 @@ HANDLED = {"base_model", "revision_of_model", "trust_remote_code", "datasets", "
            "eval_strategy", "evaluation_strategy", "early_stopping_patience", "flash_attention", "sdp_attention",
            "eager_attention", "torch_compile", "deepspeed", "chat_template", "merge_lora", "mlflow_tracking_uri",
            "mlflow_experiment_name", "mlflow_run_name",
-           *LIGER_FLAGS, *WANDB}
+           *LIGER_FLAGS, *WANDB, *WANDB_RUN}
 
 
 def _dataset(draft: Draft, entry: Any, key: str) -> None:
@@ -359,6 +362,29 @@ def _features(draft: Draft, c: dict[str, Any]) -> None:
         if c.get(key) not in (None, False, ""):
             draft.drop(key, c[key], TRACKING)
     _mlflow(draft, c)
+    _wandb(draft, c)
+
+
+def _wandb(draft: Draft, c: dict[str, Any]) -> None:
+    """wandb_project / wandb_entity / wandb_name / wandb_mode -> spec.tracking.wandb (offline: the key is not in the
+    config, and an online run needs it from a Secret)."""
+    given = {key: c[key] for key in WANDB_RUN if c.get(key) not in (None, False, "")}
+    mode = str(given.get("wandb_mode", "online"))
+    if not given.get("wandb_project") or mode == "disabled":
+        why = ("wandb_mode: disabled" if mode == "disabled"
+               else "no wandb_project: spec.tracking.wandb needs the project")
+        for key, value in given.items():
+            draft.drop(key, value, why)
+        return
+    wandb = {"project": str(given["wandb_project"])}
+    if "wandb_entity" in given:
+        wandb["entity"] = str(given["wandb_entity"])
+    if "wandb_name" in given:
+        wandb["runName"] = str(given["wandb_name"])
+    wandb["mode"] = "offline"
+    if mode != "offline":
+        draft.drop("wandb_mode", mode, WANDB_OFFLINE)
+    draft.set("tracking.wandb", wandb)
 
 
 def _mlflow(draft: Draft, c: dict[str, Any]) -> None:
@@ -376,4 +402,4 @@ def _mlflow(draft: Draft, c: dict[str, Any]) -> None:
     mlflow = {"trackingUri": str(uri), "experiment": str(c.get("mlflow_experiment_name") or "Default")}
     if c.get("mlflow_run_name"):
         mlflow["runName"] = str(c["mlflow_run_name"])
-    draft.set("tracking", {"mlflow": mlflow})
+    draft.set("tracking.mlflow", mlflow)

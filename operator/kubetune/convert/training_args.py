@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from .draft import Draft
 
-TRACKING = ("only MLflow tracking is available (spec.tracking.mlflow); metrics are also in the job's status and on "
-            "rank 0's /metrics")
+TRACKING = ("tracking is spec.tracking (an MLflow server or a W&B project); metrics are also in the job's status "
+            "and on rank 0's /metrics")
 
 
 def _int_steps(draft: Draft, key: str, value: Any, path: str, minimum: int = 1) -> None:
