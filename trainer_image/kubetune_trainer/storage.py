@@ -303,7 +303,7 @@ def fetch_dir(uri: str) -> Path:
 def fetch_model(uri: str) -> Path:
     """Local directory holding the model (config.json, weights, tokenizer): the shared cache's copy when the job's
     preflight put it there (kubetune_trainer.cache), else fetched."""
-    from .cache import lookup
+    from .cache_volume import lookup
 
     path = lookup("models", uri) or fetch_dir(uri)
     if not (path / "config.json").is_file():
@@ -324,7 +324,7 @@ def _single_data_file(directory: Path, uri: str) -> Path:
 def fetch_dataset(uri: str) -> Path:
     """Local path of a dataset file (a directory or prefix must hold exactly one data file): the shared cache's
     copy when the job's preflight put it there, else fetched."""
-    from .cache import lookup
+    from .cache_volume import lookup
 
     cached = lookup("datasets", uri)
     if cached is not None:
