@@ -18,8 +18,10 @@ EXPORTED = "Exported"  # only for jobs with spec.output.export, once the trainer
 VALIDATED = "Validated"  # the CPU preflight checked the model and data (absent when the preflight is off)
 ADVICE = "Advice"  # True when the preflight's numbers trip one of the advice rules (kubetune.advice); never blocks
 TRACKED = "Tracked"  # only for jobs with spec.tracking, once the trainer reported it
+LOSS_DIVERGED = "LossDiverged"  # True when the loss diverged and training.divergence.action is warn
 
-CONDITION_TYPES = (READY, SIZED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, CANCELLED, EVALUATION_PASSED, EXPORTED, TRACKED)
+CONDITION_TYPES = (READY, SIZED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, CANCELLED, EVALUATION_PASSED, EXPORTED, TRACKED,
+                   LOSS_DIVERGED)
 
 
 def make_condition(ctype: str, status: bool | str, reason: str, message: str = "",

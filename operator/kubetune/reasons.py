@@ -42,6 +42,7 @@ EXPORT_FAILED = "GGUFExportFailed"
 TRACKING_LOGGED = "TrackingRunLogged"
 TRACKING_UNAVAILABLE = "TrackingUnavailable"
 
+DIVERGED_CONTINUED = "DivergedContinued"  # the loss diverged; training.divergence.action warn let the run finish
 PREEMPTED_RESUMING = "ResumingAfterPreemption"  # the trainer stopped on SIGTERM after a checkpoint
 REPLANNED_OOM = "ReplannedAfterOutOfMemory"  # out of GPU memory: the Job is recreated with a leaner plan
 OUT_OF_MEMORY = "OutOfMemory"  # out of GPU memory and no leaner plan left

@@ -662,6 +662,12 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         elif spec.evaluation is not None:
             p.cond(C.EVALUATION_PASSED, "Unknown", R.EVALUATION_ERROR,
                    "the trainer reported no evaluation (is the trainer image older than spec.evaluation?)")
+        diverged = str((summary or {}).get("divergence") or "")
+        if diverged:  # training.divergence.action warn: the run finished, the user must still hear of it
+            text = f"{diverged}; the run continued (training.divergence.action: warn): check the loss curve " \
+                   "and the evaluation before using the adapter"
+            p.cond(C.LOSS_DIVERGED, True, R.DIVERGED_CONTINUED, text)
+            out.events.append(("Warning", R.DIVERGED_CONTINUED, text))
         export = (summary or {}).get("export")
         if isinstance(export, dict):
             done, ex_reason, ex_message = export_verdict(export)

@@ -96,3 +96,4 @@ def test_warn_only_finishes_and_says_so(assets, tmp_path):
     metrics = json.loads((out / "final" / "metrics.json").read_text())
     assert len(metrics["warnings"]) == 1 and metrics["warnings"][0] == summary["message"]
     assert "continuing (training.divergence.action is warn)" in proc.stderr
+    assert summary["divergence"] == metrics["warnings"][0]  # the operator's LossDiverged condition reads it

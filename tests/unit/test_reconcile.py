@@ -209,6 +209,24 @@ def test_succeeded_copies_summary_artifacts_and_metrics() -> None:
     assert ("Normal", R.COMPLETED) == d.events[0][:2]
 
 
+def test_a_divergence_the_run_continued_past_is_a_condition_and_a_warning() -> None:
+    """training.divergence.action warn: the job succeeds, and LossDiverged + a Warning Event say why to look."""
+    text = "training loss diverged: the loss has stayed above 10 x its best smoothed value (0.4 at step 12)"
+    summary = {"version": 1, "status": "Succeeded", "reason": "Completed", "message": text, "divergence": text,
+               "step": 100, "totalSteps": 100, "artifacts": {}, "checkpoint": {"step": 100, "uri": ""}}
+    job = job_obj(conditions=[{"type": "Complete", "status": "True"}], completion="2026-01-01T12:05:00Z")
+    d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job, pods=[pod("Succeeded", summary=summary)]), now=T0 + dt.timedelta(minutes=5))
+    assert d.status["phase"] == "Succeeded"
+    diverged = cond_of(d.status, C.LOSS_DIVERGED)
+    assert diverged["status"] == "True" and diverged["reason"] == R.DIVERGED_CONTINUED and text in diverged["message"]
+    assert ("Warning", R.DIVERGED_CONTINUED) in [e[:2] for e in d.events]
+    plain = {**summary, "message": "", "divergence": ""}
+    d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job, pods=[pod("Succeeded", summary=plain)]), now=T0 + dt.timedelta(minutes=5))
+    assert C.find_condition(d.status["conditions"], C.LOSS_DIVERGED) is None
+
+
 def test_failed_job_reports_reason_and_pod_message() -> None:
     summary = {"version": 1, "status": "Failed", "reason": "DataError",
                "message": "/mnt/pvc/data/train.jsonl:7: not JSON"}

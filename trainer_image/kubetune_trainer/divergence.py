@@ -15,6 +15,11 @@ from dataclasses import dataclass
 SMOOTHING = 0.9  # EMA weight of the past; about the last 10 steps count
 
 
+# Every divergence message starts with this: the worker finds a warn-mode divergence among the run's warnings
+# by it and reports it in the summary's `divergence` field (docs/contracts.md §5).
+MESSAGE_PREFIX = "training loss diverged:"
+
+
 @dataclass
 class DivergenceDetector:
     """Feed it every optimizer step's loss (the same value on every rank); it says when the run diverged."""
@@ -45,7 +50,7 @@ class DivergenceDetector:
             self.above = 0
         if self.above >= self.patience and not self.reported:
             self.reported = True  # once per run: a warn-only run is not flooded with the same news
-            return (f"training loss diverged: the loss has stayed above {self.factor:g} x its best smoothed value "
+            return (f"{MESSAGE_PREFIX} the loss has stayed above {self.factor:g} x its best smoothed value "
                     f"{self.best:.4g} (step {self.best_step}) for {self.patience} steps, up to {loss:.4g} at step "
                     f"{step} (smoothed {self.smoothed:.4g})")
         return ""

@@ -82,6 +82,7 @@ def run_worker(plan_path: str | None = None) -> int:
     from kubetune_trainer.export import hook as export_hook
     from kubetune_trainer.plan import load_plan
     from kubetune_trainer.recipe import FineTuneRecipe, RunEnv
+    from kubetune_trainer.divergence import MESSAGE_PREFIX as DIVERGENCE_PREFIX
     from kubetune_trainer.summary import build_summary, failure_summary, write_summary
 
     log = logging.getLogger("kubetune_trainer")
@@ -120,12 +121,16 @@ def run_worker(plan_path: str | None = None) -> int:
         recipe.finish_tracking(arts, evaluated.summary if evaluated is not None else None)
         if reporter:
             notes = "; ".join(filter(None, [result.stop_message, *result.warnings]))
-            write_summary(build_summary(status="Succeeded", reason="Completed", message=notes,
-                                        artifacts=arts, runtime_seconds=result.runtime_seconds,
-                                        evaluation=evaluated.summary if evaluated is not None else None,
-                                        export=exported.summary if exported is not None else None,
-                                        tracking=recipe.tracker.report() if recipe.tracker is not None else None, **{
-                                            k: v for k, v in progress().items() if k != "runtime_seconds"}))
+            summary = build_summary(status="Succeeded", reason="Completed", message=notes,
+                                    artifacts=arts, runtime_seconds=result.runtime_seconds,
+                                    evaluation=evaluated.summary if evaluated is not None else None,
+                                    export=exported.summary if exported is not None else None,
+                                    tracking=recipe.tracker.report() if recipe.tracker is not None else None, **{
+                                        k: v for k, v in progress().items() if k != "runtime_seconds"})
+            diverged = next((w for w in result.warnings if w.startswith(DIVERGENCE_PREFIX)), "")
+            if diverged:  # training.divergence.action warn: the run finished, the operator raises a condition
+                summary["divergence"] = diverged
+            write_summary(summary)
             log.info("training succeeded: %s", json.dumps(recipe.final_metrics()["artifacts"]))
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure path reports a reason
