@@ -86,6 +86,7 @@ def test_a_full_gpu_type_gives_way_to_a_free_one(ftj, namespace):
     # Running (KWOK) means the apiserver's watch cache, which the operator's pod list reads, has them too.
     wait_for(lambda: all(p.status.phase == "Running" for p in ftj.core.list_namespaced_pod(ns).items) or None, 30,
              "the other team's pods running")
+    time.sleep(NODE_SNAPSHOT_SECONDS + 1)  # a snapshot taken before they ran (other jobs' passes) has expired
     ftj.create(ns, unpinned("busy"))
     st = wait_layout(ftj, ns, "busy")
     assert st["layout"]["gpuType"] != L4, st["layout"]
