@@ -73,25 +73,12 @@ def convert(config: dict[str, Any], draft: Draft) -> Draft:
     if c.get("train_on_prompt") is not None:
         draft.set("training.completionOnly", not c["train_on_prompt"])
     if c.get("flash_attn") is not None:
-        value = c["flash_attn"]
-        if value in ATTENTION:
-            draft.set("training.attentionImplementation", ATTENTION[value])
-        else:
-            draft.drop("flash_attn", value, "attention is auto, sdpa, eager or flash_attention_2 here")
+        training_args.set_attention(draft, "flash_attn", c["flash_attn"], ATTENTION,
+                                    "auto, sdpa, eager or flash_attention_2")
     if c.get("enable_liger_kernel") is not None:
         draft.set("training.ligerKernels", bool(c["enable_liger_kernel"]))
-    for key, value in c.items():
-        if key in HANDLED or REASONS.get(key) == "" or key in OFF_IS_OURS and not value:
-            continue
-        if training_args.apply(draft, key, value):
-            continue
-        if key in REASONS:
-            draft.drop(key, value, REASONS[key])
-        else:
-            draft.drop(key, value, "unknown key (not a LLaMA-Factory or TrainingArguments setting this converter "
-                                   "knows)")
-    training_args.finish(draft, c)
-    return draft
+    return training_args.apply_rest(draft, c, handled=HANDLED, reasons=REASONS, off_is_ours=OFF_IS_OURS,
+                                    tool="LLaMA-Factory or TrainingArguments")
 
 
 def _dataset(draft: Draft, c: dict[str, Any], stage: str) -> None:

@@ -198,3 +198,29 @@ def finish(draft: Draft, config: dict[str, Any]) -> None:
         draft.set("training.precision", "fp16")
     elif bf16 is False and not fp16 and ("bf16" in config or "fp16" in config):
         draft.set("training.precision", "fp32")
+
+
+def set_attention(draft: Draft, key: str, value: Any, names: dict[str, str], accepted: str) -> None:
+    """spec.training.attentionImplementation from a tool's attention setting (`names`: its spelling -> ours)."""
+    if value in names:
+        draft.set("training.attentionImplementation", names[value])
+    else:
+        draft.drop(key, value, f"attention is {accepted} here")
+
+
+def apply_rest(draft: Draft, config: dict[str, Any], *, handled: set[str] | frozenset[str],
+               reasons: dict[str, str], off_is_ours: set[str] | frozenset[str], tool: str) -> Draft:
+    """Every key a format's own code did not handle: a TrainingArguments setting (apply), skipped (a reason of ''
+    or a feature ours does by default and the config turns off), listed with its reason, or listed as unknown;
+    then the settings that depend on several keys (finish)."""
+    for key, value in config.items():
+        if key in handled or reasons.get(key) == "" or key in off_is_ours and not value:
+            continue
+        if apply(draft, key, value):
+            continue
+        if key in reasons:
+            draft.drop(key, value, reasons[key])
+        else:
+            draft.drop(key, value, f"unknown key (not a {tool} setting this converter knows)")
+    finish(draft, config)
+    return draft

@@ -77,25 +77,12 @@ def convert(config: dict[str, Any], draft: Draft) -> Draft:
         if c.get(key) is not None:
             draft.set("training.completionOnly", bool(c[key]))
     if c.get("attn_implementation") is not None:
-        value = c["attn_implementation"]
-        if value in ATTENTION:
-            draft.set("training.attentionImplementation", ATTENTION[value])
-        else:
-            draft.drop("attn_implementation", value, "attention is sdpa, eager or flash_attention_2 here")
+        training_args.set_attention(draft, "attn_implementation", c["attn_implementation"], ATTENTION,
+                                    "sdpa, eager or flash_attention_2")
     if c.get("activation_offloading") is not None:
         draft.set("training.activationOffloading", bool(c["activation_offloading"]))
-    for key, value in c.items():
-        if key in HANDLED or REASONS.get(key) == "" or key in OFF_IS_OURS and not value:
-            continue
-        if training_args.apply(draft, key, value):
-            continue
-        if key in REASONS:
-            draft.drop(key, value, REASONS[key])
-        else:
-            draft.drop(key, value, "unknown key (not a TRL SFTConfig, ModelConfig, ScriptArguments or "
-                                   "TrainingArguments setting this converter knows)")
-    training_args.finish(draft, c)
-    return draft
+    return training_args.apply_rest(draft, c, handled=HANDLED, reasons=REASONS, off_is_ours=OFF_IS_OURS,
+                                    tool="TRL SFTConfig, ModelConfig, ScriptArguments or TrainingArguments")
 
 
 def _method(draft: Draft, c: dict[str, Any]) -> None:
