@@ -1,7 +1,7 @@
-"""Full transformers weights → one GGUF file (f16) for llama.cpp and Ollama, written with the `gguf` library.
+"""Full transformers weights → one GGUF file (f16 or q8_0) for llama.cpp and Ollama, written with the `gguf` library.
 
 Tensor names come from `gguf`'s own mapping tables (`gguf.get_tensor_name_map`), the architecture keys and the
-tokenizer from its writer (`GGUFWriter`, `SpecialVocab`); nothing is quantized here (f16 is a cast). Supported
+tokenizer from its writer (`GGUFWriter`, `SpecialVocab`); f16 is a cast, q8_0 the library's own quantizer. Supported
 families: llama and mistral (llama.cpp's `llama` architecture, whose q/k projections are stored in llama.cpp's
 rotary layout) and qwen2. Another family raises `UnsupportedArchitecture` before anything is written.
 """
@@ -19,7 +19,10 @@ log = logging.getLogger("kubetune_trainer.export")
 # transformers model_type -> gguf MODEL_ARCH member name
 ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 PERMUTED_QK = frozenset({"LLAMA"})  # llama.cpp's converter reverses HF's rotary permutation for these
-OUTTYPES = ("f16",)
+OUTTYPES = ("f16", "q8_0")
+# q8_0: blocks of 32 weights with one f16 scale, quantized by the gguf library (gguf.quants, the routine llama.cpp's
+# own converter uses for --outtype q8_0). Matrices whose rows are not whole blocks stay f16, 1-D tensors f32.
+Q8_0_BLOCK = 32
 
 
 class UnsupportedArchitecture(ValueError):
@@ -173,7 +176,7 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     writer.add_rope_freq_base(float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
                                     or 10000.0))
     writer.add_vocab_size(int(cfg["vocab_size"]))
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     _add_vocab(writer, model_dir, arch_name, int(cfg["vocab_size"]))
 
     count = 0
@@ -188,9 +191,12 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
             data = permute_qk(data, n_head, n_head)
         elif arch_name in PERMUTED_QK and hf_name.endswith("k_proj.weight"):
             data = permute_qk(data, n_head, n_kv)
-        # 1-D tensors (norms, biases) stay f32, as llama.cpp's converter keeps them; matrices become f16.
-        data = data.astype(np.float32 if data.ndim == 1 else np.float16)
-        writer.add_tensor(target, data)
+        # 1-D tensors (norms, biases) stay f32, as llama.cpp's converter keeps them; matrices become f16 or q8_0.
+        if outtype == "q8_0" and data.ndim == 2 and data.shape[-1] % Q8_0_BLOCK == 0:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(target, gguf.quants.quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(target, data.astype(np.float32 if data.ndim == 1 else np.float16))
         seen.add(target)
         count += 1
     if cfg.get("tie_word_embeddings") and "output.weight" not in seen:
