@@ -12,6 +12,8 @@ each comes from):
 | LoraRankHigh | LoRA rank >= HIGH_RANK (64) with fewer than HIGH_RANK_MIN_EXAMPLES (1,000) training examples |
 | LearningRateUnusual | learning rate outside LR_RANGES for the method (LoRA/QLoRA 1e-5..1e-3, full 1e-6..1e-4) |
 | NearDuplicates | more than NEAR_DUPLICATE_FRACTION (10%) of the examples repeat another's words |
+| ManyEpochs | more than MAX_EPOCHS_SMALL_DATA (3) epochs over fewer than MANY_EPOCHS_MIN_EXAMPLES (1,000) examples |
+| ChatTemplateFamily | dataset.chatTemplate names a family template (TEMPLATE_FAMILIES) the model is not of |
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ HIGH_RANK = 64
 HIGH_RANK_MIN_EXAMPLES = 1000
 LR_RANGES = {"lora": (1e-5, 1e-3), "qlora": (1e-5, 1e-3), "full": (1e-6, 1e-4)}
 NEAR_DUPLICATE_FRACTION = 0.10
+MAX_EPOCHS_SMALL_DATA = 3
+MANY_EPOCHS_MIN_EXAMPLES = 1000
+# Named chat templates made for one model family (config.json model_type); chatml and alpaca are generic.
+TEMPLATE_FAMILIES = {"llama3": ("llama",), "mistral": ("mistral", "mixtral"), "gemma": ("gemma", "gemma2", "gemma3"),
+                     "phi3": ("phi3",)}
 
 FEW_EXAMPLES = "FewExamples"
 SEQ_ABOVE_DATA = "SeqLengthAboveData"
@@ -35,7 +42,10 @@ TRUNCATION = "Truncation"
 LORA_RANK_HIGH = "LoraRankHigh"
 LEARNING_RATE_UNUSUAL = "LearningRateUnusual"
 NEAR_DUPLICATES = "NearDuplicates"
-RULES = (FEW_EXAMPLES, SEQ_ABOVE_DATA, TRUNCATION, LORA_RANK_HIGH, LEARNING_RATE_UNUSUAL, NEAR_DUPLICATES)
+MANY_EPOCHS = "ManyEpochs"
+CHAT_TEMPLATE_FAMILY = "ChatTemplateFamily"
+RULES = (FEW_EXAMPLES, SEQ_ABOVE_DATA, TRUNCATION, LORA_RANK_HIGH, LEARNING_RATE_UNUSUAL, NEAR_DUPLICATES,
+         MANY_EPOCHS, CHAT_TEMPLATE_FAMILY)
 
 
 def advise(spec: FineTuneJobSpec, preflight: dict[str, Any]) -> list[tuple[str, str]]:
@@ -74,4 +84,17 @@ def advise(spec: FineTuneJobSpec, preflight: dict[str, Any]) -> list[tuple[str, 
         out.append((NEAR_DUPLICATES, f"{near} of {examples} examples ({near / examples:.0%}) repeat another "
                                      f"example's words (exact duplicates: {int(preflight.get('duplicates') or 0)}): "
                                      f"they weigh those examples up; deduplicate the dataset"))
+    epochs = spec.training.epochs
+    if epochs > MAX_EPOCHS_SMALL_DATA and train < MANY_EPOCHS_MIN_EXAMPLES:
+        out.append((MANY_EPOCHS, f"{epochs:g} epochs over {train} training examples (more than "
+                                 f"{MAX_EPOCHS_SMALL_DATA} with fewer than {MANY_EPOCHS_MIN_EXAMPLES:,}): small datasets "
+                                 f"overfit after 1-3 passes; train fewer epochs or evaluate with early stopping"))
+    template = spec.dataset.chat_template
+    model_type = str(preflight.get("modelType") or "")
+    families = TEMPLATE_FAMILIES.get(template)
+    if families and model_type and model_type not in families:
+        out.append((CHAT_TEMPLATE_FAMILY, f"dataset.chatTemplate {template} is made for {'/'.join(families)} models "
+                                          f"but the model is {model_type}: its special tokens are not the ones this "
+                                          f"model was trained with; use the tokenizer's own template (leave "
+                                          f"chatTemplate empty) or chatml"))
     return out

@@ -102,3 +102,22 @@ def test_advice_is_a_condition_and_events_and_never_blocks():
     assert advice["status"] == "True" and "150 training examples" in advice["message"] and "1e-2" not in advice["message"]
     warnings = {reason: msg for kind, reason, msg in d.events if kind == "Warning"}
     assert set(warnings) == {A.FEW_EXAMPLES, A.LEARNING_RATE_UNUSUAL} and "0.01" in warnings[A.LEARNING_RATE_UNUSUAL]
+
+
+
+def test_many_epochs_over_little_data_fires_above_three_epochs_under_a_thousand_examples():
+    assert A.MANY_EPOCHS in rules(with_training(epochs=4), trainExamples=999)
+    assert "4 epochs over 999 training examples" in rules(with_training(epochs=4), trainExamples=999)[A.MANY_EPOCHS]
+    assert A.MANY_EPOCHS not in rules(with_training(epochs=3), trainExamples=999)
+    assert A.MANY_EPOCHS not in rules(with_training(epochs=4), trainExamples=1000)
+
+
+def test_a_family_chat_template_on_another_family_fires():
+    spec = copy.deepcopy(SPEC)
+    spec["dataset"]["chatTemplate"] = "gemma"
+    fired = rules(spec, modelType="llama")
+    assert "made for gemma/gemma2/gemma3 models but the model is llama" in fired[A.CHAT_TEMPLATE_FAMILY]
+    assert A.CHAT_TEMPLATE_FAMILY not in rules(spec, modelType="gemma2")
+    spec["dataset"]["chatTemplate"] = "chatml"  # generic: never a mismatch
+    assert A.CHAT_TEMPLATE_FAMILY not in rules(spec, modelType="llama")
+    assert A.CHAT_TEMPLATE_FAMILY not in rules(SPEC, modelType="llama")  # the tokenizer's own template
