@@ -22,8 +22,8 @@ from kubetune_trainer.errors import PreemptedError
 from kubetune_trainer.launch import launch_exit_code
 from kubetune_trainer.preemption import GracefulStop, child_pids
 
-from ._support import (build_model, free_port, losses, make_plan, read_summary, trainer_env, use_trainer_env,
-                       write_dataset, write_plan)
+from ._support import (build_model, free_port, losses, make_plan, read_summary, run_trainer, trainer_env,
+                       use_trainer_env, write_dataset, write_plan)
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -272,3 +272,40 @@ def test_sigterm_before_the_workers_start_still_reaches_them(assets, tmp_path):
     summary = read_summary(tmp_path)
     assert summary["reason"] == "Preempted" and summary["step"] == 0, summary
     assert not (tmp_path / "out" / "final").exists()
+
+
+
+@pytest.mark.trainer
+def test_sigkill_while_a_checkpoint_is_written_leaves_the_previous_one_in_use(assets, tmp_path):
+    """A real SIGKILL of the trainer while it writes step 4's checkpoint (weights on disk, no completion marker; a
+    test-only plan fault): the process dies with -9, step-2 stays the only complete checkpoint, the half-written
+    step-4 directory is never resumed from and is removed, and the rerun ends with the uninterrupted run's losses."""
+    model_dir, data = assets
+
+    def plan_for(out: Path, **faults) -> Path:
+        plan = make_plan(model_dir, data, out, "lora", maxSteps=6, checkpointEverySteps=2, microBatchSize=4,
+                         learningRate=5e-3)
+        if faults:
+            plan["faults"] = faults
+        return write_plan(out.parent / f"{out.name}-plan.json", plan)
+
+    (tmp_path / "ref").mkdir()
+    ref = run_trainer(["launch"], trainer_env(tmp_path / "ref", plan_for(tmp_path / "ref-out")), timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    straight = losses(json.loads((tmp_path / "ref-out" / "final" / "metrics.json").read_text()))
+
+    out = tmp_path / "out"
+    (tmp_path / "run").mkdir()
+    killed = run_trainer(["launch"], trainer_env(tmp_path / "run", plan_for(out, killWhileSavingStep=4)), timeout=600)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    root = out / "checkpoints"
+    complete = [p.name for p in root.iterdir() if (p / checkpoints.STATE_FILE).exists()]
+    torn = checkpoints.torn_checkpoints(root)
+    assert complete == ["step-2"] and torn and all("4" in p.name for p in torn), (complete, torn)
+    assert any(p.suffix != ".json" for p in torn[0].rglob("*") if p.is_file())  # the weights were on disk
+
+    again = run_trainer(["launch"], trainer_env(tmp_path / "run", plan_for(out)), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((out / "final" / "metrics.json").read_text())
+    assert metrics["resumedFromStep"] == 2 and not any(p.exists() for p in torn)
+    assert losses(metrics) == pytest.approx(straight, rel=1e-4, abs=1e-5)

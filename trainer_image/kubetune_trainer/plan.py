@@ -261,6 +261,7 @@ class FaultsPlan(_Model):
     """Test-only fault injection (the operator never writes it; the FineTuneJob CRD has no such field)."""
 
     out_of_memory_at_step: int = Field(default=0, ge=0)  # raise a CUDA out-of-memory error in this step (1-based)
+    kill_while_saving_step: int = Field(default=0, ge=0)  # SIGKILL this process while it writes this step's checkpoint
 
 
 class Plan(_Model):

@@ -625,6 +625,10 @@ class FineTuneRecipe:
             tmp.mkdir(parents=True, exist_ok=True)  # nodes without a shared filesystem
             self.engine.save(tmp)
             torch.save(checkpoints.rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
+            if self.plan.faults is not None and self.plan.faults.kill_while_saving_step == step:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)  # tests only: the node dies with the weights half-published
         except Exception as exc:  # noqa: BLE001 - every rank learns of the failure below
             failure = exc
         self._check_saved(failure, tmp)
