@@ -5,6 +5,7 @@ training; an evaluation that breaks keeps the trained artifacts."""
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -78,6 +79,10 @@ def test_tuned_beats_base_and_a_gate_above_the_reached_improvement_fails(assets,
     assert len((tmp_path / "termination-log").read_bytes()) < 4096
     report = (out / "final" / "report.md").read_text()
     assert "**Gates: FAILED**" in report and "## Loss curve" in report and "## Examples" in report
+    assert "![train and eval loss by step](loss-curve.svg)" in report  # the picture next to the report
+    svg = ET.fromstring((out / "final" / "loss-curve.svg").read_text())
+    train = [e for e in svg.iter("{http://www.w3.org/2000/svg}polyline") if e.get("class") == "train"]
+    assert len(train) == 1 and len(train[0].get("points").split()) == summary["step"]
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -1,5 +1,5 @@
 """final/report.md: the evaluation for people — metric table, gates, regurgitation, general probe, the loss curve
-as a table (no plotting library in the trainer image) and the examples side by side."""
+(final/loss-curve.svg, drawn by curve_svg, and a table of it) and the examples side by side."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def curve_rows(history: list[dict], eval_history: list[dict], max_rows: int = MA
     return [(history[i]["step"], history[i]["loss"], evals.get(history[i]["step"])) for i in picks]
 
 
-def render_report(doc: dict[str, Any], history: list[dict], eval_history: list[dict]) -> str:
+def render_report(doc: dict[str, Any], history: list[dict], eval_history: list[dict], picture: str = "") -> str:
     """The Markdown report of an evaluation document (runner.compare)."""
     lines = ["# Fine-tuning evaluation", ""]
     verdict = "PASSED" if doc.get("passed") else "FAILED"
@@ -69,7 +69,10 @@ def render_report(doc: dict[str, Any], history: list[dict], eval_history: list[d
                   f"| tuned | {_num(t['training'])} | {_num(t['heldOut'])} |", ""]
     rows = curve_rows(history, eval_history)
     if rows:
-        lines += ["## Loss curve", "", "| step | train loss | eval loss |", "| ---: | ---: | ---: |"]
+        lines += ["## Loss curve", ""]
+        if picture:
+            lines += [f"![train and eval loss by step]({picture})", ""]
+        lines += ["| step | train loss | eval loss |", "| ---: | ---: | ---: |"]
         lines += [f"| {step} | {_num(train)} | {_num(ev)} |" for step, train, ev in rows]
         lines.append("")
     examples = doc.get("examples") or []

@@ -28,6 +28,7 @@ from kubetune_trainer.plan import Plan
 log = logging.getLogger("kubetune_trainer.evaluation")
 EVALUATION_FILE = "evaluation.json"
 REPORT_FILE = "report.md"
+CURVE_FILE = "loss-curve.svg"  # the loss curve as a picture, next to report.md
 MAX_SUMMARY_MESSAGE = 1200  # the termination summary must stay under 4 KiB
 
 
@@ -219,9 +220,14 @@ def evaluate_after_training(plan: Plan, eval_set: EvalSet, *, model_dir: Path, o
 
 
 def write_outputs(final_dir: Path, doc: dict[str, Any], history: list[dict], eval_history: list[dict]) -> None:
-    """final/evaluation.json and final/report.md."""
+    """final/evaluation.json, final/report.md and the loss curve it shows (final/loss-curve.svg)."""
+    from kubetune_trainer.evaluation.curve_svg import loss_curve_svg
     from kubetune_trainer.evaluation.report import render_report
 
     final_dir.mkdir(parents=True, exist_ok=True)
     (final_dir / EVALUATION_FILE).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    (final_dir / REPORT_FILE).write_text(render_report(doc, history, eval_history))
+    picture = loss_curve_svg(history, eval_history)
+    if picture:
+        (final_dir / CURVE_FILE).write_text(picture)
+    report = render_report(doc, history, eval_history, picture=CURVE_FILE if picture else "")
+    (final_dir / REPORT_FILE).write_text(report)
