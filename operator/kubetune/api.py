@@ -200,7 +200,7 @@ class DistributedSpec(_Model):
 class ExportSpec(_Model):
     """spec.output.export: a GGUF file of the fine-tuned weights and an Ollama Modelfile next to it."""
 
-    gguf: Literal["f16", "q8_0"] = "f16"
+    gguf: Literal["f16", "q8_0", "q4_k_m"] = "f16"
     modelfile: bool = True
     system: str = ""
     temperature: float = 0.7

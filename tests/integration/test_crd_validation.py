@@ -116,7 +116,7 @@ INVALID = [
     ("evaluation-max-new-tokens-zero", _with("evaluation", {"maxNewTokens": 0}), ["spec.evaluation.maxNewTokens"]),
     ("evaluation-regression-above-one", _with("evaluation", {"maxGeneralRegression": 2}),
      ["spec.evaluation.maxGeneralRegression"]),
-    ("export-gguf-type-unknown", _with("output.export", {"gguf": "q4_k_m"}),
+    ("export-gguf-type-unknown", _with("output.export", {"gguf": "q3_k_s"}),
      ["spec.output.export.gguf", "Unsupported value"]),
     # settings other trainers' configs carry
     ("warmup-steps-and-ratio", _with("training", {"epochs": 1, "warmupSteps": 10, "warmupRatio": 0.1}),

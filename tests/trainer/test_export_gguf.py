@@ -309,3 +309,61 @@ def test_llama_cpp_runs_the_q8_0_file_close_to_transformers(tmp_path, arch, monk
         steps += len(got)
         exact += sum(int(token == int(logits[i].argmax())) for i, token in enumerate(got))
     assert steps == 32 and exact >= 0.75 * steps, f"{exact} of {steps} greedy tokens equal transformers' argmax"
+
+
+def test_q4_k_m_without_llama_cpp_fails_the_export_with_the_reason(tmp_path, monkeypatch):
+    """q4_k_m needs llama.cpp's quantizer: without llama-cpp-python the export (only) fails, saying what to do,
+    and no half-written file or f16 intermediate is left."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama_cpp(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    model_dir = tiny.build_tiny_model(tmp_path / "llama", arch="llama", hidden_size=32, layers=1)
+    with pytest.raises(gguf_file.QuantizerUnavailable, match="llama-cpp-python.*use gguf: f16 or q8_0"):
+        write_gguf(model_dir, tmp_path / "out" / "model-q4_k_m.gguf", outtype="q4_k_m")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_q4_k_m_is_quantized_by_llama_cpp_and_answers_close_to_transformers(tmp_path, monkeypatch):
+    """With llama-cpp-python: the file holds llama.cpp's Q4_K matrices (file type MOSTLY_Q4_K_M), is under 0.45 of
+    the f16 file, and llama.cpp's greedy token is transformers' argmax on >= 60% of the steps (the stated q4_k_m
+    tolerance on a random 256-wide model, whose logits are close together)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (no wheel on PyPI; "
+                                    "build it from source to run this check)")
+    model_dir = tiny.build_tiny_model(tmp_path / "llama", arch="llama", hidden_size=256, layers=2)
+    f16 = write_gguf(model_dir, tmp_path / "m-f16.gguf")
+    q4 = write_gguf(model_dir, tmp_path / "m-q4_k_m.gguf", outtype="q4_k_m")
+    reader = gguf.GGUFReader(str(q4.path))
+    assert _field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q4_K for t in reader.tensors)
+    assert q4.path.stat().st_size < 0.45 * f16.path.stat().st_size
+    assert not list(tmp_path.glob("*.f16-source.gguf"))
+    default_params = llama_cpp.llama_model_default_params
+
+    def without_repack():  # see test_llama_cpp_runs_the_q8_0_file_close_to_transformers
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_repack)
+    llm = llama_cpp.Llama(model_path=str(q4.path), n_ctx=128, n_threads=1, verbose=False)
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    steps = exact = 0
+    for prompt in ["Spell out: 4 2", "Spell out: 9 1 7", "Digits: three five", "What is the capital of France?"]:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                      add_generation_prompt=True, return_dict=True)["input_ids"]
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            got.append(int(token))
+            if len(got) == 8:
+                break
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
+        steps += len(got)
+        exact += sum(int(token == int(logits[i].argmax())) for i, token in enumerate(got))
+    assert steps == 32 and exact >= 0.6 * steps, f"{exact} of {steps} greedy tokens equal transformers' argmax"

@@ -192,7 +192,7 @@ class DistributedPlan(_Model):
 class ExportPlan(_Model):
     """GGUF + Ollama Modelfile after training (kubetune_trainer.export); absent = none."""
 
-    gguf: Literal["f16", "q8_0"] = "f16"
+    gguf: Literal["f16", "q8_0", "q4_k_m"] = "f16"
     modelfile: bool = True
     system: str = ""
     temperature: float = Field(default=0.7, ge=0.0)

@@ -1,7 +1,8 @@
-"""Full transformers weights → one GGUF file (f16 or q8_0) for llama.cpp and Ollama, written with the `gguf` library.
+"""Full transformers weights → one GGUF file (f16, q8_0 or q4_k_m) for llama.cpp and Ollama, written with the `gguf` library.
 
 Tensor names come from `gguf`'s own mapping tables (`gguf.get_tensor_name_map`), the architecture keys and the
-tokenizer from its writer (`GGUFWriter`, `SpecialVocab`); f16 is a cast, q8_0 the library's own quantizer. Supported
+tokenizer from its writer (`GGUFWriter`, `SpecialVocab`); f16 is a cast, q8_0 the library's own quantizer,
+q4_k_m llama.cpp's quantizer on the f16 file. Supported
 families: llama and mistral (llama.cpp's `llama` architecture, whose q/k projections are stored in llama.cpp's
 rotary layout) and qwen2. Another family raises `UnsupportedArchitecture` before anything is written.
 """
@@ -19,10 +20,35 @@ log = logging.getLogger("kubetune_trainer.export")
 # transformers model_type -> gguf MODEL_ARCH member name
 ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 PERMUTED_QK = frozenset({"LLAMA"})  # llama.cpp's converter reverses HF's rotary permutation for these
-OUTTYPES = ("f16", "q8_0")
+OUTTYPES = ("f16", "q8_0", "q4_k_m")
 # q8_0: blocks of 32 weights with one f16 scale, quantized by the gguf library (gguf.quants, the routine llama.cpp's
 # own converter uses for --outtype q8_0). Matrices whose rows are not whole blocks stay f16, 1-D tensors f32.
 Q8_0_BLOCK = 32
+# q4_k_m: llama.cpp's own quantizer (llama_model_quantize, through the llama-cpp-python package) run on the f16
+# file; k-quants have no implementation in the gguf library. Without llama-cpp-python the export says so.
+LLAMA_CPP_FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+class QuantizerUnavailable(RuntimeError):
+    """The requested GGUF type needs llama.cpp's quantizer and the trainer image has no llama-cpp-python."""
+
+
+def quantize_with_llama_cpp(src: Path, dst: Path, outtype: str) -> None:
+    """`src` (an f16 GGUF) quantized to `outtype` at `dst` by llama.cpp's llama_model_quantize."""
+    import ctypes
+    import os
+
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise QuantizerUnavailable(f"GGUF type {outtype} needs llama.cpp's quantizer (the llama-cpp-python package), "
+                                   "which this trainer image does not have; use gguf: f16 or q8_0") from exc
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_FTYPES[outtype])
+    params.nthread = os.cpu_count() or 1
+    code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if code != 0 or not dst.is_file():
+        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {outtype} (llama_model_quantize returned {code})")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -150,6 +176,14 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     model_dir, out_path = Path(model_dir), Path(out_path)
     if outtype not in OUTTYPES:
         raise ValueError(f"GGUF type {outtype!r} is not supported; use one of {OUTTYPES}")
+    if outtype in LLAMA_CPP_FTYPES:
+        f16_path = out_path.with_name(out_path.stem + ".f16-source.gguf")
+        result = write_gguf(model_dir, f16_path, "f16", name)
+        try:
+            quantize_with_llama_cpp(f16_path, out_path, outtype)
+        finally:
+            f16_path.unlink(missing_ok=True)
+        return GgufResult(path=out_path, architecture=result.architecture, tensors=result.tensors, outtype=outtype)
     cfg = json.loads((model_dir / "config.json").read_text())
     arch_name = gguf_architecture(cfg.get("model_type", ""))
     arch = getattr(gguf.MODEL_ARCH, arch_name)
