@@ -235,3 +235,18 @@ def sanitize_lora_targets(value: Any) -> list[str] | None:
     if items in (["all"], ["all-linear"], ["all_linear"]):
         return ["all-linear"]
     return items or None
+
+
+def set_lora(draft: Draft, config: dict[str, Any], *, rank: str, alpha: str, dropout: str, targets: str,
+             targets_reason: str) -> None:
+    """spec.lora from a format's own key names for rank, alpha, dropout and target modules (an unusable target
+    setting is listed with `targets_reason`)."""
+    for key, name, cast in ((rank, "r", int), (alpha, "alpha", float), (dropout, "dropout", float)):
+        if config.get(key) is not None:
+            draft.set(f"lora.{name}", cast(config[key]))
+    if config.get(targets) is not None:
+        modules = sanitize_lora_targets(config[targets])
+        if modules:
+            draft.set("lora.targetModules", modules)
+        else:
+            draft.drop(targets, config[targets], targets_reason)

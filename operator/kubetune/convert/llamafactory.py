@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import training_args
-from .draft import ConvertError, Draft, sanitize_lora_targets
+from .draft import ConvertError, Draft, set_lora
 
 SOURCE = "LLaMA-Factory"
 # LLaMA-Factory template names -> ours
@@ -130,13 +130,5 @@ def _method(draft: Draft, c: dict[str, Any]) -> None:
             draft.drop("quantization_bit", bits, "only 4-bit bitsandbytes quantization (qlora) is available")
         if c.get("quantization_method") not in (None, "bitsandbytes", "bnb"):
             draft.drop("quantization_method", c["quantization_method"], "only bitsandbytes quantization is available")
-    for key, name, cast in (("lora_rank", "r", int), ("lora_alpha", "alpha", float),
-                            ("lora_dropout", "dropout", float)):
-        if c.get(key) is not None:
-            draft.set(f"lora.{name}", cast(c[key]))
-    if c.get("lora_target") is not None:
-        targets = sanitize_lora_targets(c["lora_target"])
-        if targets:
-            draft.set("lora.targetModules", targets)
-        else:
-            draft.drop("lora_target", c["lora_target"], "expected module names or all")
+    set_lora(draft, c, rank="lora_rank", alpha="lora_alpha", dropout="lora_dropout", targets="lora_target",
+             targets_reason="expected module names or all")

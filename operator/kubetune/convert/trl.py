@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import training_args
-from .draft import Draft, sanitize_lora_targets
+from .draft import Draft, set_lora
 
 SOURCE = "TRL"
 ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash_attention_2"}
@@ -103,14 +103,7 @@ def _method(draft: Draft, c: dict[str, Any]) -> None:
         dtype = c.get("bnb_4bit_compute_dtype") or c.get("torch_dtype") or c.get("dtype")
         if dtype in ("bfloat16", "float16", "float32"):
             draft.set("quantization.computeDtype", dtype)
-    for key, name, cast in (("lora_r", "r", int), ("lora_alpha", "alpha", float), ("lora_dropout", "dropout", float)):
-        if c.get(key) is not None:
-            draft.set(f"lora.{name}", cast(c[key]))
-    if c.get("lora_target_modules") is not None:
-        targets = sanitize_lora_targets(c["lora_target_modules"])
-        if targets:
-            draft.set("lora.targetModules", targets)
-        else:
-            draft.drop("lora_target_modules", c["lora_target_modules"], "expected a list of module names")
+    set_lora(draft, c, rank="lora_r", alpha="lora_alpha", dropout="lora_dropout", targets="lora_target_modules",
+             targets_reason="expected a list of module names")
     if c.get("lora_task_type") not in (None, "CAUSAL_LM"):
         draft.drop("lora_task_type", c["lora_task_type"], "adapters are trained for causal language modelling")
