@@ -274,19 +274,13 @@ def test_q8_0_quantizes_every_whole_block_matrix_within_its_scale(tmp_path):
     assert q8.path.stat().st_size < 0.75 * f16.path.stat().st_size
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_llama_cpp_runs_the_q8_0_file_close_to_transformers(tmp_path, arch, monkeypatch):
-    """The q8_0 file loads in llama.cpp, which then answers like the fp32 model: its greedy token is transformers'
-    argmax at >= 75% of the steps (the stated q8_0 tolerance; f16 is held to 90% with a logit margin above)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (no wheel on PyPI; "
-                                    "build it from source to run this check)")
-    model_dir = _tiny_model(tmp_path / "model", arch)
-    path = write_gguf(model_dir, tmp_path / "m.gguf", outtype="q8_0").path
-    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    # llama.cpp's CPU "extra buffer types" repack Q8_0 weights for AVX-512/AMX kernels; on this tiny model's shapes
-    # that path crashes the process (the f16 file, and the q8_0 file without repacking, give the same tokens), so
-    # the model is loaded with use_extra_bufts off, a documented llama_model_params field.
+PROMPTS = ["Spell out: 4 2", "Spell out: 9 1 7", "Digits: three five", "What is the capital of France?"]
+
+
+def _llama_without_repack(llama_cpp, monkeypatch, path):
+    """llama.cpp on a quantized file with use_extra_bufts off (a documented llama_model_params field): its CPU
+    "extra buffer types" repack Q8_0/Q4_K weights for AVX-512/AMX kernels, and on these tiny models' shapes that
+    path crashes the process (the f16 file, and the quantized files without repacking, give the same tokens)."""
     default_params = llama_cpp.llama_model_default_params
 
     def without_repack():
@@ -294,9 +288,16 @@ def test_llama_cpp_runs_the_q8_0_file_close_to_transformers(tmp_path, arch, monk
         params.use_extra_bufts = False
         return params
     monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_repack)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
+
+
+def _greedy_agreement(llm, model_dir) -> tuple[int, int]:
+    """(steps where llama.cpp's greedy token is transformers' fp32 argmax along llama.cpp's own continuation,
+    steps): 8 tokens for each of PROMPTS."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     steps = exact = 0
-    for prompt in ["Spell out: 4 2", "Spell out: 9 1 7", "Digits: three five", "What is the capital of France?"]:
+    for prompt in PROMPTS:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                       add_generation_prompt=True, return_dict=True)["input_ids"]
         got = []
@@ -308,6 +309,18 @@ def test_llama_cpp_runs_the_q8_0_file_close_to_transformers(tmp_path, arch, monk
             logits = model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
         steps += len(got)
         exact += sum(int(token == int(logits[i].argmax())) for i, token in enumerate(got))
+    return exact, steps
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_runs_the_q8_0_file_close_to_transformers(tmp_path, arch, monkeypatch):
+    """The q8_0 file loads in llama.cpp, which then answers like the fp32 model: its greedy token is transformers'
+    argmax at >= 75% of the steps (the stated q8_0 tolerance; f16 is held to 90% with a logit margin above)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (no wheel on PyPI; "
+                                    "build it from source to run this check)")
+    model_dir = _tiny_model(tmp_path / "model", arch)
+    path = write_gguf(model_dir, tmp_path / "m.gguf", outtype="q8_0").path
+    exact, steps = _greedy_agreement(_llama_without_repack(llama_cpp, monkeypatch, path), model_dir)
     assert steps == 32 and exact >= 0.75 * steps, f"{exact} of {steps} greedy tokens equal transformers' argmax"
 
 
@@ -343,27 +356,5 @@ def test_q4_k_m_is_quantized_by_llama_cpp_and_answers_close_to_transformers(tmp_
     assert any(t.tensor_type == gguf.GGMLQuantizationType.Q4_K for t in reader.tensors)
     assert q4.path.stat().st_size < 0.45 * f16.path.stat().st_size
     assert not list(tmp_path.glob("*.f16-source.gguf"))
-    default_params = llama_cpp.llama_model_default_params
-
-    def without_repack():  # see test_llama_cpp_runs_the_q8_0_file_close_to_transformers
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_repack)
-    llm = llama_cpp.Llama(model_path=str(q4.path), n_ctx=128, n_threads=1, verbose=False)
-    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    steps = exact = 0
-    for prompt in ["Spell out: 4 2", "Spell out: 9 1 7", "Digits: three five", "What is the capital of France?"]:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                      add_generation_prompt=True, return_dict=True)["input_ids"]
-        got = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            got.append(int(token))
-            if len(got) == 8:
-                break
-        with torch.no_grad():
-            logits = model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
-        steps += len(got)
-        exact += sum(int(token == int(logits[i].argmax())) for i, token in enumerate(got))
+    exact, steps = _greedy_agreement(_llama_without_repack(llama_cpp, monkeypatch, q4.path), model_dir)
     assert steps == 32 and exact >= 0.6 * steps, f"{exact} of {steps} greedy tokens equal transformers' argmax"
