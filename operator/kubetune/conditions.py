@@ -19,9 +19,10 @@ VALIDATED = "Validated"  # the CPU preflight checked the model and data (absent 
 ADVICE = "Advice"  # True when the preflight's numbers trip one of the advice rules (kubetune.advice); never blocks
 TRACKED = "Tracked"  # only for jobs with spec.tracking, once the trainer reported it
 LOSS_DIVERGED = "LossDiverged"  # True when the loss diverged and training.divergence.action is warn
+ADMITTED = "Admitted"  # only for jobs labelled for a Kueue queue: whether Kueue admitted the trainer Job
 
-CONDITION_TYPES = (READY, SIZED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, CANCELLED, EVALUATION_PASSED, EXPORTED, TRACKED,
-                   LOSS_DIVERGED)
+CONDITION_TYPES = (READY, SIZED, ADMITTED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, CANCELLED, EVALUATION_PASSED, EXPORTED,
+                   TRACKED, LOSS_DIVERGED)
 
 
 def make_condition(ctype: str, status: bool | str, reason: str, message: str = "",

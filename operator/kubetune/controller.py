@@ -34,6 +34,7 @@ from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
 from kubetune.builders import METRICS_PORT, BuildConfig, JobRef, build_children, spec_hash
 from kubetune.child_watch import ChildWatch, child_watches
+from kubetune.kueue_watch import KueueWatch
 from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
 from kubetune.estimate import Pricing
 from kubetune.expectations import Expectations
@@ -79,6 +80,7 @@ class OperatorConfig:
     cache_sync_timeout: float = 60.0  # how long workers wait for the child watches' first LIST
     preflight: bool = True  # run the CPU preflight before the trainer Job (spec.preflight.enabled overrides)
     pricing: Pricing = dataclasses.field(default_factory=Pricing)  # price per GPU-hour per GPU type (status cost)
+    kueue_check_seconds: float = 30.0  # how often to look for Kueue's Workload API until the cluster serves it
 
 
 @dataclasses.dataclass
@@ -110,6 +112,7 @@ class Reconciler:
         metrics.queue_depth.set_function(self.queue.depth)
         metrics.queue_delayed.set_function(lambda: len(self.queue.delayed()))
         self._watches: list[ChildWatch] = []
+        self.kueue: KueueWatch | None = None
         self._workers: list[threading.Thread] = []
         self._resync_stop = threading.Event()
         self._terminating_logged: set[str] = set()
@@ -179,7 +182,7 @@ class Reconciler:
         def start() -> None:
             if wait_for_watches:
                 deadline = time.monotonic() + self.config.cache_sync_timeout
-                for watch in self._watches:
+                for watch in self._watches + (self.kueue.watches if self.kueue is not None else []):
                     if not watch.listed.wait(max(deadline - time.monotonic(), 0)):
                         log.warning("%s has not listed after %.0fs; starting the workers anyway (an existing "
                                     "child is then found through AlreadyExists)", watch.name,
@@ -222,11 +225,23 @@ class Reconciler:
         for watch in watches:
             watch.start()
         self._watches = watches
+        self.kueue = KueueWatch(api, self.config.namespaces, self.store.observe_workload, self.enqueue,
+                                self._queue_kueue_jobs, check_seconds=self.config.kueue_check_seconds,
+                                on_failure=lambda kind: self.metrics.watch_failures.labels(watch=kind).inc()).start()
+
+    def _queue_kueue_jobs(self) -> None:
+        """Queue a pass for every FineTuneJob labelled for a Kueue queue (Kueue appeared, or is known absent)."""
+        for obj in self.store.ftjs():
+            meta = obj.get("metadata") or {}
+            if (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL):
+                self.enqueue((meta.get("namespace") or "", meta.get("name") or ""))
 
     def stop_child_watches(self, timeout: float = 5.0) -> None:
         """Stop the watch threads (each open watch request is shut down)."""
         for watch in self._watches:
             watch.stop(timeout=timeout)
+        if self.kueue is not None:
+            self.kueue.stop(timeout=timeout)
 
     # --- the pass itself -----------------------------------------------------------------------------
 
@@ -261,6 +276,10 @@ class Reconciler:
         cfg = self.config
         want_hash = spec_hash(spec_dict)
         observed = Observed(job=job, pods=pods if job is not None else [], children_exist=job is not None)
+        if (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL):
+            observed.kueue_installed = self.kueue.installed if self.kueue is not None else None
+            if job is not None:
+                observed.workload = self.store.workload(str(job["metadata"].get("uid") or ""))
         branch = phase_of(status, spec, job, want_hash)
         observed.preflight = preflight_enabled(spec, cfg.preflight)
         if observed.preflight and branch in (CREATE, CANCEL):

@@ -13,6 +13,12 @@ WAITING_FOR_PODS = "WaitingForPods"
 PODS_RUNNING = "PodsRunning"
 COMPLETING = "PodsCompleted"
 QUEUED = "QueuedByKueue"
+# Kueue (the Admitted condition; kubetune.kueue_admission)
+KUEUE_ADMITTED = "AdmittedByKueue"
+KUEUE_PREEMPTED = "PreemptedByKueue"  # a higher-priority Workload took the quota: the Job is suspended again
+KUEUE_EVICTED = "EvictedByKueue"  # Kueue evicted the Workload for another reason (stopped queue, timeout)
+KUEUE_INACTIVE = "KueueWorkloadInactive"
+KUEUE_NOT_INSTALLED = "KueueNotInstalled"  # a queue label, but the cluster has no Kueue
 SUSPENDED = "SuspendedBySpec"
 RESUMED = "Resumed"
 RECREATING = "RecreatingForSpecChange"

@@ -21,6 +21,7 @@ from kubetune.tracking_status import tracking_status, tracking_verdict
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec
 from kubetune.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEUE_LABEL, SPEC_HASH_ANNOTATION
 from kubetune.advice import advise
+from kubetune.kueue_admission import admission, not_installed_message
 from kubetune.estimate import Pricing, estimate_status
 from kubetune.preflight import preflight_status, validated_for
 from kubetune.sizing.layout import SizingOutcome
@@ -56,6 +57,9 @@ class Observed:
     preflight_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     preflight_children: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plan ConfigMap + Job
     memory: MemoryOutlook | None = None  # a trainer pod ran out of GPU memory: the failure and the next layout
+    trace: MemoryOutlook | None = None  # the preflight's traced step does not fit the sized layout: the next layout
+    workload: dict[str, Any] | None = None  # Kueue's Workload for the trainer Job, when Kueue made one
+    kueue_installed: bool | None = None  # whether the cluster serves Kueue's Workload API (None: not known yet)
 
 
 @dataclasses.dataclass
@@ -425,8 +429,7 @@ def _decide_create(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict
         p.set_phase("Suspended", R.SUSPENDED, "spec.suspend is true")
         p.cond(C.SUSPENDED, True, R.SUSPENDED)
     elif labels.get(KUEUE_QUEUE_LABEL):
-        p.set_phase("Queued", R.QUEUED,
-                    f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
+        _kueue_queued(p, labels[KUEUE_QUEUE_LABEL], observed)
     else:
         estimate = f"; estimate: {st['estimate']['display']}" if st.get("estimate") else ""
         p.set_phase("Pending", reason, f"created the trainer Job ({sizing.message}){estimate}")
@@ -731,10 +734,13 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     p.cond(C.SUSPENDED, False, R.RESUMED)
     if job_suspended and kueue:
         _close_running(st, now)
-        p.set_phase("Queued", R.QUEUED, f"waiting for Kueue queue {labels[KUEUE_QUEUE_LABEL]!r} to admit the Job")
-        p.cond(C.RUNNING, False, R.QUEUED)
-        p.cond(C.READY, False, R.QUEUED, st["message"])
+        _kueue_queued(p, labels[KUEUE_QUEUE_LABEL], observed)
+        p.cond(C.RUNNING, False, st["reason"])
+        p.cond(C.READY, False, st["reason"], st["message"])
         return p.finish()
+    if kueue and observed.workload is not None:
+        verdict = admission(observed.workload, labels[KUEUE_QUEUE_LABEL])
+        p.cond(C.ADMITTED, verdict.admitted, verdict.reason, verdict.message)
 
     running = [pod for pod in pods
                if _phase_of(pod) == "Running" and not (pod.get("metadata") or {}).get("deletionTimestamp")]
@@ -783,6 +789,24 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     p.cond(C.RUNNING, False, reason, message)
     p.cond(C.READY, False, reason, message)
     return p.finish()
+
+
+def _kueue_queued(p: _Pass, queue: str, observed: Observed) -> None:
+    """Phase Queued for a Job that waits for Kueue: Kueue's own reason and words (from the Workload), an
+    Admitted condition, and an Event whenever they change; a clear warning when the cluster has no Kueue."""
+    if observed.kueue_installed is False:
+        reason, message, admitted, warning = R.KUEUE_NOT_INSTALLED, not_installed_message(queue), False, True
+    else:
+        verdict = admission(observed.workload, queue)
+        reason, message, admitted = verdict.reason, verdict.message, verdict.admitted
+        warning = verdict.evicted or reason == R.KUEUE_INACTIVE
+    if admitted:  # admitted, and Kueue has not unsuspended the Job yet
+        message += "; waiting for Kueue to start the Job"
+    p.set_phase("Queued", reason, message, warning=warning)
+    if (p.old_phase, p.old.get("reason")) == ("Queued", reason) and p.old.get("message") != message:
+        # Kueue's message changed (e.g. other numbers, another flavor tried): say so once, not every pass.
+        p.out.events.append(("Warning" if warning else "Normal", reason, f"Queued: {message}"))
+    p.cond(C.ADMITTED, admitted, reason, message)
 
 
 def decide_blocked(*, generation: int, status: dict[str, Any], reason: str, message: str, now: dt.datetime,

@@ -100,6 +100,26 @@ def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
     return {"metadata": _meta(obj, COMPLETION_INDEX_ANNOTATION), "status": keep}
 
 
+def slim_workload(obj: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a Kueue Workload that a reconcile pass reads: identity, spec.active, conditions and the
+    admission's ClusterQueue and flavors (kubetune.kueue_admission)."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    out: dict[str, Any] = {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion") if meta.get(k)},
+        "spec": {"active": (obj.get("spec") or {}).get("active", True)},
+        "status": {"conditions": [{k: c[k] for k in ("type", "status", "reason", "message") if c.get(k) is not None}
+                                  for c in status.get("conditions") or []]},
+    }
+    admission = status.get("admission")
+    if admission:
+        out["status"]["admission"] = {
+            "clusterQueue": admission.get("clusterQueue", ""),
+            "podSetAssignments": [{"flavors": dict(ps.get("flavors") or {})}
+                                  for ps in admission.get("podSetAssignments") or []]}
+    return out
+
+
 def label_key(obj: dict[str, Any]) -> Key | None:
     """(namespace, FineTuneJob name) named by a child's kubetune.io/job label (a hint, not ownership)."""
     meta = obj.get("metadata") or {}
@@ -139,6 +159,7 @@ class ClusterStore:
         self._preflight_of: dict[str, str] = {}  # FineTuneJob uid -> preflight job uid
         self._pods: dict[str, dict[str, Any]] = {}  # pod uid -> slim pod
         self._pods_of: dict[str, set[str]] = {}  # job uid -> pod uids
+        self._workloads: dict[str, dict[str, Any]] = {}  # job uid -> slim Kueue Workload owned by that Job
 
     # --- FineTuneJobs ------------------------------------------------------------------------------
 
@@ -234,6 +255,29 @@ class ClusterStore:
             if key is not None:
                 return key
         return label_key(obj)
+
+    def observe_workload(self, event_type: str | None, obj: dict[str, Any]) -> Key | None:
+        """Record a Kueue Workload watch event (kept by the UID of the Job that owns it); the FineTuneJob whose
+        trainer Job that is, or None when the Job is not ours (or not known yet: its own event brings the pass)."""
+        ref = controller_of(obj, "Job")
+        job_uid = str(ref.get("uid") or "") if ref else ""
+        if not job_uid:
+            return None
+        with self._lock:
+            old = self._workloads.get(job_uid)
+            if event_type == "DELETED":
+                if old is not None and _uid(old) == _uid(obj):
+                    del self._workloads[job_uid]
+            elif old is None or _uid(old) != _uid(obj) or _newer(obj, old):
+                self._workloads[job_uid] = slim_workload(obj)
+            job = self._jobs.get(job_uid)
+        return self._ftj_key_of_job(job) if job is not None else None
+
+    def workload(self, job_uid: str) -> dict[str, Any] | None:
+        """A copy of the Kueue Workload owned by the Job with this UID, or None."""
+        with self._lock:
+            obj = self._workloads.get(job_uid)
+            return copy.deepcopy(obj) if obj is not None else None
 
     def children(self, ftj_uid: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """(Job, pods) owned by the FineTuneJob with this UID, as copies."""

@@ -347,7 +347,7 @@ def test_printer_columns_and_short_name(cluster, namespace):
     assert _apply(cluster, namespace, VALID).returncode == 0
     out = cluster.kubectl("get", "ftj", "-n", namespace).stdout
     header = out.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "METHOD", "MODEL", "GPUS", "PROGRESS", "EVAL", "AGE"], out
+    assert header == ["NAME", "PHASE", "REASON", "METHOD", "MODEL", "GPUS", "PROGRESS", "EVAL", "AGE"], out
     assert "hf://meta-llama/Llama-3.1-8B" in out and "lora" in out
     assert "finetunejob" in cluster.kubectl("get", "kubetune", "-n", namespace, "-o", "name").stdout
 

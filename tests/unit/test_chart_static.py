@@ -268,6 +268,7 @@ NAMESPACED_NEEDS = {
     ("", "services"): {"create", "get", "list", "watch", "patch", "delete"},
     ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
+    ("kueue.x-k8s.io", "workloads"): {"list", "watch"},  # Kueue's verdict on queued trainer Jobs (read only)
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }

@@ -65,3 +65,12 @@ def generate_pki(directory: Path, service_ip: str = "10.96.0.1", days: int = 30)
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key", cwd=d)
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
     return ClusterPKI(d)
+
+
+def generate_loopback_serving_cert(pki: ClusterPKI, name: str, days: int = 30) -> tuple[Path, Path]:
+    """A serving certificate for 127.0.0.1/localhost signed by the cluster CA (for webhooks that the
+    apiserver calls on loopback); returns (cert, key) paths in the PKI directory."""
+    _signed_cert(pki.dir, name, f"/CN={name}",
+                 "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                 "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n", days)
+    return pki.dir / f"{name}.crt", pki.dir / f"{name}.key"

@@ -2,10 +2,11 @@
 
     kubetune-dev cluster up [--fleet devcluster/fleet.yaml | --nodes N | --no-fleet]
                         [--process-nodes K --data-root DIR] [--env-file PATH] [--no-kwok]
-                        [--no-controller-manager] [--no-scheduler] [--keep-work-dir]
+                        [--no-controller-manager] [--no-scheduler] [--keep-work-dir] [--kueue]
         Starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK (plus K local
         process nodes named process-node-0..K-1 sharing DIR) and stays in the foreground until
-        Ctrl-C / SIGTERM / `kubetune-dev cluster down`, then stops everything. Once ready it writes
+        Ctrl-C / SIGTERM / `kubetune-dev cluster down`, then stops everything (--kueue also runs Kueue's
+        controller manager, built from devcluster/kueue/go.mod when needed: docs/kueue.md). Once ready it writes
         the env file (default ~/.cache/kubetune/devcluster/env) with `export KUBECONFIG=...` etc.
         and prints the same lines on stdout:
             kubetune-dev cluster up &                    # or in another terminal
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--env-file", type=Path, default=default_env_file())
     up.add_argument("--work-dir", type=Path, help="keep state here instead of a temp dir")
     up.add_argument("--keep-work-dir", action="store_true")
+    up.add_argument("--kueue", action="store_true", help="also run Kueue (CRDs, controller manager, webhooks)")
     env = sub.add_parser("env", help="print export lines for the running cluster")
     env.add_argument("--env-file", type=Path, default=default_env_file())
     env.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the cluster")
@@ -97,6 +99,10 @@ def _up(args: argparse.Namespace) -> int:
         cluster.start()
         for i in range(args.process_nodes):
             cluster.start_process_node(f"process-node-{i}", args.data_root, cpu=args.node_cpu, memory=args.node_memory)
+        if args.kueue:
+            from .kueue import start_kueue
+
+            start_kueue(cluster, remove_crds_on_stop=False)  # stops with the cluster
         lines = [f"export {k}={shlex.quote(v)}" for k, v in cluster.env().items()]
         lines.append(f"export KUBETUNE_CLUSTER_PID={os.getpid()}")
         args.env_file.parent.mkdir(parents=True, exist_ok=True)

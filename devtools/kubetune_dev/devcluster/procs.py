@@ -129,6 +129,12 @@ class ProcessSet:
                 raise ComponentExited(f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
                                    f"{child.log_tail()}")
 
+    def stop_child(self, name: str) -> None:
+        """Stop one child (and forget it); the others keep running."""
+        child = self.get(name)
+        self.children.remove(child)
+        kill_group(child.proc, child.stop_grace)
+
     def stop(self) -> None:
         """Stop all children, last started first, and wait until their process groups are gone."""
         while self.children:
