@@ -39,12 +39,13 @@ from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fet
 from kubetune.estimate import Pricing
 from kubetune.expectations import Expectations
 from kubetune.metrics import OperatorMetrics
-from kubetune.preflight import build_preflight_job, preflight_enabled, preflight_name
+from kubetune.preflight import build_preflight_job, preflight_enabled, preflight_name, validated_for
 from kubetune.progress import ProgressPoller
 from kubetune.resize import avoided_types, moves, resize_due
 from kubetune.reconcile import (CANCEL, CREATE, FOLLOW, Decision, Observed, decide, decide_child_rejected, decide_not_owned, iso, parse_time, phase_of,
-                                out_of_memory, parse_summary, status_changed, still_acting)
-from kubetune.oom_layout import memory_outlook, replanned_layout, with_replanned_layout
+                                out_of_memory, parse_summary, status_changed, still_acting, unschedulable_message)
+from kubetune.oom_layout import memory_outlook, replanned_layout, trace_outlook, with_replanned_layout
+from kubetune.preflight_trace import trace_status, traced_fit
 from kubetune.sizing.fleet_sizer import FleetSizer
 from kubetune.status import checked_status
 from kubetune.store import ClusterStore
@@ -302,6 +303,8 @@ class Reconciler:
                         observed.preflight_children = [
                             observed.children[0],
                             build_preflight_job(ref, spec, observed.sizing.layout, cfg.build, hash_=want_hash)]
+                        if not validated_for(status, want_hash):
+                            self._consider_trace(status, spec, observed)
                 else:
                     self.metrics.sizing_refusals.inc()
         elif branch == FOLLOW:
@@ -351,6 +354,19 @@ class Reconciler:
         if pod is None or any(r.get("pod") == name for r in status.get("memoryReplans") or []):
             return
         observed.memory = memory_outlook(spec, status, parse_summary(pod), self.sizer.fleet())
+
+    def _consider_trace(self, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed) -> None:
+        """The preflight succeeded and its traced step does not fit the sized layout: hand the pass the next layout,
+        found with the traced figure as a floor (kubetune.oom_layout.trace_outlook)."""
+        done = sorted((p for p in observed.preflight_pods if (p.get("status") or {}).get("phase") == "Succeeded"),
+                      key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+        if observed.preflight_job is None or not done or observed.sizing is None:
+            return
+        report = (parse_summary(done[-1]) or {}).get("preflight")
+        trace = trace_status(report.get("trace")) if isinstance(report, dict) else None
+        fit = traced_fit(trace, observed.sizing.plan_status, observed.sizing.layout)
+        if fit is not None and not fit.fits:
+            observed.trace = trace_outlook(spec, status, observed.sizing.layout, fit.tensors, self.sizer.fleet())
 
     def _consider_resize(self, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed,
                          now: dt.datetime) -> None:

@@ -21,6 +21,7 @@ from kubetune.api import FineTuneJobSpec
 from kubetune.builders import JobRef, build_plan
 from kubetune.estimate import Pricing, estimate_status
 from kubetune.preflight import preflight_status
+from kubetune.preflight_trace import traced_fit
 from kubetune.sizing.layout import Layout
 
 PREFLIGHT_TIMEOUT_SECONDS = 1800
@@ -68,6 +69,9 @@ def offline_estimate(name: str, spec: FineTuneJobSpec, layout: Layout, plan_stat
         return {"error": f"{message.get('reason', 'Failed')}: {message.get('message', '')}"}
     pre = preflight_status(message.get("preflight"), "", "")
     pre.pop("specHash"), pre.pop("completedAt")
+    fit = traced_fit(pre.get("trace"), plan_status, layout)  # as the operator checks it
+    if fit is not None:
+        pre["trace"].update(fit.record(), check=fit.message())
     est = estimate_status(pre, layout.to_status(), plan_status, spec, pricing or Pricing())
     return {"preflight": pre, "estimate": est}
 
@@ -84,4 +88,12 @@ def describe(result: dict[str, Any]) -> str:
              f"  dataset sha256 {pre['datasetSha256']}" + (f"; model revision {pre['modelRevision']}"
                                                           if pre["modelRevision"] else ""),
              f"  estimate: {est['display']}" + (f" ({est['basis']})" if est.get("basis") else "")]
+    trace = pre.get("trace") or {}
+    if trace.get("skipped"):
+        lines.append(f"  trace skipped: {trace['skipped']} (the analytic estimate stands)")
+    elif trace:
+        check = trace.get("check") or f"peak {trace.get('peakGiB')} GiB per GPU"
+        lines.append(f"  traced step: {check}"
+                     + ("" if trace.get("fits", True) else "; DOES NOT FIT: the operator would re-size the job")
+                     + f" ({trace.get('seconds')} s)")
     return "\n".join(lines)

@@ -100,8 +100,21 @@ def memory_outlook(spec: FineTuneJobSpec, status: dict[str, Any], summary: dict[
     failed = running_layout(status, spec)
     if failed is None or fleet is None:
         return None
+    return _outlook(spec, status, failed, int((summary or {}).get("peakGpuMemoryBytes") or 0), fleet)
+
+
+def trace_outlook(spec: FineTuneJobSpec, status: dict[str, Any], sized: Layout, traced_bytes: int,
+                  fleet: Fleet | None) -> MemoryOutlook | None:
+    """The next layout for a job whose preflight-traced step does not fit the sized layout, before any GPU is used:
+    found as after running out of memory, with the traced live tensors as the measured peak, so every candidate's
+    estimate is scaled up to the traced figure at least (None without a fleet)."""
+    if fleet is None:
+        return None
+    return _outlook(spec, status, sized, traced_bytes, fleet)
+
+
+def _outlook(spec: FineTuneJobSpec, status: dict[str, Any], failed: Layout, peak: int, fleet: Fleet) -> MemoryOutlook:
     training = current_training(spec, status.get("memoryReplans"))
-    peak = int((summary or {}).get("peakGpuMemoryBytes") or 0)
     failure = Failure(failed, training, peak)
     pool = next((p for p in fleet.pools if p.product.lower() == failed.gpu_type.lower()), None)
     return MemoryOutlook(failure, pool.memory_bytes if pool is not None else failed.gpu_memory_bytes,
@@ -114,6 +127,11 @@ def with_replanned_layout(outcome: SizingOutcome, status: dict[str, Any]) -> Siz
     layout = replanned_layout(status)
     if layout is None:
         return outcome
+    last = next(r for r in reversed(status.get("memoryReplans") or []) if r.get("layout"))
+    if last.get("reason") == reasons.TRACE_EXCEEDS_ESTIMATE:
+        return SizingOutcome(True, layout, reasons.TRACE_EXCEEDS_ESTIMATE,
+                             f"re-sized because the preflight's traced step did not fit: {describe_layout(layout)}",
+                             plan_status=outcome.plan_status)
     return SizingOutcome(True, layout, reasons.REPLANNED_OOM,
                          f"re-planned after running out of GPU memory: {describe_layout(layout)}",
                          plan_status=outcome.plan_status)

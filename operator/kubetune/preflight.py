@@ -14,6 +14,7 @@ from typing import Any
 from kubetune.api import FineTuneJobSpec
 from kubetune.builders import (CACHE_VOLUME, CONTAINER, SPEC_HASH_ANNOTATION, BuildConfig, JobRef, _env,
                                _meta, _volumes, child_labels, pod_failure_policy, tolerations)
+from kubetune.preflight_trace import trace_status
 from kubetune.sizing.layout import Layout
 
 COMPONENT = "preflight"
@@ -44,6 +45,9 @@ def build_preflight_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg:
             mount["readOnly"] = True
     skip = {"KUBETUNE_NODE_RANK", "KUBETUNE_MASTER_ADDR", "KUBETUNE_MASTER_PORT", "KUBETUNE_METRICS_PORT"}
     env = [e for e in _env(ref, spec, layout, cfg) if e["name"] not in skip]
+    if layout.gpus_per_pod == 0:  # the trace checks GPU memory: a CPU-only layout has none to check
+        env.append({"name": "KUBETUNE_PREFLIGHT_TRACE_SKIP",
+                    "value": "a CPU-only layout: no GPU memory to check the traced step against"})
     if cfg.cache_claim:  # the preflight fills the shared cache: the only writer (docs/cache.md)
         for volume in volumes:
             if volume["name"] == CACHE_VOLUME:
@@ -131,11 +135,15 @@ def preflight_status(report: dict[str, Any] | None, spec_hash: str, now: str) ->
         out["truncatedLocations"] = [str(x) for x in r["truncatedLocations"]][:3]
     if isinstance(r.get("cache"), dict):
         out["cache"] = cache_status(r["cache"])
+    trace = trace_status(r.get("trace"))
+    if trace is not None:
+        out["trace"] = trace
     if not report:
         out["display"] = "validated (the preflight reported no figures)"
     else:
         out["display"] = (f"{out['examples']} examples, {out['tokens']:,} tokens, {out['steps']} steps"
-                          + (f", {out['truncated']} truncated" if out["truncated"] else ""))
+                          + (f", {out['truncated']} truncated" if out["truncated"] else "")
+                          + (f", traced peak {trace['peakGiB']} GiB per GPU" if trace and "peakGiB" in trace else ""))
     return out
 
 

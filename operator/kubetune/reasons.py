@@ -59,6 +59,7 @@ PREFLIGHT_RERUN = "PreflightRerunForSpecChange"
 VALIDATED = "Validated"
 PREFLIGHT_FAILED = "PreflightFailed"
 ADVICE_NONE = "NoAdvice"
+TRACE_EXCEEDS_ESTIMATE = "TraceExceedsEstimate"  # the traced step does not fit the sized layout: re-sized
 
 # Trainer termination-summary reasons and the trainer's exit code for each (docs/contracts.md §5). The trainer
 # package has the same table (kubetune_trainer.outcomes); tests/unit/test_failure_taxonomy.py checks they agree.

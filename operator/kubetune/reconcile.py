@@ -24,9 +24,12 @@ from kubetune.advice import advise
 from kubetune.kueue_admission import admission, not_installed_message
 from kubetune.estimate import Pricing, estimate_status
 from kubetune.preflight import preflight_status, validated_for
+from kubetune.preflight_trace import TracedFit, plan_with_trace, traced_fit
 from kubetune.sizing.layout import SizingOutcome
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
 from kubetune.oom_layout import MemoryOutlook
+from kubetune.sizing.estimator import gib
+from kubetune.sizing.leaner import describe_layout
 from kubetune.status import checked_status
 
 JOB_FAILURE_REASONS = {
@@ -418,7 +421,7 @@ def _decide_create(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict
     for child in observed.children:
         out.actions.append(Action("apply", child))
     if sizing.plan_status:
-        st["plan"] = sizing.plan_status
+        st["plan"] = plan_with_trace(sizing.plan_status, st.get("preflight"))
     st["layout"] = sizing.layout.to_status(want_hash)
     p.cond(C.SIZED, True, sizing.reason, sizing.message)
     if st.get("preflight") and st["preflight"].get("steps"):
@@ -480,6 +483,10 @@ def _decide_preparing(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: d
         report = (summary or {}).get("preflight")
         st["preflight"] = preflight_status(report if isinstance(report, dict) else None, want_hash, p.now_s)
         message = f"preflight: {st['preflight']['display']}"
+        fit = traced_fit(st["preflight"].get("trace"), sizing.plan_status, sizing.layout)
+        if fit is not None:
+            st["preflight"]["trace"].update(fit.record())
+            message += f"; {fit.message()}"
         p.cond(C.VALIDATED, True, R.VALIDATED, message)
         out.events.append(("Normal", R.VALIDATED, message))
         advice = advise(spec, st["preflight"]) if isinstance(report, dict) and report else []
@@ -490,6 +497,8 @@ def _decide_preparing(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: d
         else:
             p.cond(C.ADVICE, False, R.ADVICE_NONE,
                    "no advice rule applies" if isinstance(report, dict) and report else "no preflight figures")
+        if fit is not None and not fit.fits:
+            return _decide_trace_replan(p, spec, fit, observed, (done[-1].get("metadata") or {}).get("name", ""))
         return _decide_create(p, spec, want_hash, labels, observed, sizing_retry_seconds)
     failed = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
     if failed is not None or permanent is not None:
@@ -597,6 +606,53 @@ def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any], outlook
     p.set_phase("Pending", R.REPLANNED_OOM, message, warning=True)
     p.cond(C.RUNNING, False, R.REPLANNED_OOM, message)
     p.cond(C.READY, False, R.REPLANNED_OOM, message)
+    return p.finish()
+
+
+def _decide_trace_replan(p: _Pass, spec: FineTuneJobSpec, fit: TracedFit, observed: Observed, pod: str) -> Decision:
+    """The preflight's traced step does not fit the sized layout: create no trainer Job on it. Record a re-plan in
+    status.memoryReplans, as after running out of memory (kubetune.oom_layout), before any GPU is used: a layout
+    that fits with the traced figure as a floor, else a smaller micro batch or gradient checkpointing; the next pass
+    creates the trainer Job with it. Fail when neither is left."""
+    st, outlook = p.st, observed.trace
+    assert observed.sizing is not None
+    if observed.sizing.plan_status:
+        st["plan"] = plan_with_trace(observed.sizing.plan_status, st.get("preflight"))
+    replans = list(st.get("memoryReplans") or [])
+    found = f"the preflight's traced step does not fit: {fit.message()}"
+    entry: dict[str, Any] = {"pod": pod, "reason": R.TRACE_EXCEEDS_ESTIMATE, "step": 0, "message": found[:1024]}
+    if outlook is not None:
+        entry["failed"] = outlook.failed_record()
+    leaner = outlook.leaner if outlook is not None else None
+    if outlook is not None and leaner is not None and leaner.layout is not None:
+        entry["training"] = current_training(spec, replans)
+        entry["layout"] = outlook.layout_record()
+        entry["change"] = (f"{describe_layout(outlook.failure.layout)} -> {describe_layout(leaner.layout)}: "
+                           f"{gib(leaner.estimate)} GiB estimated per GPU of {gib(leaner.usable)} GiB usable, "
+                           "with the traced figure as a floor")
+    else:
+        blocked = outlook.batch_blocked if outlook is not None else ""
+        smaller = None if blocked else next_memory_plan(spec, replans)
+        if smaller is None:
+            message = (f"{found}; no layout of the cluster's GPUs within the spec's pins fits with the traced figure"
+                       + (f" ({blocked})" if blocked else "") + "; use a shorter training.maxSeqLength, method "
+                       "qlora, or fewer spec.resources / spec.distributed pins")
+            st["completionTime"] = p.now_s
+            p.set_phase("Failed", R.TRACE_EXCEEDS_ESTIMATE, message, warning=True)
+            p.cond(C.SIZED, False, R.TRACE_EXCEEDS_ESTIMATE, message)
+            p.cond(C.FAILED, True, R.TRACE_EXCEEDS_ESTIMATE, message)
+            p.cond(C.RUNNING, False, R.TRACE_EXCEEDS_ESTIMATE)
+            p.cond(C.READY, False, R.TRACE_EXCEEDS_ESTIMATE, message)
+            return p.finish()
+        entry["training"], entry["change"] = smaller
+    replans.append(entry)
+    st["memoryReplans"] = replans
+    message = f"{found}; re-sized before any GPU was used: {entry['change']}"
+    p.set_phase("Pending", R.TRACE_EXCEEDS_ESTIMATE, message, warning=True)
+    p.cond(C.SIZED, False, R.TRACE_EXCEEDS_ESTIMATE, message)
+    p.cond(C.RUNNING, False, R.TRACE_EXCEEDS_ESTIMATE)
+    p.cond(C.READY, False, R.TRACE_EXCEEDS_ESTIMATE, message)
+    p.out.retry_after = 1.0  # the next pass sizes with the re-plan and creates the trainer Job
     return p.finish()
 
 

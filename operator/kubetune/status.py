@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 
@@ -166,6 +166,35 @@ class PreflightCacheStatus(_Status):
     bytes: int | None = None
 
 
+class TraceBreakdownStatus(_Status):
+    """The traced step's live tensors per GPU at its peak (status.preflight.trace.breakdownBytes)."""
+
+    weights: int | None = None
+    gradients: int | None = None
+    optimizer_states: int | None = None
+    activations: int | None = None
+
+
+class PreflightTraceStatus(_Status):
+    """The trainer's real step traced on fake tensors by the preflight (status.preflight.trace;
+    kubetune.preflight_trace), or why no trace ran."""
+
+    skipped: str | None = None
+    peak_bytes: int | None = None
+    peak_gib: float | None = Field(default=None, alias="peakGiB")
+    paged_optimizer_bytes: int | None = None
+    breakdown_bytes: TraceBreakdownStatus | None = None
+    peak_at: str | None = None
+    seq_length: int | None = None
+    micro_batch_size: int | None = None
+    basis: str | None = None
+    seconds: float | None = None
+    per_gpu_bytes: int | None = None
+    usable_bytes: int | None = None
+    gpu_type: str | None = None
+    fits: bool | None = None
+
+
 class PreflightStatus(_Status):
     """What the CPU preflight found (status.preflight; kubetune.preflight)."""
 
@@ -193,6 +222,7 @@ class PreflightStatus(_Status):
     empty_answers: int | None = None
     token_lengths: TokenLengthsStatus | None = None
     cache: PreflightCacheStatus | None = None
+    trace: PreflightTraceStatus | None = None
 
 
 class EstimateStatus(_Status):
@@ -240,6 +270,7 @@ class MemoryReplanStatus(_Status):
     """One re-plan after the trainer ran out of GPU memory (kubetune.oom, kubetune.oom_layout)."""
 
     pod: str | None = None
+    reason: str | None = None  # TraceExceedsEstimate: the preflight's traced step did not fit (absent: OutOfMemory)
     step: int | None = None
     message: str | None = None
     change: str | None = None

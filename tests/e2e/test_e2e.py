@@ -242,6 +242,9 @@ def test_the_preflight_counts_the_steps_the_trainer_runs(cluster, ftj, ws):
     pre = st["preflight"]
     assert next(c for c in st["conditions"] if c["type"] == "Validated")["status"] == "True"
     assert pre["steps"] == st["progress"]["step"] == st["progress"]["totalSteps"] > 1, (pre, st["progress"])
+    # A CPU-only layout has no GPU memory to check a traced step against: the preflight says so and skips it
+    # (tests/e2e/test_cost_e2e.py sees the trace on a GPU layout).
+    assert "CPU-only layout" in pre["trace"]["skipped"], pre["trace"]
     assert st["estimate"]["steps"] == pre["steps"] and st["estimate"]["gpuHours"] == 0.0  # CPU-only layout
     lines = DATASET.read_text().splitlines()
     assert pre["examples"] == len(lines) and pre["trainExamples"] + pre["evalExamples"] == len(lines)

@@ -46,6 +46,9 @@ def test_estimate_with_data_prints_the_preflight_and_the_cost(tmp_path):
     assert est["gpuHours"] > 0 and est["cost"] == pytest.approx(est["gpuHours"] * 2.5, rel=1e-3)
     text = _estimate(tmp_path, data)
     assert text.returncode == 0 and "preflight: 150 examples" in text.stdout and "USD" in text.stdout, text.stdout
+    # The model's real step traced at the data's length, against one GPU of the sized layout.
+    assert pre["trace"]["fits"] is True and pre["trace"]["gpuType"] == "NVIDIA-H100-80GB-HBM3", pre["trace"]
+    assert "traced step: traced peak" in text.stdout and "usable on one NVIDIA-H100-80GB-HBM3" in text.stdout
 
 
 def test_estimate_with_a_bad_line_names_it_and_fails(tmp_path):

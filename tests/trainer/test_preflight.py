@@ -36,6 +36,12 @@ def test_preflight_counts_the_steps_the_training_run_takes(tmp_path):
     assert report["world"] == 2 and report["steps"] > 0 and report["tokens"] > report["tokensPerEpoch"]
     assert len(report["dataset"]["sha256"]) == 64 and report["model"]["modelType"] == "llama"
     assert report["tokenLengths"]["max"] >= report["tokenLengths"]["p50"] > 0
+    # The real step traced on fake tensors for this model, micro batch and the data's longest row.
+    trace = report["trace"]
+    assert "skipped" not in trace, trace
+    assert trace["peakBytes"] == sum(trace["breakdown"].values()) > 0 and trace["breakdown"]["weights"] > 0
+    assert trace["microBatchSize"] == 4 and 0 < trace["seqLength"] <= min(report["tokenLengths"]["max"], 64)
+    assert trace["basis"] == "one of 2 DDP processes" and trace["peakAt"] and trace["seconds"] > 0
 
     (tmp_path / "termination-log").unlink()
     run = run_trainer(["launch"], env, timeout=600)

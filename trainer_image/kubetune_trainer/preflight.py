@@ -3,7 +3,9 @@
 It runs the trainer's own code on the plan: resolve the model (config and tokenizer only; no weights), read,
 convert, split, tokenize and pack the dataset exactly as a training run does (`data.build_datasets`, so every bad
 line is named as file:line), and count the examples, tokens and optimizer steps the run will take
-(`recipe.total_optimizer_steps` for the plan's world size). The result is the container's termination message
+(`recipe.total_optimizer_steps` for the plan's world size), then trace the real training step on fake tensors for
+the exact model and data (`preflight_trace`; bounded in time, a skip reason when it cannot run). The result is the
+container's termination message
 (JSON, under 4 KiB): `{"version": 1, "status": "Succeeded", "reason": "Validated", "preflight": {...}}`, or a failure
 summary with the reason and exit code of a training run (a bad line: `DataError`, exit 3).
 """
@@ -130,6 +132,12 @@ def run_preflight(plan: Any) -> dict[str, Any]:
         "emptyAnswers": report["emptyAnswers"], "emptyAnswerLocations": report["emptyAnswerLocations"],
         **run,
     }
+    # The real step on fake tensors for this exact model and data (kubetune_trainer.preflight_trace); bounded in
+    # time, and a skip reason instead of a figure when it cannot run: the analytic estimate then stands.
+    from kubetune_trainer.preflight_trace import run_trace, traced_seq_length
+
+    seq = traced_seq_length([len(ids) for ids in prepared.train["input_ids"]], plan.training.max_seq_length)
+    out["trace"] = run_trace(plan, config, seq)
     datasets = {plan.dataset.uri: (data_path, out["dataset"]["sha256"])}
     if plan.dataset.eval_uri:
         eval_path = storage.fetch_dataset(plan.dataset.eval_uri)
@@ -160,6 +168,8 @@ def encode_message(message: dict[str, Any], limit: int = MAX_MESSAGE_BYTES) -> b
         for key in ("truncatedLocations", "emptyAnswerLocations"):
             if key in report:
                 report[key] = report[key][:keep]
+    if len(dump()) >= limit and isinstance(report.get("trace"), dict):  # the figures stay, the peak's place goes
+        report["trace"].pop("peakAt", None)
     data = dump()
     if len(data) >= limit:
         raise ValueError(f"preflight message of {len(data)} bytes does not fit in {limit}")
