@@ -73,6 +73,11 @@ class BuildConfig:
     cache_mount_path: str = "/var/cache/kubetune"
     cache_max_bytes: int = 0  # size cap enforced by the preflight's eviction (0: none)
     cache_lease_seconds: int = 7 * 24 * 3600  # how long a job's lease keeps its entries from eviction
+    # the StorageClass variant (kubetune.cache_claim): the operator creates `cache_claim` in a job's namespace when
+    # it is missing, of this StorageClass, size and access modes; "" = the claim exists already
+    cache_storage_class: str = ""
+    cache_size_gib: int = 100
+    cache_access_modes: tuple[str, ...] = ("ReadWriteMany",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,6 +156,30 @@ class ChildClient:
             return "updated", None
         return "exists", existing if kind == "Job" else None
 
+    def read_claim(self, ns: str, name: str) -> dict[str, Any] | None:
+        """A PersistentVolumeClaim (raw JSON), or None when it does not exist."""
+        try:
+            return json.loads(body_of(self.core.read_namespaced_persistent_volume_claim(
+                name, ns, _preload_content=False)))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def ensure_claim(self, obj: dict[str, Any]) -> str:
+        """Create the PersistentVolumeClaim `obj` unless one of its name exists (whoever made it: it is then
+        left exactly as it is). Returns "created" or "exists"."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if self.read_claim(ns, name) is not None:
+            return "exists"
+        try:
+            body_of(self.core.create_namespaced_persistent_volume_claim(ns, obj, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 409:
+                return "exists"
+            raise
+        return "created"
+
     def set_job_suspend(self, ns: str, job: str, value: bool) -> None:
         """Patch the Job's .spec.suspend."""
         body_of(self.batch.patch_namespaced_job(trainer_name(job), ns, {"spec": {"suspend": value}},

@@ -32,7 +32,8 @@ from kubetune import API_GROUP, API_VERSION, PLURAL
 from kubetune import conditions as C
 from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
-from kubetune.builders import METRICS_PORT, BuildConfig, JobRef, build_children, spec_hash
+from kubetune.builders import KUEUE_QUEUE_LABEL, METRICS_PORT, BuildConfig, JobRef, build_children, spec_hash
+from kubetune.cache_claim import build_cache_claim, claim_not_ready_message
 from kubetune.child_watch import ChildWatch, child_watches
 from kubetune.kueue_watch import KueueWatch
 from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
@@ -285,6 +286,7 @@ class Reconciler:
         observed.preflight = preflight_enabled(spec, cfg.preflight)
         if observed.preflight and branch in (CREATE, CANCEL):
             observed.preflight_job, observed.preflight_pods = self.store.preflight(uid)
+            observed.cache_claim_wait = self._cache_claim_wait(ns, observed.preflight_pods)
         self._follow_progress(key, status, spec, observed)
         if job is None and status.get("phase") in TERMINAL_PHASES and spec.ttl_seconds_after_finished > 0 \
                 and not status.get("childrenDeleted"):
@@ -391,10 +393,43 @@ class Reconciler:
         else:
             self.poller.untrack(key)
 
+    def _ensure_cache_claim(self, ns: str) -> None:
+        """Create the cache claim in `ns` if it is missing, when the operator manages it (--cache-storage-class):
+        no owner, never deleted (kubetune.cache_claim). A refusal is the job's ChildRejected."""
+        obj = build_cache_claim(ns, self.config.build)
+        try:
+            result = self.children.ensure_claim(obj)
+        except ApiException as exc:
+            rejected = ChildRejected.from_api(obj, exc)
+            if rejected is None:
+                raise
+            raise rejected from exc
+        if result == "created":
+            log.info("%s: created PersistentVolumeClaim %s (StorageClass %s) for the model cache", ns,
+                     obj["metadata"]["name"], self.config.build.cache_storage_class)
+
+    def _cache_claim_wait(self, ns: str, pods: list[dict[str, Any]]) -> str:
+        """Why an unschedulable preflight pod waits on the cache claim, or '' (kubetune.cache_claim). A managed
+        claim found missing (deleted meanwhile) is created again."""
+        cfg = self.config.build
+        if not cfg.cache_claim or not unschedulable_message(pods):
+            return ""
+        try:
+            claim = self.children.read_claim(ns, cfg.cache_claim)
+            if claim is None and cfg.cache_storage_class:
+                self._ensure_cache_claim(ns)
+                claim = self.children.read_claim(ns, cfg.cache_claim)
+        except (ApiException, ChildRejected) as exc:  # e.g. no RBAC to read claims: the scheduler's message stays
+            log.debug("%s: cannot read the cache claim %s: %s", ns, cfg.cache_claim, exc)
+            return ""
+        return claim_not_ready_message(claim, cfg)
+
     def _act(self, key: Key, uid: str, decision: Decision) -> None:
         ns, name = key
         for action in decision.actions:
             if action.kind == "apply" and action.obj is not None:
+                if action.obj["kind"] == "Job" and self.config.build.cache_storage_class:
+                    self._ensure_cache_claim(ns)  # before the first pod that mounts it
                 try:
                     result, _ = self.children.apply(action.obj)
                 except ApiException as exc:

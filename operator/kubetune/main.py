@@ -16,6 +16,7 @@ import kopf
 
 from kubetune import API_GROUP
 from kubetune.builders import BuildConfig
+from kubetune.cache_claim import DEFAULT_CLAIM
 from kubetune.estimate import parse_pricing
 from kubetune.handlers import OperatorConfig, Reconciler, registry
 from kubetune.leader import LeaseElector, default_identity
@@ -76,7 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-claim", default=env("KUBETUNE_CACHE_CLAIM", ""),
                    help="an existing ReadWriteMany PersistentVolumeClaim (in each job's namespace) holding the shared "
                         "model and dataset cache: the preflight fills it, trainer pods mount it read-only; "
+                        "with --cache-storage-class, the claim the operator creates (default kubetune-cache); "
                         "empty: no cache, every trainer pod downloads the model (docs/cache.md)")
+    p.add_argument("--cache-storage-class", default=env("KUBETUNE_CACHE_STORAGE_CLASS", ""),
+                   help="create the cache claim (--cache-claim, default kubetune-cache) in a job's namespace when it "
+                        "is missing, of this StorageClass; the operator never deletes it (docs/cache.md)")
+    p.add_argument("--cache-size-gib", type=int,
+                   default=int(env("KUBETUNE_CACHE_SIZE_GIB", str(BuildConfig.cache_size_gib))),
+                   help="size of the cache claim the operator creates (with --cache-storage-class)")
+    p.add_argument("--cache-access-modes",
+                   default=env("KUBETUNE_CACHE_ACCESS_MODES", ",".join(BuildConfig.cache_access_modes)),
+                   help="access modes of the cache claim the operator creates, comma-separated")
     p.add_argument("--cache-mount-path", default=env("KUBETUNE_CACHE_MOUNT_PATH", BuildConfig.cache_mount_path),
                    help="where pods mount the cache claim")
     p.add_argument("--cache-max-gib", type=float, default=float(env("KUBETUNE_CACHE_MAX_GIB", "0")),
@@ -160,6 +171,25 @@ def make_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
     return s
 
 
+ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany", "ReadWriteOncePod")
+
+
+def cache_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The cache claim's BuildConfig fields: with a StorageClass, the claim the operator creates (named by
+    --cache-claim, else kubetune-cache)."""
+    claim, storage_class = args.cache_claim.strip(), args.cache_storage_class.strip()
+    if not storage_class:
+        return {"cache_claim": claim}
+    modes = tuple(m.strip() for m in args.cache_access_modes.split(",") if m.strip())
+    unknown = [m for m in modes if m not in ACCESS_MODES]
+    if not modes or unknown:
+        raise SystemExit(f"--cache-access-modes: {args.cache_access_modes!r}: use {', '.join(ACCESS_MODES)}")
+    if args.cache_size_gib < 1:
+        raise SystemExit(f"--cache-size-gib must be at least 1, not {args.cache_size_gib}")
+    return {"cache_claim": claim or DEFAULT_CLAIM, "cache_storage_class": storage_class,
+            "cache_size_gib": args.cache_size_gib, "cache_access_modes": modes}
+
+
 def operator_config(args: argparse.Namespace) -> OperatorConfig:
     """OperatorConfig from the flags."""
     tolerations = json.loads(args.extra_tolerations or "[]")
@@ -182,15 +212,16 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
         pricing = parse_pricing(args.pricing, args.currency)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
+    cache = cache_settings(args)
     build = BuildConfig(image=args.trainer_image, pvc_root=args.pvc_root,
                         extra_tolerations=tuple(tolerations), cpu_node_selector=tuple(selector),
                         image_pull_policy=args.trainer_image_pull_policy, image_pull_secrets=pull_secrets,
                         gpu_node_selector=tuple(gpu_selector),
                         termination_grace_base_seconds=args.termination_grace_base_seconds,
                         checkpoint_write_bytes_per_second=max(1, args.checkpoint_write_mib_per_second) * 1024 * 1024,
-                        cache_claim=args.cache_claim.strip(), cache_mount_path=args.cache_mount_path,
+                        cache_mount_path=args.cache_mount_path,
                         cache_max_bytes=max(0, int(args.cache_max_gib * 1024**3)),
-                        cache_lease_seconds=max(60, int(args.cache_lease_hours * 3600)))
+                        cache_lease_seconds=max(60, int(args.cache_lease_hours * 3600)), **cache)
     return OperatorConfig(namespaces=list(args.namespace), build=build, resync_seconds=args.resync_seconds,
                           progress_seconds=args.progress_seconds, workers=args.workers,
                           sizing_retry_seconds=args.sizing_retry_seconds, progress_port=args.progress_port,

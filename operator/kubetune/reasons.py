@@ -56,6 +56,7 @@ OUT_OF_MEMORY = "OutOfMemory"  # out of GPU memory and no leaner plan left
 # Preflight (the CPU check of model and data before the trainer Job; kubetune.preflight)
 PREFLIGHT_RUNNING = "PreflightRunning"
 PREFLIGHT_RERUN = "PreflightRerunForSpecChange"
+CACHE_CLAIM_NOT_BOUND = "CacheClaimNotBound"  # the preflight pod waits for the cache claim to be bound (docs/cache.md)
 VALIDATED = "Validated"
 PREFLIGHT_FAILED = "PreflightFailed"
 ADVICE_NONE = "NoAdvice"

@@ -59,6 +59,7 @@ class Observed:
     preflight_job: dict[str, Any] | None = None  # the preflight Job, when there is one
     preflight_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     preflight_children: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plan ConfigMap + Job
+    cache_claim_wait: str = ""  # why the unschedulable preflight pod waits on the cache claim (kubetune.cache_claim)
     memory: MemoryOutlook | None = None  # a trainer pod ran out of GPU memory: the failure and the next layout
     trace: MemoryOutlook | None = None  # the preflight's traced step does not fit the sized layout: the next layout
     workload: dict[str, Any] | None = None  # Kueue's Workload for the trainer Job, when Kueue made one
@@ -515,12 +516,14 @@ def _decide_preparing(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: d
         p.cond(C.READY, False, R.PREFLIGHT_FAILED, message)
         return p.finish()
     stuck = stuck_container_message(pods)
-    waiting = stuck or unschedulable_message(pods)
-    reason = R.CONTAINER_NOT_STARTING if stuck else R.PREFLIGHT_RUNNING  # the trainer image, as in its Job
+    claim = "" if stuck else observed.cache_claim_wait
+    waiting = stuck or claim or unschedulable_message(pods)
+    reason = (R.CONTAINER_NOT_STARTING if stuck  # the trainer image, as in its Job
+              else R.CACHE_CLAIM_NOT_BOUND if claim else R.PREFLIGHT_RUNNING)
     message = "checking the model and the data on CPU before any GPU is used" + (f": {waiting}" if waiting else "")
     if failed_pods:
         message += f" (retry after failure: {failure_text(failed_pods[-1])})"
-    p.set_phase("Preparing", reason, message, warning=bool(stuck))
+    p.set_phase("Preparing", reason, message, warning=bool(stuck or claim))
     p.cond(C.VALIDATED, "Unknown", reason, message)
     p.cond(C.RUNNING, False, reason)
     p.cond(C.READY, False, reason, message)

@@ -143,6 +143,8 @@ CASES = {
                                     "imagePullSecrets": [{"name": "regcred"}],
                                     "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
                                     "gpuNodeSelector": {"pool": "gpu"}}},
+    "namespaced-cache-storage-class": {"watchNamespaces": "WATCHED",
+                                       "trainer": {"cache": {"storageClass": "nfs-rwx", "sizeGi": 500}}},
 }
 
 
@@ -501,5 +503,21 @@ def test_cluster_wide_service_account_cannot_read_secrets(cluster, crds, helm, n
         assert not allowed(kc, "create", "pods", "default")
         assert not allowed(kc, "delete", "namespaces")
         assert not allowed(kc, "list", "namespaces"), "cluster-wide kopf does not need the namespace list"
+    finally:
+        helm("uninstall", release, "-n", namespace, check=False)
+
+
+def test_storage_class_cache_lets_the_operator_create_claims_but_never_change_them(cluster, crds, helm, namespace,
+                                                                                  tmp_path):
+    release = f"sc-{uuid.uuid4().hex[:5]}"
+    values = helm.values_file({"trainer": {"cache": {"storageClass": "nfs-rwx"}}})
+    helm("install", release, str(CHART), "-n", namespace, "-f", values)
+    try:
+        kc = sa_kubeconfig(cluster, namespace, f"{release}-kubetune", tmp_path / "kubeconfig")
+        for verb in ("get", "create"):  # the cache claim in any job namespace (docs/cache.md)
+            assert allowed(kc, verb, "persistentvolumeclaims", "default"), verb
+        for verb in ("update", "patch", "delete", "deletecollection"):  # the cache outlives every job
+            assert not allowed(kc, verb, "persistentvolumeclaims", "default"), verb
+        assert not allowed(kc, "create", "persistentvolumes")
     finally:
         helm("uninstall", release, "-n", namespace, check=False)

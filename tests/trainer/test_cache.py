@@ -174,8 +174,12 @@ def test_sweep_applies_the_policy_on_the_volume(tmp_path):
     _entry(root, "models/new@1", 400, now - 10)
     cache.write_lease(root, "running", "ns/a", {"hf://l": "models/leased@1"}, {}, now=now, ttl=3600)
     cache.write_lease(root, "finished", "ns/b", {"hf://o": "models/old@1"}, {}, now=now - 7200, ttl=3600)
-    (root / "tmp" / "models__abandoned@1").mkdir(parents=True)  # a fill that died; nobody holds its lock
+    (root / "tmp" / "models__abandoned@1").mkdir(parents=True)  # a fill that died long ago; nobody holds its lock
     (root / "tmp" / "models__abandoned@1" / "part").write_text("half")
+    for path in (root / "tmp" / "models__abandoned@1" / "part", root / "tmp" / "models__abandoned@1"):
+        os.utime(path, (now - cache.ABANDONED_SECONDS - 60,) * 2)
+    (root / "tmp" / "models__interrupted@1").mkdir()  # one that died a minute ago: kept for its retry to finish
+    (root / "tmp" / "models__interrupted@1" / "part").write_text("half")
     with cache.locked(root, "models/filling@1"):  # a fill in progress elsewhere keeps its directory
         (root / "tmp" / "models__filling@1").mkdir()
         result = cache.sweep(root, cap_bytes=1000, now=now)
@@ -185,9 +189,13 @@ def test_sweep_applies_the_policy_on_the_volume(tmp_path):
     assert sorted(e.key for e in cache.scan(root)) == ["models/leased@1", "models/new@1"]
     assert not (root / "leases" / "finished.json").exists() and (root / "leases" / "running.json").exists()
     assert not (root / "tmp" / "models__abandoned@1").exists()
+    assert (root / "tmp" / "models__interrupted@1" / "part").is_file()
     # the leased entry is the oldest, but a live lease protects it: the newer unleased one goes first
     assert cache.sweep(root, cap_bytes=500, now=now)["evicted"] == ["models/new@1"]
     assert [e.key for e in cache.scan(root)] == ["models/leased@1"]
+    # an hour later nobody finished them: the interrupted download and the one whose fill has let go of its lock go
+    assert cache.sweep(root, cap_bytes=0, now=now + cache.ABANDONED_SECONDS + 60)["abandoned"] == 2
+    assert not list((root / "tmp").iterdir())
 
 
 def test_without_a_cache_nothing_changes(tmp_path, monkeypatch):
@@ -257,6 +265,32 @@ def test_two_jobs_on_one_s3_model_download_it_once_and_trainers_read_the_cache(s
     monkeypatch.setenv("KUBETUNE_CACHE_FILL", "true")
     third = cache.prepare("s3://models/tiny", "", {}, job="ns/c")
     assert third["model"] != key and third["filled"] == [third["model"]]
+
+
+def test_an_interrupted_s3_fill_is_finished_without_downloading_its_whole_files_again(s3, tmp_path, monkeypatch):
+    s3.put("models", "tiny/config.json", '{"model_type": "llama"}')
+    s3.put("models", "tiny/model.safetensors", b"\0" * 4096)
+    s3.put("models", "tiny/tokenizer.json", "{}")
+    root = tmp_path / "cache"
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(root))
+    monkeypatch.setenv("KUBETUNE_CACHE_FILL", "true")
+    key = cache.model_key("s3://models/tiny", cache.s3_revision("s3://models/tiny"))
+    staging = root / "tmp" / key.replace("/", "__")  # what a preflight killed during the weights' download left
+    staging.mkdir(parents=True)
+    (staging / "config.json").write_text('{"model_type": "llama"}')
+    (staging / "model.safetensors").write_bytes(b"\0" * 100)  # cut short (not the client's own way, but possible)
+    report = cache.prepare("s3://models/tiny", "", {}, job="ns/retry")
+    assert report["model"] == key and report["filled"] == [key]
+    assert _gets(s3, "/models/tiny/config.json") == 0  # whole: kept
+    assert _gets(s3, "/models/tiny/model.safetensors") == 1 and _gets(s3, "/models/tiny/tokenizer.json") == 1
+    assert (root / key / "model.safetensors").read_bytes() == b"\0" * 4096 and not staging.exists()
+    # without the cache (a pod's own download into its work directory) nothing is taken for whole by its size
+    monkeypatch.delenv("KUBETUNE_CACHE_DIR")
+    target = tmp_path / "work" / "s3" / "models" / "tiny"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text('{"model_type": "llama"}')
+    storage.fetch_model("s3://models/tiny")
+    assert _gets(s3, "/models/tiny/config.json") == 1
 
 
 def test_hf_models_are_keyed_by_the_resolved_commit(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ Layout under the cache root (`KUBETUNE_CACHE_DIR`, docs/cache.md):
 - ``locks/<entry>.lock`` one lock file per entry (``flock``): two jobs on the same model download it once;
 - ``tmp/<entry>/`` the entry while it downloads; renamed to its final name, on the same volume, only when
   complete, with ``.kubetune-entry.json`` (uri, revision, bytes) inside. An entry without that file is never
-  used; a fill killed midway leaves its ``tmp/`` directory, which the next fill of the entry finishes (a hub
-  download resumes the files it holds) or the next eviction sweep removes;
+  used; a fill killed midway leaves its ``tmp/`` directory, which the next fill of the entry finishes (it keeps
+  the files already whole) or, once nothing wrote to it for ``ABANDONED_SECONDS``, an eviction sweep removes;
 - ``leases/<job uid>.json`` the entries one job uses (written by its preflight; trainer pods find their model
   and data through it) and until when: eviction never removes an entry a live lease names.
 
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .cache_volume import (  # noqa: F401 - the volume's API, re-exported for the cache's callers
-    _MAX_NAME, DEFAULT_LEASE_SECONDS, ENTRY_FILE, KINDS, Entry, _flat, _os_error, _remove, _touch, _write_json,
-    cache_root, choose_evictions, dataset_key, escape, fill, filling, lease_id, lease_seconds, live_keys, locked,
-    lookup, max_bytes, model_key, read_entry, read_leases, scan, sweep, tree_bytes, write_lease)
+    _MAX_NAME, ABANDONED_SECONDS, DEFAULT_LEASE_SECONDS, ENTRY_FILE, KINDS, Entry, _flat, _os_error, _remove,
+    _touch, _write_json, cache_root, choose_evictions, dataset_key, escape, fill, filling, lease_id, lease_seconds,
+    live_keys, locked, lookup, max_bytes, model_key, read_entry, read_leases, scan, sweep, tree_bytes, write_lease)
 from .errors import StorageError
 
 log = logging.getLogger("kubetune_trainer.cache")
@@ -79,7 +79,7 @@ def model_download(uri: str, revision: str) -> Callable[[Path], None]:
         return hub
     if parsed.scheme == "s3":
         def s3(target: Path) -> None:
-            storage._s3_download_dir(parsed, target)  # noqa: SLF001
+            storage._s3_download_dir(parsed, target, resume=True)  # noqa: SLF001 - an interrupted fill resumes
         return s3
     raise ValueError(f"{uri}: only hf:// and s3:// models are cached")
 

@@ -29,6 +29,9 @@ log = logging.getLogger("kubetune_trainer.cache")
 ENTRY_FILE = ".kubetune-entry.json"
 KINDS = ("models", "datasets")
 DEFAULT_LEASE_SECONDS = 7 * 24 * 3600
+# An interrupted download (a `tmp/` directory nobody holds the lock of) is kept this long after its last write, so
+# the retried preflight finishes it instead of starting again; older ones are removed by the sweep.
+ABANDONED_SECONDS = 3600
 _MAX_NAME = 200  # a directory name stays under the usual 255-byte limit
 
 
@@ -275,9 +278,17 @@ def _remove(root: Path, path: Path) -> None:
     os.rename(path, trash)  # gone from its name at once; the files go after, outside the sweep lock
 
 
-def sweep(root: Path, cap_bytes: int, now: float) -> dict[str, Any]:
-    """Apply the policy: drop expired leases, remove abandoned downloads (tmp/ entries nobody holds the lock of)
-    and, over the cap, the least recently used entries no live lease names. Returns what it did."""
+def _last_write(path: Path) -> float:
+    """The newest mtime of `path` and everything under it."""
+    times = [path.stat().st_mtime]
+    times += [p.stat().st_mtime for p in path.rglob("*") if not p.is_symlink()]
+    return max(times)
+
+
+def sweep(root: Path, cap_bytes: int, now: float, abandoned_after: float = ABANDONED_SECONDS) -> dict[str, Any]:
+    """Apply the policy: drop expired leases, remove abandoned downloads (tmp/ entries nobody holds the lock of and
+    nothing wrote to for `abandoned_after` seconds: a younger one is left for the retried fill to finish) and, over
+    the cap, the least recently used entries no live lease names. Returns what it did."""
     removed: list[str] = []
     abandoned = 0
     try:
@@ -291,7 +302,7 @@ def sweep(root: Path, cap_bytes: int, now: float) -> dict[str, Any]:
             for staging in sorted(tmp.iterdir()) if tmp.is_dir() else []:
                 key = staging.name.replace("__", "/", 1)
                 with locked(root, key, blocking=False) as got:
-                    if got and staging.exists():
+                    if got and staging.exists() and now - _last_write(staging) >= abandoned_after:
                         _remove(root, staging)
                         abandoned += 1
             entries = scan(root)

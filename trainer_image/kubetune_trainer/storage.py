@@ -242,25 +242,32 @@ def _s3_error(uri: Uri, exc: Exception, action: str) -> StorageError:
     return StorageError(f"s3://{uri.authority}/{uri.path}: cannot {action}: {code}: {message}")
 
 
-def _s3_keys(client, uri: Uri) -> list[str]:
+def _s3_objects(client, uri: Uri) -> dict[str, int]:
+    """Key -> size of the objects under the prefix, sorted by key."""
     prefix = uri.path.rstrip("/") + "/" if uri.path else ""
     try:
-        return sorted(obj.object_name for obj in client.list_objects(uri.authority, prefix=prefix, recursive=True)
-                      if not obj.is_dir)
+        return {obj.object_name: int(obj.size or 0) for obj in sorted(
+            client.list_objects(uri.authority, prefix=prefix, recursive=True), key=lambda o: o.object_name)
+            if not obj.is_dir}
     except Exception as exc:
         raise _s3_error(uri, exc, "list objects") from exc
 
 
-def _s3_download_dir(uri: Uri, target: Path | None = None) -> Path:
+def _s3_download_dir(uri: Uri, target: Path | None = None, *, resume: bool = False) -> Path:
+    """Download every object under the prefix into `target`. With `resume`, a file already there at the listed
+    size is kept (the client writes each file under a temporary name and renames it when complete, so a file
+    of that name is whole): the cache's interrupted fills, whose directory is keyed by the listing itself."""
     client = s3_client()
-    keys = _s3_keys(client, uri)
-    if not keys:
+    objects = _s3_objects(client, uri)
+    if not objects:
         raise StorageError(f"{uri.raw}: no objects under this prefix")
     target = target if target is not None else work_dir() / "s3" / uri.authority / uri.path
     prefix = uri.path.rstrip("/") + "/" if uri.path else ""
-    for key in keys:
-        rel = _clean_relative(key[len(prefix):], uri.raw)
-        _s3_get(client, uri, key, target / rel)
+    for key, size in objects.items():
+        dest = target / _clean_relative(key[len(prefix):], uri.raw)
+        if resume and dest.is_file() and dest.stat().st_size == size:
+            continue
+        _s3_get(client, uri, key, dest)
     return target
 
 

@@ -130,9 +130,20 @@ values; flag names and formats: `kubetune operator --help`).
 - name: KUBETUNE_PREFLIGHT
   value: {{ .Values.trainer.preflight | toString | quote }}
 {{- with .Values.trainer.cache }}
-{{- if .existingClaim }}
+{{- if and .existingClaim .storageClass }}
+{{- fail "trainer.cache: set existingClaim (a claim you created) or storageClass (the operator creates claimName), not both" }}
+{{- end }}
+{{- if .storageClass }}
+- name: KUBETUNE_CACHE_STORAGE_CLASS
+  value: {{ .storageClass | quote }}
+- name: KUBETUNE_CACHE_SIZE_GIB
+  value: {{ .sizeGi | toString | quote }}
+- name: KUBETUNE_CACHE_ACCESS_MODES
+  value: {{ join "," .accessModes | quote }}
+{{- end }}
+{{- if or .existingClaim .storageClass }}
 - name: KUBETUNE_CACHE_CLAIM
-  value: {{ .existingClaim | quote }}
+  value: {{ .existingClaim | default .claimName | quote }}
 - name: KUBETUNE_CACHE_MOUNT_PATH
   value: {{ .mountPath | quote }}
 - name: KUBETUNE_CACHE_MAX_GIB
@@ -234,6 +245,23 @@ the per-namespace Roles. No Secrets: trainer pods reference them by name only.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# Kueue's Workloads of the trainer Jobs (read only: the operator shows Kueue's verdict, never changes it)
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "watch"]
+{{- with .Values.trainer.cache }}
+{{- if .storageClass }}
+# trainer.cache.storageClass: the operator creates the cache claim where it is missing (never updates or deletes it)
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create"]
+{{- else if .existingClaim }}
+# trainer.cache.existingClaim: the operator reads the claim to say why a preflight waits for it
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
+{{- end }}
+{{- end }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
