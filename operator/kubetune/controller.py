@@ -37,7 +37,7 @@ from kubetune.cache_claim import build_cache_claim, claim_not_ready_message
 from kubetune.child_watch import ChildWatch, child_watches
 from kubetune.kueue_watch import KueueWatch
 from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
-from kubetune.estimate import Pricing
+from kubetune.estimate import Pricing, flops_per_token
 from kubetune.expectations import Expectations
 from kubetune.metrics import OperatorMetrics
 from kubetune.preflight import build_preflight_job, preflight_enabled, preflight_name, validated_for
@@ -50,6 +50,7 @@ from kubetune.preflight_trace import trace_status, traced_fit
 from kubetune.sizing.fleet_sizer import FleetSizer
 from kubetune.status import checked_status
 from kubetune.store import ClusterStore
+from kubetune.throughput import ThroughputBook
 from kubetune.workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger("kubetune.operator")
@@ -105,6 +106,7 @@ class Reconciler:
         self.children = ChildClient(api)
         self.objects = client.CustomObjectsApi(api)
         self.store = ClusterStore()
+        self.throughput = ThroughputBook(flops_per_token)
         self.queue: WorkQueue[Key] = WorkQueue(clock=clock)
         self.expectations = Expectations(clock=clock)
         self.sizer = FleetSizer(self.children.list_nodes, config.node_cache_seconds,
@@ -130,6 +132,8 @@ class Reconciler:
     def observe_ftj(self, event_type: str | None, obj: dict[str, Any]) -> None:
         """A FineTuneJob watch event (from kopf): store it and queue a pass when it is news."""
         meta = obj.get("metadata") or {}
+        if event_type != "DELETED":
+            self.throughput.observe(obj)  # a clean succeeded run calibrates later estimates (kubetune.throughput)
         if self.store.observe_ftj(event_type, obj) and meta.get("name"):
             self.enqueue((meta.get("namespace") or "", meta["name"]))
 
@@ -316,7 +320,7 @@ class Reconciler:
         generation = int(meta.get("generation") or 0)
         decision = decide(name=name, generation=generation, labels=labels, spec=spec, spec_hash=want_hash,
                           status=status, observed=observed, now=now, sizing_retry_seconds=cfg.sizing_retry_seconds,
-                          pricing=cfg.pricing)
+                          pricing=cfg.pricing, throughput=self.throughput)
         try:
             self._act(key, uid, decision)
         except NotOwned as exc:

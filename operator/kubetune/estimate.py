@@ -11,6 +11,10 @@ GPUs, processes), the sizer's parameter count (status.plan.estimate.totalParams)
   no weight gradients of the frozen base; + 2 x with gradient checkpointing, which repeats the forward) divided by
   the GPUs' dense bf16 tensor peak (datasheet) x MODEL_FLOPS_UTILIZATION. GPU types missing from the peak table,
   and CPU-only layouts, get steps and tokens but no time and no cost.
+- **Calibrated time** (`kubetune.throughput`): once runs on the same GPU type (and method) have succeeded in this
+  cluster, their measured figures replace the datasheet guess: time = their median seconds outside training +
+  FLOPs / (devices x their median achieved FLOP/s per device). This also gives CPU-only layouts and GPU types
+  missing from the peak table a time.
 - **GPU-hours** = GPUs x time; **cost** = GPU-hours x the GPU type's price (none without a price).
 """
 
@@ -19,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
+
+from kubetune.throughput import Calibration
 
 # Model FLOPs utilization assumed for fine-tuning (PaLM's MFU definition): what well-tuned single-node LLM
 # fine-tuning reaches on current GPUs is typically 30-45%; the estimate takes the low end.
@@ -97,8 +103,9 @@ def flops_per_token(total_params: int, method: str, gradient_checkpointing: bool
 
 
 def estimate_status(preflight: dict[str, Any], layout: dict[str, Any], plan: dict[str, Any] | None, spec: Any,
-                    pricing: Pricing) -> dict[str, Any]:
-    """status.estimate for the preflight's counts on this layout (status.layout) at these prices."""
+                    pricing: Pricing, calibration: Calibration | None = None) -> dict[str, Any]:
+    """status.estimate for the preflight's counts on this layout (status.layout) at these prices; with a
+    calibration (this cluster's measured runs on the layout's GPU type), the time comes from it."""
     t = spec.training
     world = max(int(layout.get("pods") or 1) * int(layout.get("procsPerNode") or 1), 1)
     rows = int(preflight.get("trainRows") or preflight.get("trainExamples") or 0)
@@ -111,23 +118,31 @@ def estimate_status(preflight: dict[str, Any], layout: dict[str, Any], plan: dic
     params = int(((plan or {}).get("estimate") or {}).get("totalParams") or 0)
     peak = peak_tflops(gpu_type)
     basis = []
-    if gpus > 0 and peak is not None and params > 0:
-        rate = gpus * peak * 1e12 * MODEL_FLOPS_UTILIZATION / flops_per_token(params, spec.method,
-                                                                              t.gradient_checkpointing)
+    fpt = flops_per_token(params, spec.method, t.gradient_checkpointing)
+    seconds: float | None = None
+    if calibration is not None and params > 0:
+        rate = (gpus if gpus > 0 else world) * calibration.flops_per_device / fpt
+        seconds = calibration.overhead_seconds + tokens / rate
+        basis.append(f"{params / 1e9:.3g}B parameters; {calibration.describe()}")
+    elif gpus > 0 and peak is not None and params > 0:
+        rate = gpus * peak * 1e12 * MODEL_FLOPS_UTILIZATION / fpt
         seconds = tokens / rate
+        basis.append(f"{params / 1e9:.2f}B parameters at {MODEL_FLOPS_UTILIZATION:.0%} of {peak:g} TFLOP/s per GPU "
+                     "(datasheet; no finished run on this GPU type to calibrate from yet)")
+    elif gpus > 0:
+        basis.append(f"no time estimate: {'unknown peak for ' + gpu_type if peak is None else 'unknown model size'}")
+    if seconds is not None:
         out.update(tokensPerSecond=round(rate, 1), etaSeconds=round(seconds, 1),
                    gpuHours=round(gpus * seconds / 3600.0, 4))
-        basis.append(f"{params / 1e9:.2f}B parameters at {MODEL_FLOPS_UTILIZATION:.0%} of {peak:g} TFLOP/s per GPU")
+    if gpus == 0:
+        out["gpuHours"], out["cost"] = 0.0, 0.0
+        basis.append("CPU-only layout: no GPU time")
+    elif seconds is not None:
         price = pricing.price(gpu_type)
         if price is not None:
             out.update(pricePerGpuHour=price, cost=round(out["gpuHours"] * price, 4))
         else:
             basis.append(f"no price for {gpu_type}")
-    elif gpus == 0:
-        out["gpuHours"], out["cost"] = 0.0, 0.0
-        basis.append("CPU-only layout: no GPU time")
-    else:
-        basis.append(f"no time estimate: {'unknown peak for ' + gpu_type if peak is None else 'unknown model size'}")
     out["basis"] = "; ".join(basis)
     out["display"] = estimate_display(out)
     return out
@@ -139,8 +154,19 @@ def estimate_display(est: dict[str, Any]) -> str:
         return f"{x:.2f}" if x >= 1 else f"{x:.2g}"
 
     text = f"{est['steps']} steps, {est['tokens']:,} tokens"
+    if est.get("etaSeconds") is not None:
+        text += f", about {duration_text(float(est['etaSeconds']))}"
     if est.get("gpuHours") is not None and est.get("gpus"):
         text += f", {num(est['gpuHours'])} GPU-hours on {est['gpus']} x {est['gpuType']}"
     if est.get("cost") is not None and est.get("gpus"):
         text += f", about {num(est['cost'])} {est['currency']}"
     return text
+
+
+def duration_text(seconds: float) -> str:
+    """A duration for people: 45 s, 12 min, 3.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

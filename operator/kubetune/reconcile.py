@@ -23,6 +23,7 @@ from kubetune.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEU
 from kubetune.advice import advise
 from kubetune.kueue_admission import admission, not_installed_message
 from kubetune.estimate import Pricing, estimate_status
+from kubetune.throughput import ThroughputBook
 from kubetune.preflight import preflight_status, validated_for
 from kubetune.preflight_trace import TracedFit, plan_with_trace, traced_fit
 from kubetune.sizing.layout import SizingOutcome
@@ -309,6 +310,7 @@ class _Pass:
     def __init__(self, status: dict[str, Any], generation: int, now: dt.datetime,
                  pricing: Pricing | None = None) -> None:
         self.pricing = pricing
+        self.throughput: ThroughputBook | None = None  # this cluster's measured runs, for status.estimate
         self.old = status or {}
         self.st = copy.deepcopy(self.old)
         self.st["observedGeneration"] = generation
@@ -346,7 +348,8 @@ class _Pass:
 
 def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTuneJobSpec, spec_hash: str,
            status: dict[str, Any], observed: Observed, now: dt.datetime,
-           sizing_retry_seconds: float = 60.0, pricing: Pricing | None = None) -> Decision:
+           sizing_retry_seconds: float = 60.0, pricing: Pricing | None = None,
+           throughput: ThroughputBook | None = None) -> Decision:
     """Compute the desired status and the actions for one FineTuneJob (level-based, idempotent).
 
     Runs once per pass. When `phase_of` says create, the caller sizes the job and renders its children into
@@ -354,6 +357,7 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTune
     del name  # part of the signature for logging callers; the branches need only what follows
     branch = phase_of(status, spec, observed.job, spec_hash)
     p = _Pass(status, generation, now, pricing)
+    p.throughput = throughput
     if branch == TERMINAL:
         return _decide_terminal(p, spec, observed)
     if branch == CANCEL:
@@ -426,7 +430,10 @@ def _decide_create(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict
     st["layout"] = sizing.layout.to_status(want_hash)
     p.cond(C.SIZED, True, sizing.reason, sizing.message)
     if st.get("preflight") and st["preflight"].get("steps"):
-        st["estimate"] = estimate_status(st["preflight"], st["layout"], st.get("plan"), spec, p.pricing or Pricing())
+        calibration = p.throughput.calibration(str(st["layout"].get("gpuType") or ""), spec.method) \
+            if p.throughput is not None else None
+        st["estimate"] = estimate_status(st["preflight"], st["layout"], st.get("plan"), spec, p.pricing or Pricing(),
+                                         calibration)
     recreating = bool(p.old.get("layout")) and p.old_phase != ""
     reason = R.RECREATING if recreating else R.CREATED
     if spec.suspend:

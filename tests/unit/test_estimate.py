@@ -99,3 +99,99 @@ def test_the_pass_that_creates_the_trainer_job_writes_the_estimate_and_running_a
                    status=st, observed=Observed(job=job), now=t0, pricing=pricing)
     acc = later.status["accounting"]
     assert acc["gpuHours"] == 1.0 and acc["cost"] == 2.5 and acc["currency"] == "USD"
+
+
+def _succeeded(uid: str, *, gpu_type: str = H100, gpus: int = 1, method: str = "lora", tps: float = 2000.0,
+               tokens: int = 1_000_000, running: float = 620.0, params: int = 8_030_261_248,
+               finished: str = "2026-01-01T00:00:00Z", **status: object) -> dict:
+    return {"metadata": {"uid": uid}, "spec": {"method": method, "training": {"gradientCheckpointing": True}},
+            "status": {"phase": "Succeeded", "completionTime": finished,
+                       "layout": {"gpuType": gpu_type, "totalGpus": gpus, "pods": 1},
+                       "plan": {"estimate": {"totalParams": params}}, "progress": {"tokensPerSecond": tps},
+                       "accounting": {"runningSeconds": running, "tokens": tokens, "restarts": 0}, **status}}
+
+
+def test_a_clean_succeeded_run_is_a_sample_of_throughput_and_overhead():
+    from kubetune.estimate import flops_per_token
+    from kubetune.throughput import sample_of
+
+    s = sample_of(_succeeded("a", gpus=2, tps=4000.0), flops_per_token)
+    # 1e6 tokens at 4000/s: 250 s of training steps in 620 s running -> 370 s outside them.
+    assert s is not None and s.overhead_seconds == pytest.approx(370.0)
+    assert s.flops_per_device == pytest.approx(4000.0 * 6 * 8_030_261_248 / 2)
+    for unclean in ({"resumedFromStep": 40}, {"memoryReplans": [{"gpuType": H100}]}, {"phase": "Failed"}):
+        assert sample_of(_succeeded("b", **unclean), flops_per_token) is None, unclean
+    restarted = _succeeded("c")
+    restarted["status"]["accounting"]["restarts"] = 1
+    assert sample_of(restarted, flops_per_token) is None
+    no_rate = _succeeded("d", tps=0.0)
+    assert sample_of(no_rate, flops_per_token) is None
+
+
+def test_calibration_is_the_median_of_recent_runs_and_predicts_another_model_size():
+    from kubetune.estimate import flops_per_token
+    from kubetune.throughput import RECENT_RUNS, ThroughputBook
+
+    book = ThroughputBook(flops_per_token)
+    assert book.calibration(H100, "lora") is None
+    # Three runs of the 8B model; one slow outlier must not move the median.
+    for i, (tps, running) in enumerate(((2000.0, 620.0), (2100.0, 600.0), (500.0, 2500.0))):
+        assert book.observe(_succeeded(f"r{i}", tps=tps, running=running, finished=f"2026-01-0{i + 1}T00:00:00Z"))
+    assert not book.observe(_succeeded("r0"))  # the same FineTuneJob seen again adds nothing
+    cal = book.calibration(H100, "lora")
+    assert cal is not None and cal.runs == 3
+    assert cal.flops_per_device == pytest.approx(2000.0 * flops_per_token(8_030_261_248, "lora", True))
+    assert cal.overhead_seconds == pytest.approx(600.0 - 1_000_000 / 2100.0)  # medians of 120, 123.8 and 500 s
+    # A 70B-parameter job on the same GPU type: same FLOP/s, so tokens/s scale down with the model size.
+    est = estimate_status(PREFLIGHT, {"gpuType": H100, "totalGpus": 4, "pods": 1, "procsPerNode": 4},
+                          {"estimate": {"totalParams": 70_553_706_496}}, parse_spec(SPEC),
+                          Pricing(((H100, 2.5),)), cal)
+    rate = 4 * cal.flops_per_device / flops_per_token(70_553_706_496, "lora", True)
+    assert est["etaSeconds"] == pytest.approx(cal.overhead_seconds + est["tokens"] / rate, rel=1e-3)
+    assert est["cost"] == pytest.approx(4 * est["etaSeconds"] / 3600 * 2.5, rel=1e-2)
+    assert "calibrated on this cluster: median of 3" in est["basis"]
+    # Another method on the same GPU type borrows these runs (said so); another GPU type does not.
+    full = book.calibration(H100, "full")
+    assert full is not None and full.method == "any"
+    assert book.calibration("NVIDIA-L4", "lora") is None
+    # Only the most recent runs count.
+    for i in range(RECENT_RUNS):
+        book.observe(_succeeded(f"new{i}", tps=1000.0, running=1100.0, finished=f"2026-02-{i + 10}T00:00:00Z"))
+    assert book.calibration(H100, "lora").flops_per_device == pytest.approx(
+        1000.0 * flops_per_token(8_030_261_248, "lora", True))
+
+
+def test_calibration_gives_gpu_types_without_a_datasheet_peak_a_time_and_cost():
+    from kubetune.estimate import flops_per_token
+    from kubetune.throughput import ThroughputBook
+
+    book = ThroughputBook(flops_per_token)
+    book.observe(_succeeded("x", gpu_type="Acme-X1", tps=100.0, tokens=10_000, running=130.0))
+    layout = {"gpuType": "Acme-X1", "totalGpus": 1, "pods": 1, "procsPerNode": 1}
+    est = estimate_status(PREFLIGHT, layout, PLAN, parse_spec(SPEC), Pricing((("Acme-X1", 1.2),)),
+                          book.calibration("Acme-X1", "lora"))
+    # Same model: 30 s outside training + 400,000 tokens... at the measured 100 tokens/s.
+    assert est["etaSeconds"] == pytest.approx(30.0 + est["tokens"] / 100.0, rel=1e-3)
+    assert est["cost"] == pytest.approx(est["etaSeconds"] / 3600 * 1.2, rel=1e-2)
+    assert "about" in est["display"]
+
+
+def test_the_pass_that_creates_the_trainer_job_uses_the_clusters_calibration():
+    from kubetune.estimate import flops_per_token
+    from kubetune.throughput import ThroughputBook
+
+    book = ThroughputBook(flops_per_token)
+    book.observe(_succeeded("earlier", tps=1500.0, running=900.0))
+    layout = Layout(gpu_type=H100, gpus_per_pod=1, pods=1, strategy="none", node_selector={})
+    outcome = SizingOutcome(True, layout, R.SIZED, "sized", plan_status=PLAN)
+    children = build_children(JobRef("demo", "ns", "uid-1"), SPEC, parse_spec(SPEC), layout, BuildConfig())
+    args = dict(name="demo", generation=1, labels={}, spec=parse_spec(SPEC), spec_hash=spec_hash(SPEC),
+                now=dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc), pricing=Pricing(((H100, 2.5),), "USD"))
+    plain = decide(status={"preflight": copy.deepcopy(PREFLIGHT)}, observed=Observed(sizing=outcome, children=children),
+                   **args).status["estimate"]
+    calibrated = decide(status={"preflight": copy.deepcopy(PREFLIGHT)},
+                        observed=Observed(sizing=outcome, children=children), throughput=book,
+                        **args).status["estimate"]
+    assert "datasheet" in plain["basis"] and "calibrated on this cluster" in calibrated["basis"]
+    overhead = 900.0 - 1_000_000 / 1500.0
+    assert calibrated["etaSeconds"] == pytest.approx(overhead + calibrated["tokens"] / 1500.0, rel=1e-3)

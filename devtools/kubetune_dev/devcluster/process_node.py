@@ -1,7 +1,8 @@
 """A local "process node": a Node in the local cluster whose pods run as local processes.
 
-It registers Node `<name>` (label `kubetune.io/process-node: "true"`, no GPUs, allocatable
-cpu/memory/pods from its config), keeps it Ready (a Lease in kube-node-lease renewed every 10 s
+It registers Node `<name>` (label `kubetune.io/process-node: "true"`, allocatable cpu/memory/pods from its
+config; no GPUs, unless `gpus` asks for simulated ones: `nvidia.com/gpu` and the GPU feature labels of
+`gpu_product`, whose pods still compute on the CPU), keeps it Ready (a Lease in kube-node-lease renewed every 10 s
 plus a status heartbeat), and runs every pod bound to it (`spec.nodeName == name`):
 
 - each container runs `command + args` (an image's entrypoint is unknown here, so `command` is
@@ -61,6 +62,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from kubetune import fleet_file
+from kubetune.fleet_file import GPU_RESOURCE, NodeGroup
 
 from .procs import group_alive, spawn
 
@@ -280,6 +284,11 @@ class ProcessNodeConfig:
     pods: int = 20
     ephemeral_storage: str = "100Gi"
     labels: dict[str, str] = field(default_factory=dict)
+    # Simulated GPUs: the node advertises `nvidia.com/gpu` and the GPU feature discovery labels of this product, so
+    # the scheduler, the sizer and the cost accounting treat it as a GPU node; its pods still compute on the CPU.
+    gpus: int = 0
+    gpu_product: str = "KUBETUNE-PROCESS-GPU"
+    gpu_memory_mib: int = 16384
     poll_interval: float = 0.3
     lease_duration_seconds: int = 40
     heartbeat_interval: float = 10.0
@@ -441,7 +450,13 @@ class ProcessNode:
         c = self.config
         resources = {"cpu": c.cpu, "memory": c.memory, "pods": str(c.pods), "ephemeral-storage": c.ephemeral_storage}
         labels = {PROCESS_NODE_LABEL: "true", "kubernetes.io/hostname": c.name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64", **c.labels}
+                  "kubernetes.io/arch": "amd64"}
+        if c.gpus:
+            gpu_node = fleet_file.node_manifest(NodeGroup(namePrefix=c.name, count=1, gpuProduct=c.gpu_product,
+                                                          gpuMemoryMiB=c.gpu_memory_mib, gpusPerNode=c.gpus), c.name)
+            labels.update({k: v for k, v in gpu_node["metadata"]["labels"].items() if k.startswith("nvidia.com/")})
+            resources[GPU_RESOURCE] = str(c.gpus)
+        labels.update(c.labels)
         return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": c.name, "labels": labels},
                 "spec": {}, "status": {"capacity": resources, "allocatable": resources,
                                        "conditions": self._conditions(),
@@ -849,6 +864,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--memory", default="16Gi")
     run.add_argument("--pods", type=int, default=20)
     run.add_argument("--label", action="append", default=[], help="extra node label key=value")
+    run.add_argument("--gpus", type=int, default=0,
+                     help="simulated GPUs to advertise (nvidia.com/gpu + feature labels); pods compute on the CPU")
+    run.add_argument("--gpu-product", default=ProcessNodeConfig.gpu_product, help="nvidia.com/gpu.product of them")
+    run.add_argument("--gpu-memory-mib", type=int, default=ProcessNodeConfig.gpu_memory_mib,
+                     help="nvidia.com/gpu.memory of them (what the sizer fits the job into)")
     logs = sub.add_parser("logs", help="print the logs of a pod run by a process node")
     logs.add_argument("pod", help="NAMESPACE/POD")
     logs.add_argument("-c", "--container")
@@ -864,7 +884,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     labels = dict(item.split("=", 1) for item in args.label)
     node = ProcessNode(ProcessNodeConfig(name=args.name, data_root=args.data_root, cpu=args.cpu, memory=args.memory,
-                                         pods=args.pods, labels=labels),
+                                         pods=args.pods, labels=labels, gpus=args.gpus,
+                                         gpu_product=args.gpu_product, gpu_memory_mib=args.gpu_memory_mib),
                        api_client_factory=lambda: kconfig.new_client_from_config(config_file=args.kubeconfig))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

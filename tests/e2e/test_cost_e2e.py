@@ -1,0 +1,103 @@
+"""End to end: the cost estimate before a run against the cost the run really had (status.estimate vs
+status.accounting), on a process node that advertises one simulated, priced GPU (its pods compute on the CPU).
+
+The first run on a GPU type nobody has measured gets steps and tokens but no time: the datasheet table does not know
+the product. It calibrates the cluster's estimate (kubetune.throughput): the next run, of another length, is
+estimated from what the first one measured, and its estimated cost must match its actual cost within 10%.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kubetune_dev.operator_process import OperatorProcess, install_crds
+from tests.e2e.test_e2e import Workspace, tiny_model, wait_terminal  # noqa: F401 - tiny_model is a fixture
+from tests.support.cluster_helpers import wait_for
+from tests.support.finetunejobs import FtjClient, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+GPU_PRODUCT = "KUBETUNE-PROCESS-GPU"
+PRICE = 3.0  # per GPU-hour
+
+
+@pytest.fixture(scope="module")
+def gpu_node(cluster, tmp_path_factory):
+    """A process node with one simulated GPU of GPU_PRODUCT, Ready."""
+    from kubernetes import client
+
+    node = cluster.start_process_node("process-gpu-node", tmp_path_factory.mktemp("gpu-node"), cpu="4",
+                                      memory="8Gi", gpus=1, gpu_product=GPU_PRODUCT, gpu_memory_mib=16384)
+    core = client.CoreV1Api(cluster.api_client())
+
+    def ready() -> bool:
+        status = core.read_node(node.name).status
+        return any(c.type == "Ready" and c.status == "True" for c in status.conditions or []) \
+            and status.allocatable.get("nvidia.com/gpu") == "1"
+
+    wait_for(ready, 30, "the GPU process node Ready")
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def priced_operator(cluster, gpu_node, tmp_path_factory):
+    """The operator with a price for the simulated GPU."""
+    install_crds(cluster.kubectl)
+    log = tmp_path_factory.mktemp("operator-cost") / "operator.log"
+    op = OperatorProcess(cluster.kubeconfig, [
+        "--all-namespaces", "--liveness-port", "0", "--metrics-port", str(free_port()),
+        "--resync-seconds", "1", "--progress-seconds", "1", "--lease-namespace", "default",
+        "--lease-name", f"e2e-cost-{uuid.uuid4().hex[:6]}", "--lease-seconds", "5",
+        "--cpu-node-selector", "kubetune.io/process-node=true",
+        "--pricing", f"{GPU_PRODUCT}={PRICE}", "--currency", "EUR",
+    ], log)
+    with op.leading():
+        yield op
+
+
+def _gpu_manifest(ws: Workspace, model: Path, name: str, steps: int) -> dict:
+    """The quickstart on one (simulated) GPU; the tiny model is in no catalog, so the sizer gets its architecture."""
+    m = ws.manifest(name, maxSteps=steps, checkpointEverySteps=10_000)
+    m["spec"]["resources"] = {"gpusPerPod": 1, "pods": 1, "cpu": "2", "memory": "4Gi"}
+    config = json.loads((model / "config.json").read_text())
+    m["spec"]["model"]["architecture"] = {
+        "family": config["model_type"], "hiddenSize": config["hidden_size"],
+        "intermediateSize": config["intermediate_size"], "numHiddenLayers": config["num_hidden_layers"],
+        "numAttentionHeads": config["num_attention_heads"], "numKeyValueHeads": config["num_key_value_heads"],
+        "vocabSize": config["vocab_size"], "tieWordEmbeddings": bool(config.get("tie_word_embeddings"))}
+    return m
+
+
+def test_the_estimated_cost_matches_the_actual_cost_once_the_cluster_has_measured_a_run(
+        cluster, k8s, namespace, gpu_node, priced_operator, tiny_model):  # noqa: F811 - the fixture
+    ftj = FtjClient(k8s)
+    ws = Workspace(k8s, namespace, Path(gpu_node.config.data_root), tiny_model)
+
+    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "first", 60))
+    first = wait_terminal(ftj, namespace, "first")
+    assert first["phase"] == "Succeeded", json.dumps(first)[:3000]
+    assert first["layout"]["gpuType"] == GPU_PRODUCT and first["layout"]["totalGpus"] == 1, first["layout"]
+    # Nothing measured yet and no datasheet peak for this product: steps and tokens, no time, no cost.
+    assert first["estimate"]["steps"] == first["progress"]["step"] == 60
+    assert "cost" not in first["estimate"] and f"unknown peak for {GPU_PRODUCT}" in first["estimate"]["basis"]
+    assert first["accounting"]["cost"] > 0 and first["accounting"]["currency"] == "EUR"
+    # A GPU layout: the preflight traced the real step and checked it against the GPU's memory.
+    trace = first["preflight"]["trace"]
+    assert trace["peakBytes"] > 0 and trace["fits"] is True and trace["gpuType"] == GPU_PRODUCT, trace
+
+    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "second", 120))
+    second = wait_terminal(ftj, namespace, "second")
+    assert second["phase"] == "Succeeded", json.dumps(second)[:3000]
+    est, acc = second["estimate"], second["accounting"]
+    assert "calibrated on this cluster: median of 1" in est["basis"], est
+    assert est["steps"] == second["progress"]["step"] == 120
+    # Twice the steps of the calibrating run, predicted from its throughput and start-up time.
+    seen = {"estimate": est, "accounting": acc, "progress": second["progress"],
+            "calibrating run": {"accounting": first["accounting"], "progress": first["progress"]}}
+    assert est["cost"] == pytest.approx(acc["cost"], rel=0.10), json.dumps(seen)
+    assert est["gpuHours"] == pytest.approx(acc["gpuHours"], rel=0.10), json.dumps(seen)
