@@ -2,6 +2,7 @@
 
     python bench/operator_scale.py [--nodes 250 --jobs 1000] [--concurrency 16] [--quick]
                                    [--apiserver-profile FILE [--apiserver-profile-seconds 45]]
+                                   [--peer kubeflow|none] [--peer-order after|before]
 
 Starts the local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK) with a
 generated fleet of `--nodes` simulated GPU nodes, then in one run:
@@ -14,7 +15,13 @@ generated fleet of `--nodes` simulated GPU nodes, then in one run:
    ConfigMap, Service, Job and `status.plan`. Apply-to-Job latency is the time between the watch events
    of the FineTuneJob's and of its Job's creation (wall clock at event arrival, one watcher process);
 3. completion: marks every running trainer pod complete through KWOK (kwok.kubetune.io/complete) until
-   every FineTuneJob is Succeeded, and times that.
+   every FineTuneJob is Succeeded, and times that;
+4. the peer (--peer kubeflow, the default; after the kubetune phase unless --peer-order before): starts the
+   Kubeflow Trainer v2 and JobSet controller managers (kubetune_dev.devcluster.kubeflow), creates `--jobs`
+   TrainJobs of a ClusterTrainingRuntime that runs the same trainer pod (bench/peer_kubeflow.py) and
+   measures them as the FineTuneJobs: from the first create until every job's pod exists (throughput,
+   apply -> first pod latency, CPU and apiserver requests per job), controller peak RSS, and completion.
+   `peer_ratios` holds kubetune / Kubeflow for each figure. Without `go` the peer is skipped with the reason.
 
 Also recorded: operator peak RSS (VmHWM) and CPU time (utime+stime) from /proc, the apiserver's
 `apiserver_request_total` delta by verb/resource for each phase, the load average, errors / lost
@@ -45,11 +52,13 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
+sys.path.insert(0, str(REPO / "bench"))
 
 RESULTS_DIR = REPO / "bench" / "results"
 FTJ_NS = "bench-kubetune"
 DIRECT_NS = "bench-direct"
 DIRECT_RUNNING_NS = "bench-direct-running"
+KUBEFLOW_NS = "bench-kubeflow"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 MANAGED = "app.kubernetes.io/managed-by=kubetune"
 COMPLETE_ANNOTATION = "kwok.kubetune.io/complete"
@@ -150,7 +159,7 @@ def cpu_by_process(cluster: Any, extra: dict[str, int] | None = None) -> dict[st
     """CPU seconds used so far by each control-plane process, KWOK, this client and `extra` processes, and
     when they were read ("_at", monotonic seconds)."""
     pids = {**cluster.pids, "bench client": os.getpid(), **(extra or {})}
-    out = {"_at": time.monotonic()}
+    out = {"_at": time.monotonic(), "_host": host_busy_seconds()}
     for name, pid in pids.items():
         try:
             out[name] = proc_cpu_seconds(pid)
@@ -162,11 +171,21 @@ def cpu_by_process(cluster: Any, extra: dict[str, int] | None = None) -> dict[st
 def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, Any]:
     """CPU seconds per process between two `cpu_by_process` readings, their total, and the cores that total
     kept busy over the time between the readings."""
-    used = {name: round(after[name] - before.get(name, 0.0), 2) for name in after if name != "_at"}
+    used = {name: round(after[name] - before.get(name, 0.0), 2) for name in after if not name.startswith("_")}
     total = sum(used.values())
     wall = after["_at"] - before["_at"]
+    host = after.get("_host", 0.0) - before.get("_host", 0.0)
     return {**dict(sorted(used.items(), key=lambda kv: -kv[1])), "TOTAL": round(total, 2),
-            "cores_busy": round(total / wall, 2) if wall > 0 else None}
+            "cores_busy": round(total / wall, 2) if wall > 0 else None,
+            # the whole machine, this run's processes included: what other work left to the run
+            "host_cores_busy": round(host / wall, 2) if wall > 0 and "_host" in before else None}
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs; /proc/stat minus idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status_kib(pid: int, key: str) -> int:
@@ -345,8 +364,11 @@ def ftj_digest(obj: dict) -> dict[str, Any]:
 
 
 def pod_digest(obj: dict) -> dict[str, Any]:
-    """A trainer pod's phase, node and whether completion was requested."""
+    """A trainer pod's phase, node, workload (Job or JobSet) and whether completion was requested."""
+    from peer_kubeflow import pod_owner
+
     return {"phase": (obj.get("status") or {}).get("phase") or "Pending",
+            "owner": pod_owner((obj.get("metadata") or {}).get("labels") or {}),
             "node": (obj.get("spec") or {}).get("nodeName") or "",
             "completing": COMPLETE_ANNOTATION in ((obj.get("metadata") or {}).get("annotations") or {}),
             "deleting": bool(obj["metadata"].get("deletionTimestamp"))}
@@ -505,8 +527,9 @@ def request_rates(requests: dict[str, int], n: int, wall: float) -> dict[str, fl
 
 
 def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str], concurrency: int,
-                        timeout: float) -> dict:
-    """Complete every Running trainer pod (KWOK) until every FineTuneJob is Succeeded or Failed."""
+                        timeout: float, ns: str = FTJ_NS) -> dict:
+    """Complete every Running trainer pod in ns (KWOK) until every job watched by `ftjs` (FineTuneJobs, or
+    TrainJobs with a digest of the same shape) is Succeeded or Failed."""
     from kubernetes import client
 
     core = client.CoreV1Api(api)
@@ -516,7 +539,7 @@ def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str]
     deadline = time.monotonic() + timeout
 
     def complete(name: str) -> None:
-        core.patch_namespaced_pod(name, FTJ_NS, {"metadata": {"annotations": {
+        core.patch_namespaced_pod(name, ns, {"metadata": {"annotations": {
             COMPLETE_ANNOTATION: "succeeded", "kwok.kubetune.io/exit-code": "0"}}}, _preload_content=False)
 
     def terminal(w: Watcher) -> bool:
@@ -540,6 +563,61 @@ def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str]
     return {"wall_s": round(done - t0, 3), "pods_completed": len(patched), "phases": dict(phases),
             "all_succeeded": phases.get("Succeeded", 0) == len(names), "errors": errors[:10],
             "error_count": len(errors)}
+
+
+def events_by_source(api: Any, ns: str) -> dict[str, int]:
+    """Events in ns counted by "<reporting component> <reason>" (who writes the `POST events` requests)."""
+    from kubernetes import client
+
+    items = client.CoreV1Api(api).list_namespaced_event(ns).items
+    counts = Counter(f"{e.reporting_component or (e.source.component if e.source else '') or '?'} {e.reason}"
+                     for e in items)
+    return dict(counts.most_common())
+
+
+def first_pod_times(pods: Watcher) -> dict[str, float]:
+    """Owner (Job or JobSet name) -> when the watch first saw one of its pods."""
+    out: dict[str, float] = {}
+    with pods.lock:
+        for name, seen in pods.added.items():
+            owner = (pods.state.get(name) or {}).get("owner")
+            if owner:
+                out[owner] = min(seen, out.get(owner, seen))
+    return out
+
+
+def wait_for_pods(pods: Watcher, owners: list[str], deadline: float, alive: Callable[[], bool]) -> bool:
+    """Until every owner has a pod (or the deadline passes, or `alive()` turns false)."""
+    wanted = set(owners)
+
+    def every_owner(w: Watcher) -> bool:
+        return wanted <= {d.get("owner") for d in w.state.values()}
+    while time.monotonic() < deadline and alive():
+        if pods.wait_until(every_owner, 1.0):
+            return True
+    return False
+
+
+def to_pods_summary(*, names: list[str], owner_of: Callable[[str], str], applied: Watcher, pods: Watcher, t0: float,
+                    complete: bool, requests: dict[str, int], cpu: dict[str, Any], controllers: list[str]) -> dict:
+    """One side of the peer comparison, from the start of creation until every job's pods exist: throughput,
+    apply -> first pod latency (watch event times), apiserver requests and CPU per job."""
+    from peer_kubeflow import cpu_per_job
+
+    first_pod = first_pod_times(pods)
+    latencies = [first_pod[owner_of(nm)] - applied.added[nm] for nm in names
+                 if owner_of(nm) in first_pod and nm in applied.added]
+    last = max((first_pod[owner_of(nm)] for nm in names if owner_of(nm) in first_pod), default=None)
+    wall = (last - t0) if last else 0.0
+    n = len(names)
+    return {"complete": complete, "with_pods": len(latencies), "wall_s": round(wall, 3),
+            "throughput_per_s": round(len(latencies) / wall, 2) if wall > 0 else None,
+            "latency_s": {"p50": round(percentile(latencies, 50), 3), "p95": round(percentile(latencies, 95), 3),
+                          "p99": round(percentile(latencies, 99), 3), "max": round(max(latencies, default=0), 3),
+                          "samples": len(latencies)},
+            "apiserver_requests": requests, **request_rates(requests, n, wall),
+            "cpu_s_by_process": cpu, "controllers": controllers,
+            "cpu_s_per_job": cpu_per_job(cpu, controllers, n)}
 
 
 class ApiserverProfile(threading.Thread):
@@ -573,6 +651,9 @@ class ApiserverProfile(threading.Thread):
         if not go:
             out["summary_error"] = "go is not on PATH: summarise with go tool pprof -top"
             return out
+        # Go 1.24+ builds `go tool pprof` on first use (over 2 minutes on a busy 2-core machine): once, untimed per
+        # category.
+        subprocess.run([go, "tool", "pprof", "-h"], capture_output=True, timeout=900)
         shares: dict[str, float] = {}
         for name, regex in PROFILE_CATEGORIES.items():
             proc = subprocess.run([go, "tool", "pprof", "-top", "-nodecount=1000000", "-nodefraction=0", f"-focus={regex}",
@@ -646,6 +727,12 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         after = request_totals(cluster)
         cpu_after = cpu_by_process(cluster, {"operator": op.pid})
         cpu1 = proc_cpu_seconds(op.pid) if op.alive() else float("nan")
+        # The peer comparison's window: until every FineTuneJob's trainer pod exists (measured as for TrainJobs).
+        pods_ok = ok and wait_for_pods(pods, [f"{nm}-trainer" for nm in names], deadline, op.alive)
+        to_pods = to_pods_summary(names=names, owner_of=lambda nm: f"{nm}-trainer", applied=ftjs, pods=pods, t0=t0,
+                                  complete=pods_ok, requests=counter_delta(request_totals(cluster), before),
+                                  cpu=cpu_delta(cpu_by_process(cluster, {"operator": op.pid}), cpu_before),
+                                  controllers=["operator"])
         latencies = [jobs.added[f"{nm}-trainer"] - ftjs.added[nm] for nm in names
                      if f"{nm}-trainer" in jobs.added and nm in ftjs.added]
         with_plan = sum(1 for nm in names if ftjs.state.get(nm, {}).get("plan"))
@@ -668,6 +755,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             **request_rates(requests, n, wall),
             "services_expected": services_expected,
             "cpu_s_by_process": cpu_delta(cpu_after, cpu_before),
+            "to_pods": to_pods,
         }
         if profiler:
             creation["apiserver_profile"] = profiler.result(cluster.bin_dir / "kube-apiserver")
@@ -688,12 +776,136 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         failed = [(nm, ftjs.state[nm]["reason"], ftjs.state[nm]["message"]) for nm in names
                   if ftjs.state.get(nm, {}).get("phase") == "Failed"][:5]
         completion["failed_samples"] = failed
+        completion["events_by_source"] = events_by_source(api, FTJ_NS)
         return {"creation": creation, "completion": completion, "operator": operator,
+                "controller_peak_rss_mib": operator["peak_rss_mib"],
                 "watch_errors": sum(len(w.errors) for w in (ftjs, jobs, cms, svcs, pods))}
     finally:
         for w in (ftjs, jobs, cms, svcs, pods):
             w.stopping = True
         op.stop()
+
+
+def create_runtime(api: Any, runtime: dict, timeout: float = 60.0) -> None:
+    """Create the ClusterTrainingRuntime, retrying while the Trainer's validating webhook is not reachable yet."""
+    from kubernetes import client
+
+    objects = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            objects.create_cluster_custom_object("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes",
+                                                 runtime)
+            return
+        except client.ApiException as exc:
+            if exc.status == 409:
+                return
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def run_kubeflow(cluster: Any, api: Any, n: int, concurrency: int, timeout: float, spec_dict: dict) -> dict:
+    """Start the Kubeflow Trainer and JobSet managers, create n TrainJobs of a ClusterTrainingRuntime equivalent
+    to the benchmark's kubetune Job, time until every TrainJob's pod exists, then drive the pods to Succeeded
+    (KWOK) and time until every TrainJob is Complete. Measured as the kubetune phase is."""
+    from kubernetes import client
+
+    from kubetune_dev.devcluster.kubeflow import JOBSET_NAME, TRAINER_NAME, build_kubeflow, start_kubeflow
+    from peer_kubeflow import JOBSET_NAME_LABEL, runtime_from_job, trainjob_digest, trainjob_manifest
+
+    t_build = time.monotonic()
+    build_dir = build_kubeflow()
+    build_s = round(time.monotonic() - t_build, 1)
+    create_namespace(api, KUBEFLOW_NS)
+    peer = start_kubeflow(cluster, build_dir)
+    controllers = [TRAINER_NAME, JOBSET_NAME]
+    plural = "trainjobs"
+    trainjobs = Watcher(api, f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{KUBEFLOW_NS}/{plural}",
+                        trainjob_digest)
+    jobsets = Watcher(api, f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/{KUBEFLOW_NS}/jobsets")
+    jobs = Watcher(api, f"/apis/batch/v1/namespaces/{KUBEFLOW_NS}/jobs", label_selector=JOBSET_NAME_LABEL)
+    pods = Watcher(api, f"/api/v1/namespaces/{KUBEFLOW_NS}/pods", pod_digest, label_selector=JOBSET_NAME_LABEL)
+    watchers = (trainjobs, jobsets, jobs, pods)
+    try:
+        runtime = runtime_from_job(baseline_job(cluster, spec_dict, suspend=False))
+        create_runtime(api, runtime)
+        peer.wait_webhooks(KUBEFLOW_NS)
+        for w in watchers:
+            w.start()
+            w.ready.wait(60)
+        time.sleep(3.0)  # as for the operator: let the managers' informers settle
+        pids = peer.pids
+        rss = {name: RssSampler(pid) for name, pid in pids.items()}
+        for sampler in rss.values():
+            sampler.start()
+        idle_rss = {name: round(proc_status_kib(pid, "VmRSS") / 1024, 1) for name, pid in pids.items()}
+        log_errors_before = {k: len(v) for k, v in peer.log_error_lines().items()}
+        before = request_totals(cluster)
+        cpu_before = cpu_by_process(cluster)
+        names = [f"tj-{i:05d}" for i in range(n)]
+        objects = client.CustomObjectsApi(api)
+
+        def create(i: int) -> None:
+            objects.create_namespaced_custom_object(
+                "trainer.kubeflow.org", "v1alpha1", KUBEFLOW_NS, plural,
+                trainjob_manifest(names[i], KUBEFLOW_NS, f"s3://bench/outputs/{names[i]}"), _preload_content=False)
+
+        def alive() -> bool:
+            return all(cluster.procs.get(name).proc.poll() is None for name in controllers)
+
+        t0, t_return, errors = create_all(n, concurrency, create)
+        deadline = time.monotonic() + timeout
+        pods_ok = wait_for_pods(pods, names, deadline, alive)
+        to_pods = to_pods_summary(names=names, owner_of=lambda nm: nm, applied=trainjobs, pods=pods, t0=t0,
+                                  complete=pods_ok, requests=counter_delta(request_totals(cluster), before),
+                                  cpu=cpu_delta(cpu_by_process(cluster), cpu_before), controllers=controllers)
+        after = request_totals(cluster)
+        with_pods = set(first_pod_times(pods))
+        lost = [nm for nm in names if nm not in with_pods]
+        creation = {"jobs": n, "create_errors": errors[:10], "create_error_count": len(errors),
+                    "client_return_s": round(t_return - t0, 3), "with_jobsets": len(jobsets.added),
+                    "with_jobs": len(jobs.added), "lost": lost[:20], "lost_count": len(lost), "to_pods": to_pods,
+                    "controllers_rss_peak_mib": {name: r.mark() for name, r in rss.items()}}
+        completion = (drive_to_completion(api, pods, trainjobs, names, concurrency, timeout, ns=KUBEFLOW_NS)
+                      if pods_ok else {"skipped": True})
+        completion["controllers_rss_peak_mib"] = {name: r.mark() for name, r in rss.items()}
+        completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
+        for sampler in rss.values():
+            sampler.stopping = True
+        up = alive()
+        peak = {name: round(proc_status_kib(pid, "VmHWM") / 1024, 1) for name, pid in pids.items()} if up else {}
+        log_errors = {k: v[log_errors_before.get(k, 0):] for k, v in peer.log_error_lines().items()}
+        failed = [(nm, trainjobs.state[nm]["reason"], trainjobs.state[nm]["message"]) for nm in names
+                  if trainjobs.state.get(nm, {}).get("phase") == "Failed"][:5]
+        completion["failed_samples"] = failed
+        completion["events_by_source"] = events_by_source(api, KUBEFLOW_NS)
+        return {"creation": creation, "completion": completion,
+                "controllers": {"alive_at_end": up, "idle_rss_mib": idle_rss, "peak_rss_mib": peak,
+                                "start_s": peer.timings.get("start_s"), "build_s": build_s,
+                                "log_errors": sum(len(v) for v in log_errors.values()),
+                                "log_error_samples": [log_error_digest(line) for v in log_errors.values()
+                                                      for line in v][:5]},
+                "controller_peak_rss_mib": round(sum(peak.values()), 1) if peak else None,
+                "runtime": RUNTIME_NOTE, "watch_errors": sum(len(w.errors) for w in watchers)}
+    finally:
+        for w in watchers:
+            w.stopping = True
+        peer.stop()
+
+
+def log_error_digest(line: str) -> str:
+    """A manager's error log line, short: message, object and error of a zap JSON line, else the line's start."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return line[:300]
+    return " ".join(str(entry.get(k, "")) for k in ("msg", "controller", "name", "error"))[:400]
+
+
+RUNTIME_NOTE = ("ClusterTrainingRuntime with one 'node' replicated Job: the kubetune trainer pod of this run "
+                "(image, command, env, GPU/CPU/memory requests, node selector, tolerations) without the plan "
+                "ConfigMap; mlPolicy numNodes 1 (plain ML policy)")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -730,6 +942,11 @@ def table(result: dict) -> str:
                                f"complete {comp.get('error_count', 0)} / lost {c['lost_count']}"),
         ("load average before/after", f"{result['loadavg_before']} / {result['loadavg_after']}"),
     ]
+    peer = result.get("kubeflow")
+    if peer and "skipped" in peer:
+        rows.append(("Kubeflow Trainer peer", f"skipped: {peer['skipped']}"))
+    elif peer:
+        rows.extend(peer_rows(result, peer))
     width = max(len(r[0]) for r in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     top = list(c["apiserver_requests"].items())[:8]
@@ -742,6 +959,36 @@ def table(result: dict) -> str:
                   if shares else prof.get("error") or prof.get("summary_error", ""))
         lines.append(f"apiserver CPU profile ({prof['path']}, {prof.get('total_cpu_s', '?')} CPU s): {detail}")
     return "\n".join(lines)
+
+
+def peer_rows(result: dict, peer: dict) -> list[tuple[str, str]]:
+    """Table rows of the Kubeflow Trainer comparison: both sides and kubetune/Kubeflow for each figure."""
+    kt, kf = result["kubetune"]["creation"]["to_pods"], peer["creation"]["to_pods"]
+    pc, ctl = peer["creation"], peer["controllers"]
+    rows = [
+        ("Kubeflow TrainJob->pod/s", f"{kf['throughput_per_s']}  ({kf['wall_s']} s; kubetune FTJ->pod/s "
+                                     f"{kt['throughput_per_s']}, {kt['wall_s']} s)"),
+        ("Kubeflow apply->pod p50/p99", f"{kf['latency_s']['p50']} / {kf['latency_s']['p99']} s  (kubetune "
+                                        f"{kt['latency_s']['p50']} / {kt['latency_s']['p99']} s)"),
+        ("Kubeflow CPU s/job ctl/apiserver/etcd", " / ".join(str(v) for v in kf["cpu_s_per_job"].values())
+         + "  (kubetune " + " / ".join(str(v) for v in kt["cpu_s_per_job"].values()) + ")"),
+        ("cores busy: run / whole host", f"Kubeflow {kf['cpu_s_by_process'].get('cores_busy')} / "
+                                         f"{kf['cpu_s_by_process'].get('host_cores_busy')}; kubetune "
+                                         f"{kt['cpu_s_by_process'].get('cores_busy')} / "
+                                         f"{kt['cpu_s_by_process'].get('host_cores_busy')}"),
+        ("Kubeflow apiserver req/job", f"{kf['apiserver_requests_per_job']}  (kubetune "
+                                       f"{kt['apiserver_requests_per_job']})"),
+        ("Kubeflow controllers peak RSS", f"{peer['controller_peak_rss_mib']} MiB  {ctl['peak_rss_mib']}"),
+        ("Kubeflow all TrainJobs Complete after", f"{peer['completion'].get('wall_s')} s  "
+                                                  f"(phases {peer['completion'].get('phases')})"),
+        ("Kubeflow errors / lost", f"create {pc['create_error_count']}, manager logs {ctl['log_errors']}, "
+                                   f"complete {peer['completion'].get('error_count', 0)} / lost {pc['lost_count']}"),
+    ]
+    for key, r in result.get("peer_ratios", {}).items():
+        verdict = {True: "kubetune at least as good", False: "kubetune worse", None: "n/a"}[
+            r["kubetune_at_least_as_good"]]
+        rows.append((f"ratio kubetune/Kubeflow {key}", f"{r['ratio']}  ({verdict})"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -759,6 +1006,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--apiserver-profile-seconds", type=float, default=45.0)
     p.add_argument("--operator-arg", action="append", default=[],
                    help="extra flag for `kubetune operator` (repeatable)")
+    p.add_argument("--peer", choices=("kubeflow", "none"), default="kubeflow",
+                   help="after the kubetune phase, run the same number of Kubeflow Trainer v2 TrainJobs on the same "
+                        "fleet and compare (built from devcluster/kubeflow/go.mod; skipped with a reason without go)")
+    p.add_argument("--peer-order", choices=("after", "before"), default="after",
+                   help="run the Kubeflow Trainer phase after (default) or before the kubetune phase")
     args = p.parse_args(argv)
     if args.quick:
         args.nodes, args.jobs = 20, 50
@@ -768,7 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet = generate_fleet(args.nodes)
     out = args.out or RESULTS_DIR / f"operator_scale-{'quick' if args.quick else f'{args.nodes}n-{args.jobs}j'}.json"
     result: dict[str, Any] = {
-        "benchmark": "operator_scale", "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "operator_scale", "command": " ".join(["bench/operator_scale.py", *(argv or sys.argv[1:])]),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "nodes": len(fleet.node_names), "gpus": fleet.total_gpus, "jobs": args.jobs,
         "concurrency": args.concurrency, "quick": args.quick, "host": {"cpus": os.cpu_count(),
                                                                         "python": platform.python_version()},
@@ -796,10 +1049,18 @@ def main(argv: list[str] | None = None) -> int:
         result["baseline_running"]["drain_s"] = drain_namespace(api, DIRECT_RUNNING_NS, args.timeout)
         workdir = Path(cluster.work_dir)
         pods = bench_layout_pods(cluster, spec_dict)
+        peer_first = args.peer == "kubeflow" and args.peer_order == "before" and shutil.which("go") is not None
+        if peer_first:
+            result["kubeflow"] = run_kubeflow(cluster, api, args.jobs, args.concurrency, args.timeout, spec_dict)
         result["kubetune"] = run_kubetune(cluster, api, args.jobs, args.concurrency, args.timeout, workdir,
                                           operator_args, services_expected=args.jobs if pods > 1 else 0,
                                           profile=(args.apiserver_profile, args.apiserver_profile_seconds)
                                           if args.apiserver_profile else None)
+        if args.peer == "kubeflow" and shutil.which("go") is None:
+            result["kubeflow"] = {"skipped": "go is not installed: Kubeflow Trainer and JobSet are built from "
+                                             "devcluster/kubeflow/go.mod"}
+        elif args.peer == "kubeflow" and not peer_first:
+            result["kubeflow"] = run_kubeflow(cluster, api, args.jobs, args.concurrency, args.timeout, spec_dict)
         result["peak_rss_mib"] = {name: round(proc_status_kib(pid, "VmHWM") / 1024, 1)
                                   for name, pid in cluster.pids.items()}
     b, c = result["baseline"], result["kubetune"]["creation"]
@@ -812,6 +1073,17 @@ def main(argv: list[str] | None = None) -> int:
                         and b["error_count"] == 0 and result["baseline_running"]["error_count"] == 0
                         and comp.get("all_succeeded")
                         and result["kubetune"]["operator"]["alive_at_end"])
+    peer = result.get("kubeflow")
+    if peer and "skipped" not in peer:
+        from peer_kubeflow import peer_ratios
+
+        result["peer_order"] = (f"Kubeflow Trainer phase {args.peer_order} the kubetune phase, on the same cluster "
+                                "and fleet")
+        result["peer_ratios"] = peer_ratios(result["kubetune"], peer)
+        pc = peer["creation"]
+        result["peer_ok"] = bool(pc["to_pods"]["complete"] and pc["lost_count"] == 0 and pc["create_error_count"] == 0
+                                 and peer["completion"].get("all_succeeded") and peer["controllers"]["alive_at_end"])
+        result["ok"] = result["ok"] and result["peer_ok"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
