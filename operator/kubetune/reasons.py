@@ -11,7 +11,6 @@ INVALID_SPEC = "InvalidSpec"
 CREATED = "ChildrenCreated"
 WAITING_FOR_PODS = "WaitingForPods"
 PODS_RUNNING = "PodsRunning"
-COMPLETING = "PodsCompleted"
 QUEUED = "QueuedByKueue"
 # Kueue (the Admitted condition; kubetune.kueue_admission)
 KUEUE_ADMITTED = "AdmittedByKueue"

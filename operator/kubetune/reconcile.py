@@ -41,7 +41,7 @@ JOB_FAILURE_REASONS = {
 
 
 # Reasons that get no Event when the phase stays the same (see decide's set_phase).
-QUIET_REASONS = frozenset({R.WAITING_FOR_PODS, R.COMPLETING})
+QUIET_REASONS = frozenset({R.WAITING_FOR_PODS})
 
 
 @dataclasses.dataclass
@@ -839,11 +839,9 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     finished = [pod for pod in pods if _phase_of(pod) == "Succeeded"]
     if finished and not job_suspended and old_phase == "Running" and len(finished) >= len(pods) - len(failed_pods):
         # Every live trainer pod exited 0 and the Job controller has not marked the Job complete yet: the run is
-        # finishing, not starting again (reporting Pending here would flap the phase right before Succeeded).
-        message = f"{len(finished)} trainer pod(s) finished; waiting for the Job to complete"
-        p.set_phase("Running", R.COMPLETING, message)
-        p.cond(C.RUNNING, True, R.COMPLETING, message)
-        p.cond(C.READY, True, R.COMPLETING, message)
+        # finishing, not starting again (reporting Pending here would flap the phase right before Succeeded). The
+        # status stays as it is: the Job's completion follows within a second or two, and a write for that moment
+        # would cost every job one more status write (the apiserver's most expensive request at scale).
         return p.finish()
 
     _close_running(st, now)

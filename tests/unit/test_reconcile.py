@@ -154,9 +154,12 @@ def test_running_sets_start_time_accounting_and_ready() -> None:
 
 
 def test_finished_pods_before_job_completion_keep_running_not_pending() -> None:
-    d = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
-            observed=Observed(job=job_obj(), pods=[pod("Succeeded")]))
-    assert d.status["phase"] == "Running" and d.status["reason"] == "PodsCompleted", d.status
+    running = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
+                  observed=Observed(job=job_obj(), pods=[pod("Running")])).status
+    d = run(status=running, observed=Observed(job=job_obj(), pods=[pod("Succeeded")]))
+    # Nothing to write for the moment between the pods' exit and the Job's completion: the status stays Running.
+    assert d.status["phase"] == "Running" and d.status["reason"] == running["reason"] and not d.events, d.status
+    assert not status_changed(running, d.status)
     assert cond_of(d.status, C.READY)["status"] == "True"
     # A pod that never started is still Pending, and a finished pod of a job that was not running is not "completing".
     assert run(status={"phase": "Running", "layout": LAYOUT.to_status()},
