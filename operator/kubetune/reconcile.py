@@ -245,7 +245,7 @@ def _fold_trainer_report(st: dict[str, Any], report: dict[str, Any], now: str, *
         if final:
             st["progress"]["etaSeconds"] = 0.0
     metrics = dict(st.get("metrics") or {})
-    for key in ("trainLoss", "evalLoss", "perplexity", "tokensPerSecond", "runtimeSeconds"):
+    for key in ("trainLoss", "evalLoss", "perplexity", "tokensPerSecond", "steadyTokensPerSecond", "runtimeSeconds"):
         if report.get(key) is not None:
             metrics[key] = float(report[key])
     if metrics:

@@ -64,6 +64,7 @@ class MetricsStatus(_Status):
     eval_loss: float | None = None
     perplexity: float | None = None
     tokens_per_second: float | None = None
+    steady_tokens_per_second: float | None = None  # the training steps' own rate (no warm-up, eval, checkpoints)
     runtime_seconds: float | None = None
 
 

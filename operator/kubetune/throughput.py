@@ -4,10 +4,12 @@ The datasheet estimate (`kubetune.estimate`: an assumed fraction of the GPU's bf
 by 2x either way, and it knows nothing of the minutes a run spends outside its training steps (pod start, model
 load, evaluation, saving and exporting). Every FineTuneJob that succeeds measured both, and its status keeps them:
 
-- **achieved model FLOP/s per device** = `status.progress.tokensPerSecond` x FLOPs per token
+- **achieved model FLOP/s per device** = `status.metrics.steadyTokensPerSecond` (the training steps' own rate:
+  after the first step, without evaluation and checkpoint saving; else `tokensPerSecond`) x FLOPs per token
   (`kubetune.estimate.flops_per_token`: 6 or 4 x parameters, + 2 x with checkpointing) / devices (GPUs, or pods of a
   CPU-only layout). FLOPs make it transferable: a run of another model size on the same GPU type predicts this one.
-- **seconds outside training** = `status.accounting.runningSeconds` - `accounting.tokens` / `tokensPerSecond`.
+- **seconds outside training** = `status.accounting.runningSeconds` - `accounting.tokens` / that rate: pod start,
+  model load, the warm-up step, evaluation, checkpoints, saving and export.
 
 A run counts only when it is clean: succeeded on its first attempt (no pod restarts, no resume, no memory re-plan),
 with a throughput and a running time. The calibration of a GPU type and method is the **median** of its most recent
@@ -74,7 +76,10 @@ def sample_of(obj: dict[str, Any], flops_per_token: Any) -> Sample | None:
     acc, layout, progress = st.get("accounting") or {}, st.get("layout") or {}, st.get("progress") or {}
     if int(_num(acc.get("restarts"))) > 0:
         return None
-    tps = _num(progress.get("tokensPerSecond") or (st.get("metrics") or {}).get("tokensPerSecond"))
+    metrics = st.get("metrics") or {}
+    # The steps' own rate when the trainer reports it (warm-up, evaluation and checkpoints then count as time
+    # outside training, which does not grow with the run's length), else the whole loop's.
+    tps = _num(metrics.get("steadyTokensPerSecond") or metrics.get("tokensPerSecond") or progress.get("tokensPerSecond"))
     tokens, running = _num(acc.get("tokens")), _num(acc.get("runningSeconds"))
     params = int(_num(((st.get("plan") or {}).get("estimate") or {}).get("totalParams")))
     gpus = int(_num(layout.get("totalGpus")))

@@ -97,7 +97,9 @@ def test_the_estimated_cost_matches_the_actual_cost_once_the_cluster_has_measure
     assert "calibrated on this cluster: median of 1" in est["basis"], est
     assert est["steps"] == second["progress"]["step"] == 120
     # Twice the steps of the calibrating run, predicted from its throughput and start-up time.
-    seen = {"estimate": est, "accounting": acc, "progress": second["progress"],
-            "calibrating run": {"accounting": first["accounting"], "progress": first["progress"]}}
+    seen = {"estimate": est, "accounting": acc, "metrics": second.get("metrics"),
+            "calibrating run": {"accounting": first["accounting"], "metrics": first.get("metrics")}}
+    print(f"estimated {est['cost']} {est['currency']} ({est['etaSeconds']} s), actual {acc['cost']} "
+          f"({acc['runningSeconds']} s): ratio {est['cost'] / acc['cost']:.3f}")
     assert est["cost"] == pytest.approx(acc["cost"], rel=0.10), json.dumps(seen)
     assert est["gpuHours"] == pytest.approx(acc["gpuHours"], rel=0.10), json.dumps(seen)

@@ -19,7 +19,8 @@ from ._support import (build_model, losses, make_plan, read_summary, use_trainer
                        write_plan)
 
 SUMMARY_KEYS = {"version", "status", "reason", "message", "step", "totalSteps", "epoch", "trainLoss", "evalLoss",
-                "perplexity", "tokens", "runtimeSeconds", "tokensPerSecond", "artifacts", "checkpoint"}
+                "perplexity", "tokens", "runtimeSeconds", "tokensPerSecond", "steadyTokensPerSecond", "artifacts",
+                "checkpoint"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,8 @@ def test_lora_learns_and_merged_weights_match_base_plus_adapter(assets, tmp_path
     assert summary["step"] == summary["totalSteps"] == 60
     assert summary["artifacts"]["adapter"] == f"{out}/final/adapter"
     assert summary["evalLoss"] is not None and summary["perplexity"] > 1
+    # The steps' own rate leaves out the warm-up step and the evaluations the loop's rate includes.
+    assert summary["steadyTokensPerSecond"] > summary["tokensPerSecond"] > 0, summary
     adapter = out / "final" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     assert (adapter / "tokenizer.json").is_file() or (adapter / "tokenizer_config.json").is_file()

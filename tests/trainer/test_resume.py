@@ -18,7 +18,8 @@ from kubetune_trainer.summary import MAX_SUMMARY_BYTES, build_summary, encode_su
 from ._support import build_model, make_plan, use_trainer_env, write_dataset, write_plan
 
 SUMMARY_KEYS = {"version", "status", "reason", "message", "step", "totalSteps", "epoch", "trainLoss", "evalLoss",
-                "perplexity", "tokens", "runtimeSeconds", "tokensPerSecond", "artifacts", "checkpoint"}
+                "perplexity", "tokens", "runtimeSeconds", "tokensPerSecond", "steadyTokensPerSecond", "artifacts",
+                "checkpoint"}
 
 
 # ----------------------------------------------------------------------------- checkpoint directory rules (pure)

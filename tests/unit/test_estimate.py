@@ -195,3 +195,15 @@ def test_the_pass_that_creates_the_trainer_job_uses_the_clusters_calibration():
     assert "datasheet" in plain["basis"] and "calibrated on this cluster" in calibrated["basis"]
     overhead = 900.0 - 1_000_000 / 1500.0
     assert calibrated["etaSeconds"] == pytest.approx(overhead + calibrated["tokens"] / 1500.0, rel=1e-3)
+
+
+def test_the_steps_own_rate_calibrates_when_the_trainer_reports_it():
+    from kubetune.estimate import flops_per_token
+    from kubetune.throughput import sample_of
+
+    obj = _succeeded("s", tps=2000.0, running=620.0)
+    obj["status"]["metrics"] = {"tokensPerSecond": 2000.0, "steadyTokensPerSecond": 2500.0}
+    s = sample_of(obj, flops_per_token)
+    # 1e6 tokens at the steps' 2500/s: 400 s in steps; the other 220 s (warm-up, evaluation, saving) are overhead.
+    assert s.overhead_seconds == pytest.approx(220.0)
+    assert s.flops_per_device == pytest.approx(2500.0 * flops_per_token(8_030_261_248, "lora", True))

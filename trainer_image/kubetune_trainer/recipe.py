@@ -77,6 +77,9 @@ class TrainResult:
     tokens: int = 0
     runtime_seconds: float = 0.0
     tokens_per_second: float = 0.0
+    # The training steps' own rate: tokens over the seconds spent inside optimizer steps after this attempt's
+    # first (no warm-up step, evaluation or checkpoint saving), what a longer run of the same job sustains.
+    steady_tokens_per_second: float = 0.0
     resumed_from_step: int = 0
     early_stopped: bool = False
     stop_message: str = ""
@@ -409,7 +412,9 @@ class FineTuneRecipe:
         log_every = self.t.log_every_steps or max(1, self.total_steps // 50)
         self._set_phase("training")
         self.engine.train(True)
+        steady_tokens, steady_seconds = 0, 0.0
         while self.step < self.total_steps:
+            step_started = time.time()
             loss_sum = torch.zeros(3, dtype=torch.float64)  # loss sum, micro count, tokens
             self._inject_faults()
             for micro in range(gas):
@@ -432,6 +437,10 @@ class FineTuneRecipe:
             grad_norm = self.engine.step()
             self.step += 1
             res.tokens += int(loss_sum[2])
+            if self.step > start_step + 1:  # the attempt's first step carries the warm-up
+                steady_tokens += int(loss_sum[2])
+                steady_seconds += time.time() - step_started
+                res.steady_tokens_per_second = steady_tokens / max(steady_seconds, 1e-9)
             res.train_loss = step_loss
             if len(res.history) < HISTORY_LIMIT:
                 res.history.append({"step": self.step, "loss": round(step_loss, 6), "lr": lr,
@@ -769,7 +778,8 @@ class FineTuneRecipe:
             "step": r.step, "totalSteps": r.total_steps, "epoch": round(r.epoch, 4),
             "trainLoss": r.train_loss, "initialTrainLoss": first, "evalLoss": r.eval_loss,
             "perplexity": r.perplexity, "tokens": r.tokens, "runtimeSeconds": round(r.runtime_seconds, 3),
-            "tokensPerSecond": round(r.tokens_per_second, 2), "resumedFromStep": r.resumed_from_step,
+            "tokensPerSecond": round(r.tokens_per_second, 2),
+            "steadyTokensPerSecond": round(r.steady_tokens_per_second, 2), "resumedFromStep": r.resumed_from_step,
             "earlyStopped": r.early_stopped, "stopMessage": r.stop_message, "warnings": list(r.warnings),
             "peakGpuMemoryBytes": _peak_gpu_memory(), "artifacts": r.artifacts,
             "history": r.history, "evalHistory": r.eval_history, "data": self.data_report,

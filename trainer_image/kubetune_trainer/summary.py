@@ -31,7 +31,8 @@ def _num(value: Any) -> float | int | None:
 def build_summary(*, status: str, reason: str, message: str = "", step: int = 0, total_steps: int = 0,
                   epoch: float = 0.0, train_loss: float | None = None, eval_loss: float | None = None,
                   perplexity: float | None = None, tokens: int = 0, runtime_seconds: float = 0.0,
-                  tokens_per_second: float = 0.0, artifacts: dict[str, str] | None = None,
+                  tokens_per_second: float = 0.0, steady_tokens_per_second: float = 0.0,
+                  artifacts: dict[str, str] | None = None,
                   checkpoint: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
                   export: dict[str, Any] | None = None, tracking: dict[str, Any] | None = None) -> dict[str, Any]:
     """A summary dict in the §5 shape (numbers rounded, non-finite values as null). `evaluation` (the compact
@@ -55,6 +56,7 @@ def build_summary(*, status: str, reason: str, message: str = "", step: int = 0,
         "trainLoss": r(train_loss), "evalLoss": r(eval_loss), "perplexity": r(perplexity, 4),
         "tokens": int(tokens), "runtimeSeconds": r(runtime_seconds, 2) or 0.0,
         "tokensPerSecond": r(tokens_per_second, 2) or 0.0,
+        "steadyTokensPerSecond": r(steady_tokens_per_second, 2) or 0.0,
         "artifacts": arts, "checkpoint": {"step": int(ckpt["step"]), "uri": str(ckpt["uri"])},
     }
     if evaluation is not None:

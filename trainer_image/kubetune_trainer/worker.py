@@ -101,6 +101,7 @@ def run_worker(plan_path: str | None = None) -> int:
                 "epoch": recipe.epoch_at(step) if hasattr(recipe, "micro_per_epoch") else 0.0,
                 "train_loss": r.train_loss, "eval_loss": r.eval_loss, "perplexity": r.perplexity,
                 "tokens": r.tokens, "tokens_per_second": r.tokens_per_second,
+                "steady_tokens_per_second": r.steady_tokens_per_second,
                 "checkpoint": {"step": r.checkpoint_step,
                                "uri": recipe._checkpoint_uri(r.checkpoint_step) if r.checkpoint_step else ""}}
 
