@@ -198,6 +198,8 @@ def trace_bytes(case: Case, layers: int | None) -> tuple[int, dict[str, Any]]:
                              target_modules=case.target_modules, optimizer=case.optimizer,
                              gradient_checkpointing=case.gradient_checkpointing, packing=case.packing,
                              liger_kernels=case.liger, max_grad_norm=case.max_grad_norm)
+    if case.zero_stage:  # traced as one process; the recipe's memory decisions follow DeepSpeed
+        settings["distributed"] = {"strategy": "deepspeed", "zeroStage": case.zero_stage}
     report = trace_step(settings, model_config(case, layers), model_name=case.family)
     b = report.breakdown
     n = ZERO_WORLD

@@ -83,8 +83,10 @@ def test_max_gpus_one_leaves_only_offload_on_one_gpu():
     spec = _spec(resources={"gpuType": L4, "maxGpus": 1})
     step = leaner_layout(parse_spec(spec), Failure(_first(spec, nodes), LEAN), fleet_from_nodes(nodes))
     assert step.layout is not None and step.layout.total_gpus == 1
-    assert (step.layout.strategy, step.layout.zero_stage, step.layout.offload_optimizer) == ("deepspeed", 2, True)
-    assert "single GPU -> 1 x NVIDIA-L4, ZeRO-2 + CPU offload of optimizer" in step.change
+    # LoRA's optimizer states are tiny: offloading them alone frees too little, the frozen weights must go too.
+    assert (step.layout.strategy, step.layout.zero_stage, step.layout.offload_optimizer,
+            step.layout.offload_params) == ("deepspeed", 3, True, True)
+    assert "single GPU -> 1 x NVIDIA-L4, ZeRO-3 + CPU offload of optimizer and params" in step.change
 
 
 def test_a_pinned_gpu_type_is_kept_and_an_unpinned_job_may_move_to_a_larger_gpu():

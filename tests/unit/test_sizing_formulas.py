@@ -44,29 +44,34 @@ def test_tiny_full_finetune_terms_by_hand():
     assert e.weights == 2 * p  # bf16 weights, no fp32 master copy (masterWeights auto with bf16)
     assert e.master_weights == 0
     assert e.optimizer_states == 6 * p  # Kahan AdamW: m, v and the compensation in bf16
-    # per layer and token: norms 2 x (4H + aH), q/k/v after RoPE a(q + 2kv) (no mask: flash keeps k/v
-    # narrow), attention out aq + lse 4 x heads, inputs of qkv and o_proj a(H + q), MLP 3aI + inputs a(H + I)
-    per_token_layer = 2 * (32 + 16) + 2 * (8 + 8) + (16 + 8) + (16 + 16) + (96 + 16 + 32)
-    assert layer_activation_bytes_per_token(TINY, setup) == per_token_layer == 328
+    # per layer and token: norms 2 x aH (recomputed token-wise: their input), q/k/v after RoPE a(q + 2kv) (no
+    # mask: flash keeps k/v narrow), attention out aq + lse 4 x heads, inputs of qkv and o_proj a(H + q), MLP
+    # 3aI + inputs a(H + I)
+    per_token_layer = 2 * 16 + 2 * (8 + 8) + (16 + 8) + (16 + 16) + (96 + 16 + 32)
+    assert layer_activation_bytes_per_token(TINY, setup) == per_token_layer == 264
     tokens = 4
-    # the peak is the loss backward: every layer's saved tensors, the final norm output, the gradient
-    # flowing into the layers; the loss keeps the hidden states twice and one chunk's 12 x V fp32 buffers
-    expected_acts = 2 * per_token_layer * tokens + 2 * 8 * tokens + 2 * 8 * tokens
-    assert activation_bytes(TINY, setup) == e.activations == expected_acts == 2752
-    assert logits_bytes(TINY, setup) == e.logits == 2 * 2 * 8 * tokens + 12 * 32 * tokens == 1664
-    assert e.gradients == 0  # one loss chunk: lm_head's gradient is not formed yet
+    moments = step_moments(TINY, setup, p, 2 * p)
+    # the loss backward: every layer's saved tensors, the final norm's input, the gradient flowing into the
+    # layers; the loss keeps the hidden states twice and one chunk's 12 x V fp32 buffers
+    loss = moments["loss backward"]
+    assert loss.activations == 2 * per_token_layer * tokens + 2 * 8 * tokens + 2 * 8 * tokens == 2240
+    assert loss.logits == 2 * 2 * 8 * tokens + 12 * 32 * tokens == 1664
+    assert loss.gradients == 0  # one loss chunk: lm_head's gradient is not formed yet
+    # the peak is the optimizer step, 16 bytes above it: every bf16 gradient plus optimi's temporary of the
+    # largest tensor (embedding, 256)
+    assert moments["optimizer step"].total == 2 * p + 2 * 256 == loss.total + 16
+    assert activation_bytes(TINY, setup) == e.activations == 2 * 256
+    assert logits_bytes(TINY, setup) == e.logits == 0
+    assert e.gradients == 2 * p
     assert e.comm_buffers == 0
     assert e.cuda_context == CUDA_CONTEXT_BYTES
     persistent = e.weights + e.master_weights + e.optimizer_states
     transient = e.gradients + e.activations + e.logits
     assert e.fragmentation == int(0.15 * transient + 0.02 * persistent)
     assert e.total == persistent + transient + e.fragmentation + CUDA_CONTEXT_BYTES
-    moments = step_moments(TINY, setup, p, 2 * p)
-    # optimizer step: every bf16 gradient plus optimi's temporary of the largest tensor (embedding, 256)
-    assert moments["optimizer step"].total == 2 * p + 2 * 256
     # first layer's backward: every gradient but its own (592) and the embedding's (256), its saved set,
     # the gradients of its intermediates 3a(H + I) per token and the incoming gradient
-    assert moments["end of backward"].total == 2 * (p - 592 - 256) + 328 * 4 + 6 * 24 * 4 + 16 * 4
+    assert moments["end of backward"].total == 2 * (p - 592 - 256) + 264 * 4 + 6 * 24 * 4 + 16 * 4
     assert max(m.total for m in moments.values()) == transient
 
 
@@ -107,17 +112,40 @@ def test_optimizer_in_backward_frees_gradients_only_where_the_trainer_applies_it
 def test_tiny_lora_activation_terms_by_hand():
     setup = TrainingSetup(method="lora", lora_r=2, lora_dropout=0.05, target_modules=("all-linear",),
                           micro_batch_size=1, seq_length=4, gradient_checkpointing=False)
-    # frozen norms keep only the fp32 input (4H); LoRA per module: its input recast to bf16 by autocast
-    # plus the dropout mask (3 x in) and the bf16 rank-r intermediate (2r)
+    # recomputed norms keep their bf16 input (aH); LoRA with dropout, per module: its dropped-out input and
+    # the mask (3 x in) and the bf16 rank-r intermediate (2r)
     lora = sum(3 * fin + 2 * 2 for fin in (8, 8, 8, 8, 8, 8, 16))
-    per = 2 * 32 + 2 * (8 + 8) + (16 + 8) + 3 * 2 * 16 + lora
-    assert layer_activation_bytes_per_token(TINY, setup) == per == 436
+    per = 2 * 16 + 2 * (8 + 8) + (16 + 8) + 3 * 2 * 16 + lora
+    assert layer_activation_bytes_per_token(TINY, setup) == per == 404
     e = estimate_memory(TINY, setup)
     n = 512
     assert e.trainable_params == n
     assert e.weights == 2 * 1704 + 4 * n  # frozen bf16 base + fp32 adapters
     assert (e.master_weights, e.optimizer_states) == (0, 8 * n)
     assert estimate_memory(TINY, TrainingSetup(method="lora", lora_r=2, optimizer="sgd")).optimizer_states == 4 * n
+
+
+def test_lora_adapters_share_inputs_and_tiled_mlps_keep_their_input_only():
+    plain = dict(method="lora", lora_r=2, lora_dropout=0.0, target_modules=("all-linear",), micro_batch_size=1,
+                 seq_length=4)
+    # without checkpointing (MLP untiled): rank intermediates 7 x 2r; inputs once per distinct tensor: q/k/v's
+    # (aH), gate/up's (aH), down's (aI); o_proj reads the attention output the kernel keeps
+    lora = 7 * 2 * 2 + 16 + 16 + 32
+    untiled = TrainingSetup(**plain, gradient_checkpointing=False)
+    assert layer_activation_bytes_per_token(TINY, untiled) == 2 * 16 + 2 * (8 + 8) + (16 + 8) + 3 * 2 * 16 + lora
+    # checkpointed: the MLP runs in tiles and keeps its input (aH); its adapters save nothing at layer level
+    tiled = TrainingSetup(**plain, gradient_checkpointing=True)
+    # (rank intermediates of the 4 attention adapters, their shared input)
+    assert layer_activation_bytes_per_token(TINY, tiled) == 2 * 16 + 2 * (8 + 8) + (16 + 8) + 16 + (4 * 2 * 2 + 16)
+    # DeepSpeed runs the plain layers (fp32 norm inputs 4H, untiled MLP, adapters' inputs as above)
+    assert layer_activation_bytes_per_token(TINY, tiled, "deepspeed") == 2 * 32 + 2 * (8 + 8) + (16 + 8) \
+        + 3 * 2 * 16 + lora
+    m = step_moments(TINY, tiled, 512, 4 * 512)
+    # recompute moment: inputs, the layer (minus its shared input), the MLP input's gradient, one tile (here the
+    # whole 4 tokens) of intermediates and their gradients 6aI, the tile's output gradient, the flow
+    per = 2 * 16 + 2 * (8 + 8) + (16 + 8) + 16 + (4 * 2 * 2 + 16)
+    assert m["layer recompute"].activations == 2 * 2 * 8 * 4 + (per - 16) * 4 + 16 * 4 + 6 * 2 * 16 * 4 + 16 * 4 \
+        + 16 * 4
 
 
 def test_masked_attention_repeats_kv_and_saves_the_mask():
@@ -136,14 +164,15 @@ def test_checkpointing_formula_by_hand():
     setup = TrainingSetup(method="full", seq_length=4, gradient_checkpointing=True)
     m = step_moments(TINY, setup, 1704, 2 * 1704)
     # layer inputs (L x aH x T) + the last layer recomputed + the gradients of its intermediates + flow
-    assert m["layer recompute"].activations == 2 * 2 * 8 * 4 + 328 * 4 + 6 * 24 * 4 + 16 * 4
+    # (the recomputed input norm saves the layer input, already among the checkpointed ones)
+    assert m["layer recompute"].activations == 2 * 2 * 8 * 4 + 264 * 4 - 16 * 4 + 6 * 24 * 4 + 16 * 4
     assert m["loss backward"].activations == 2 * 2 * 8 * 4 + 16 * 4 + 16 * 4
 
 
 def test_loss_never_holds_the_full_vocabulary_logits():
     arch = load_catalog()["qwen2.5-0.5b"]  # 151,936 vocabulary
     c = chunk_tokens(arch, TrainingSetup(seq_length=8192))
-    assert c == 256 * 2**20 // (4 * 151936) == 441
+    assert c == 64 * 2**20 // (4 * 151936) == 110
     short, long = (step_moments(arch, TrainingSetup(method="lora", seq_length=s), 1, 4)["loss backward"].logits
                    for s in (2048, 8192))
     # one chunk's fp32 buffers, whatever the sequence: only the kept hidden states grow with it
@@ -256,14 +285,14 @@ def test_method_ordering_and_vocab_effect():
     arch = load_catalog()["llama-3.1-8b"]
     full, lora, qlora = (estimate_memory(arch, TrainingSetup(method=m)).total for m in ("full", "lora", "qlora"))
     assert full > lora > qlora
-    # a big vocabulary costs one loss chunk (12 B x 441 tokens x 151936), not 12 B x V per token
+    # a big vocabulary costs one loss chunk (12 B x 110 tokens x 151936), not 12 B x V per token
     small = estimate_memory(load_catalog()["qwen2.5-0.5b"], TrainingSetup(method="lora"))
-    assert small.logits == 2 * 2 * 896 * 2048 + 12 * 441 * 151936 and small.logits < small.weights
+    assert small.logits == 2 * 2 * 896 * 2048 + 12 * 110 * 151936 and small.logits < small.weights
 
 
 def test_gemma2_softcapping_and_four_norms():
     g = load_catalog()["gemma-2-2b"]
     assert isinstance(g, Architecture) and g.norms_per_layer == 4 and g.tie_word_embeddings
     s = TrainingSetup(method="lora")
-    c = 256 * 2**20 // (4 * 256000)
+    c = 64 * 2**20 // (4 * 256000)
     assert logits_bytes(g, s) == 2 * 2 * 2304 * 2048 + (12 + 2 * 2) * c * 256000

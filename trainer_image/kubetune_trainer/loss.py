@@ -26,9 +26,11 @@ from transformers.utils import ModelOutput
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# fp32 logits per chunk: ~256 MiB, e.g. 512 tokens at a 128k vocabulary (torchtune splits into 8 chunks;
-# a fixed byte budget keeps the peak independent of the sequence length).
-CHUNK_LOGIT_BYTES = 256 * 2 ** 20
+# fp32 logits per chunk: ~64 MiB, e.g. 130 tokens at a 128k vocabulary. A fixed byte budget keeps the peak
+# independent of the sequence length; the chunk's backward holds three buffers of this size (log-softmax output,
+# its incoming gradient, the logits' gradient). 256 MiB (torchtune's 8 chunks at 4,096 tokens) made the loss
+# backward the peak of a checkpointed LoRA step once the recomputed layer got lean (kubetune_trainer.tokenwise).
+CHUNK_LOGIT_BYTES = 64 * 2 ** 20
 MIN_CHUNK_TOKENS = 64
 # Config attributes that rescale logits in a family's forward (Cohere, Granite): the chunked loss would
 # miss them, so those models keep transformers' own loss.

@@ -142,6 +142,25 @@ def apply_method(model, plan: Plan):
         raise PlanError(f"lora.targetModules: {exc}") from None
 
 
+def share_adapter_inputs(model, precision: str) -> int:
+    """Under autocast (bf16/fp16), let LoRA adapters read their input as it is; returns how many were switched.
+
+    peft casts an adapter's input to the adapter dtype (fp32) before lora_A; under autocast lora_A then casts it
+    back to the compute dtype, bit for bit the input (no dropout: exactly; dropout draws its mask on the other
+    dtype), and saves that new copy for backward: one per adapted module, though q/k/v (and gate/up) read the
+    same tensor. Without the cast they save the input itself, shared. peft's own 4-bit LoRA layers already skip
+    the cast under autocast. fp32 precision (no autocast) keeps it: the adapters need fp32 inputs there.
+    """
+    if precision not in ("bf16", "fp16"):
+        return 0
+    n = 0
+    for module in model.modules():
+        if getattr(module, "cast_input_dtype_enabled", None) is True:
+            module.cast_input_dtype_enabled = False
+            n += 1
+    return n
+
+
 def trainable_parameters(model) -> list:
     """Parameters with requires_grad, in a stable order."""
     return [p for p in model.parameters() if p.requires_grad]

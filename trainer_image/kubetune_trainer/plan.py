@@ -126,6 +126,7 @@ class TrainingPlan(_Model):
     master_weights: Literal["auto", "fp32", "none"] = "auto"
     optimizer_in_backward: bool | None = None  # None = auto: on where it is exact (engine.in_backward_problem)
     activation_offloading: bool = False
+    tiled_mlp: bool | None = None  # None = auto: LoRA/QLoRA with gradient checkpointing (kubetune_trainer.tokenwise)
 
     @field_validator("learning_rate", mode="before")
     @classmethod

@@ -204,6 +204,37 @@ class FineTuneRecipe:
         self.speed.master_weights = "none" if self.full_weights == "bf16" else "fp32"
         self.speed.optimizer_in_backward = self.optimizer_in_backward
         self.speed.activation_offloading = self.t.activation_offloading
+        self._resolve_tokenwise()
+
+    def _resolve_tokenwise(self) -> None:
+        """Token-wise recomputation of the decoder norms (always where it can run) and tiled MLPs
+        (training.tiledMlp, auto per kubetune_trainer.tokenwise); InvalidPlan when tiledMlp is true where it cannot."""
+        from kubetune_trainer.tokenwise import recompute_problem, tiled_mlp_problem
+
+        problem = recompute_problem(strategy=self.strategy, torch_compile=self.t.torch_compile)
+        self.recompute_norms = not problem
+        if self.t.tiled_mlp is None:
+            self.tiled_mlp = not tiled_mlp_problem(method=self.plan.method,
+                                                   gradient_checkpointing=self.t.gradient_checkpointing,
+                                                   strategy=self.strategy, torch_compile=self.t.torch_compile)
+        elif self.t.tiled_mlp and problem:
+            raise PlanError(f"training.tiledMlp: {problem}; leave it unset (auto) or false")
+        else:
+            self.tiled_mlp = bool(self.t.tiled_mlp)
+
+    def _apply_tokenwise(self, model) -> None:
+        from kubetune_trainer.tokenwise import apply_tokenwise
+
+        tiled, norms = getattr(self, "tiled_mlp", False), getattr(self, "recompute_norms", False)
+        norms = norms and not self.speed.liger_kernels  # Liger's RMSNorm already saves only its input
+        if not (tiled or norms):
+            return
+        config = model.config
+        width = int(getattr(config, "intermediate_size", 0) or 4 * int(getattr(config, "hidden_size", 1)))
+        counts = apply_tokenwise(model, tiled_mlp=tiled, norms=norms, intermediate_size=width,
+                                 element_bytes=4 if self.precision == "fp32" else 2)
+        self.speed.tiled_mlp = counts["mlps"] > 0
+        self.speed.recomputed_norms = counts["norms"] > 0
 
     def _init_distributed(self) -> None:
         import torch
@@ -272,7 +303,7 @@ class FineTuneRecipe:
         from kubetune_trainer.loss import CausalLMLoss
         from kubetune_trainer.optim import optimizer_description
         from kubetune_trainer.methods import (apply_method, build_optimizer, build_scheduler, load_base_model,
-                                              parameter_groups)
+                                              parameter_groups, share_adapter_inputs)
         from kubetune_trainer.speedups import apply_liger, compile_in_place
 
         self._set_phase("loading model")
@@ -288,6 +319,8 @@ class FineTuneRecipe:
         zero_stage = self.plan.distributed.zero_stage if self.strategy == "deepspeed" else 0
         apply_liger(model, enabled=self.t.liger_kernels, cuda=cuda, zero_stage=zero_stage, report=self.speed)
         model = apply_method(model, self.plan)
+        share_adapter_inputs(model, self.precision)
+        self._apply_tokenwise(model)
         self.speed.attention_implementation = str(getattr(model.config, "_attn_implementation", ""))
         train_module = CausalLMLoss(model, liger=self.speed.liger_options.get("fused_linear_cross_entropy", False))
         self.speed.loss = train_module.kind

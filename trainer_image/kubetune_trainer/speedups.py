@@ -48,6 +48,8 @@ class SpeedReport:
     optimizer: str = ""
     optimizer_in_backward: bool = False
     activation_offloading: bool = False
+    tiled_mlp: bool = False
+    recomputed_norms: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """camelCase dict for metrics.json."""
@@ -57,7 +59,8 @@ class SpeedReport:
                 "ligerSkippedReason": self.liger_skipped_reason, "ligerOptions": dict(self.liger_options),
                 "loss": self.loss, "masterWeights": self.master_weights, "optimizer": self.optimizer,
                 "optimizerInBackward": self.optimizer_in_backward,
-                "activationOffloading": self.activation_offloading}
+                "activationOffloading": self.activation_offloading,
+                "tiledMlp": self.tiled_mlp, "recomputedNorms": self.recomputed_norms}
 
 
 def package_available(name: str) -> bool:

@@ -33,7 +33,7 @@ NF4_BLOCK = 64  # bitsandbytes 4-bit block size (one absmax per 64 weights)
 DQ_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax values
 QLORA_UNQUANTIZED_BYTES = 2  # QLoRA: parameters left unquantized stay in the bf16 compute dtype (no k-bit upcast)
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=True)
-LOSS_CHUNK_LOGIT_BYTES = 256 * MiB  # the trainer's loss: fp32 logits of at most 256 MiB per chunk
+LOSS_CHUNK_LOGIT_BYTES = 64 * MiB  # the trainer's loss: fp32 logits of at most 64 MiB per chunk
 LOSS_MIN_CHUNK_TOKENS = 64
 STOCHASTIC_ROUNDING_SLICE = 1 << 24  # elements per fp32 update slice around bitsandbytes (kubetune_trainer.optim)
 NORM_SLICE = 1 << 24  # elements per fp32 slice of the gradient norm (kubetune_trainer.engine.squared_norm)
@@ -342,49 +342,60 @@ def attention_mask_kind(setup: TrainingSetup) -> str:
     return "masked" if (setup.packing or setup.micro_batch_size > 1) else "flash"
 
 
-def layer_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
+# tokens per MLP tile: one [tokens, intermediate] tensor of at most 16 MiB (kubetune_trainer.tokenwise)
+MLP_TILE_BYTES = 16 * MiB
+MIN_TILE_TOKENS = 64
+
+
+def recomputed_norms(setup: TrainingSetup, strategy: str = "none") -> bool:
+    """Whether the decoder norms save only their input (kubetune_trainer.tokenwise recomputes them token-wise;
+    outside DeepSpeed). Liger's RMSNorm (CUDA, ligerKernels) saves the same."""
+    return strategy != "deepspeed" or setup.liger_kernels
+
+
+def tiled_mlp(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> bool:
+    """Whether the dense MLPs run in token tiles (training.tiledMlp auto: LoRA/QLoRA with gradient
+    checkpointing, outside DeepSpeed; not mixture-of-experts blocks)."""
+    return (setup.method != "full" and setup.gradient_checkpointing and strategy != "deepspeed"
+            and not arch.is_moe)
+
+
+def mlp_tile_tokens(arch: Architecture, setup: TrainingSetup) -> int:
+    """Tokens per MLP tile (the trainer sizes it by config.intermediate_size), at most a micro batch."""
+    return min(setup.tokens, max(MIN_TILE_TOKENS, MLP_TILE_BYTES // (arch.intermediate_size * setup.compute_bytes)))
+
+
+def layer_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> float:
     """Bytes autograd saves for backward in one decoder layer, per token (no checkpointing).
 
     Counted from what PyTorch keeps for each op of a transformers decoder layer (a = bytes of the
     compute dtype, H hidden, I intermediate, q = heads x head_dim, kv = key/value width):
-      RMSNorm: fp32 upcast of its input (4H) [+ normalized input aH if the norm weight trains]
+      RMSNorm: fp32 upcast of its input (4H) [+ normalized input aH if the norm weight trains]; recomputed
+      token-wise (recomputed_norms): its input aH
       q/k/v after RoPE: a(q + 2kv) when the kernel takes grouped k/v (flash); with a mask SDPA's
       memory-efficient kernel gets k/v repeated to all heads (3aq); fused qkv (Phi-3) keeps the whole
       projection output alive through the v view [+ the shared input aH if the projections train]
       attention core: output aq + fp32 logsumexp 4 x heads (flash, memory-efficient) or the fp32 softmax
       and its copy (4 + a) x heads x s (eager, the s^2 term; plus the tanh output with soft-capping)
       o_proj input aq (if trained); MLP: act input aI, act output aI, up output aI,
-      [+ MLP input aH and down input aI if trained]; MoE: the same per routed expert copy,
-      plus router logits.
-      LoRA per adapted module: its input recast to the compute dtype by autocast (a x in; peft first
-      casts to the fp32 adapter dtype, autocast back), a 1-byte dropout mask x in when dropout > 0, and
-      the rank-r intermediate a x r.
+      [+ MLP input aH and down input aI if trained]; tiled (tiled_mlp): its input aH only, the rest lives
+      in one tile at a time during backward; MoE: the same per routed expert copy, plus router logits.
+      LoRA: the rank-r intermediate a x r per adapted module, and the input each distinct input once (the
+      adapters read it as it is under autocast: q/k/v share one, gate/up another; o_proj's is the attention
+      output the kernel keeps anyway); with dropout each module its dropped-out copy and 1-byte mask
+      (a + 1) x in; inside tiled MLPs nothing.
     """
     a = setup.compute_bytes
     h, i, s = arch.hidden_size, arch.intermediate_size, setup.seq_length
     full = setup.method == "full"
-    heads = arch.num_attention_heads
     kind = attention_mask_kind(setup)
-    kv = arch.kv_dim if kind == "flash" else arch.q_dim  # repeat_kv unless the kernel takes grouped k/v
-    norm = 4 * h + (a * h if full else 0)
+    lean_norms = recomputed_norms(setup, strategy)
+    tiled = tiled_mlp(arch, setup, strategy)
+    norm = a * h if lean_norms else 4 * h + (a * h if full else 0)
     per = arch.norms_per_layer * norm
-    # attention
-    if arch.fused_projections:
-        per += a * (arch.q_dim + kv) + a * (arch.q_dim + 2 * arch.kv_dim)  # q, k after RoPE; v keeps the qkv output
-    else:
-        per += a * (arch.q_dim + 2 * kv)
-    if kind == "eager":
-        per += (4 + a) * heads * s
-        if arch.attn_logit_softcapping:
-            per += a * heads * s
-    else:
-        per += a * arch.q_dim + 4 * heads
-    if kind == "masked":
-        per += a * setup.seq_length  # the additive mask the kernel makes from the boolean one, per layer
-    if full:
-        per += a * h + a * arch.q_dim  # inputs of q/k/v (shared) and o_proj
+    per += _attention_saved_bytes_per_token(arch, setup)
     # MLP
-    mlp = 3 * a * i + (a * h + a * i if full else 0)
+    mlp = a * h if tiled else 3 * a * i + (a * h + a * i if full else 0)
     if arch.is_moe:
         k = arch.num_experts_per_tok
         # each routed copy: gathered input (saved if trained), gate_up output (2I, act saves a view),
@@ -393,21 +404,86 @@ def layer_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup) -
         mlp = k * per_expert + (a + 4) * arch.num_local_experts
     per += mlp
     if setup.method != "full":
-        per += _lora_activation_bytes_per_token(arch, setup)
+        per += _lora_activation_bytes_per_token(arch, setup, tiled, kind)
     return float(per)
 
 
-def _lora_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
+def _attention_saved_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
+    """What the attention block saves per token (see layer_activation_bytes_per_token), LoRA aside."""
+    a = setup.compute_bytes
+    h, s, heads = arch.hidden_size, setup.seq_length, arch.num_attention_heads
+    kind = attention_mask_kind(setup)
+    kv = arch.kv_dim if kind == "flash" else arch.q_dim  # repeat_kv unless the kernel takes grouped k/v
+    if arch.fused_projections:
+        per = a * (arch.q_dim + kv) + a * (arch.q_dim + 2 * arch.kv_dim)  # q, k after RoPE; v keeps the qkv output
+    else:
+        per = a * (arch.q_dim + 2 * kv)
+    if kind == "eager":
+        per += (4 + a) * heads * s
+        if arch.attn_logit_softcapping:
+            per += a * heads * s
+    else:
+        per += a * arch.q_dim + 4 * heads
+    if kind == "masked":
+        per += a * setup.seq_length  # the additive mask the kernel makes from the boolean one, per layer
+    if setup.method == "full":
+        per += a * h + a * arch.q_dim  # inputs of q/k/v (shared) and o_proj
+    return float(per)
+
+
+def attention_backward_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
+    """Alive per token in one layer while its attention kernel runs backward, beyond the checkpointed inputs
+    and the incoming gradient: the attention block's saved set (its adapters' too; the MLP's is freed by then),
+    the gradient of the attention output and the kernel's own: dq, dk, dv at the query width (k/v repeated,
+    or expanded for grouped-query attention) and an fp32 dq accumulator; FlashAttention sums the expanded
+    dk/dv to the key/value width before it frees the accumulator (traced). Eager attention: not modelled
+    (its saved softmax dominates the layer recompute instead)."""
+    a = setup.compute_bytes
+    q, kv = arch.q_dim, arch.kv_dim
+    kind = attention_mask_kind(setup)
+    per = _attention_saved_bytes_per_token(arch, setup)
+    if setup.method != "full":
+        per += _lora_activation_bytes_per_token(arch, setup, True, kind)  # the attention adapters only
+    per += a * q + 3 * a * q + 4 * q
+    if kind == "flash" and kv < q:
+        per += 2 * a * kv
+    return float(per)
+
+
+# which tensor a decoder layer's linear reads: adapters reading the same one share it under autocast
+_LORA_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
+                "qkv_proj": "attention input", "o_proj": "attention output", "gate_proj": "mlp input",
+                "up_proj": "mlp input", "gate_up_proj": "mlp input", "gate": "mlp input", "down_proj": "mlp inner"}
+_MLP_INPUTS = ("mlp input", "mlp inner")
+
+
+def _lora_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup, tiled: bool = False,
+                                     kind: str = "flash") -> float:
     """LoRA's own saved tensors per token and layer (see layer_activation_bytes_per_token)."""
     a = setup.compute_bytes
-    mask = 1 if setup.lora_dropout > 0 else 0
+    dropout = setup.lora_dropout > 0
     total = 0.0
+    seen: set[str] = set()
     for t in resolve_lora_targets(arch, setup.target_modules):
-        if t.module.name in ("lm_head", "embed_tokens"):
+        name = t.module.name
+        if name in ("lm_head", "embed_tokens"):
             continue  # outside the decoder layers; lm_head LoRA is counted with the logits
         rank = setup.lora_r * t.rank_multiplier
-        routed = arch.num_experts_per_tok if t.module.name.startswith("experts.") else 1
-        total += routed * ((a + mask) * t.module.in_features + a * rank)
+        if name.startswith("experts."):  # each routed copy of the tokens through the fused expert tensors
+            if tiled:
+                continue  # (only asked for the attention adapters: MoE blocks are never tiled)
+            total += arch.num_experts_per_tok * ((a + (1 if dropout else 0)) * t.module.in_features + a * rank)
+            continue
+        source = _LORA_INPUTS.get(name, name)
+        if tiled and source in _MLP_INPUTS:
+            continue  # saved inside one MLP tile at a time
+        total += a * rank
+        if dropout:
+            total += (a + 1) * t.module.in_features
+        elif source not in seen:
+            seen.add(source)
+            if not (source == "attention output" and kind != "eager"):  # the kernel's saved output, viewed
+                total += a * t.module.in_features
     return total
 
 
@@ -439,7 +515,9 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
       logits: 12 x chunk x V) plus the lm_head gradient being formed when lm_head trains;
     - lm_head gradient (full, more than one loss chunk): its running sum, the next chunk's part and their sum;
     - layer recompute (checkpointing): the checkpointed inputs of every layer plus the last layer's full
-      saved set, rebuilt for its backward, plus the gradients of its intermediates;
+      saved set, rebuilt for its backward, plus the gradients of its intermediates (tiled MLPs: one tile's);
+    - attention backward (checkpointing): later in that layer, its attention kernel's backward beside the
+      attention block's saved set (attention_backward_bytes_per_token);
     - end of backward (full fine-tuning): every gradient but the first layer's and the embedding's, plus the
       first layer's saved set and backward working set;
     - optimizer step: every gradient plus the step's temporaries (step_temporary_bytes);
@@ -455,8 +533,10 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     L = arch.num_hidden_layers
     full = setup.method == "full"
     in_bwd = optimizer_in_backward(setup, strategy)
-    per_layer = int(layer_activation_bytes_per_token(arch, setup) * t)
+    per_layer = int(layer_activation_bytes_per_token(arch, setup, strategy) * t)
     layer_input = a * h * t
+    lean_norms = recomputed_norms(setup, strategy)
+    tiled = tiled_mlp(arch, setup, strategy)
     kind = attention_mask_kind(setup)
     mask = 0
     if kind != "flash":
@@ -464,7 +544,8 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     one_layer = layer_input if setup.gradient_checkpointing else per_layer
     # activation offloading keeps saved tensors in CPU memory; one layer's set is in transit at a time
     saved = (one_layer if setup.activation_offloading else L * one_layer) + mask
-    final_norm = a * h * t if full else 0  # the normed output, saved when the norm weight trains
+    # the final norm's input (recomputed norms) or its normed output (saved when the norm weight trains)
+    final_norm = a * h * t if (full or lean_norms) else 0
     loss_hidden = 2 * a * h * t  # the completion-token hidden states the chunks read, and their copy
     flow = a * h * t  # gradient of the hidden states flowing into the layers
     c = chunk_tokens(arch, setup)
@@ -474,7 +555,21 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     # gradients of the layer's intermediates while its backward runs (MLP and projection widths; LoRA: the
     # adapter path's input gradient as well, cast through the fp32 adapter dtype). QLoRA's dequantized
     # weight of the matmul being differentiated is freed before these peak (traced).
-    layer_backward = (3 * a * (h + arch.intermediate_size) + (0 if full else a * h)) * t
+    if full:
+        layer_backward = 3 * a * (h + arch.intermediate_size) * t
+    elif arch.is_moe:
+        layer_backward = (3 * a * (h + arch.intermediate_size) + a * h) * t
+    else:
+        # LoRA/QLoRA, untiled: at most two MLP-wide gradients (of the product's factors) and one hidden-wide
+        layer_backward = (2 * a * arch.intermediate_size + a * h) * t
+    if tiled:
+        # the MLP input's gradient, then one tile's intermediates and their gradients (6 x tile x I) and the
+        # tile's output gradient
+        tile = mlp_tile_tokens(arch, setup)
+        layer_backward = a * h * t + 6 * a * arch.intermediate_size * tile + a * h * tile
+        if setup.method == "qlora":
+            # a tile's backward through a 4-bit projection dequantizes the whole weight (bitsandbytes)
+            layer_backward += a * max(m.in_features * m.out_features for m in arch.mlp_linears())
     accumulated = grads if setup.gradient_accumulation_steps > 1 else 0
     chunks = -(-t // c)
     moments = {
@@ -484,9 +579,16 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     if head_grad and chunks > 1:
         # lm_head's gradient summed over loss chunks: the running sum, the next chunk's part and their sum
         moments["lm_head gradient"] = _Moment(accumulated + 3 * head_grad, saved + final_norm + flow, loss_hidden)
+    # a recomputed input norm saves the layer's input, which checkpointing keeps already
+    recomputed = per_layer - (layer_input if lean_norms else 0)
     if setup.gradient_checkpointing:
         moments["layer recompute"] = _Moment(accumulated + (0 if in_bwd else head_grad),
-                                             saved + per_layer + layer_backward + flow, 0)
+                                             saved + recomputed + layer_backward + flow, 0)
+        if kind != "eager":
+            # later in the same layer's backward: its attention kernel's backward (the MLP's tensors are freed)
+            attention = int(attention_backward_bytes_per_token(arch, setup) * t)
+            moments["attention backward"] = _Moment(accumulated + (0 if in_bwd else head_grad),
+                                                    saved + attention + flow, 0)
     if in_bwd:
         largest = arch.largest_param_tensor()
         # the largest parameter's gradient while it is stepped alone: the optimizer's temporaries for that
@@ -497,7 +599,7 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     else:
         if full:
             # the first layer's backward: every gradient but its own and the (untied) embedding's (last)
-            end = (layer_input + per_layer if setup.gradient_checkpointing else per_layer) + layer_backward + flow
+            end = (layer_input + recomputed if setup.gradient_checkpointing else per_layer) + layer_backward + flow
             later = arch.layer_params() + (0 if arch.tie_word_embeddings else arch.embedding_params())
             moments["end of backward"] = _Moment(grads - _ceil_div(grads * later, n_trainable), end, 0)
             if arch.tie_word_embeddings:

@@ -101,6 +101,14 @@ def trace_plan(settings: Any):
     return parse_plan(data), notes, gas
 
 
+def _requested_strategy(settings: Any) -> str:
+    """distributed.strategy of the settings (a Plan or plan dict), 'none' when absent."""
+    from kubetune_trainer.plan import Plan
+
+    data = settings.to_json_dict() if isinstance(settings, Plan) else dict(settings)
+    return str((data.get("distributed") or {}).get("strategy", "none"))
+
+
 def _batch_rows(plan, vocab_size: int) -> tuple[list[dict], bool]:
     """Token rows for one micro-batch, as the data pipeline hands them to the collator; (rows, padded)."""
     t = plan.training
@@ -268,21 +276,25 @@ def _module_names(model) -> dict[int, str]:
             for name, m in model.named_modules()}
 
 
-def _recipe_for_trace(plan, precision: str, attn: str | None):
-    """A FineTuneRecipe set up as setup() would on one GPU, minus distributed init, tokenizer, data and resume."""
+def _recipe_for_trace(plan, precision: str, attn: str | None, strategy: str = "none"):
+    """A FineTuneRecipe set up as setup() would on one GPU, minus distributed init, tokenizer, data and resume.
+
+    `strategy` is the one the settings ask for: the recipe's memory decisions follow it (e.g. no token-wise
+    recomputation under DeepSpeed), then the step runs as one process."""
     from kubetune_trainer.recipe import FineTuneRecipe, RunEnv
 
     recipe = FineTuneRecipe(plan, RunEnv(work_dir=Path(TRACE_URI)))
     recipe.device = torch.device("cpu")
     recipe.precision = precision
     recipe.attn_implementation = attn
-    recipe.strategy = "none"
+    recipe.strategy = strategy
     recipe.model_dir = Path(TRACE_URI)  # never read: the config loader stands in for from_pretrained
     recipe.total_steps = OPTIMIZER_STEPS
     for name in SETUP_DECISIONS:
         decide = getattr(recipe, name, None)
         if callable(decide):
             decide()
+    recipe.strategy = "none"
     return recipe
 
 
@@ -342,6 +354,7 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
     from kubetune_trainer.speedups import resolve_attention
 
     started = time.perf_counter()
+    requested_strategy = _requested_strategy(settings)
     plan, notes, requested_gas = trace_plan(settings)
     cfg = resolve_config(config, trust_remote_code=plan.model.trust_remote_code)
     t = plan.training
@@ -373,7 +386,7 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         stack.enter_context(paged_optimizer_states(counter.paged_allocations))
 
         counter.phase = "model build"
-        recipe = _recipe_for_trace(plan, precision, attn)
+        recipe = _recipe_for_trace(plan, precision, attn, requested_strategy)
         _build(recipe, plan, cfg.model_type)
         model = recipe.engine.raw_model
         gc.collect()
