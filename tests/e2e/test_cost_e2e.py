@@ -63,7 +63,7 @@ def priced_operator(cluster, gpu_node, tmp_path_factory):
 def _gpu_manifest(ws: Workspace, model: Path, name: str, steps: int) -> dict:
     """The quickstart on one (simulated) GPU; the tiny model is in no catalog, so the sizer gets its architecture."""
     m = ws.manifest(name, maxSteps=steps, checkpointEverySteps=10_000)
-    m["spec"]["resources"] = {"gpusPerPod": 1, "pods": 1, "cpu": "2", "memory": "4Gi"}
+    m["spec"]["resources"] = {"gpusPerPod": 1, "pods": 1, "cpu": "1", "memory": "4Gi"}
     config = json.loads((model / "config.json").read_text())
     m["spec"]["model"]["architecture"] = {
         "family": config["model_type"], "hiddenSize": config["hidden_size"],
@@ -78,24 +78,24 @@ def test_the_estimated_cost_matches_the_actual_cost_once_the_cluster_has_measure
     ftj = FtjClient(k8s)
     ws = Workspace(k8s, namespace, Path(gpu_node.config.data_root), tiny_model)
 
-    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "first", 60))
+    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "first", 150))
     first = wait_terminal(ftj, namespace, "first")
     assert first["phase"] == "Succeeded", json.dumps(first)[:3000]
     assert first["layout"]["gpuType"] == GPU_PRODUCT and first["layout"]["totalGpus"] == 1, first["layout"]
     # Nothing measured yet and no datasheet peak for this product: steps and tokens, no time, no cost.
-    assert first["estimate"]["steps"] == first["progress"]["step"] == 60
+    assert first["estimate"]["steps"] == first["progress"]["step"] == 150
     assert "cost" not in first["estimate"] and f"unknown peak for {GPU_PRODUCT}" in first["estimate"]["basis"]
     assert first["accounting"]["cost"] > 0 and first["accounting"]["currency"] == "EUR"
     # A GPU layout: the preflight traced the real step and checked it against the GPU's memory.
     trace = first["preflight"]["trace"]
     assert trace["peakBytes"] > 0 and trace["fits"] is True and trace["gpuType"] == GPU_PRODUCT, trace
 
-    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "second", 120))
+    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "second", 300))
     second = wait_terminal(ftj, namespace, "second")
     assert second["phase"] == "Succeeded", json.dumps(second)[:3000]
     est, acc = second["estimate"], second["accounting"]
     assert "calibrated on this cluster: median of 1" in est["basis"], est
-    assert est["steps"] == second["progress"]["step"] == 120
+    assert est["steps"] == second["progress"]["step"] == 300
     # Twice the steps of the calibrating run, predicted from its throughput and start-up time.
     seen = {"estimate": est, "accounting": acc, "metrics": second.get("metrics"),
             "calibrating run": {"accounting": first["accounting"], "metrics": first.get("metrics")}}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.errors import NonFiniteLossError, PlanError
+from kubetune_trainer.launch import cpu_threads
 from kubetune_trainer.plan import Plan
 from kubetune_trainer.preemption import GracefulStop
 from kubetune_trainer.speedups import SpeedReport
@@ -155,6 +156,9 @@ class FineTuneRecipe:
                 log.info("serving /metrics and /progress on port %d", self.server.port)
         self._set_phase("setup")
         cuda = torch.cuda.is_available()
+        threads = cpu_threads(os.environ.get("KUBETUNE_CPUS"), self.plan.distributed.procs_per_node, os.cpu_count())
+        if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(threads)
         self.device = torch.device("cuda", self.env.local_rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
