@@ -68,6 +68,8 @@ def test_two_jobs_on_one_model_fetch_it_once(cluster, k8s, namespace, process_no
     data_root = Path(process_nodes[0].config.data_root)
     work = f"e2e-{namespace}"[:60]
     create_local_pvc(k8s, namespace, work, data_root)
+    # Process nodes keep a claim's files by its name for every namespace: this test starts from an empty cache.
+    shutil.rmtree(data_root / "pvc" / CACHE_CLAIM, ignore_errors=True)
     create_local_pvc(k8s, namespace, CACHE_CLAIM, data_root)
     cache_root = data_root / "pvc" / CACHE_CLAIM
     (data_root / "pvc" / work / "data").mkdir(parents=True, exist_ok=True)

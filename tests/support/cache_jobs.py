@@ -79,6 +79,8 @@ def prepare_namespace(k8s: Any, namespace: str, data_root: Path, s3: LocalS3, cl
     from kubernetes import client
 
     work = f"e2e-{namespace}"[:60]
+    for claim in claims:  # process nodes keep a claim's files by its name for every namespace: start empty
+        shutil.rmtree(data_root / "pvc" / claim, ignore_errors=True)
     for claim in (work, *claims):
         create_local_pvc(k8s, namespace, claim, data_root)
     (data_root / "pvc" / work / "data").mkdir(parents=True, exist_ok=True)
