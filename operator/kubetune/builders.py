@@ -257,7 +257,7 @@ def _env(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig) -
         {"name": "KUBETUNE_TERMINATION_LOG", "value": cfg.termination_log},
         {"name": "KUBETUNE_NUM_NODES", "value": str(layout.pods)},
         # The pod's CPU request (rounded up): the trainer sizes its CPU thread pool to it, not to the host's cores
-        # (kubetune_trainer.launch.cpu_threads), so pods on large nodes do not oversubscribe their share.
+        # (kubetune_trainer.threads.cpu_threads), so pods on large nodes do not oversubscribe their share.
         {"name": "KUBETUNE_CPUS", "valueFrom": {"resourceFieldRef": {"containerName": CONTAINER,
                                                                      "resource": "requests.cpu", "divisor": "1"}}},
         {"name": "KUBETUNE_NODE_RANK", "valueFrom": {"fieldRef": {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune_trainer.launch import cpu_threads
+from kubetune_trainer.threads import cpu_threads
 
 pytestmark = pytest.mark.unit
 

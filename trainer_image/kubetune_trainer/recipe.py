@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.errors import NonFiniteLossError, PlanError
-from kubetune_trainer.launch import cpu_threads
+from kubetune_trainer.threads import cpu_threads
 from kubetune_trainer.plan import Plan
 from kubetune_trainer.preemption import GracefulStop
 from kubetune_trainer.speedups import SpeedReport
