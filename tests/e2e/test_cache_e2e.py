@@ -5,20 +5,16 @@ which job filled the entry and which found it."""
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
-import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kubetune_dev.devcluster.process_node import create_local_pvc
 from kubetune_dev.operator_process import OperatorProcess, install_crds
+from tests.support.cache_jobs import prepare_namespace, upload_tiny_model
 from tests.support.cluster_helpers import wait_for
 from tests.support.finetunejobs import FtjClient, free_port
 from tests.trainer.test_storage import LocalS3
@@ -27,7 +23,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
-DATASET = REPO / "examples" / "data" / "quickstart.jsonl"
 CACHE_CLAIM = "model-cache"
 
 
@@ -56,28 +51,11 @@ def s3():
 
 def test_two_jobs_on_one_model_fetch_it_once(cluster, k8s, namespace, process_nodes, cache_operator, s3,
                                              tmp_path):
-    from kubernetes import client
-
     ftj = FtjClient(k8s)
-    tiny = tmp_path / "tiny-llama"
-    subprocess.run([sys.executable, "-m", "kubetune_trainer.tiny", "--out", str(tiny)], check=True,
-                   capture_output=True, timeout=600)
-    for path in sorted(p for p in tiny.rglob("*") if p.is_file()):
-        s3.put("models", f"tiny-llama/{path.relative_to(tiny).as_posix()}", path.read_bytes())
-    model_files = sorted(k for b, k in s3.objects if b == "models")
+    model_files = upload_tiny_model(s3, tmp_path)
     data_root = Path(process_nodes[0].config.data_root)
-    work = f"e2e-{namespace}"[:60]
-    create_local_pvc(k8s, namespace, work, data_root)
-    # Process nodes keep a claim's files by its name for every namespace: this test starts from an empty cache.
-    shutil.rmtree(data_root / "pvc" / CACHE_CLAIM, ignore_errors=True)
-    create_local_pvc(k8s, namespace, CACHE_CLAIM, data_root)
+    work = prepare_namespace(k8s, namespace, data_root, s3, claims=(CACHE_CLAIM,))  # starts from an empty cache
     cache_root = data_root / "pvc" / CACHE_CLAIM
-    (data_root / "pvc" / work / "data").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(DATASET, data_root / "pvc" / work / "data" / "train.jsonl")
-    secret = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret",
-              "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3.port}"}
-    client.CoreV1Api(k8s).create_namespaced_secret(namespace, {
-        "metadata": {"name": "s3"}, "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()}})
 
     names = ("cached-a", "cached-b")
     for name in names:  # applied together: both preflights race for the same entry; its lock lets one download
