@@ -308,9 +308,9 @@ class _Pass:
     """The status being built by one pass: phase, conditions, Events, actions."""
 
     def __init__(self, status: dict[str, Any], generation: int, now: dt.datetime,
-                 pricing: Pricing | None = None) -> None:
+                 pricing: Pricing | None = None, throughput: ThroughputBook | None = None) -> None:
         self.pricing = pricing
-        self.throughput: ThroughputBook | None = None  # this cluster's measured runs, for status.estimate
+        self.throughput = throughput  # this cluster's measured runs, for status.estimate
         self.old = status or {}
         self.st = copy.deepcopy(self.old)
         self.st["observedGeneration"] = generation
@@ -356,8 +356,7 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTune
     `observed` first."""
     del name  # part of the signature for logging callers; the branches need only what follows
     branch = phase_of(status, spec, observed.job, spec_hash)
-    p = _Pass(status, generation, now, pricing)
-    p.throughput = throughput
+    p = _Pass(status, generation, now, pricing, throughput)
     if branch == TERMINAL:
         return _decide_terminal(p, spec, observed)
     if branch == CANCEL:
