@@ -3,6 +3,7 @@
 #   - a virtualenv with the operator, trainer and dev dependencies and the development tools
 #     (devtools/: `kubetune-dev`), outside the clone under ~/.cache/kubetune so repeat runs are quick,
 #     reinstalled when pyproject.toml or devtools/pyproject.toml changes;
+#   - llama-cpp-python (built from source once, then from the cached wheel);
 #   - MLflow, for the tracking tests, in a virtualenv of its own (~/.cache/kubetune/mlflow-venv);
 #   - the pinned local control plane binaries (devcluster/build.sh).
 # Prints nothing on stdout but `export` lines, so callers can `eval "$(scripts/bootstrap.sh)"`.
@@ -32,6 +33,11 @@ if [[ ! -f $venv/.deps-$stamp ]]; then
   # DeepSpeed's setup imports torch, so it builds against the torch installed above.
   DS_BUILD_OPS=0 "$venv/bin/pip" install -q --no-build-isolation \
     "$(python3 -c 'import tomllib,sys;print(tomllib.load(open(sys.argv[1],"rb"))["project"]["optional-dependencies"]["deepspeed"][0])' "$root/pyproject.toml")" >&2
+  # llama.cpp's quantizer (q4_k_m export and the tests that run llama.cpp on exported files): built from
+  # source once (~12 min on 2 cores), then installed from the wheel pip caches under $PIP_CACHE_DIR.
+  log "installing llama-cpp-python (built from source on the first run)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" "$venv/bin/pip" install -q \
+    "$(python3 -c 'import tomllib,sys;print(tomllib.load(open(sys.argv[1],"rb"))["project"]["optional-dependencies"]["llama-cpp"][0])' "$root/pyproject.toml")" >&2
   rm -f "$venv"/.deps-*
   touch "$venv/.deps-$stamp"
 else

@@ -37,6 +37,8 @@ def test_dockerfiles_install_the_pinned_files():
     assert "requirements.txt" in trainer
     deepspeed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["deepspeed"]
     assert deepspeed[0] in trainer, "the image installs the DeepSpeed pin CI tests"
+    llama_cpp = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["llama-cpp"]
+    assert llama_cpp[0] in trainer, "the image builds the llama-cpp-python pin CI tests"
     assert re.search(r'ENTRYPOINT \["kubetune-train"\]', trainer)
     assert "USER 1000" in trainer and "USER 1000" in (ROOT / "operator" / "Dockerfile").read_text()
 
