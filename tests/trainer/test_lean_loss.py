@@ -170,3 +170,78 @@ def test_recipe_trains_the_same_with_the_chunked_loss(model_dir, tmp_path, monke
     assert abs(first_a - first_b) < 1e-5, (first_a, first_b)
     assert abs(a["trainLoss"] - b["trainLoss"]) < 1e-3, (a["trainLoss"], b["trainLoss"])
     assert abs(a["evalLoss"] - b["evalLoss"]) < 1e-3, (a["evalLoss"], b["evalLoss"])
+
+
+class _WrappedHead(torch.nn.Linear):
+    """A head that is not a plain Linear: takes the per-chunk checkpointed path (as LoRA-wrapped heads do)."""
+
+
+def _fused_and_checkpointed(hidden, labels, weight, bias, *, softcap, chunk, autocast):
+    """Loss and gradients (hidden, weight, bias) of the fused path and of the checkpointed per-chunk path."""
+    results = []
+    for cls in (torch.nn.Linear, _WrappedHead):
+        head = cls(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+        h = hidden.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total, count = chunked_ce_sum(h, labels, head, chunk_tokens=chunk, softcap=softcap)
+        (total * 0.5).backward()
+        results.append((total.detach(), h.grad, head.weight.grad, None if bias is None else head.bias.grad))
+    return results
+
+
+@pytest.mark.parametrize("dtype,autocast,softcap,bias,tol", [
+    (torch.float32, False, None, False, 1e-5),
+    (torch.float32, False, 7.0, True, 1e-5),
+    (torch.float32, True, None, True, 2e-2),  # fp32 weights, bf16 matmuls under autocast
+    (torch.bfloat16, False, 5.0, False, 2e-2),  # the lean trainer's bf16 weights
+])
+def test_fused_linear_cross_entropy_equals_the_checkpointed_chunks(dtype, autocast, softcap, bias, tol):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 21, 16, generator=gen).to(dtype)
+    labels = torch.randint(0, 90, (2, 21), generator=gen)
+    labels[0, :5] = -100
+    weight = (torch.randn(90, 16, generator=gen) * 0.3).to(dtype)
+    b = torch.randn(90, generator=gen).to(dtype) if bias else None
+    fused, reference = _fused_and_checkpointed(hidden, labels, weight, b, softcap=softcap, chunk=6, autocast=autocast)
+    for got, want in zip(fused, reference):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape
+        scale = max(1.0, want.float().abs().max().item())
+        assert (got.float() - want.float()).abs().max().item() <= tol * scale
+
+
+class WeightShapedOutputs(TorchDispatchMode):
+    """Counts the distinct storages of lm_head-weight-shaped tensors that ops produce."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.shape, self.storages = tuple(shape), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape:
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def test_the_lm_head_gradient_is_one_buffer_summed_in_place_over_chunks():
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(40, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 90, (40,), generator=gen)
+    fused = torch.nn.Linear(16, 90, bias=False)
+    wrapped = _WrappedHead(16, 90, bias=False)
+    for head, at_most in ((fused, 1), (wrapped, None)):
+        total, _ = chunked_ce_sum(hidden, labels, head, chunk_tokens=5)  # 8 chunks
+        with WeightShapedOutputs(head.weight.shape) as spy:
+            total.backward()
+        if at_most is None:  # the per-chunk path forms a weight-sized part per chunk: the spy sees them
+            assert len(spy.storages) > 1
+        else:
+            assert len(spy.storages) == at_most, f"{len(spy.storages)} weight-sized tensors in backward"

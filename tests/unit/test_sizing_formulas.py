@@ -7,7 +7,7 @@ import pytest
 from kubetune.sizing.architecture import Architecture, architecture_from_config
 from kubetune.sizing.catalog import load_catalog
 from kubetune.sizing.estimator import (
-    BNB_8BIT_BYTES, CUDA_CONTEXT_BYTES, NCCL_BYTES, Parallelism, TrainingSetup, activation_bytes,
+    BNB_8BIT_BYTES, CUDA_CONTEXT_BYTES, NCCL_BYTES, Parallelism, TrainingSetup, activation_bytes, fused_loss_head,
     attention_mask_kind, chunk_tokens, estimate_memory, layer_activation_bytes_per_token, logits_bytes,
     nf4_bytes_per_param, optimizer_in_backward, step_moments, step_temporary_bytes,
 )
@@ -56,13 +56,16 @@ def test_tiny_full_finetune_terms_by_hand():
     loss = moments["loss backward"]
     assert loss.activations == 2 * per_token_layer * tokens + 2 * 8 * tokens + 2 * 8 * tokens == 2240
     assert loss.logits == 2 * 2 * 8 * tokens + 12 * 32 * tokens == 1664
-    assert loss.gradients == 0  # one loss chunk: lm_head's gradient is not formed yet
-    # the peak is the optimizer step, 16 bytes above it: every bf16 gradient plus optimi's temporary of the
-    # largest tensor (embedding, 256)
-    assert moments["optimizer step"].total == 2 * p + 2 * 256 == loss.total + 16
-    assert activation_bytes(TINY, setup) == e.activations == 2 * 256
-    assert logits_bytes(TINY, setup) == e.logits == 0
-    assert e.gradients == 2 * p
+    # lm_head is a plain Linear: the fused loss allocates its one gradient buffer (V x H = 256) as its backward
+    # starts (kubetune_trainer.loss.LinearCrossEntropy), beside the chunk's buffers
+    assert fused_loss_head(TINY, setup)
+    assert loss.gradients == 2 * 256
+    # the optimizer step (every bf16 gradient plus optimi's temporary of the largest tensor, the embedding's 256)
+    # is 496 bytes below it on this tiny model, so the loss backward is the peak
+    assert moments["optimizer step"].total == 2 * p + 2 * 256 == loss.total - 496
+    assert activation_bytes(TINY, setup) == e.activations == 2240
+    assert logits_bytes(TINY, setup) == e.logits == 1664
+    assert e.gradients == 2 * 256
     assert e.comm_buffers == 0
     assert e.cuda_context == CUDA_CONTEXT_BYTES
     persistent = e.weights + e.master_weights + e.optimizer_states

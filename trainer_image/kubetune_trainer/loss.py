@@ -4,9 +4,16 @@ transformers' causal-LM loss computes ``lm_head`` over every position and upcast
 to fp32 before cross-entropy: 2-4 GiB at 8B x 4096 tokens, far more for 150k-256k vocabularies, and its
 gradient of the same size during backward. Here the model body runs once, then only the completion
 tokens (labels != -100 after the causal shift) go through ``lm_head`` + fp32 cross-entropy, a chunk of
-tokens at a time; each chunk is checkpointed, so backward keeps only the chunk inputs (bf16 hidden states)
-and recomputes one chunk's logits at a time. The value is the same mean over completion tokens that
-transformers returns (up to float summation order).
+tokens at a time, and backward keeps only the chunk inputs (bf16 hidden states) and recomputes one chunk's
+logits at a time. The value is the same mean over completion tokens that transformers returns (up to float
+summation order).
+
+When ``lm_head`` is a plain Linear (full fine-tuning, or a frozen head under LoRA) one autograd function does
+the chunks (`LinearCrossEntropy`): its backward adds every chunk's part of the weight's gradient into one
+buffer in place. Autograd would form each chunk's part as a tensor of the weight's size and sum the parts
+out of place (running sum, next part, their sum: three lm_head-sized tensors, 3 GiB at Llama 3.1 8B in
+bf16, the peak of a full fine-tuning step). Other heads (LoRA-wrapped, ZeRO-3 shards) run each chunk
+through the module under activation checkpointing.
 
 On CUDA with ``training.ligerKernels`` Liger's fused linear cross-entropy does the same in Triton kernels
 (used when ``lm_head`` is a plain Linear: not LoRA-wrapped and not a ZeRO-3 shard).
@@ -63,6 +70,92 @@ def _chunk_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, s
     return nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype lm_head's matmul runs in: autocast's when it is on (as nn.Linear would), else the weight's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _softcapped(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(capped fp32 logits, tanh(logits / cap) for the backward) — in place where it can be."""
+    if not softcap:
+        return logits, None
+    t = torch.tanh(logits.div_(softcap))
+    return t * softcap, t
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(softcap(hidden_i @ weight.T + bias), label_i) in fp32, `chunk` rows at a time, every label valid.
+
+    Saves only its inputs. Backward recomputes one chunk's logits at a time, turns them into the logits'
+    gradient in place (softmax minus one-hot, times the incoming gradient and the soft-cap's derivative) and
+    adds the chunk's parts into the hidden states' gradient and, in place, into one weight-sized gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, chunk: int, softcap: float | None, dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, labels.numel(), chunk):
+                logits = nn.functional.linear(hidden[start:start + chunk].to(dtype), w, b).float()
+                logits, _ = _softcapped(logits, softcap)
+                total += nn.functional.cross_entropy(logits, labels[start:start + chunk], reduction="sum")
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.chunk, ctx.softcap, ctx.dtype = chunk, softcap, dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor):  # type: ignore[override]
+        hidden, weight, bias, labels = ctx.saved_tensors
+        chunk, softcap, dtype = ctx.chunk, ctx.softcap, ctx.dtype
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        grad_h = torch.empty_like(hidden) if want_h else None
+        # In place into the weight's own dtype when the matmul runs in it (the lean bf16 path); otherwise
+        # (an fp32 weight under autocast) each chunk's part is cast, as autograd would.
+        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b and bias is not None else None
+        scale = grad_total.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, labels.numel(), chunk):
+                h = hidden[start:start + chunk].to(dtype)
+                y = labels[start:start + chunk]
+                logits, t = _softcapped(nn.functional.linear(h, w, b).float(), softcap)
+                g = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()  # softmax, in place
+                g[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                g.mul_(scale)
+                if t is not None:
+                    g.mul_(t.square_().neg_().add_(1.0))  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
+                    del t
+                g = g.to(dtype)
+                if grad_h is not None and grad_h.dtype == dtype:
+                    torch.mm(g, w, out=grad_h[start:start + chunk])
+                elif grad_h is not None:
+                    grad_h[start:start + chunk] = g @ w
+                if grad_w is not None:
+                    if grad_w.dtype == dtype:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w += (g.t() @ h).to(grad_w.dtype)
+                if grad_b is not None:
+                    grad_b += g.float().sum(0)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _fused_head(head: nn.Module) -> bool:
+    """Whether `LinearCrossEntropy` can take `head`'s weight directly: a plain Linear whose weight is whole
+    (a ZeRO-3 partitioned weight only exists inside the module's own forward)."""
+    return _plain_linear(head) and not hasattr(head.weight, "ds_id")
+
+
 def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, *, chunk_tokens: int,
                    softcap: float | None = None, checkpoint_chunks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of fp32 cross-entropy over tokens with label != -100, their count): `head` runs per chunk.
@@ -74,6 +167,11 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, 
     keep = labels != IGNORE_INDEX
     kept_hidden, kept_labels = hidden[keep], labels[keep]
     count = keep.sum()
+    if _fused_head(head):
+        total = LinearCrossEntropy.apply(kept_hidden, head.weight, head.bias, kept_labels, chunk_tokens, softcap,
+                                         _compute_dtype(hidden, head.weight))
+        # Stays connected to the graph when no token counts (every parameter still gets a (zero) gradient).
+        return total + hidden.sum().float() * 0.0, count
     # Stays connected to the graph when no token counts (every parameter still gets a (zero) gradient).
     total = hidden.sum().float() * 0.0
     for start in range(0, kept_labels.numel(), chunk_tokens):

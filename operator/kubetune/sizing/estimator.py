@@ -487,6 +487,15 @@ def _lora_activation_bytes_per_token(arch: Architecture, setup: TrainingSetup, t
     return total
 
 
+def fused_loss_head(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> bool:
+    """Whether the trainer's loss runs lm_head through its fused chunked function (kubetune_trainer.loss
+    LinearCrossEntropy: one lm_head gradient summed in place): a plain Linear head, i.e. not a LoRA target and
+    not a DeepSpeed-partitioned weight (counted as ZeRO-3 for any stage: the larger figure)."""
+    lora_head = setup.method != "full" and any(t.module.name == "lm_head"
+                                                for t in resolve_lora_targets(arch, setup.target_modules))
+    return strategy != "deepspeed" and not lora_head
+
+
 def chunk_tokens(arch: Architecture, setup: TrainingSetup) -> int:
     """Tokens per loss chunk: fp32 logits of at most 256 MiB per chunk (kubetune_trainer.loss), at most a
     micro batch."""
@@ -511,9 +520,11 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     """The candidate peaks of one training step beyond weights and optimizer states (docs/sizing.md).
 
     - loss backward: every layer's saved tensors (or checkpointed inputs), the hidden states the loss
-      keeps, and one loss chunk's fp32 buffers (log-softmax output, its gradient and the gradient of the
-      logits: 12 x chunk x V) plus the lm_head gradient being formed when lm_head trains;
-    - lm_head gradient (full, more than one loss chunk): its running sum, the next chunk's part and their sum;
+      keeps, and one loss chunk's fp32 buffers (12 x chunk x V: log-softmax output, its gradient and the
+      logits' gradient; the fused head's logits, logsumexp temporaries and cast gradient come to the same)
+      plus the lm_head gradient when lm_head trains (fused head: from the start of the loss backward);
+    - lm_head gradient (full, unfused head, more than one loss chunk): its running sum, the next chunk's part
+      and their sum;
     - layer recompute (checkpointing): the checkpointed inputs of every layer plus the last layer's full
       saved set, rebuilt for its backward, plus the gradients of its intermediates (tiled MLPs: one tile's);
     - attention backward (checkpointing): later in that layer, its attention kernel's backward beside the
@@ -549,7 +560,10 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     loss_hidden = 2 * a * h * t  # the completion-token hidden states the chunks read, and their copy
     flow = a * h * t  # gradient of the hidden states flowing into the layers
     c = chunk_tokens(arch, setup)
+    # the same for the fused head (traced): its recomputed fp32 logits, logsumexp's temporaries beside them, the
+    # gradient formed in place and its compute-dtype cast
     loss_chunk = 12 * c * v + (2 * a * c * v if arch.final_logit_softcapping else 0)
+    fused = fused_loss_head(arch, setup, strategy)
     head_params = arch.vocab_size * h if not arch.tie_word_embeddings else arch.embedding_params()
     head_grad = a * head_params if full else 0  # lm_head's gradient, formed at the start of backward
     # gradients of the layer's intermediates while its backward runs (MLP and projection widths; LoRA: the
@@ -573,11 +587,11 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     accumulated = grads if setup.gradient_accumulation_steps > 1 else 0
     chunks = -(-t // c)
     moments = {
-        "loss backward": _Moment(accumulated + (head_grad if chunks > 1 else 0),
+        "loss backward": _Moment(accumulated + (head_grad if (fused or chunks > 1) else 0),
                                  saved + final_norm + flow, loss_hidden + loss_chunk),
     }
-    if head_grad and chunks > 1:
-        # lm_head's gradient summed over loss chunks: the running sum, the next chunk's part and their sum
+    if head_grad and chunks > 1 and not fused:
+        # lm_head's gradient summed over loss chunks by autograd: the running sum, the next chunk's part and their sum
         moments["lm_head gradient"] = _Moment(accumulated + 3 * head_grad, saved + final_norm + flow, loss_hidden)
     # a recomputed input norm saves the layer's input, which checkpointing keeps already
     recomputed = per_layer - (layer_input if lean_norms else 0)
@@ -620,7 +634,7 @@ def activation_bytes(arch: Architecture, setup: TrainingSetup) -> int:
 
 def logits_bytes(arch: Architecture, setup: TrainingSetup) -> int:
     """Loss buffers at the step's peak moment: the hidden states the loss keeps and one chunk's fp32 logits
-    buffers (12 x chunk tokens x V); never the full [tokens, vocab] logits (kubetune_trainer.loss)."""
+    buffers (see step_moments); never the full [tokens, vocab] logits (kubetune_trainer.loss)."""
     n = trainable_params(arch, setup.method, setup.target_modules, setup.lora_r)
     m = max(step_moments(arch, setup, n, gradient_bytes(setup, n)).values(), key=lambda x: x.total)
     return m.logits
