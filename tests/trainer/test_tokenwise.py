@@ -89,6 +89,29 @@ def test_the_mlp_really_runs_in_tiles(small_tiles):
     assert rows == [7] * 6 + [6] + [7] * 6 + [6]
 
 
+def test_a_checkpointed_layer_recompute_does_not_run_the_mlp_again(small_tiles):
+    """Under gradient checkpointing the layer's recomputation rebuilds saved tensors only: the MLP's is its input,
+    so the MLP runs twice per step (forward without autograd, tiles with autograd in backward), not three times;
+    test_tiled_layers_give_the_plain_loss_and_gradients[True] shows the gradients stay the plain ones."""
+    model = tiny_lora_model(checkpointing=True)
+    apply_tokenwise(model, tiled_mlp=True, norms=False, intermediate_size=80, element_bytes=4)
+    rows = []
+    for layer in model.base_model.model.model.layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda _m, args, _out: rows.append(args[0].reshape(-1, 32).shape[0]))
+    loss_and_grads(model, batch())
+    assert rows == ([7] * 6 + [6]) * 4  # two layers, each: forward tiles, backward tiles
+    # a layer that is not known to end in `residual + mlp` keeps the recomputation (Gemma's post-MLP norm)
+    model = tiny_lora_model(checkpointing=True)
+    for layer in model.base_model.model.model.layers:
+        layer.__class__ = type("OtherDecoderLayer", (type(layer),), {})
+    apply_tokenwise(model, tiled_mlp=True, norms=False, intermediate_size=80, element_bytes=4)
+    rows.clear()
+    for layer in model.base_model.model.model.layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda _m, args, _out: rows.append(args[0].reshape(-1, 32).shape[0]))
+    loss_and_grads(model, batch())
+    assert rows == ([7] * 6 + [6]) * 6
+
+
 def test_recomputation_reuses_the_forward_dropout_mask():
     # f(x) = dropout(x) @ W is linear in x for a fixed mask, so <f(x), g> == <x, df/dx^T g> exactly when the
     # backward recomputation draws the forward's mask, and not when it draws a new one.

@@ -15,8 +15,10 @@ otherwise, per decoder layer and token (a = 2 bytes for bf16, H hidden, I MLP wi
   (`MLP_TILE_BYTES` per intermediate), plus the MLP's input and its gradient.
 
 Cost: the norms' recomputation is elementwise work; the MLP's forward runs once more per step (in forward
-without autograd, then per tile in backward; under gradient checkpointing also in the layer's recompute),
-and the MLP holds most of a decoder layer's matmul work. Hence `training.tiledMlp` (null = auto: on for
+without autograd, then per tile in backward), and the MLP holds most of a decoder layer's matmul work. Under
+gradient checkpointing the layer's recompute skips the MLP where the layer ends in `residual + mlp`
+(`RESIDUAL_MLP_LAYERS`): that recompute only rebuilds saved tensors, and the MLP's is its input, so the MLP
+runs twice per step there as well, not three times. Hence `training.tiledMlp` (null = auto: on for
 LoRA/QLoRA with gradient checkpointing, where the recomputed MLP dominates the peak). Full fine-tuning
 keeps the plain MLP under auto: summing a weight's gradient over tiles would need an fp32 buffer the size of
 the MLP weights (the gradients of the trainable parameters an MLP or norm has are summed over tiles in fp32
@@ -46,6 +48,11 @@ MIN_TILE_TOKENS = 64
 NORM_ATTRIBUTES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                    "post_feedforward_layernorm")
 _WRAPPED = "_kubetune_tokenwise"
+# Decoder layers (transformers' classes) that end in `residual + mlp(norm(x))`: nothing after the MLP saves a
+# tensor for backward, so a checkpoint's recomputation of the layer need not run the MLP (see `_wrap`). Not
+# Gemma 2/3 or OLMo 2, whose post-feed-forward norm saves the MLP's output.
+RESIDUAL_MLP_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
+                                 "Qwen3DecoderLayer", "Phi3DecoderLayer"})
 
 
 def tile_tokens(width: int, element_bytes: int, budget: int) -> int:
@@ -99,6 +106,8 @@ class TokenwiseRecompute(torch.autograd.Function):
         ctx.autocast = _Autocast(x.device.type)
         ctx.rng = _rng_state(x.device) if stochastic else None
         ctx.save_for_backward(x, *params)
+        if run is _OUTPUT_UNUSED:  # a checkpoint's recompute that needs only what this function saves
+            return x.new_empty(x.shape)
         flat = x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
         if rows <= tile:
@@ -152,8 +161,23 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _wrap(module: nn.Module, tile_for: Callable[[torch.Tensor], int]) -> None:
-    """Replace `module.forward` (one tensor in, one tensor out) with its token-wise recomputed form."""
+def _OUTPUT_UNUSED(x: torch.Tensor) -> torch.Tensor:  # noqa: N802 - a marker, never called
+    raise AssertionError("the output of a skipped recomputation was used")
+
+
+def _in_checkpoint_recompute() -> bool:
+    """True while autograd's engine runs a node: a forward running now is a checkpoint's recomputation."""
+    return torch._C._current_autograd_node() is not None
+
+
+def _wrap(module: nn.Module, tile_for: Callable[[torch.Tensor], int], output_unused_in_recompute: bool = False) -> None:
+    """Replace `module.forward` (one tensor in, one tensor out) with its token-wise recomputed form.
+
+    `output_unused_in_recompute`: the module's output feeds nothing that saves a tensor for backward (a decoder
+    layer's MLP whose output is only added to the residual), so a gradient checkpoint's recomputation of the
+    layer, which only rebuilds saved tensors, needs from it nothing but its saved input: it returns an
+    uninitialised tensor there instead of running the whole MLP once more (its output is never read: the
+    recomputation stops at the last saved tensor, this input, and the residual add saves nothing)."""
     inner = module.forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -162,7 +186,8 @@ def _wrap(module: nn.Module, tile_for: Callable[[torch.Tensor], int]) -> None:
         params = _trainable(module)
         if not x.requires_grad and not params:
             return inner(x)
-        return TokenwiseRecompute.apply(inner, tile_for(x), _stochastic(module), x, *params)
+        run = _OUTPUT_UNUSED if output_unused_in_recompute and _in_checkpoint_recompute() else inner
+        return TokenwiseRecompute.apply(run, tile_for(x), _stochastic(module), x, *params)
 
     module.forward = forward
     setattr(module, _WRAPPED, inner)
@@ -210,7 +235,7 @@ def apply_tokenwise(model: nn.Module, *, tiled_mlp: bool, norms: bool, intermedi
             counts["norms"] += _wrap_norms(layer, NORM_ATTRIBUTES)
         mlp = getattr(layer, "mlp", None)
         if tiled_mlp and _plain_mlp(mlp) and not hasattr(mlp, _WRAPPED):
-            _wrap(mlp, lambda x: tile)
+            _wrap(mlp, lambda x: tile, output_unused_in_recompute=type(layer).__name__ in RESIDUAL_MLP_LAYERS)
             counts["mlps"] += 1
     if norms and decoder is not None:
         counts["norms"] += _wrap_norms(decoder, ("norm",))  # the final norm, read by the loss
