@@ -4,12 +4,13 @@ With `--cache-storage-class`, the shared cache's PersistentVolumeClaim (`--cache
 is created in a job's namespace the first time a job there needs it: ReadWriteMany, of the configured size and
 StorageClass, labelled as kubetune's, owned by no FineTuneJob (the cache outlives every job) and never deleted by
 the operator. Pure functions: the claim's manifest and what a claim that is not bound means for the waiting
-preflight; the controller creates the claim and reads it (kubetune.children).
+preflight; which namespaces already have it (`KnownClaims`); the controller creates the claim and reads it
+(kubetune.children).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from kubetune.builders import COMPONENT_LABEL, MANAGED_BY, BuildConfig
 
@@ -60,3 +61,24 @@ def claim_not_ready_message(claim: dict[str, Any] | None, cfg: BuildConfig) -> s
                 f"{storage_class or '(default)'}, {size}, {modes}); a provisioner for that StorageClass, or an "
                 f"available PersistentVolume of it, is needed before the preflight can start")
     return f"the cache claim {name!r} is {phase}: its PersistentVolume is gone; recreate the claim"
+
+
+class KnownClaims:
+    """The namespaces where this operator process has seen or created its managed cache claim, so the claim is
+    checked once per namespace rather than with a GET before every Job it applies. A claim deleted later is
+    noticed when a preflight pod waits on it: `forget` the namespace, then `ensure` creates it again."""
+
+    def __init__(self, ensure: Callable[[str], None]) -> None:
+        self._ensure = ensure
+        self._known: set[str] = set()
+
+    def ensure(self, namespace: str) -> None:
+        """Make sure the claim exists in `namespace` (asks the cluster only the first time)."""
+        if namespace in self._known:
+            return
+        self._ensure(namespace)
+        self._known.add(namespace)
+
+    def forget(self, namespace: str) -> None:
+        """The claim was found missing in `namespace`: the next `ensure` asks the cluster again."""
+        self._known.discard(namespace)

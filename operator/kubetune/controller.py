@@ -33,7 +33,7 @@ from kubetune import conditions as C
 from kubetune import reasons as R
 from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
 from kubetune.builders import KUEUE_QUEUE_LABEL, METRICS_PORT, BuildConfig, JobRef, build_children, spec_hash
-from kubetune.cache_claim import build_cache_claim, claim_not_ready_message
+from kubetune.cache_claim import KnownClaims, build_cache_claim, claim_not_ready_message
 from kubetune.child_watch import ChildWatch, child_watches
 from kubetune.kueue_watch import KueueWatch
 from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
@@ -121,6 +121,7 @@ class Reconciler:
         self._resync_stop = threading.Event()
         self._terminating_logged: set[str] = set()
         self._seen: set[Key] = set()  # FineTuneJobs this process has run a pass for
+        self.cache_claims = KnownClaims(self._ensure_cache_claim)
         self._resync: threading.Thread | None = None
 
     # --- triggers ------------------------------------------------------------------------------------
@@ -421,7 +422,8 @@ class Reconciler:
         try:
             claim = self.children.read_claim(ns, cfg.cache_claim)
             if claim is None and cfg.cache_storage_class:
-                self._ensure_cache_claim(ns)
+                self.cache_claims.forget(ns)
+                self.cache_claims.ensure(ns)
                 claim = self.children.read_claim(ns, cfg.cache_claim)
         except (ApiException, ChildRejected) as exc:  # e.g. no RBAC to read claims: the scheduler's message stays
             log.debug("%s: cannot read the cache claim %s: %s", ns, cfg.cache_claim, exc)
@@ -433,7 +435,7 @@ class Reconciler:
         for action in decision.actions:
             if action.kind == "apply" and action.obj is not None:
                 if action.obj["kind"] == "Job" and self.config.build.cache_storage_class:
-                    self._ensure_cache_claim(ns)  # before the first pod that mounts it
+                    self.cache_claims.ensure(ns)  # before the first pod that mounts it
                 try:
                     result, _ = self.children.apply(action.obj)
                 except ApiException as exc:

@@ -15,7 +15,7 @@ import yaml
 from kubetune import conditions as C
 from kubetune import reasons as R
 from kubetune.builders import BuildConfig
-from kubetune.cache_claim import build_cache_claim, claim_not_ready_message
+from kubetune.cache_claim import KnownClaims, build_cache_claim, claim_not_ready_message
 
 from tests.unit.test_chart_static import helm, needs_helm, operator_container, operator_env, render
 from tests.unit.test_preflight_flow import cond, observed, pod, preflight_job, run
@@ -149,3 +149,29 @@ def test_chart_rejects_both_an_existing_claim_and_a_storage_class(tmp_path):
     assert code != 0 and "accessModes" in err, err  # the schema says no
     vf.write_text(yaml.safe_dump({"trainer": {"cache": {"storageClass": "nfs", "accessModes": ["ReadWriteOnce"]}}}))
     assert template()[0] == 0
+
+
+def test_the_claim_is_checked_once_per_namespace_until_found_missing():
+    asked: list[str] = []
+    claims = KnownClaims(asked.append)
+    for ns in ("team-a", "team-a", "team-b", "team-a"):  # a preflight Job and a trainer Job per FineTuneJob
+        claims.ensure(ns)
+    assert asked == ["team-a", "team-b"]
+    claims.forget("team-a")  # a waiting preflight found it deleted
+    claims.ensure("team-a")
+    claims.ensure("team-a")
+    assert asked == ["team-a", "team-b", "team-a"]
+
+
+def test_a_refused_claim_is_asked_for_again():
+    asked: list[str] = []
+
+    def refuse(ns: str) -> None:
+        asked.append(ns)
+        raise RuntimeError("forbidden")
+
+    claims = KnownClaims(refuse)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            claims.ensure("team-a")
+    assert asked == ["team-a", "team-a"]
