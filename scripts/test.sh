@@ -6,7 +6,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 eval "$("$root/scripts/bootstrap.sh")"
 cd "$root"
 set +e
-python -m pytest -p no:cacheprovider "$@"
+python -m pytest -p no:cacheprovider --durations=25 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
