@@ -86,6 +86,12 @@ def _softcapped(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tens
     return t * softcap, t
 
 
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype,
+                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's fp32 (soft-capped) logits from its matmul in `dtype`, and the tanh the soft-cap's backward needs."""
+    return _softcapped(nn.functional.linear(h.to(dtype), w, b).float(), softcap)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(softcap(hidden_i @ weight.T + bias), label_i) in fp32, `chunk` rows at a time, every label valid.
 
@@ -102,8 +108,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, labels.numel(), chunk):
-                logits = nn.functional.linear(hidden[start:start + chunk].to(dtype), w, b).float()
-                logits, _ = _softcapped(logits, softcap)
+                logits, _ = _chunk_logits(hidden[start:start + chunk], w, b, dtype, softcap)
                 total += nn.functional.cross_entropy(logits, labels[start:start + chunk], reduction="sum")
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.chunk, ctx.softcap, ctx.dtype = chunk, softcap, dtype
@@ -126,7 +131,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, labels.numel(), chunk):
                 h = hidden[start:start + chunk].to(dtype)
                 y = labels[start:start + chunk]
-                logits, t = _softcapped(nn.functional.linear(h, w, b).float(), softcap)
+                logits, t = _chunk_logits(h, w, b, dtype, softcap)
                 g = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()  # softmax, in place
                 g[torch.arange(y.numel(), device=y.device), y] -= 1.0
                 g.mul_(scale)
@@ -167,13 +172,11 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, 
     keep = labels != IGNORE_INDEX
     kept_hidden, kept_labels = hidden[keep], labels[keep]
     count = keep.sum()
-    if _fused_head(head):
-        total = LinearCrossEntropy.apply(kept_hidden, head.weight, head.bias, kept_labels, chunk_tokens, softcap,
-                                         _compute_dtype(hidden, head.weight))
-        # Stays connected to the graph when no token counts (every parameter still gets a (zero) gradient).
-        return total + hidden.sum().float() * 0.0, count
     # Stays connected to the graph when no token counts (every parameter still gets a (zero) gradient).
     total = hidden.sum().float() * 0.0
+    if _fused_head(head):
+        return total + LinearCrossEntropy.apply(kept_hidden, head.weight, head.bias, kept_labels, chunk_tokens,
+                                                softcap, _compute_dtype(hidden, head.weight)), count
     for start in range(0, kept_labels.numel(), chunk_tokens):
         h, y = kept_hidden[start:start + chunk_tokens], kept_labels[start:start + chunk_tokens]
         if checkpoint_chunks and torch.is_grad_enabled():
