@@ -101,6 +101,7 @@ class Case:
     liger: bool = False
     lora_r: int = 16
     target_modules: tuple[str, ...] = ("all-linear",)
+    activation_offloading: bool = False
 
 
 def _cases() -> list[Case]:
@@ -156,6 +157,12 @@ def _cases() -> list[Case]:
         # Qwen2.5 0.5B: tied embeddings where the 152k-row table is a third of the model
         c("qwen05b-full-b2-s2048", "qwen2.5-0.5b", "full", 2, 2048),
         c("qwen05b-lora-b4-s1024-pad", "qwen2.5-0.5b", "lora", 4, 1024),
+        # activation offloading: what checkpointing keeps waits in host memory
+        c("llama-lora-b2-s2048-pack-offload", "llama-3.1-8b", "lora", 2, 2048, packing=True,
+          activation_offloading=True),
+        c("llama-full-b1-s4096-offload", "llama-3.1-8b", "full", 1, 4096, activation_offloading=True),
+        c("qwen2-qlora-b1-s8192-nogc-offload", "qwen2.5-7b", "qlora", 1, 8192, gradient_checkpointing=False,
+          activation_offloading=True),
     ]
 
 
@@ -181,7 +188,8 @@ def estimate_bytes(case: Case, layers: int | None) -> tuple[int, dict[str, int]]
                           micro_batch_size=case.micro_batch_size, seq_length=case.seq_length,
                           packing=case.packing, gradient_checkpointing=case.gradient_checkpointing,
                           attention="sdpa", gradient_accumulation_steps=case.gradient_accumulation_steps,
-                          max_grad_norm=case.max_grad_norm, liger_kernels=case.liger)
+                          max_grad_norm=case.max_grad_norm, liger_kernels=case.liger,
+                          activation_offloading=case.activation_offloading)
     par = Parallelism("deepspeed", case.zero_stage, world_size=ZERO_WORLD) if case.zero_stage else Parallelism()
     e = estimate_memory(arch, setup, par)
     # ZeRO: the per-rank share of the step; DeepSpeed's gather working set and buckets are configuration constants
@@ -197,7 +205,8 @@ def trace_bytes(case: Case, layers: int | None) -> tuple[int, dict[str, Any]]:
                              gradient_accumulation_steps=case.gradient_accumulation_steps, lora_r=case.lora_r,
                              target_modules=case.target_modules, optimizer=case.optimizer,
                              gradient_checkpointing=case.gradient_checkpointing, packing=case.packing,
-                             liger_kernels=case.liger, max_grad_norm=case.max_grad_norm)
+                             liger_kernels=case.liger, max_grad_norm=case.max_grad_norm,
+                             activation_offloading=case.activation_offloading)
     if case.zero_stage:  # traced as one process; the recipe's memory decisions follow DeepSpeed
         settings["distributed"] = {"strategy": "deepspeed", "zeroStage": case.zero_stage}
     report = trace_step(settings, model_config(case, layers), model_name=case.family)

@@ -72,6 +72,7 @@ class Case:
     max_grad_norm: float = 1.0  # 0 = no clipping (lets the trainer step the optimizer inside backward)
     torchtune_gib: float | None = None
     layers: int | None = None  # keep only this many decoder layers of the model (the quick preset)
+    activation_offloading: bool = False  # kubetune side only: the plain script has no such switch
 
     def plan(self) -> dict[str, Any]:
         """The kubetune plan dict (memtrace.plan_settings) for this case."""
@@ -80,7 +81,8 @@ class Case:
         return plan_settings(self.method, micro_batch_size=self.micro_batch_size, seq_length=self.seq_length,
                              lora_r=self.lora_r, lora_alpha=2.0 * self.lora_r, target_modules=list(self.target_modules),
                              optimizer=self.optimizer, gradient_checkpointing=self.gradient_checkpointing,
-                             packing=self.packing, max_grad_norm=self.max_grad_norm)
+                             packing=self.packing, max_grad_norm=self.max_grad_norm,
+                             activation_offloading=self.activation_offloading)
 
     def baseline(self) -> BaselineSettings:
         """The same run for the plain script."""
@@ -97,7 +99,9 @@ def _torchtune_case(method: str) -> Case:
                 max_grad_norm=0.0 if full else 1.0, torchtune_gib=TORCHTUNE_GIB[method])
 
 
-TORCHTUNE_CASES = [_torchtune_case(m) for m in ("lora", "qlora", "full")]
+TORCHTUNE_CASES = [_torchtune_case(m) for m in ("lora", "qlora", "full")] + [
+    # the same LoRA run with the trainer's activation offloading (training.activationOffloading)
+    replace(_torchtune_case("lora"), id="llama-3.1-8b-lora-mbs2-seq2048-packed-offload", activation_offloading=True)]
 MORE_CASES = [
     Case("llama-3.1-8b-lora-mbs1-seq16384", "llama-3.1-8b", "lora", 1, 16384, packing=False),
     Case("llama-3.1-8b-qlora-mbs1-seq16384", "llama-3.1-8b", "qlora", 1, 16384, packing=False),
@@ -107,8 +111,16 @@ MORE_CASES = [
     Case("llama-3.1-70b-qlora-mbs2-seq2048-packed", "llama-3.1-70b", "qlora", 2, 2048),
 ]
 # Unsloth's long-context setting: QLoRA (and LoRA) rank 32 on all linear layers, batch 1, one unpadded sequence
-LONGEST_CASES = [Case(f"llama-3.1-8b-{m}-r32-all-linear-mbs1", "llama-3.1-8b", m, 1, 8192, packing=False,
-                      lora_r=32, target_modules=ALL_LINEAR) for m in ("lora", "qlora")]
+# (and with the trainer's activation offloading, as Unsloth keeps checkpointed activations in system RAM; the
+# plain side of those rows is the run without it)
+LONGEST_CASES = [Case(f"llama-3.1-8b-{m}-r32-all-linear-mbs1{'-offload' if off else ''}", "llama-3.1-8b", m, 1,
+                      8192, packing=False, lora_r=32, target_modules=ALL_LINEAR, activation_offloading=off)
+                 for off in (False, True) for m in ("lora", "qlora")]
+
+
+def longest_sides(case: Case) -> tuple[str, ...]:
+    """The sides a longest-sequence case bisects (an offloaded case shares the plain side of its method's)."""
+    return ("kubetune",) if case.activation_offloading else ("kubetune", "baseline")
 # Llama-3.2-1B's layers, embeddings and 128k vocabulary, 4 of its 16 decoder layers: seconds per trace
 QUICK_CASES = [Case(f"llama-3.2-1b-4layers-{m}-mbs2-seq1024-packed", "llama-3.2-1b", m, 2, 1024, layers=4,
                     optimizer="paged_adamw_8bit" if m == "full" else "adamw") for m in ("lora", "qlora", "full")]
@@ -478,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     units: list[tuple[str, Any]] = [("case", c) for c in cases]
     if not args.quick and not args.no_longest:
-        units += [("longest", (c, side)) for c in LONGEST_CASES for side in ("kubetune", "baseline")]
+        units += [("longest", (c, side)) for c in LONGEST_CASES for side in longest_sides(c)]
     import transformers
 
     out = args.out or (RESULTS if not args.quick else REPO / "bench" / "results" / "memory-quick.json")
@@ -487,11 +499,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def assemble(done: dict[int, dict], complete: bool) -> dict[str, Any]:
         rows = [done[i] for i, (kind, _) in enumerate(units) if kind == "case" and i in done]
         longest = []
+
+        def sides_of(case: Case) -> dict[str, dict]:
+            return {u[1][1]: done[i] for i, u in enumerate(units)
+                    if u[0] == "longest" and u[1][0] is case and i in done}
+
         for case in (LONGEST_CASES if not args.quick and not args.no_longest else []):
-            sides = {u[1][1]: done[i] for i, u in enumerate(units)
-                     if u[0] == "longest" and u[1][0] is case and i in done}
+            sides = sides_of(case)
             if not sides:
                 continue
+            if case.activation_offloading:
+                plain = next(c for c in LONGEST_CASES if c.method == case.method and not c.activation_offloading)
+                sides.update({k: v for k, v in sides_of(plain).items() if k == "baseline"})
             b = sides["baseline"]["seqLength"] if "baseline" in sides and "kubetune" in sides else 0
             longest.append({"id": case.id, "case": _case_json(case), "gpuBytes": budget, **sides,
                             "ratio": round(sides["kubetune"]["seqLength"] / b, 2) if b else None})

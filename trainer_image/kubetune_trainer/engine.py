@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from kubetune_trainer.offload import ActivationOffload
+
 log = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -68,13 +70,6 @@ def squared_norm(grad: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _offloading(enabled: bool, device: torch.device):
-    """Saved activations go to (pinned, on CUDA) CPU memory during forward and come back for backward."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
-
-
 class NativeEngine:
     """Plain torch (single process) or DistributedDataParallel, manual gradient accumulation."""
 
@@ -85,6 +80,9 @@ class NativeEngine:
         self.raw_model = model
         self.train_module = model if train_module is None else train_module
         self.activation_offloading = activation_offloading
+        # saved activations wait in (pinned) host memory between forward and backward; parameters stay put
+        self._offload = (ActivationOffload(self.train_module.parameters(), device) if activation_offloading
+                         else contextlib.nullcontext())
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = device
@@ -136,7 +134,7 @@ class NativeEngine:
 
     def forward(self, batch: dict):
         """Model outputs for a batch."""
-        with _autocast(self.device, self.precision), _offloading(self.activation_offloading, self.device):
+        with _autocast(self.device, self.precision), self._offload:
             return self.model(**batch)
 
     def backward(self, loss) -> None:

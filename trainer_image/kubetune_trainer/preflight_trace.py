@@ -50,7 +50,7 @@ def traced_seq_length(row_lengths: list[int], max_seq_length: int) -> int:
 
 def unsupported_layout(plan: Any) -> str:
     """Why the plan's layout cannot be traced as one process ('' when it can)."""
-    dist, training = plan.distributed, plan.training
+    dist = plan.distributed
     if dist.strategy == "deepspeed":
         if plan.method == "full":
             return ("DeepSpeed full fine-tuning keeps DeepSpeed's own fp32 master partition and optimizer, which the "
@@ -59,8 +59,6 @@ def unsupported_layout(plan: Any) -> str:
             return "ZeRO-3 gathers parameters layer by layer, which the one-process trace does not model"
         if dist.offload_optimizer or dist.offload_params:
             return "DeepSpeed CPU offload moves tensors to host memory, which the trace does not model"
-    if getattr(training, "activation_offloading", False):
-        return "activation offloading keeps saved tensors in host memory, which the CPU trace cannot tell apart"
     return ""
 
 

@@ -552,9 +552,14 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     mask = 0
     if kind != "flash":
         mask = setup.micro_batch_size * setup.seq_length * setup.seq_length  # the boolean 4-D mask, once
-    one_layer = layer_input if setup.gradient_checkpointing else per_layer
-    # activation offloading keeps saved tensors in CPU memory; one layer's set is in transit at a time
-    saved = (one_layer if setup.activation_offloading else L * one_layer) + mask
+    if setup.activation_offloading:
+        # saved tensors wait in host memory (kubetune_trainer.offload) and come back one backward node at a
+        # time: with checkpointing the recomputed layer's input, without it the largest node's saved set
+        # (the MLP product's two factors)
+        in_transit = layer_input if setup.gradient_checkpointing else 2 * a * arch.intermediate_size * t
+        saved = in_transit + mask
+    else:
+        saved = L * (layer_input if setup.gradient_checkpointing else per_layer) + mask
     # the final norm's input (recomputed norms) or its normed output (saved when the norm weight trains)
     final_norm = a * h * t if (full or lean_norms) else 0
     loss_hidden = 2 * a * h * t  # the completion-token hidden states the chunks read, and their copy
@@ -603,6 +608,11 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
             attention = int(attention_backward_bytes_per_token(arch, setup) * t)
             moments["attention backward"] = _Moment(accumulated + (0 if in_bwd else head_grad),
                                                     saved + attention + flow, 0)
+    if setup.activation_offloading and not setup.gradient_checkpointing:
+        # a layer's backward: the MLP product's factors back from host memory, its incoming gradient and both
+        # factors' gradients, beside the hidden-wide gradients (traced)
+        working = max(layer_backward, (3 * a * arch.intermediate_size + 2 * a * h) * t)
+        moments["layer backward"] = _Moment(accumulated + (0 if in_bwd else head_grad), saved + working + flow, 0)
     if in_bwd:
         largest = arch.largest_param_tensor()
         # the largest parameter's gradient while it is stepped alone: the optimizer's temporaries for that

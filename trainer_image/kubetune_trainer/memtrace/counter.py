@@ -30,13 +30,14 @@ DEFAULT_CATEGORY = "activations"
 class _Entry:
     """One live storage: its size, what it is, and the op that allocated it."""
 
-    __slots__ = ("nbytes", "category", "op", "paged", "ref", "__weakref__")
+    __slots__ = ("nbytes", "category", "op", "paged", "host", "ref", "__weakref__")
 
     def __init__(self, nbytes: int, op: str) -> None:
         self.nbytes = nbytes
         self.category = DEFAULT_CATEGORY
         self.op = op
         self.paged = False
+        self.host = False
         self.ref: Any = None
 
 
@@ -57,7 +58,8 @@ class StorageCounter(TorchDispatchMode):
 
     `run_op(func, args, kwargs)`, when given, replaces the plain `func(*args, **kwargs)` call (it runs below
     this mode, so whatever it allocates and returns is counted; temporaries it frees itself are added with
-    `track`). Paged storages (allocated inside `paged_allocations()`) are kept apart from the allocator total.
+    `track`). Paged storages (allocated inside `paged_allocations()`) and host storages (inside
+    `host_allocations()`: offloaded activations) are kept apart from the allocator total.
     """
 
     def __init__(self, run_op: RunOp | None = None) -> None:
@@ -68,6 +70,8 @@ class StorageCounter(TorchDispatchMode):
         self.paged_bytes = 0
         self.peak_bytes = 0
         self.peak_paged_bytes = 0
+        self.host_bytes = 0
+        self.max_host_bytes = 0  # the most host memory alive at any moment
         self.peak_moment = PeakMoment()
         self._peak_entries: list[_Entry] = []
         self._peak_dirty = False
@@ -75,6 +79,7 @@ class StorageCounter(TorchDispatchMode):
         self.where = ""
         self.ops = 0
         self._paged = False
+        self._host = False
 
     # ------------------------------------------------------------------ tracking
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -104,6 +109,7 @@ class StorageCounter(TorchDispatchMode):
             return entry
         entry = _Entry(nbytes, str(op))
         entry.paged = self._paged
+        entry.host = self._host and not self._paged
         entry.ref = weakref.ref(storage, partial(self._freed, key))
         self._live[key] = entry
         self._grow(entry, nbytes)
@@ -113,6 +119,10 @@ class StorageCounter(TorchDispatchMode):
         self._free(key)
 
     def _grow(self, entry: _Entry, delta: int) -> None:
+        if entry.host:
+            self.host_bytes += delta
+            self.max_host_bytes = max(self.max_host_bytes, self.host_bytes)
+            return
         if entry.paged:
             self.paged_bytes += delta
             if delta < 0:
@@ -133,7 +143,9 @@ class StorageCounter(TorchDispatchMode):
             return
         self._snapshot_if_dirty()
         del self._live[key]
-        if entry.paged:
+        if entry.host:
+            self.host_bytes -= entry.nbytes
+        elif entry.paged:
             self.paged_bytes -= entry.nbytes
         else:
             self.allocated -= entry.nbytes
@@ -192,6 +204,16 @@ class StorageCounter(TorchDispatchMode):
         finally:
             self._paged = previous
 
+    @contextlib.contextmanager
+    def host_allocations(self) -> Iterator[None]:
+        """Storages allocated inside this block are in host memory (offloaded activations): counted in
+        `host_bytes`, outside the allocator total and its peak."""
+        self._host, previous = True, self._host
+        try:
+            yield
+        finally:
+            self._host = previous
+
     def reset_peak(self) -> None:
         """Start a new peak from what is alive now (e.g. after building the model)."""
         self.peak_bytes = self.allocated
@@ -213,13 +235,13 @@ class StorageCounter(TorchDispatchMode):
     def peak_largest(self, n: int = 5) -> list[tuple[str, str, int]]:
         """The `n` largest storages alive at the peak as (category, allocating op, bytes)."""
         self._snapshot_if_dirty()
-        rows = sorted((e for e in self._peak_entries if not e.paged), key=lambda e: e.nbytes, reverse=True)
+        rows = sorted((e for e in self._peak_entries if not (e.paged or e.host)), key=lambda e: e.nbytes, reverse=True)
         return [(e.category, e.op, e.nbytes) for e in rows[:n]]
 
 
 def _sum_by_category(entries: Iterable[_Entry]) -> dict[str, int]:
     totals = dict.fromkeys(CATEGORIES, 0)
     for entry in entries:
-        if not entry.paged:
+        if not (entry.paged or entry.host):
             totals[entry.category] += entry.nbytes
     return totals

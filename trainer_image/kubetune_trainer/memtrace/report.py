@@ -18,7 +18,8 @@ class TraceReport:
     `peak_bytes` is the high-water mark of live tensor storage as PyTorch's caching allocator would be asked
     for it (no CUDA context, no allocator rounding or fragmentation, no NCCL buffers); `breakdown` splits it
     and adds up to it. Paged optimizer states live in CUDA unified memory, outside the allocator, and are
-    reported apart in `paged_optimizer_bytes`.
+    reported apart in `paged_optimizer_bytes`; activations offloaded to host memory in
+    `host_activation_bytes`.
     """
 
     model: str
@@ -45,6 +46,7 @@ class TraceReport:
     peak_op: str
     peak_where: str
     largest_at_peak: list[dict[str, Any]] = field(default_factory=list)
+    host_activation_bytes: int = 0  # activation offloading: the most saved activations in host memory at once
     ops: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -67,6 +69,9 @@ class TraceReport:
         if self.paged_optimizer_bytes:
             lines.append(f"{indent}  {'paged optimizer states':<26} {self.paged_optimizer_bytes / GIB:>9.2f} GiB "
                          "(unified memory, outside the allocator peak)")
+        if self.host_activation_bytes:
+            lines.append(f"{indent}  {'offloaded activations':<26} {self.host_activation_bytes / GIB:>9.2f} GiB "
+                         "(host memory, outside the GPU peak)")
         lines.append(f"{indent}  parameters {self.total_params:,} (trainable {self.trainable_params:,}); "
                      f"attention {self.attention}; {self.micro_steps_traced} micro-step(s) x "
                      f"{self.optimizer_steps_traced} optimizer step(s) traced in {self.seconds:.1f} s")

@@ -46,7 +46,7 @@ def plan_settings(method: str = "lora", *, micro_batch_size: int = 1, seq_length
                   precision: str = "bf16", gradient_checkpointing: bool = True, packing: bool = False,
                   attention: str = "auto", liger_kernels: bool = False, bits: int = 4, quant_type: str = "nf4",
                   double_quant: bool = True, compute_dtype: str = "bfloat16", max_grad_norm: float = 1.0,
-                  trust_remote_code: bool = False) -> dict[str, Any]:
+                  trust_remote_code: bool = False, activation_offloading: bool = False) -> dict[str, Any]:
     """A trainer plan dict (docs/contracts.md §2) with the fields that decide memory; the rest placeholders."""
     plan: dict[str, Any] = {
         "version": 1,
@@ -57,7 +57,8 @@ def plan_settings(method: str = "lora", *, micro_batch_size: int = 1, seq_length
                      "gradientAccumulationSteps": gradient_accumulation_steps, "maxSeqLength": seq_length,
                      "packing": packing, "optimizer": optimizer, "precision": precision,
                      "gradientCheckpointing": gradient_checkpointing, "attentionImplementation": attention,
-                     "ligerKernels": liger_kernels, "maxGradNorm": max_grad_norm},
+                     "ligerKernels": liger_kernels, "maxGradNorm": max_grad_norm,
+                     "activationOffloading": activation_offloading},
         "output": {"uri": TRACE_URI},
     }
     if method != "full":
@@ -276,6 +277,28 @@ def _module_names(model) -> dict[int, str]:
             for name, m in model.named_modules()}
 
 
+@contextlib.contextmanager
+def offload_transfers(counter: StorageCounter):
+    """Activation offloading's copies as a GPU run makes them: the copy out is host memory (counted apart from
+    the device peak), the copy back in backward a new device tensor. On CPU, `.to("cpu")` would return the
+    same tensor, so both are allocations here."""
+    from kubetune_trainer import offload
+
+    def host_copy(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+        with counter.host_allocations():
+            return torch.empty(tensor.size(), dtype=tensor.dtype, device=tensor.device)
+
+    def device_copy(host: torch.Tensor, device: torch.device, pin_memory: bool) -> torch.Tensor:
+        return torch.empty(host.size(), dtype=host.dtype, device=host.device)
+
+    saved = offload.host_copy, offload.device_copy
+    offload.host_copy, offload.device_copy = host_copy, device_copy
+    try:
+        yield
+    finally:
+        offload.host_copy, offload.device_copy = saved
+
+
 def _recipe_for_trace(plan, precision: str, attn: str | None, strategy: str = "none"):
     """A FineTuneRecipe set up as setup() would on one GPU, minus distributed init, tokenizer, data and resume.
 
@@ -384,6 +407,7 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         stack.enter_context(cuda_attention(kernels, force_flash=force_flash))
         stack.enter_context(cuda_optimizer_defaults())
         stack.enter_context(paged_optimizer_states(counter.paged_allocations))
+        stack.enter_context(offload_transfers(counter))
 
         counter.phase = "model build"
         recipe = _recipe_for_trace(plan, precision, attn, requested_strategy)
@@ -402,6 +426,7 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         largest = [{"category": c, "op": op, "bytes": n} for c, op, n in counter.peak_largest(5)]
         paged = max(counter.peak_paged_bytes, counter.paged_bytes)
+        host = counter.max_host_bytes
         del recipe, model
     notes += build_log.notes
     if executor.scalar_reads:
@@ -419,5 +444,6 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         gradient_checkpointing=t.gradient_checkpointing, packing=t.packing, padded_batch=padded,
         optimizer=t.optimizer, attention=kernels.summary(), total_params=total_params, trainable_params=trainable,
         weights_bytes=weights_bytes, peak_bytes=counter.peak_bytes, breakdown=breakdown,
-        paged_optimizer_bytes=paged, peak_phase=moment.phase, peak_op=moment.op, peak_where=moment.where,
+        paged_optimizer_bytes=paged, host_activation_bytes=host, peak_phase=moment.phase, peak_op=moment.op,
+        peak_where=moment.where,
         largest_at_peak=largest, ops=counter.ops, seconds=round(time.perf_counter() - started, 2), notes=notes)
