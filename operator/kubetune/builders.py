@@ -221,14 +221,15 @@ def shm_size(layout: Layout) -> str:
 
 
 def host_memory_gi(layout: Layout, cfg: BuildConfig) -> int:
-    """Host RAM a GPU pod requests: memory_per_gpu_gi per GPU, plus, with CPU offload, the sizer's estimate of
-    the offloaded optimizer states / parameters and 10% (the sizer refused layouts whose nodes lack it). A
-    layout pinned by spec.resources has no estimate: twice the per-GPU amount, as before."""
+    """Host RAM a GPU pod requests: memory_per_gpu_gi per GPU, plus, with CPU offload (optimizer states,
+    parameters, activations), the sizer's estimate of what is offloaded and 10% (the sizer refused layouts
+    whose nodes lack it). A DeepSpeed offload layout pinned by spec.resources has no estimate: twice the
+    per-GPU amount, as before."""
     base = cfg.memory_per_gpu_gi * layout.gpus_per_pod
-    if not (layout.offload_optimizer or layout.offload_params):
-        return base
     if layout.host_offload_bytes:
         return base + math.ceil(layout.host_offload_bytes * 1.1 / 1024**3)
+    if not (layout.offload_optimizer or layout.offload_params):
+        return base
     return 2 * base
 
 

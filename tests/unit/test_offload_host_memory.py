@@ -40,3 +40,27 @@ def test_nodes_without_that_much_host_ram_are_refused_with_the_numbers():
     outcome = size_job_layout(full_70b(maxGpus=8), nodes("256Gi"))
     assert not outcome.fits
     assert "GiB of host RAM" in outcome.message and "allocatable" in outcome.message, outcome.message
+
+
+def lora_8b(**training):
+    return parse_spec({"model": {"uri": "hf://meta-llama/Llama-3.1-8B"}, "dataset": {"uri": "s3://d/t.jsonl"},
+                       "method": "lora", "output": {"uri": "s3://o/x"},
+                       "training": {"maxSteps": 10, "microBatchSize": 2, "maxSeqLength": 2048, **training}})
+
+
+def test_activation_offloading_asks_for_host_ram_for_the_saved_activations_and_less_gpu_memory():
+    plain = size_job_layout(lora_8b(), nodes("512Gi"))
+    offloaded = size_job_layout(lora_8b(activationOffloading=True), nodes("512Gi"))
+    assert plain.fits and offloaded.fits, (plain.message, offloaded.message)
+    assert plain.layout.host_offload_bytes == 0
+    # 32 checkpointed layer inputs (bf16, 2 x 2,048 x 4,096) and the loss's hidden states: about 1.06 GiB
+    layer_input = 2 * 2048 * 4096 * 2
+    assert 32 * layer_input <= offloaded.layout.host_offload_bytes <= 36 * layer_input
+    assert offloaded.plan_status["estimate"]["hostOffloadBytes"] == offloaded.layout.host_offload_bytes
+    plain_gpu, offloaded_gpu = (o.plan_status["estimate"]["breakdownBytes"]["activations"]
+                                for o in (plain, offloaded))
+    assert offloaded_gpu < plain_gpu - 30 * layer_input
+    base = parse_quantity_bytes(pod_resources(lora_8b(), plain.layout, BuildConfig())["requests"]["memory"])
+    more = parse_quantity_bytes(pod_resources(lora_8b(activationOffloading=True), offloaded.layout,
+                                              BuildConfig())["requests"]["memory"])
+    assert more - base >= offloaded.layout.host_offload_bytes

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "eager"))
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     p.add_argument("--packing", action="store_true")
+    p.add_argument("--activation-offloading", action="store_true",
+                   help="saved activations wait in host RAM between forward and backward "
+                        "(training.activationOffloading)")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs in total (default 1)")
     p.add_argument("--strategy", default="auto", choices=("auto", "none", "ddp", "zero1", "zero2", "zero3"))
     p.add_argument("--offload-optimizer", action="store_true")
@@ -89,7 +92,8 @@ def spec_from_flags(args: argparse.Namespace, method: str | None = None, model_u
         "training": {"epochs": 1, "maxSeqLength": args.seq, "microBatchSize": args.batch,
                      "optimizer": args.optimizer, "precision": args.precision, "packing": args.packing,
                      "gradientCheckpointing": not args.no_checkpointing,
-                     "attentionImplementation": ATTENTION_FLAGS[args.attention]},
+                     "attentionImplementation": ATTENTION_FLAGS[args.attention],
+                     "activationOffloading": args.activation_offloading},
     })
 
 
@@ -219,7 +223,8 @@ def _trace(args: argparse.Namespace, name: str, estimate: MemoryEstimate) -> tup
         method=args.method, micro_batch_size=args.batch, seq_length=args.seq, lora_r=args.r,
         target_modules=[t.strip() for t in args.targets.split(",") if t.strip()], optimizer=args.optimizer,
         precision=args.precision, gradient_checkpointing=not args.no_checkpointing, packing=args.packing,
-        attention=ATTENTION_FLAGS[args.attention], gradient_accumulation_steps=_TRAINING.gradient_accumulation_steps)
+        attention=ATTENTION_FLAGS[args.attention], gradient_accumulation_steps=_TRAINING.gradient_accumulation_steps,
+        activation_offloading=args.activation_offloading)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as cfg:
         json.dump(config, cfg)
         cfg.flush()

@@ -100,8 +100,7 @@ def layout_from_decision(decision: SizingDecision, spec: FineTuneJobSpec) -> Lay
                   node_selector=selector, source="sizer",
                   gpu_memory_bytes=decision.gpu_memory_bytes,
                   host_offload_bytes=(decision.estimate.host_offload * max(gpus, 1)
-                                      if decision.estimate is not None and (par.offload_optimizer or par.offload_params)
-                                      else 0))
+                                      if decision.estimate is not None else 0))
 
 
 @dataclasses.dataclass

@@ -201,5 +201,4 @@ def _layout(c: _Candidate) -> Layout:
                   zero_stage=par.zero, offload_optimizer=par.offload_optimizer, offload_params=par.offload_params,
                   node_selector={PRODUCT_LABEL: c.pool.product}, source="replan",
                   gpu_memory_bytes=c.pool.memory_bytes,
-                  host_offload_bytes=(c.estimate.host_offload * c.gpus_per_pod
-                                      if par.offload_optimizer or par.offload_params else 0))
+                  host_offload_bytes=c.estimate.host_offload * c.gpus_per_pod)
