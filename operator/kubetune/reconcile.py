@@ -208,6 +208,28 @@ def unschedulable_message(pods: list[dict[str, Any]]) -> str:
     return ""
 
 
+# A trainer pod the scheduler has just bound usually runs within seconds, and PodsRunning follows. Rewriting the
+# scheduler's "0/N nodes are available" message away in between would cost every job that waited for a GPU one
+# more status write (the apiserver's most expensive request at scale), so for this long after the binding the
+# old message stands; after it (an image pull can take minutes) the status says the pods are starting.
+BOUND_QUIET_SECONDS = 15.0
+
+
+def seconds_since_bound(pods: list[dict[str, Any]], now: dt.datetime) -> float | None:
+    """Seconds since the last of `pods` was bound to a node (None when one is not bound, or no pods)."""
+    latest: dt.datetime | None = None
+    for pod in pods:
+        if not (pod.get("spec") or {}).get("nodeName"):
+            return None
+        scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or []
+                          if c.get("type") == "PodScheduled" and c.get("status") == "True"), None)
+        when = parse_time((scheduled or {}).get("lastTransitionTime"))
+        if when is None:
+            return None
+        latest = when if latest is None or when > latest else latest
+    return None if latest is None else (now - latest).total_seconds()
+
+
 # Container waiting reasons that will not clear by themselves (a kubelet retries them, but the user must act):
 # a missing Secret or ConfigMap, a bad image reference or pull credentials, a container that cannot start.
 STUCK_WAITING_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "ErrImagePull",
@@ -848,6 +870,11 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     waiting = stuck or unschedulable_message(pods)
     reason = R.CONTAINER_NOT_STARTING if stuck else retry_reason if failed_pods else R.WAITING_FOR_PODS
     message = "waiting for the trainer pods to start" + (f": {waiting}" if waiting else "") + retry_note
+    bound = seconds_since_bound(pods, now) if not waiting and not job_suspended else None
+    if (bound is not None and bound < BOUND_QUIET_SECONDS and (old_phase, old.get("reason")) == ("Pending", reason)
+            and old.get("message") != message):
+        out.retry_after = BOUND_QUIET_SECONDS - bound  # rewrite the message then if the pods still do not run
+        return p.finish()
     p.set_phase("Pending", reason, message, warning=bool((failed_pods and not preempted) or stuck))
     p.cond(C.RUNNING, False, reason, message)
     p.cond(C.READY, False, reason, message)

@@ -128,6 +128,39 @@ def test_fitting_job_creates_children_once_and_records_layout() -> None:
     assert not [a for a in d2.actions if a.kind == "apply"]
 
 
+def _waiting_pod(*, bound_at: dt.datetime | None) -> dict:
+    p = pod("Pending")
+    if bound_at is None:
+        p["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                      "message": "0/40 nodes are available: 40 Insufficient nvidia.com/gpu."}]
+    else:
+        p["spec"] = {"nodeName": "gpu-node-7"}
+        p["status"]["conditions"] = [{"type": "PodScheduled", "status": "True",
+                                      "lastTransitionTime": bound_at.strftime("%Y-%m-%dT%H:%M:%SZ")}]
+    return p
+
+
+def test_a_just_bound_pod_costs_no_status_write_until_it_runs_or_the_quiet_window_ends() -> None:
+    from kubetune.reconcile import BOUND_QUIET_SECONDS
+
+    waiting = run(status={"phase": "Pending", "layout": LAYOUT.to_status()},
+                  observed=Observed(job=job_obj(), pods=[_waiting_pod(bound_at=None)])).status
+    assert waiting["reason"] == R.WAITING_FOR_PODS and "0/40 nodes are available" in waiting["message"]
+    bound = T0 + dt.timedelta(seconds=100)
+    soon = run(status=waiting, observed=Observed(job=job_obj(), pods=[_waiting_pod(bound_at=bound)]),
+               now=bound + dt.timedelta(seconds=3))
+    assert not status_changed(waiting, soon.status) and not soon.events
+    assert soon.retry_after == pytest.approx(BOUND_QUIET_SECONDS - 3)
+    # then it runs: one write, straight to Running
+    running = run(status=soon.status, observed=Observed(job=job_obj(), pods=[pod("Running")]),
+                  now=bound + dt.timedelta(seconds=5))
+    assert running.status["phase"] == "Running"
+    # or it still does not run after the window (an image pull): the stale scheduler message goes
+    late = run(status=waiting, observed=Observed(job=job_obj(), pods=[_waiting_pod(bound_at=bound)]),
+               now=bound + dt.timedelta(seconds=BOUND_QUIET_SECONDS + 1))
+    assert late.status["message"] == "waiting for the trainer pods to start", late.status["message"]
+
+
 def test_kueue_label_gives_queued_and_operator_never_unsuspends() -> None:
     labels = {"kueue.x-k8s.io/queue-name": "team-a"}
     d = run(observed=fits(), labels=labels)
