@@ -586,6 +586,11 @@ def _decide_resize(p: _Pass, observed: Observed) -> Decision:
     return p.finish()
 
 
+def _layout_strategy(status: dict[str, Any]) -> str:
+    """The resolved strategy of the layout in status (none | ddp | deepspeed; '' before sizing)."""
+    return str((status.get("layout") or {}).get("strategy") or "")
+
+
 def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any], outlook: MemoryOutlook | None) -> Decision:
     """The trainer ran out of GPU memory: record the next leaner plan (kubetune.oom: micro batch, checkpointing;
     then kubetune.oom_layout: a layout that needs less memory per GPU) and delete the Job, so the next pass creates
@@ -599,7 +604,7 @@ def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any], outlook
     name = (pod.get("metadata") or {}).get("name", "")
     if not any(r.get("pod") == name for r in replans):
         blocked = outlook.batch_blocked if outlook is not None else ""
-        leaner = None if blocked else next_memory_plan(spec, replans)
+        leaner = None if blocked else next_memory_plan(spec, replans, _layout_strategy(st))
         entry: dict[str, Any] = {"pod": name, "step": int(summary.get("step") or 0),
                                  "message": str(summary.get("message") or "")[:1024]}
         if outlook is not None:
@@ -663,7 +668,7 @@ def _decide_trace_replan(p: _Pass, spec: FineTuneJobSpec, fit: TracedFit, observ
                            "with the traced figure as a floor")
     else:
         blocked = outlook.batch_blocked if outlook is not None else ""
-        smaller = None if blocked else next_memory_plan(spec, replans)
+        smaller = None if blocked else next_memory_plan(spec, replans, _layout_strategy(st))
         if smaller is None:
             message = (f"{found}; no layout of the cluster's GPUs within the spec's pins fits with the traced figure"
                        + (f" ({blocked})" if blocked else "") + "; use a shorter training.maxSeqLength, method "

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.unit
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 L4, A100 = "NVIDIA-L4", "NVIDIA-A100-SXM4-80GB"
-LEAN = {"microBatchSize": 1, "gradientAccumulationSteps": 8, "gradientCheckpointing": True}
+LEAN = {"microBatchSize": 1, "gradientAccumulationSteps": 8, "gradientCheckpointing": True,
+        "activationOffloading": True}
 
 
 def _nodes(*shorthands: str) -> list[dict]:

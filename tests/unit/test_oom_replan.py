@@ -49,9 +49,14 @@ def test_then_gradient_checkpointing_then_nothing():
         replans.append({"training": leaner[0], "change": leaner[1]})
         changes.append(leaner[1])
     assert changes == ["microBatchSize 2 -> 1, gradientAccumulationSteps 4 -> 8 (global batch 8 per process kept)",
-                       "gradientCheckpointing false -> true"]
+                       "gradientCheckpointing false -> true",
+                       "activationOffloading false -> true (saved activations wait in host RAM)"]
     assert current_training(spec, replans) == {"microBatchSize": 1, "gradientAccumulationSteps": 8,
-                                               "gradientCheckpointing": True}
+                                               "gradientCheckpointing": True, "activationOffloading": True}
+    # the trainer refuses activation offloading under DeepSpeed: not a step for a DeepSpeed layout
+    spec = parse_spec(_spec(microBatchSize=1, gradientCheckpointing=True))
+    assert next_memory_plan(spec, [], "deepspeed") is None
+    assert next_memory_plan(spec, [], "none")[0]["activationOffloading"] is True
 
 
 def test_the_plan_uses_the_last_replan():
@@ -104,7 +109,7 @@ def test_out_of_memory_replans_deletes_the_job_and_says_what_changed():
                                     "change": "microBatchSize 8 -> 4, gradientAccumulationSteps 1 -> 2 "
                                               "(global batch 8 per process kept)",
                                     "training": {"microBatchSize": 4, "gradientAccumulationSteps": 2,
-                                                 "gradientCheckpointing": True}}]
+                                                 "gradientCheckpointing": True, "activationOffloading": False}}]
     assert checked_status(st)["memoryReplans"][0]["step"] == 37  # the CRD keeps the field
     assert [e[:2] for e in d.events] == [("Warning", R.REPLANNED_OOM)]
     # The Job is still being deleted on the next pass: the same pod is not re-planned twice.
@@ -114,10 +119,11 @@ def test_out_of_memory_replans_deletes_the_job_and_says_what_changed():
 
 
 def test_out_of_memory_with_nothing_leaner_fails_with_what_would_help():
-    spec = _spec(microBatchSize=1, gradientCheckpointing=True)
+    spec = _spec(microBatchSize=1, gradientCheckpointing=True, activationOffloading=True)
     d = _decide(spec, {"phase": "Running", "layout": LAYOUT.to_status()},
                 Observed(job=_job(spec), pods=[_oom_pod()]))
     assert d.status["phase"] == "Failed" and d.status["reason"] == R.OUT_OF_MEMORY
     assert "CUDA out of memory" in d.status["message"] and "method qlora" in d.status["message"]
+    assert "with gradient checkpointing and activation offloading;" in d.status["message"]
     assert C.find_condition(d.status["conditions"], C.FAILED)["reason"] == R.OUT_OF_MEMORY
     assert not d.actions

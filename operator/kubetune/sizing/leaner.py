@@ -33,7 +33,8 @@ class Failure:
     """A run that ran out of GPU memory: its layout, its training settings, and what the trainer measured."""
 
     layout: Layout
-    training: dict[str, Any]  # microBatchSize, gradientAccumulationSteps, gradientCheckpointing (camelCase)
+    training: dict[str, Any]  # microBatchSize, gradientAccumulationSteps, gradientCheckpointing,
+    # activationOffloading (camelCase)
     peak_bytes: int = 0  # the trainer's reported peak GPU memory at the failure (0: not reported)
 
 
@@ -89,7 +90,7 @@ def _pool(fleet: Fleet, product: str) -> GpuPool | None:
 
 
 def _training_spec(spec: FineTuneJobSpec, training: dict[str, Any]) -> FineTuneJobSpec:
-    keys = ("microBatchSize", "gradientAccumulationSteps", "gradientCheckpointing")
+    keys = ("microBatchSize", "gradientAccumulationSteps", "gradientCheckpointing", "activationOffloading")
     patch = {k: training[k] for k in keys if k in training}
     return apply_patch(spec, {"training": patch}) if patch else spec
 
