@@ -141,7 +141,7 @@ class Reconciler:
     def due_for_resync(self) -> list[Key]:
         """FineTuneJobs the safety-net resync queues: active, waiting for their TTL, or cancelled."""
         keys = []
-        for obj in self.store.ftjs():
+        for obj in self.store.ftj_briefs():
             ttl = int((obj.get("spec") or {}).get("ttlSecondsAfterFinished") or 0)
             if still_acting(obj.get("status") or {}, ttl):
                 keys.append((obj["metadata"]["namespace"], obj["metadata"]["name"]))
@@ -238,7 +238,7 @@ class Reconciler:
 
     def _queue_kueue_jobs(self) -> None:
         """Queue a pass for every FineTuneJob labelled for a Kueue queue (Kueue appeared, or is known absent)."""
-        for obj in self.store.ftjs():
+        for obj in self.store.ftj_briefs():
             meta = obj.get("metadata") or {}
             if (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL):
                 self.enqueue((meta.get("namespace") or "", meta.get("name") or ""))

@@ -19,6 +19,7 @@ ignored.
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from typing import Any
 
@@ -51,6 +52,32 @@ def slim_ftj(obj: dict[str, Any]) -> dict[str, Any]:
     out = {k: copy.deepcopy(v) for k, v in obj.items() if k != "metadata"}
     out["metadata"] = copy.deepcopy(meta)
     return out
+
+
+class _StoredFtj:
+    """A stored FineTuneJob: its identity, a brief of the fields the resync and Kueue scans read, and the rest as
+    compact JSON, decoded when a pass reads it (as a deep copy was before). A running FineTuneJob with its
+    status.plan (4.5 KB of JSON) takes 5.1 KB stored so against 7.4 KB as Python dicts (tracemalloc), and the
+    scans no longer walk every job's dicts."""
+
+    __slots__ = ("uid", "rv", "brief", "blob")
+
+    def __init__(self, slim: dict[str, Any]) -> None:
+        meta = slim.get("metadata") or {}
+        status = slim.get("status") or {}
+        self.uid = str(meta.get("uid") or "")
+        self.rv = resource_version(slim)
+        self.brief = {
+            "metadata": {"namespace": meta.get("namespace") or "", "name": meta.get("name") or "",
+                         "labels": dict(meta.get("labels") or {})},
+            "spec": {"ttlSecondsAfterFinished": (slim.get("spec") or {}).get("ttlSecondsAfterFinished")},
+            "status": {k: status[k] for k in ("phase", "childrenDeleted") if k in status},
+        }
+        self.blob = json.dumps(slim, separators=(",", ":")).encode()
+
+    def full(self) -> dict[str, Any]:
+        """The stored FineTuneJob (a new copy)."""
+        return json.loads(self.blob)
 
 
 def _meta(obj: dict[str, Any], annotation: str) -> dict[str, Any]:
@@ -153,7 +180,7 @@ class ClusterStore:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._ftjs: dict[Key, dict[str, Any]] = {}
+        self._ftjs: dict[Key, _StoredFtj] = {}
         self._jobs: dict[str, dict[str, Any]] = {}  # job uid -> slim Job
         self._job_of: dict[str, str] = {}  # FineTuneJob uid -> job uid
         self._preflight_of: dict[str, str] = {}  # FineTuneJob uid -> preflight job uid
@@ -170,35 +197,42 @@ class ClusterStore:
         with self._lock:
             old = self._ftjs.get(key)
             if event_type == "DELETED":
-                if old is not None and _uid(old) == meta.get("uid"):
+                if old is not None and old.uid == meta.get("uid"):
                     del self._ftjs[key]
                 return True
-            if old is not None and _uid(old) == meta.get("uid") and not _newer(obj, old):
+            rv = resource_version(obj)
+            if old is not None and old.uid == meta.get("uid") and not (rv > old.rv or rv < 0):
                 return False  # an older event arriving late
-            self._ftjs[key] = slim_ftj(obj)
+        stored = _StoredFtj(slim_ftj(obj))  # encoded outside the lock
+        with self._lock:
+            current = self._ftjs.get(key)
+            if current is not None and current.uid == stored.uid and 0 <= stored.rv < current.rv:
+                return False  # a newer event was stored meanwhile
+            self._ftjs[key] = stored
             return True
 
     def ftj(self, key: Key) -> dict[str, Any] | None:
         """A copy of the FineTuneJob, or None."""
         with self._lock:
-            obj = self._ftjs.get(key)
-            return copy.deepcopy(obj) if obj is not None else None
+            stored = self._ftjs.get(key)
+        return stored.full() if stored is not None else None
 
     def has_ftj(self, key: Key) -> bool:
         """Whether the FineTuneJob is known (exists, as far as the watch has told)."""
         with self._lock:
             return key in self._ftjs
 
-    def ftjs(self) -> list[dict[str, Any]]:
-        """Every known FineTuneJob (shallow: callers read only)."""
+    def ftj_briefs(self) -> list[dict[str, Any]]:
+        """Every known FineTuneJob as a brief: metadata namespace/name/labels, spec.ttlSecondsAfterFinished,
+        status phase/childrenDeleted (shared: callers read only)."""
         with self._lock:
-            return list(self._ftjs.values())
+            return [stored.brief for stored in self._ftjs.values()]
 
     def ftj_version(self, key: Key) -> tuple[str, int]:
         """(uid, resourceVersion) of the stored FineTuneJob; ('', -1) when unknown."""
         with self._lock:
-            obj = self._ftjs.get(key)
-            return (_uid(obj), resource_version(obj)) if obj is not None else ("", -1)
+            stored = self._ftjs.get(key)
+            return (stored.uid, stored.rv) if stored is not None else ("", -1)
 
     # --- children ----------------------------------------------------------------------------------
 

@@ -115,6 +115,36 @@ def test_slim_ftj_drops_managed_fields_and_last_applied_only():
     assert obj["spec"] == SPEC and obj["metadata"]["resourceVersion"] == "5"
 
 
+def test_stored_finetunejobs_are_compact_and_read_back_whole():
+    import tracemalloc
+    from pathlib import Path
+
+    sample = json.loads((Path(__file__).resolve().parents[1] / "data" / "finetunejob-running.json").read_text())
+    store = ClusterStore()
+    assert store.observe_ftj(None, sample) is True
+    key = (sample["metadata"]["namespace"], sample["metadata"]["name"])
+    assert store.ftj(key) == slim_ftj(sample)  # what a pass reads is the whole slim object
+    assert store.ftj_briefs() == [{"metadata": {"namespace": "team-a", "name": "sample", "labels": {}},
+                                   "spec": {"ttlSecondsAfterFinished": sample["spec"].get("ttlSecondsAfterFinished")},
+                                   "status": {"phase": "Running"}}]
+    copies = []
+    for i in range(500):
+        obj = copy.deepcopy(sample)
+        obj["metadata"]["name"], obj["metadata"]["uid"] = f"job-{i}", f"uid-{i}"
+        copies.append(obj)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for obj in copies:
+        store.observe_ftj(None, obj)
+    per_job = (tracemalloc.get_traced_memory()[0] - before) / len(copies)
+    before = tracemalloc.get_traced_memory()[0]
+    as_dicts = [slim_ftj(obj) for obj in copies]  # what keeping the slim objects themselves costs
+    per_dict = (tracemalloc.get_traced_memory()[0] - before) / len(copies)
+    tracemalloc.stop()
+    assert per_job < 0.8 * per_dict, (per_job, per_dict)
+    assert len(as_dicts) == len(store.ftj_briefs()) - 1
+
+
 def test_older_events_are_not_news_but_newer_ones_are():
     store = ClusterStore()
     assert store.observe_ftj(None, ftj("5")) is True  # listed at start
