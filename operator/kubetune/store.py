@@ -40,8 +40,8 @@ def resource_version(obj: dict[str, Any]) -> int:
         return -1
 
 
-def slim_ftj(obj: dict[str, Any]) -> dict[str, Any]:
-    """A FineTuneJob without managedFields and kubectl's last-applied copy of the spec."""
+def _slim_ftj_view(obj: dict[str, Any]) -> dict[str, Any]:
+    """`slim_ftj` sharing everything below the top level with `obj` (for encoding it, not for keeping)."""
     meta = dict(obj.get("metadata") or {})
     meta.pop("managedFields", None)
     annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != LAST_APPLIED}
@@ -49,9 +49,12 @@ def slim_ftj(obj: dict[str, Any]) -> dict[str, Any]:
         meta["annotations"] = annotations
     else:
         meta.pop("annotations", None)
-    out = {k: copy.deepcopy(v) for k, v in obj.items() if k != "metadata"}
-    out["metadata"] = copy.deepcopy(meta)
-    return out
+    return {**{k: v for k, v in obj.items() if k != "metadata"}, "metadata": meta}
+
+
+def slim_ftj(obj: dict[str, Any]) -> dict[str, Any]:
+    """A FineTuneJob without managedFields and kubectl's last-applied copy of the spec (an independent copy)."""
+    return copy.deepcopy(_slim_ftj_view(obj))
 
 
 class _StoredFtj:
@@ -62,7 +65,8 @@ class _StoredFtj:
 
     __slots__ = ("uid", "rv", "brief", "blob")
 
-    def __init__(self, slim: dict[str, Any]) -> None:
+    def __init__(self, obj: dict[str, Any]) -> None:
+        slim = _slim_ftj_view(obj)  # encoded below, so nothing needs copying
         meta = slim.get("metadata") or {}
         status = slim.get("status") or {}
         self.uid = str(meta.get("uid") or "")
@@ -164,10 +168,13 @@ def controller_of(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return refs[0] if refs else None
 
 
+def _newer_version(new: int, old: int) -> bool:
+    """Whether resourceVersion `new` is later than `old` (an unknown one, -1, always counts as news)."""
+    return new > old or new < 0
+
+
 def _newer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
-    if old is None:
-        return True
-    return resource_version(new) > resource_version(old) or resource_version(new) < 0
+    return old is None or _newer_version(resource_version(new), resource_version(old))
 
 
 def _uid(obj: dict[str, Any]) -> str:
@@ -194,20 +201,15 @@ class ClusterStore:
         """Record a FineTuneJob watch event; True when it is news (a pass should run)."""
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
+        stored = _StoredFtj(obj) if event_type != "DELETED" else None  # encoded outside the lock
         with self._lock:
             old = self._ftjs.get(key)
-            if event_type == "DELETED":
-                if old is not None and old.uid == meta.get("uid"):
+            if stored is None:
+                if old is not None and old.uid == _uid(obj):
                     del self._ftjs[key]
                 return True
-            rv = resource_version(obj)
-            if old is not None and old.uid == meta.get("uid") and not (rv > old.rv or rv < 0):
+            if old is not None and old.uid == stored.uid and not _newer_version(stored.rv, old.rv):
                 return False  # an older event arriving late
-        stored = _StoredFtj(slim_ftj(obj))  # encoded outside the lock
-        with self._lock:
-            current = self._ftjs.get(key)
-            if current is not None and current.uid == stored.uid and 0 <= stored.rv < current.rv:
-                return False  # a newer event was stored meanwhile
             self._ftjs[key] = stored
             return True
 

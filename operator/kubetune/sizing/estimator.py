@@ -559,7 +559,7 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
         in_transit = layer_input if setup.gradient_checkpointing else 2 * a * arch.intermediate_size * t
         saved = in_transit + mask
     else:
-        saved = L * (layer_input if setup.gradient_checkpointing else per_layer) + mask
+        saved = L * kept_per_layer_bytes(arch, setup, strategy) + mask
     # the final norm's input (recomputed norms) or its normed output (saved when the norm weight trains)
     final_norm = a * h * t if (full or lean_norms) else 0
     loss_hidden = 2 * a * h * t  # the completion-token hidden states the chunks read, and their copy
@@ -635,15 +635,19 @@ def step_moments(arch: Architecture, setup: TrainingSetup, n_trainable: int, gra
     return moments
 
 
-def offloaded_activation_bytes(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> int:
-    """Host RAM activation offloading fills at the end of forward: every layer's saved tensors (with
-    checkpointing: its input) and the hidden states the loss keeps (traced: 1.06 GiB for Llama 3.1 8B,
-    4,096 tokens, checkpointing)."""
+def kept_per_layer_bytes(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> int:
+    """What one decoder layer keeps from forward to backward: its input with checkpointing, else its saved set."""
     t = setup.tokens
-    a, h = setup.compute_bytes, arch.hidden_size
-    per_layer = a * h * t if setup.gradient_checkpointing else int(
-        layer_activation_bytes_per_token(arch, setup, strategy) * t)
-    return arch.num_hidden_layers * per_layer + 2 * a * h * t
+    if setup.gradient_checkpointing:
+        return setup.compute_bytes * arch.hidden_size * t
+    return int(layer_activation_bytes_per_token(arch, setup, strategy) * t)
+
+
+def offloaded_activation_bytes(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> int:
+    """Host RAM activation offloading fills at the end of forward: what every layer keeps and the hidden states
+    the loss keeps (traced: 1.06 GiB for Llama 3.1 8B, 4,096 tokens, checkpointing)."""
+    loss_hidden = 2 * setup.compute_bytes * arch.hidden_size * setup.tokens
+    return arch.num_hidden_layers * kept_per_layer_bytes(arch, setup, strategy) + loss_hidden
 
 
 def activation_bytes(arch: Architecture, setup: TrainingSetup) -> int:

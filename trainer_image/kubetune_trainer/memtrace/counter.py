@@ -40,6 +40,11 @@ class _Entry:
         self.host = False
         self.ref: Any = None
 
+    @property
+    def apart(self) -> bool:
+        """Outside the allocator total: paged (unified) memory or host memory."""
+        return self.paged or self.host
+
 
 @dataclass(frozen=True)
 class PeakMoment:
@@ -235,13 +240,13 @@ class StorageCounter(TorchDispatchMode):
     def peak_largest(self, n: int = 5) -> list[tuple[str, str, int]]:
         """The `n` largest storages alive at the peak as (category, allocating op, bytes)."""
         self._snapshot_if_dirty()
-        rows = sorted((e for e in self._peak_entries if not (e.paged or e.host)), key=lambda e: e.nbytes, reverse=True)
+        rows = sorted((e for e in self._peak_entries if not e.apart), key=lambda e: e.nbytes, reverse=True)
         return [(e.category, e.op, e.nbytes) for e in rows[:n]]
 
 
 def _sum_by_category(entries: Iterable[_Entry]) -> dict[str, int]:
     totals = dict.fromkeys(CATEGORIES, 0)
     for entry in entries:
-        if not (entry.paged or entry.host):
+        if not entry.apart:
             totals[entry.category] += entry.nbytes
     return totals
