@@ -233,10 +233,10 @@ def test_llama_31_8b_lora_traces_within_a_minute_with_exact_weight_bytes():
 
     settings = plan_settings("lora", micro_batch_size=2, seq_length=2048, packing=True, lora_r=8,
                              target_modules=["q_proj", "v_proj", "o_proj"])
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: what a shared machine's other tenants take is not the trace's
     report = trace_step(settings, LLAMA_31_8B, model_name="llama-3.1-8b")
-    seconds = time.perf_counter() - started
-    assert seconds < 60, f"8B LoRA trace took {seconds:.1f} s"
+    seconds = time.process_time() - started
+    assert seconds < 60, f"8B LoRA trace took {seconds:.1f} CPU s"
     layers, hidden, kv = 32, 4096, 8 * 128
     lora = layers * 8 * ((hidden + hidden) + (hidden + kv) + (hidden + hidden))  # r=8 on q, v, o
     assert report.trainable_params == lora

@@ -20,7 +20,7 @@ import pytest
 from kubetune_trainer import checkpoints, outcomes
 from kubetune_trainer.errors import PreemptedError
 from kubetune_trainer.launch import launch_exit_code
-from kubetune_trainer.preemption import GracefulStop, child_pids
+from kubetune_trainer.preemption import STOP_FILE_ENV, GracefulStop, child_pids, record_stop_request
 
 from ._support import (build_model, free_port, losses, make_plan, read_summary, run_trainer, trainer_env,
                        use_trainer_env, write_dataset, write_plan)
@@ -46,6 +46,22 @@ def test_stop_raises_before_training_and_is_remembered_inside_the_loop():
     held.restore()
     with pytest.raises(PreemptedError):
         held.request(signal.SIGTERM)
+
+
+@pytest.mark.unit
+def test_a_stop_the_launcher_recorded_before_the_handler_existed_is_acted_on(tmp_path):
+    path = str(tmp_path / "requested")
+    fresh = GracefulStop()
+    fresh.adopt_launcher_request(path)  # nothing recorded: nothing happens
+    fresh.adopt_launcher_request(None)
+    assert not fresh.requested
+    record_stop_request(path, signal.SIGTERM)
+    with pytest.raises(PreemptedError):
+        GracefulStop().adopt_launcher_request(path)
+    held = GracefulStop()
+    held.hold()
+    held.adopt_launcher_request(path)
+    assert held.signum == signal.SIGTERM
 
 
 @pytest.mark.unit
@@ -273,6 +289,21 @@ def test_sigterm_before_the_workers_start_still_reaches_them(assets, tmp_path):
     assert summary["reason"] == "Preempted" and summary["step"] == 0, summary
     assert not (tmp_path / "out" / "final").exists()
 
+
+@pytest.mark.trainer
+def test_a_worker_that_missed_the_signal_reads_the_launchers_request(assets, tmp_path):
+    """A SIGTERM sent to a worker between torchrun's fork and exec is lost; the launcher's recorded request
+    stops that worker before training all the same."""
+    model_dir, data = assets
+    plan = make_plan(model_dir, data, tmp_path / "out", "lora", maxSteps=40, microBatchSize=4)
+    stop_file = tmp_path / "requested"
+    record_stop_request(str(stop_file), signal.SIGTERM)
+    env = trainer_env(tmp_path, write_plan(tmp_path / "plan.json", plan), **{STOP_FILE_ENV: str(stop_file)})
+    proc = run_trainer(["run"], env, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    summary = read_summary(tmp_path)
+    assert summary["reason"] == "Preempted" and summary["step"] == 0, summary
+    assert not (tmp_path / "out" / "final").exists()
 
 
 @pytest.mark.trainer

@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune_trainer.errors import PlanError
 from kubetune_trainer.outcomes import PREEMPTED_EXIT, exit_code_for
-from kubetune_trainer.preemption import child_pids
+from kubetune_trainer.preemption import STOP_FILE_ENV, child_pids, record_stop_request
 from kubetune_trainer.worker import PERMANENT_FAILURE_EXIT, run_worker
 
 
@@ -134,18 +136,23 @@ def launch(env: dict[str, str] | None = None) -> int:
                 except OSError:
                     pass
 
+    stop_dir = tempfile.mkdtemp(prefix="kubetune-stop-")
+    stop_file = os.path.join(stop_dir, "requested")
+
     def forward(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
         stopping.append(signum)
+        record_stop_request(stop_file, signum)  # first: a worker not yet listening reads it when it starts
         tell_workers()
 
     proc = None
     previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
     try:
-        proc = subprocess.Popen(launch_command(rdv), env=worker_env(e, rdv))
+        proc = subprocess.Popen(launch_command(rdv), env={**worker_env(e, rdv), STOP_FILE_ENV: stop_file})
         code = _wait(proc, lambda: stopping and tell_workers())  # workers started after the signal hear it too
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(stop_dir, ignore_errors=True)
     written = _summary_fingerprint(log_path) != before
     if code != 0 and rdv.node_rank == 0 and not written:
         if stopping:

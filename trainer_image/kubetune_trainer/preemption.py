@@ -16,6 +16,10 @@ from typing import Iterator
 
 from kubetune_trainer.errors import PreemptedError
 
+# The launcher's stop request in a file: a signal sent to a worker that torchrun has forked but not yet started
+# (between fork and exec) is lost, so a worker also looks for this file once its handler is installed.
+STOP_FILE_ENV = "KUBETUNE_STOP_FILE"
+
 
 class GracefulStop:
     """A stop request from a signal; raised at once outside `deferred()`, remembered inside it."""
@@ -62,12 +66,31 @@ class GracefulStop:
             self._previous[sig] = signal.signal(sig, self._handle)
         return True
 
+    def adopt_launcher_request(self, path: str | None) -> None:
+        """Act on a stop the launcher recorded in `path` (its signal number) before this handler existed."""
+        if not path:
+            return
+        try:
+            text = open(path, encoding="utf-8").read().strip()
+        except OSError:
+            return  # not asked to stop
+        self.request(int(text) if text.isdigit() else signal.SIGTERM)
+
     def restore(self) -> None:
         """Put the previous handlers back."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
         self._deferring = 0
+
+
+def record_stop_request(path: str, signum: int) -> None:
+    """Write the launcher's stop request for workers that start (or started without hearing it) later."""
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(str(int(signum)))
+    except OSError:
+        pass  # the signal sent to the workers still stops those that are running
 
 
 def stop_message(step: int, checkpoint_step: int, signum: int) -> str:

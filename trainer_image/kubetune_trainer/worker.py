@@ -14,7 +14,7 @@ import time
 
 from kubetune_trainer import outcomes
 from kubetune_trainer.errors import KubetuneTrainerError
-from kubetune_trainer.preemption import GracefulStop
+from kubetune_trainer.preemption import STOP_FILE_ENV, GracefulStop
 
 DEFAULT_PLAN_PATH = "/etc/kubetune/plan.json"
 PERMANENT_FAILURE_EXIT = 3  # InvalidPlan / DataError: a retry cannot fix them (contracts §5)
@@ -106,6 +106,7 @@ def run_worker(plan_path: str | None = None) -> int:
                                "uri": recipe._checkpoint_uri(r.checkpoint_step) if r.checkpoint_step else ""}}
 
     try:
+        stop.adopt_launcher_request(os.environ.get(STOP_FILE_ENV))
         plan = load_plan(resolve_plan_path(plan_path))
         recipe = FineTuneRecipe(plan, env, stop=stop)
         recipe.setup()

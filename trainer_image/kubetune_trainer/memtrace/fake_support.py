@@ -31,11 +31,14 @@ class FakeExecutor:
         self.scalar_reads = 0
         self._gemm_4bit = gemm_4bit_op() if bitsandbytes_4bit else None
         self._scalar = torch.ops.aten._local_scalar_dense.default
+        self._device = torch.ops.prim.device.default
         aten = torch.ops.aten
         self._index_ops = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
                            aten._index_put_impl_.default}
 
     def __call__(self, func, args: tuple, kwargs: dict):
+        if func is self._device and isinstance(args[0], FakeTensor):
+            return args[0].fake_device  # asked for by autograd on every gradient: answered without dispatch
         if func is self._scalar and isinstance(args[0], FakeTensor):
             self.scalar_reads += 1
             dtype = args[0].dtype
