@@ -57,7 +57,7 @@ class ChildWatch:
     and the FineTuneJob key it returns goes to `notify` (schedule a reconcile pass)."""
 
     def __init__(self, name: str, list_call: Callable[..., Any], observe: Observe, notify: Notify, *,
-                 label_selector: str = SELECTOR, page_size: int = 500, server_timeout: int = 300,
+                 label_selector: str = SELECTOR, field_selector: str = "", page_size: int = 500, server_timeout: int = 300,
                  retry_delays: tuple[float, ...] = RETRY_DELAYS, kind: str = "",
                  on_failure: OnFailure | None = None) -> None:
         self.name = name
@@ -67,6 +67,7 @@ class ChildWatch:
         self.observe = observe
         self.notify = notify
         self.label_selector = label_selector
+        self.field_selector = field_selector  # objects that stop matching it arrive as DELETED
         self.page_size = page_size
         self.server_timeout = server_timeout
         self.retry_delays = retry_delays
@@ -93,6 +94,16 @@ class ChildWatch:
             except Exception:  # noqa: BLE001 - already closed
                 pass
         self._thread.join(timeout)
+
+    def halt(self) -> None:
+        """Stop the loop from inside it (an event handler or the list call): no join, no retry."""
+        self._stop.set()
+
+    def _selectors(self) -> dict[str, str]:
+        out = {"label_selector": self.label_selector}
+        if self.field_selector:
+            out["field_selector"] = self.field_selector
+        return out
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -133,8 +144,7 @@ class ChildWatch:
         token: str | None = None
         rv = ""
         while True:
-            kwargs: dict[str, Any] = {"label_selector": self.label_selector, "limit": self.page_size,
-                                      "_preload_content": False}
+            kwargs: dict[str, Any] = {**self._selectors(), "limit": self.page_size, "_preload_content": False}
             if token:
                 kwargs["_continue"] = token
             page = json.loads(body_of(self.list_call(**kwargs)))
@@ -158,7 +168,7 @@ class ChildWatch:
         """One WATCH request from `rv` until the server ends it; returns the last resourceVersion seen.
         Raises Gone when the apiserver no longer has `rv`."""
         try:
-            resp = self.list_call(label_selector=self.label_selector, watch=True, resource_version=rv,
+            resp = self.list_call(**self._selectors(), watch=True, resource_version=rv,
                                   allow_watch_bookmarks=True, timeout_seconds=self.server_timeout,
                                   _preload_content=False, _request_timeout=(10, self.server_timeout + 30))
         except ApiException as exc:

@@ -67,7 +67,6 @@ class ChildClient:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
-        self._pods_forbidden_logged = False
 
     def read_job(self, ns: str, job: str) -> dict[str, Any] | None:
         """The child Job, or None (raw JSON: every pass reads it, and client models would only be converted
@@ -102,23 +101,6 @@ class ChildClient:
         """All Nodes as dicts (for the sizer), from the apiserver's watch cache (resourceVersion=0) as raw JSON:
         a 250-node list is ~1.5 MB, and client models would only be converted back to dicts."""
         resp = self.core.list_node(resource_version="0", _preload_content=False)
-        return list(json.loads(resp.data).get("items") or [])
-
-    def list_unfinished_pods(self) -> list[dict[str, Any]] | None:
-        """The pods of all namespaces that have not finished (for sizing on free GPUs), from the watch cache, as
-        raw JSON; None when the operator may not list them (operator.occupancy off in the chart's RBAC)."""
-        try:
-            resp = self.core.list_pod_for_all_namespaces(
-                resource_version="0", field_selector="status.phase!=Succeeded,status.phase!=Failed",
-                _preload_content=False)
-        except ApiException as exc:
-            if exc.status in (401, 403):
-                if not self._pods_forbidden_logged:
-                    self._pods_forbidden_logged = True
-                    log.warning("cannot list pods in all namespaces (%s): sizing uses allocatable GPUs only",
-                                exc.reason)
-                return None
-            raise
         return list(json.loads(resp.data).get("items") or [])
 
     def apply(self, obj: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:

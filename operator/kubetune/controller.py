@@ -35,6 +35,7 @@ from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec, parse_spec
 from kubetune.builders import KUEUE_QUEUE_LABEL, METRICS_PORT, BuildConfig, JobRef, build_children, spec_hash
 from kubetune.cache_claim import KnownClaims, build_cache_claim, claim_not_ready_message
 from kubetune.child_watch import ChildWatch, child_watches
+from kubetune.gpu_pods import GpuPods
 from kubetune.kueue_watch import KueueWatch
 from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
 from kubetune.estimate import Pricing, flops_per_token
@@ -77,7 +78,7 @@ class OperatorConfig:
     progress_port: int = METRICS_PORT
     progress_host: str = ""  # override the rank-0 pod IP (local process nodes, tests)
     node_cache_seconds: float = 5.0  # how long one Node list serves sizing passes
-    occupancy: bool = True  # size with the GPUs free now (lists the cluster's unfinished pods per snapshot)
+    occupancy: bool = True  # size with the GPUs free now (watches the cluster's unfinished GPU pods)
     resize_unschedulable_seconds: float = 300.0  # re-size a job whose pods stayed unschedulable this long; 0 = off
     workers: int = 12
     cache_sync_timeout: float = 60.0  # how long workers wait for the child watches' first LIST
@@ -109,13 +110,15 @@ class Reconciler:
         self.throughput = ThroughputBook(flops_per_token)
         self.queue: WorkQueue[Key] = WorkQueue(clock=clock)
         self.expectations = Expectations(clock=clock)
+        self.gpu_pods = GpuPods() if config.occupancy else None
         self.sizer = FleetSizer(self.children.list_nodes, config.node_cache_seconds,
-                                list_pods=self.children.list_unfinished_pods if config.occupancy else None)
+                                list_pods=self.gpu_pods.pods if self.gpu_pods is not None else None)
         self.poller = ProgressPoller(fetch_progress, self.queue.add, period=config.progress_seconds,
                                      port=config.progress_port, timeout=config.progress_timeout)
         metrics.queue_depth.set_function(self.queue.depth)
         metrics.queue_delayed.set_function(lambda: len(self.queue.delayed()))
         self._watches: list[ChildWatch] = []
+        self._occupancy_watch: ChildWatch | None = None
         self.kueue: KueueWatch | None = None
         self._workers: list[threading.Thread] = []
         self._resync_stop = threading.Event()
@@ -232,6 +235,10 @@ class Reconciler:
         for watch in watches:
             watch.start()
         self._watches = watches
+        if self.gpu_pods is not None:  # not among the watches the workers wait for: it may be forbidden
+            self._occupancy_watch = self.gpu_pods.watch(
+                client.CoreV1Api(api).list_pod_for_all_namespaces,
+                lambda kind: self.metrics.watch_failures.labels(watch=kind).inc()).start()
         self.kueue = KueueWatch(api, self.config.namespaces, self.store.observe_workload, self.enqueue,
                                 self._queue_kueue_jobs, check_seconds=self.config.kueue_check_seconds,
                                 on_failure=lambda kind: self.metrics.watch_failures.labels(watch=kind).inc()).start()
@@ -247,6 +254,8 @@ class Reconciler:
         """Stop the watch threads (each open watch request is shut down)."""
         for watch in self._watches:
             watch.stop(timeout=timeout)
+        if self._occupancy_watch is not None:
+            self._occupancy_watch.stop(timeout=timeout)
         if self.kueue is not None:
             self.kueue.stop(timeout=timeout)
 

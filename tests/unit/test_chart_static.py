@@ -322,7 +322,7 @@ def test_namespaced_mode_rbac(tmp_path):
     cr = one(objs, "ClusterRole")
     # Only reads cluster-wide: cluster-scoped objects, the namespaces kopf lists/watches in namespaced mode, and
     # (operator.occupancy, on by default) the list of pods whose GPUs the sizer counts as taken.
-    assert rules_of(cr) == {**CLUSTER_READS, ("", "namespaces"): {"list", "watch"}, ("", "pods"): {"list"}}
+    assert rules_of(cr) == {**CLUSTER_READS, ("", "namespaces"): {"list", "watch"}, ("", "pods"): {"list", "watch"}}
     assert "--occupancy" in args and "--resize-unschedulable-seconds=300" in args
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in by_kind(objs, "Role")}
     for ns in ("team-a", "team-b"):

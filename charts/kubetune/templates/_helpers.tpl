@@ -279,7 +279,7 @@ the per-namespace Roles. No Secrets: trainer pods reference them by name only.
 # operator.occupancy: the GPUs held by pods of every namespace, for sizing on free capacity.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- end }}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
