@@ -47,6 +47,12 @@ def stub(obj: dict[str, Any]) -> dict[str, Any]:
     return {"metadata": {k: meta.get(k) for k in ("namespace", "name", "uid", "labels")}}
 
 
+def name_only(obj: dict[str, Any]) -> dict[str, Any]:
+    """What a later DELETED needs of an object when its observer reads nothing but the key."""
+    meta = obj.get("metadata") or {}
+    return {"metadata": {"namespace": meta.get("namespace"), "name": meta.get("name")}}
+
+
 def object_key(obj: dict[str, Any]) -> Key:
     meta = obj.get("metadata") or {}
     return meta.get("namespace") or "", meta.get("name") or ""
@@ -59,7 +65,8 @@ class ChildWatch:
     def __init__(self, name: str, list_call: Callable[..., Any], observe: Observe, notify: Notify, *,
                  label_selector: str = SELECTOR, field_selector: str = "", page_size: int = 500, server_timeout: int = 300,
                  retry_delays: tuple[float, ...] = RETRY_DELAYS, kind: str = "",
-                 on_failure: OnFailure | None = None) -> None:
+                 on_failure: OnFailure | None = None,
+                 remember: Callable[[dict[str, Any]], dict[str, Any]] = stub) -> None:
         self.name = name
         self.kind = kind or name
         self.on_failure = on_failure  # called with `kind` for every failed LIST or WATCH
@@ -71,6 +78,7 @@ class ChildWatch:
         self.page_size = page_size
         self.server_timeout = server_timeout
         self.retry_delays = retry_delays
+        self.remember = remember  # what is kept of each object for the DELETED a relist may have to deliver
         self.listed = threading.Event()  # set after the first complete list
         self.lists = 0  # complete lists done (the first one plus relists)
         self._known: dict[Key, dict[str, Any]] = {}
@@ -151,7 +159,7 @@ class ChildWatch:
             meta = page.get("metadata") or {}
             rv = rv or meta.get("resourceVersion") or ""
             for obj in page.get("items") or []:
-                seen[object_key(obj)] = stub(obj)
+                seen[object_key(obj)] = self.remember(obj)
                 self._deliver("ADDED", obj)
             token = meta.get("continue")
             if not token:
@@ -190,7 +198,7 @@ class ChildWatch:
                 if etype == "DELETED":
                     self._known.pop(key, None)
                 else:
-                    self._known[key] = stub(obj)
+                    self._known[key] = self.remember(obj)
                 self._deliver(etype or "", obj)
         finally:
             self._resp = None

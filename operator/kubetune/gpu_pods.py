@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from kubernetes.client.rest import ApiException
 
-from kubetune.child_watch import ChildWatch, Key, object_key
+from kubetune.child_watch import ChildWatch, Key, name_only, object_key
 from kubetune.sizing.fleet import GPU_RESOURCE, PRODUCT_LABEL, pod_gpu_request
 
 log = logging.getLogger("kubetune.occupancy")
@@ -92,5 +92,5 @@ class GpuPods:
 
         self.watcher = ChildWatch("GPU pods in all namespaces", list_call, self.observe, lambda key: None,
                                   label_selector="", field_selector=UNFINISHED, kind="occupancy",
-                                  on_failure=on_failure)
+                                  on_failure=on_failure, remember=name_only)
         return self.watcher

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retry delay while no GPU layout fits")
     p.add_argument("--occupancy", action=argparse.BooleanOptionalAction,
                    default=env("KUBETUNE_OCCUPANCY", "true").lower() not in ("0", "false", "no"),
-                   help="size with the GPUs free now (lists unfinished pods of all namespaces); "
+                   help="size with the GPUs free now (watches unfinished pods of all namespaces); "
                         "--no-occupancy sizes on allocatable GPUs only")
     p.add_argument("--resize-unschedulable-seconds", type=float,
                    default=float(env("KUBETUNE_RESIZE_UNSCHEDULABLE_SECONDS", "300")),

@@ -151,3 +151,16 @@ def test_the_index_of_two_thousand_pods_is_a_small_fraction_of_their_decoded_lis
     assert len(kept) == sum(1 for i in range(2000) if i % 3)
     print(f"decoded list {full_bytes / 2**20:.1f} MiB, index {slim_bytes / 2**20:.2f} MiB")
     assert slim_bytes * 10 < full_bytes, (slim_bytes, full_bytes)
+
+
+def test_a_relist_forgets_the_gpu_pods_that_went_away_while_the_watch_was_down():
+    a, b = l4_nodes()
+    server = Pods([full_pod("p", gpus=3, node=a), full_pod("q", gpus=1, node=b)])
+    index = GpuPods()
+    watch = index.watch(server)
+    watch.list_once()
+    assert len(index._pods) == 2
+    assert watch._known[("team", "p")] == {"metadata": {"namespace": "team", "name": "p"}}  # the key, no more
+    server.items = [full_pod("q", gpus=1, node=b)]
+    watch.list_once()  # after a 410 Gone: p finished or was deleted meanwhile
+    assert list(index._pods) == [("team", "q")]
