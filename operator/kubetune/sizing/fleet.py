@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import yaml
 
@@ -228,29 +228,44 @@ def pod_gpu_request(pod: Mapping[str, Any]) -> int:
     return max(main, init)
 
 
-def with_occupancy(fleet: Fleet, pods: Iterable[Mapping[str, Any]]) -> Fleet:
+class GpuHolding(NamedTuple):
+    """What an unfinished pod means for occupancy: `gpus` held on `node`, or, not bound yet, asked of the GPU
+    `product` it selects (either may be empty)."""
+
+    node: str
+    product: str
+    gpus: int
+
+
+def gpu_holding(pod: Mapping[str, Any]) -> GpuHolding | None:
+    """The pod's GPU holding; None when it finished or requests no GPUs."""
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return None
+    gpus = pod_gpu_request(pod)
+    if gpus <= 0:
+        return None
+    spec = pod.get("spec") or {}
+    return GpuHolding(spec.get("nodeName") or "", (spec.get("nodeSelector") or {}).get(PRODUCT_LABEL) or "", gpus)
+
+
+def with_occupancy(fleet: Fleet, pods: Iterable[Mapping[str, Any] | GpuHolding]) -> Fleet:
     """The fleet with each pool's GPUs in use: pods bound to a node and not finished hold their GPUs; pods not
     bound yet that select a GPU product (nodeSelector nvidia.com/gpu.product) are queued demand for it.
-    Mutates and returns `fleet` (built per snapshot, never shared before this)."""
+    `pods`: pod manifests or their `GpuHolding`s. Mutates and returns `fleet` (built per snapshot, never
+    shared before this)."""
     by_node = {node: pool for pool in fleet.pools for node in pool.node_gpus}
-    for pod in pods:
-        status = pod.get("status") or {}
-        if status.get("phase") in ("Succeeded", "Failed"):
+    for item in pods:
+        held = item if isinstance(item, GpuHolding) else gpu_holding(item)
+        if held is None:
             continue
-        gpus = pod_gpu_request(pod)
-        if gpus <= 0:
-            continue
-        spec = pod.get("spec") or {}
-        node = spec.get("nodeName") or ""
-        if node:
-            pool = by_node.get(node)
+        if held.node:
+            pool = by_node.get(held.node)
             if pool is not None:
-                pool.node_used[node] = pool.node_used.get(node, 0) + gpus
+                pool.node_used[held.node] = pool.node_used.get(held.node, 0) + held.gpus
             continue
-        product = (spec.get("nodeSelector") or {}).get(PRODUCT_LABEL)
-        pool = fleet.pool(product) if product else None
+        pool = fleet.pool(held.product) if held.product else None
         if pool is not None:
-            pool.pending += gpus
+            pool.pending += held.gpus
     fleet.occupancy_known = True
     return fleet
 
