@@ -468,11 +468,12 @@ def test_service_account_rights_are_not_excessive(cluster, namespaced_release):
     for ns in (watched, other, release_ns, "default", "kube-system"):
         for verb in ("get", "list", "watch"):
             assert not allowed(kc, verb, "secrets", ns), (verb, ns)
-    # Outside its namespaces only the pod list of operator.occupancy (on by default): the GPUs other pods hold.
+    # Outside its namespaces only the pod list and watch of operator.occupancy (on by default): the GPUs other
+    # pods hold.
     assert allowed(kc, "list", "pods", other) and allowed(kc, "list", "pods")
+    assert allowed(kc, "watch", "pods", other) and allowed(kc, "watch", "pods")
     # Nothing else in namespaces it does not watch.
-    for verb, resource in (("get", "finetunejobs.kubetune.io"), ("get", "pods"), ("watch", "pods"),
-                           ("create", "configmaps"),
+    for verb, resource in (("get", "finetunejobs.kubetune.io"), ("get", "pods"), ("create", "configmaps"),
                            ("create", "jobs.batch"), ("delete", "services"), ("create", "events")):
         assert not allowed(kc, verb, resource, other), (verb, resource)
         assert not allowed(kc, verb, resource), (verb, resource, "all namespaces")
