@@ -63,7 +63,8 @@ class ChildWatch:
     and the FineTuneJob key it returns goes to `notify` (schedule a reconcile pass)."""
 
     def __init__(self, name: str, list_call: Callable[..., Any], observe: Observe, notify: Notify, *,
-                 label_selector: str = SELECTOR, field_selector: str = "", page_size: int = 500, server_timeout: int = 300,
+                 label_selector: str = SELECTOR, field_selector: str = "", page_size: int = 500,
+                 server_timeout: int = 300,
                  retry_delays: tuple[float, ...] = RETRY_DELAYS, kind: str = "",
                  on_failure: OnFailure | None = None,
                  remember: Callable[[dict[str, Any]], dict[str, Any]] = stub) -> None:

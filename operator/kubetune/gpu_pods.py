@@ -44,7 +44,6 @@ class GpuPods:
                 self._pods.pop(key, None)
             else:
                 self._pods[key] = held
-        return None
 
     def pods(self) -> list[GpuHolding] | None:
         """The GPU pods' holdings now, or None when they are not known (pods may not be listed, or the first LIST has

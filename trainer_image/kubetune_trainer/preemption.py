@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Iterator
 
 from kubetune_trainer.errors import PreemptedError
@@ -71,7 +72,7 @@ class GracefulStop:
         if not path:
             return
         try:
-            text = open(path, encoding="utf-8").read().strip()
+            text = Path(path).read_text(encoding="utf-8").strip()
         except OSError:
             return  # not asked to stop
         self.request(int(text) if text.isdigit() else signal.SIGTERM)

@@ -15,11 +15,11 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 from kubetune.api import FineTuneJobSpec
 
-from .fleet import Fleet, fleet_from_nodes, with_occupancy
+from .fleet import Fleet, GpuHolding, fleet_from_nodes, with_occupancy
 from .layout import SizingOutcome, size_job_layout
 
 # The spec fields the sizer and the layout read (sizer.size_job, layout.size_job_layout), by their Python
@@ -43,10 +43,11 @@ class FleetSizer:
 
     def __init__(self, list_nodes: Callable[[], list[dict[str, Any]]], ttl_seconds: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
-                 list_pods: Callable[[], list[dict[str, Any]] | None] | None = None) -> None:
+                 list_pods: Callable[[], Iterable[Mapping[str, Any] | GpuHolding] | None] | None = None) -> None:
         self._list_nodes = list_nodes
-        # Unfinished pods of the whole cluster (None when they cannot be read): with them the sizer prefers GPU
-        # types with free capacity now. Without them it sizes on allocatable GPUs alone.
+        # Unfinished pods of the whole cluster, as manifests or their GPU holdings (None when they cannot be
+        # read): with them the sizer prefers GPU types with free capacity now. Without them it sizes on
+        # allocatable GPUs alone.
         self._list_pods = list_pods
         self._ttl = ttl_seconds
         self._clock = clock
