@@ -36,6 +36,7 @@ from kubetune.builders import KUEUE_QUEUE_LABEL, METRICS_PORT, BuildConfig, JobR
 from kubetune.cache_claim import KnownClaims, build_cache_claim, claim_not_ready_message
 from kubetune.child_watch import ChildWatch, child_watches
 from kubetune.gpu_pods import GpuPods
+from kubetune.node_index import WatchedNodes
 from kubetune.kueue_watch import KueueWatch
 from kubetune.children import ChildClient, ChildRejected, NotOwned, body_of, fetch_progress, merge_patch, rank0_address
 from kubetune.estimate import Pricing, flops_per_token
@@ -111,7 +112,8 @@ class Reconciler:
         self.queue: WorkQueue[Key] = WorkQueue(clock=clock)
         self.expectations = Expectations(clock=clock)
         self.gpu_pods = GpuPods() if config.occupancy else None
-        self.sizer = FleetSizer(self.children.list_nodes, config.node_cache_seconds,
+        self.nodes = WatchedNodes(self.children.list_nodes)
+        self.sizer = FleetSizer(self.nodes.nodes, config.node_cache_seconds,
                                 list_pods=self.gpu_pods.pods if self.gpu_pods is not None else None)
         self.poller = ProgressPoller(fetch_progress, self.queue.add, period=config.progress_seconds,
                                      port=config.progress_port, timeout=config.progress_timeout)
@@ -119,6 +121,7 @@ class Reconciler:
         metrics.queue_delayed.set_function(lambda: len(self.queue.delayed()))
         self._watches: list[ChildWatch] = []
         self._occupancy_watch: ChildWatch | None = None
+        self._node_watch: ChildWatch | None = None
         self.kueue: KueueWatch | None = None
         self._workers: list[threading.Thread] = []
         self._resync_stop = threading.Event()
@@ -231,17 +234,21 @@ class Reconciler:
 
         api = client.ApiClient(copy.deepcopy(self.api.configuration))
         watches = child_watches(api, self.config.namespaces, self.store.observe_job, self.store.observe_pod,
-                                self.enqueue, lambda kind: self.metrics.watch_failures.labels(watch=kind).inc())
+                                self.enqueue, self._watch_failed)
         for watch in watches:
             watch.start()
         self._watches = watches
-        if self.gpu_pods is not None:  # not among the watches the workers wait for: it may be forbidden
-            self._occupancy_watch = self.gpu_pods.watch(
-                client.CoreV1Api(api).list_pod_for_all_namespaces,
-                lambda kind: self.metrics.watch_failures.labels(watch=kind).inc()).start()
+        # Neither is among the watches the workers wait for: they may be forbidden, and sizing falls back.
+        core = client.CoreV1Api(api)
+        self._node_watch = self.nodes.watch(core.list_node, self._watch_failed).start()
+        if self.gpu_pods is not None:
+            self._occupancy_watch = self.gpu_pods.watch(core.list_pod_for_all_namespaces, self._watch_failed).start()
         self.kueue = KueueWatch(api, self.config.namespaces, self.store.observe_workload, self.enqueue,
                                 self._queue_kueue_jobs, check_seconds=self.config.kueue_check_seconds,
-                                on_failure=lambda kind: self.metrics.watch_failures.labels(watch=kind).inc()).start()
+                                on_failure=self._watch_failed).start()
+
+    def _watch_failed(self, kind: str) -> None:
+        self.metrics.watch_failures.labels(watch=kind).inc()
 
     def _queue_kueue_jobs(self) -> None:
         """Queue a pass for every FineTuneJob labelled for a Kueue queue (Kueue appeared, or is known absent)."""
@@ -254,8 +261,9 @@ class Reconciler:
         """Stop the watch threads (each open watch request is shut down)."""
         for watch in self._watches:
             watch.stop(timeout=timeout)
-        if self._occupancy_watch is not None:
-            self._occupancy_watch.stop(timeout=timeout)
+        for extra in (self._occupancy_watch, self._node_watch):
+            if extra is not None:
+                extra.stop(timeout=timeout)
         if self.kueue is not None:
             self.kueue.stop(timeout=timeout)
 
@@ -279,7 +287,8 @@ class Reconciler:
             if status.get("phase"):
                 log.info("%s/%s: resuming a job in phase %s", ns, name, status["phase"])
         job, pods = self.store.children(uid)
-        waited = self.expectations.waiting(key, uid, int(meta.get("resourceVersion") or -1), job is not None)
+        waited = self.expectations.waiting(key, uid, int(meta.get("resourceVersion") or -1),
+                                           str((job or {}).get("metadata", {}).get("uid") or ""))
         if waited:
             log.debug("%s/%s: waiting for the watch (%s)", ns, name, waited)
             return PassResult(None, EXPECTATION_RECHECK_SECONDS, waited)
@@ -325,7 +334,7 @@ class Reconciler:
                     self.metrics.sizing_refusals.inc()
         elif branch == FOLLOW:
             if replanned_layout(status) is None:  # a memory re-plan's layout stays; it is not re-sized
-                self._consider_resize(status, spec, observed, now)
+                self._consider_resize(ref, spec_dict, status, spec, observed, now)
             self._consider_memory(status, spec, observed)
         generation = int(meta.get("generation") or 0)
         decision = decide(name=name, generation=generation, labels=labels, spec=spec, spec_hash=want_hash,
@@ -384,16 +393,22 @@ class Reconciler:
         if fit is not None and not fit.fits:
             observed.trace = trace_outlook(spec, status, observed.sizing.layout, fit.tensors, self.sizer.fleet())
 
-    def _consider_resize(self, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed,
-                         now: dt.datetime) -> None:
+    def _consider_resize(self, ref: JobRef, spec_dict: dict[str, Any], status: dict[str, Any],
+                         spec: FineTuneJobSpec, observed: Observed, now: dt.datetime) -> None:
         """Size the job again, avoiding its GPU type, when its pods stayed unschedulable long enough (resize.py);
-        hand the new layout to the pass only when the job would move to GPUs that are free now."""
+        hand the new layout, and the children rendered for it, to the pass only when the job would move to GPUs
+        that are free now (the pass deletes the Job and creates the new one together)."""
+        if ((observed.job or {}).get("metadata") or {}).get("deletionTimestamp"):
+            return  # a Job being deleted (a move whose new Job waits for it): its pods say nothing of the layout
         stuck_on = resize_due(spec, status, observed.pods, now, self.config.resize_unschedulable_seconds)
         if not stuck_on:
             return
         outcome = self.sizer.size(spec, avoided_types(status) | {stuck_on})
-        if moves(status, outcome):
+        if moves(status, outcome) and outcome.layout is not None:
             observed.resize, observed.resize_from = outcome, stuck_on
+            observed.children = build_children(ref, spec_dict, spec, outcome.layout, self.config.build,
+                                               plan_status=outcome.plan_status,
+                                               memory_replans=status.get("memoryReplans"))
 
     def _follow_progress(self, key: Key, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed) -> None:
         """Track the rank-0 pod of a running job with the poller and hand its last answer to the pass."""
@@ -441,24 +456,36 @@ class Reconciler:
 
     def _act(self, key: Key, uid: str, decision: Decision) -> None:
         ns, name = key
+        deleted_job = False
         for action in decision.actions:
             if action.kind == "apply" and action.obj is not None:
-                if action.obj["kind"] == "Job" and self.config.build.cache_storage_class:
+                kind = action.obj["kind"]
+                trainer_job = kind == "Job" and action.obj["metadata"]["name"] != preflight_name(name)
+                if kind == "Job" and self.config.build.cache_storage_class:
                     self.cache_claims.ensure(ns)  # before the first pod that mounts it
                 try:
-                    result, _ = self.children.apply(action.obj)
+                    result, created = self.children.apply(action.obj)
                 except ApiException as exc:
                     rejected = ChildRejected.from_api(action.obj, exc)
                     if rejected is None:
                         raise
                     raise rejected from exc
-                log.info("%s/%s: %s %s %s", ns, name, result, action.obj["kind"], action.obj["metadata"]["name"])
-                if action.obj["kind"] == "Job" and action.obj["metadata"]["name"] != preflight_name(name):
-                    self.expectations.expect_job(uid)  # the trainer Job (the store keeps the preflight's apart)
+                except NotOwned as exc:
+                    if not (trainer_job and deleted_job and exc.deleting):
+                        raise
+                    # the Job this pass deleted still exists (a finalizer holds it): the status this pass
+                    # writes keeps the new layout's reasons, and a later pass creates the Job
+                    log.info("%s/%s: the deleted trainer Job is still terminating; it is created again later",
+                             ns, name)
+                    continue
+                log.info("%s/%s: %s %s %s", ns, name, result, kind, action.obj["metadata"]["name"])
+                if trainer_job:  # the store keeps the preflight's Job apart
+                    self.expectations.expect_job(uid, str(((created or {}).get("metadata") or {}).get("uid") or ""))
             elif action.kind == "suspend_job":
                 self.children.set_job_suspend(ns, name, bool(action.value))
             elif action.kind == "delete_job":
                 self.children.delete_job(ns, name)
+                deleted_job = True
             elif action.kind == "delete_preflight":
                 self.children.delete_job(ns, name, preflight_name(name))
             elif action.kind == "delete_children":

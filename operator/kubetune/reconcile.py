@@ -392,7 +392,7 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTune
     if branch == RECREATE:
         return _decide_recreate(p, spec)
     if observed.resize is not None:
-        return _decide_resize(p, observed)
+        return _decide_resize(p, spec, spec_hash, observed)
     return _decide_follow(p, spec, labels, observed)
 
 
@@ -446,15 +446,7 @@ def _decide_create(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict
         return p.finish()
     for child in observed.children:
         out.actions.append(Action("apply", child))
-    if sizing.plan_status:
-        st["plan"] = plan_with_trace(sizing.plan_status, st.get("preflight"))
-    st["layout"] = sizing.layout.to_status(want_hash)
-    p.cond(C.SIZED, True, sizing.reason, sizing.message)
-    if st.get("preflight") and st["preflight"].get("steps"):
-        calibration = p.throughput.calibration(str(st["layout"].get("gpuType") or ""), spec.method) \
-            if p.throughput is not None else None
-        st["estimate"] = estimate_status(st["preflight"], st["layout"], st.get("plan"), spec, p.pricing or Pricing(),
-                                         calibration)
+    _record_layout(p, spec, want_hash, sizing)
     recreating = bool(p.old.get("layout")) and p.old_phase != ""
     reason = R.RECREATING if recreating else R.CREATED
     if spec.suspend:
@@ -569,21 +561,43 @@ def _decide_recreate(p: _Pass, spec: FineTuneJobSpec) -> Decision:
     return p.finish()
 
 
-def _decide_resize(p: _Pass, observed: Observed) -> Decision:
-    """The pods never got a node on the GPU type the sizer chose, and another one fits with GPUs free now: delete
-    the Job (its pods never ran) and remember the type, so the next pass creates it with the new layout."""
-    assert observed.resize is not None and observed.resize.layout is not None
+def _decide_resize(p: _Pass, spec: FineTuneJobSpec, want_hash: str, observed: Observed) -> Decision:
+    """The pods never got a node on the GPU type the sizer chose, and another one fits with GPUs free now: in one
+    pass, delete the Job (its pods never ran), remember the type, and create the children with the new layout
+    (`observed.children`, rendered for it), so the move happens while those GPUs are free."""
+    resize = observed.resize
+    assert resize is not None and resize.layout is not None
+    if not observed.children:
+        raise ValueError("a pass that moves the trainer Job must render its children for the new layout")
     p.out.actions.append(Action("delete_job"))
+    p.out.actions.extend(Action("apply", child) for child in observed.children)
     _close_running(p.st, p.now)
     p.st["unschedulableGpuTypes"] = sorted(set(p.st.get("unschedulableGpuTypes") or []) | {observed.resize_from})
+    _record_layout(p, spec, want_hash, resize)
     scheduler = unschedulable_message(observed.pods)
     message = (f"the trainer pods could not be scheduled on {observed.resize_from}"
                + (f" ({scheduler})" if scheduler else "")
-               + f"; sized again without it: {observed.resize.message}")
+               + f"; recreated the trainer Job without it: {resize.message}")
     p.set_phase("Pending", R.RESIZING, message, warning=True)
     p.cond(C.RUNNING, False, R.RESIZING, message)
     p.cond(C.READY, False, R.RESIZING, message)
     return p.finish()
+
+
+def _record_layout(p: _Pass, spec: FineTuneJobSpec, want_hash: str, sizing: SizingOutcome) -> None:
+    """The status of a layout the pass creates the trainer Job with: layout, plan, Sized, and the cost estimate
+    when the preflight measured steps."""
+    st = p.st
+    assert sizing.layout is not None
+    if sizing.plan_status:
+        st["plan"] = plan_with_trace(sizing.plan_status, st.get("preflight"))
+    st["layout"] = sizing.layout.to_status(want_hash)
+    p.cond(C.SIZED, True, sizing.reason, sizing.message)
+    if st.get("preflight") and st["preflight"].get("steps"):
+        calibration = p.throughput.calibration(str(st["layout"].get("gpuType") or ""), spec.method) \
+            if p.throughput is not None else None
+        st["estimate"] = estimate_status(st["preflight"], st["layout"], st.get("plan"), spec, p.pricing or Pricing(),
+                                         calibration)
 
 
 def _layout_strategy(status: dict[str, Any]) -> str:

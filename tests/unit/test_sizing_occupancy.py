@@ -11,6 +11,7 @@ import yaml
 
 from kubetune import reasons as R
 from kubetune.api import parse_spec
+from kubetune.builders import BuildConfig, JobRef, build_children
 from kubetune.reconcile import SPEC_HASH_ANNOTATION, Observed, decide
 from kubetune.resize import avoided_types, moves, resize_due, unschedulable_seconds
 from kubetune.sizing import size_job
@@ -143,18 +144,34 @@ def test_resize_is_due_only_for_a_sizer_layout_after_the_configured_time():
     assert avoided_types({"unschedulableGpuTypes": [L4]}) == {L4}
 
 
-def test_a_resize_deletes_the_job_records_the_type_and_warns():
+def test_a_resize_moves_the_job_in_one_pass_records_the_type_and_warns():
+    """Input: the Job's pods waited 400 s unschedulable on L4 and an A100 is free. Expected: one pass deletes
+    the Job and creates the children rendered for A100 (delete first), with the new layout in status; a pass
+    asked to move without children refuses instead of leaving the job without a Job."""
     sizer = FleetSizer(nodes, list_pods=lambda: [])
     outcome = sizer.size(lora(), frozenset({L4}))
     status = {"phase": "Pending", "reason": "WaitingForPods", "layout": {"source": "sizer", "gpuType": L4}}
     assert moves(status, outcome) and not moves({"layout": {"gpuType": A100}}, outcome)
-    spec = lora()
+    spec_dict = {"model": {"uri": "hf://meta-llama/Llama-3.1-8B"}, "dataset": {"uri": "s3://d/t.jsonl"},
+                 "method": "lora", "training": {"maxSteps": 10}, "output": {"uri": "s3://o/x"}}
+    spec = parse_spec(spec_dict)
     want = "h1"
+    children = build_children(JobRef("x", "ns", "ftj-uid", {}), spec_dict, spec, outcome.layout, BuildConfig())
     job = {"metadata": {"uid": "j", "annotations": {SPEC_HASH_ANNOTATION: want}}, "spec": {}, "status": {}}
-    observed = Observed(job=job, pods=[unschedulable(400)], children_exist=True, resize=outcome, resize_from=L4)
+    observed = Observed(job=job, pods=[unschedulable(400)], children_exist=True, resize=outcome, resize_from=L4,
+                        children=children)
     d = decide(name="x", generation=1, labels={}, spec=spec, spec_hash=want, status=status, observed=observed,
                now=NOW)
-    assert [a.kind for a in d.actions] == ["delete_job"]
+    assert [a.kind for a in d.actions] == ["delete_job"] + ["apply"] * len(children)
+    applied = [a.obj for a in d.actions if a.kind == "apply"]
+    assert [o["kind"] for o in applied] == [c["kind"] for c in children] and "Job" in [o["kind"] for o in applied]
+    new_job = next(o for o in applied if o["kind"] == "Job")
+    assert new_job["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == A100
+    assert d.status["layout"]["gpuType"] == A100 and d.status["layout"]["specHash"] == want
     assert d.status["reason"] == R.RESIZING and d.status["unschedulableGpuTypes"] == [L4]
     assert "untolerated taint" in d.status["message"] and A100 in d.status["message"]
     assert [(t, r) for t, r, _ in d.events] == [("Warning", R.RESIZING)]
+    with pytest.raises(ValueError, match="render its children"):
+        decide(name="x", generation=1, labels={}, spec=spec, spec_hash=want, status=status, now=NOW,
+               observed=Observed(job=job, pods=[unschedulable(400)], children_exist=True, resize=outcome,
+                                 resize_from=L4))

@@ -182,6 +182,21 @@ def _node_ready(node: Mapping[str, Any]) -> bool:
     return True
 
 
+def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
+    """What `fleet_from_nodes` reads of a Node: its name and labels, whether it is cordoned, its allocatable
+    resources and its Ready condition (a few hundred bytes instead of the tens of kilobytes a Node's JSON
+    decodes to, most of it images, managed fields and other conditions)."""
+    ready = [{"type": "Ready", "status": c.get("status")} for c in _get(node, "status", "conditions", default=[])
+             or [] if c.get("type") == "Ready"]
+    out: dict[str, Any] = {"metadata": {"name": _get(node, "metadata", "name", default="?"),
+                                        "labels": dict(_get(node, "metadata", "labels", default={}) or {})},
+                           "status": {"allocatable": dict(_get(node, "status", "allocatable", default={}) or {}),
+                                      "conditions": ready}}
+    if _get(node, "spec", "unschedulable", default=False):
+        out["spec"] = {"unschedulable": True}
+    return out
+
+
 def fleet_from_nodes(nodes: Iterable[Mapping[str, Any]]) -> Fleet:
     """Group Node objects (dicts as the API returns them) into GPU pools.
 
