@@ -4,6 +4,7 @@ of write-through, requeue-after from the decision, per-key backoff on errors, pr
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 from types import SimpleNamespace
 
@@ -40,7 +41,9 @@ class Clock:
 class FakeChildren:
     def __init__(self) -> None:
         self.applied: list[str] = []
+        self.calls: list[str] = []  # deletes and applies, in order
         self.not_owned: NotOwned | None = None
+        self.created_job_uid = ""  # the UID the apiserver gives a created Job ('' = not returned)
         self.core = SimpleNamespace(create_namespaced_event=self._event)
         self.events: list[dict] = []
 
@@ -49,10 +52,16 @@ class FakeChildren:
         return SimpleNamespace(data=b"{}")
 
     def apply(self, obj):
-        if self.not_owned is not None:
+        if self.not_owned is not None and self.not_owned.kind == obj["kind"]:
             raise self.not_owned
         self.applied.append(obj["kind"])
+        self.calls.append(f"apply {obj['kind']}")
+        if obj["kind"] == "Job" and self.created_job_uid:
+            return "created", {"metadata": {"uid": self.created_job_uid}, "spec": obj["spec"]}
         return "created", None
+
+    def delete_job(self, ns, job, name=""):
+        self.calls.append("delete Job")
 
     def other_children_exist(self, ns, name):
         return False
@@ -108,6 +117,73 @@ def the_job() -> dict:
     job["metadata"].update(uid="job-uid", resourceVersion="12")
     job["status"] = {}
     return job
+
+
+A100_LAYOUT = Layout(gpu_type="A100-80GB", gpus_per_pod=1, pods=1, strategy="none",
+                     node_selector={"nvidia.com/gpu.product": "A100-80GB"})
+
+
+def stuck_pod(seconds: float) -> dict:
+    """A pod of the_job() that the scheduler has not placed for `seconds`."""
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+    return {"metadata": {"name": f"{NAME}-trainer-0-x", "namespace": NS, "uid": "pod-uid",
+                         "ownerReferences": [{"uid": "job-uid", "kind": "Job", "name": f"{NAME}-trainer",
+                                              "controller": True}]},
+            "spec": {}, "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes",
+                 "lastTransitionTime": since.isoformat().replace("+00:00", "Z")}]}}
+
+
+def moving_controller():
+    """A job on L4 whose pod waited 400 s for a node, with A100s free now: the sizer's next answer."""
+    moved = SizingOutcome(True, A100_LAYOUT, R.SIZED, "sized on A100-80GB", plan_status={"fits": True},
+                          free_now=True)
+    rec, clock = controller(moved)
+    rec.config.resize_unschedulable_seconds = 300
+    status = {"phase": "Pending", "reason": R.WAITING_FOR_PODS,
+              "layout": {**LAYOUT.to_status(), "source": "sizer"}}
+    rec.store.observe_ftj("MODIFIED", ftj(11, status))
+    rec.objects.rv = 11
+    rec.store.observe_job("ADDED", the_job())
+    rec.store.observe_pod("ADDED", stuck_pod(400))
+    return rec, status
+
+
+def test_a_move_deletes_and_creates_in_one_pass_and_waits_for_the_new_job_by_its_uid():
+    rec, _ = moving_controller()
+    rec.children.created_job_uid = "new-job-uid"
+    result = rec.process(KEY)
+    assert rec.children.calls == ["delete Job", "apply ConfigMap", "apply Job"]
+    st = result.decision.status
+    assert st["reason"] == R.RESIZING and st["layout"]["gpuType"] == "A100-80GB"
+    assert st["unschedulableGpuTypes"] == ["NVIDIA-L4"] and rec.sizer.avoided == {"NVIDIA-L4"}
+    rec.store.observe_ftj("MODIFIED", ftj(12, st))  # the status echo; the old Job's DELETED has not come yet
+    waiting = rec.process(KEY)
+    assert "Job has not been seen" in waiting.waited and rec.children.calls[-1] == "apply Job"
+    rec.store.observe_job("DELETED", the_job())
+    new = the_job()
+    new["metadata"]["uid"] = "new-job-uid"
+    rec.store.observe_job("ADDED", new)
+    follow = rec.process(KEY)
+    assert follow.decision is not None and not follow.decision.actions
+
+
+def test_a_move_whose_old_job_still_terminates_keeps_the_new_layout_and_creates_later():
+    rec, _ = moving_controller()
+    rec.children.not_owned = NotOwned("Job", f"{NAME}-trainer", "FineTuneJob demo (uid ftj-uid)", deleting=True)
+    result = rec.process(KEY)
+    assert rec.children.calls == ["delete Job", "apply ConfigMap"]
+    st = result.decision.status
+    assert st["reason"] == R.RESIZING and st["layout"]["gpuType"] == "A100-80GB"
+    assert rec.objects.patches and rec.objects.patches[-1]["status"]["layout"]["gpuType"] == "A100-80GB"
+    # The next pass sees the old Job marked for deletion: it is not re-sized from its stuck pods.
+    rec.store.observe_ftj("MODIFIED", ftj(12, st))
+    terminating = the_job()
+    terminating["metadata"].update(deletionTimestamp="2026-01-01T00:00:00Z", resourceVersion="13")
+    rec.store.observe_job("MODIFIED", terminating)
+    calls = list(rec.children.calls)
+    again = rec.process(KEY)
+    assert again.decision is not None and rec.children.calls == calls and rec.sizer.calls == 1
 
 
 def test_a_created_job_is_not_created_again_before_the_watch_shows_it():
