@@ -11,13 +11,11 @@ held at once. Here a LIST+WATCH (paged, one event at a time) keeps only the `Gpu
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Callable
 
-from kubernetes.client.rest import ApiException
-
-from kubetune.child_watch import ChildWatch, Key, name_only, object_key
+from kubetune.child_watch import ChildWatch
 from kubetune.sizing.fleet import GpuHolding, gpu_holding
+from kubetune.watched_index import WatchedIndex
 
 log = logging.getLogger("kubetune.occupancy")
 
@@ -25,54 +23,20 @@ UNFINISHED = "status.phase!=Succeeded,status.phase!=Failed"
 FIRST_LIST_WAIT_SECONDS = 10.0  # how long a sizing snapshot waits for the first LIST before sizing without it
 
 
-class GpuPods:
+class GpuPods(WatchedIndex[GpuHolding]):
     """The unfinished GPU pods of the cluster, from `watch()`; `pods()` for the sizer's snapshots."""
 
     def __init__(self, first_list_wait: float = FIRST_LIST_WAIT_SECONDS) -> None:
-        self._lock = threading.Lock()
-        self._pods: dict[Key, GpuHolding] = {}
-        self._first_list_wait = first_list_wait
-        self.forbidden = False
-        self.watcher: ChildWatch | None = None
-
-    def observe(self, event_type: str, pod: dict[str, Any]) -> None:
-        """A pod event: keep its GPU holding, or forget it (deleted, finished, or no GPUs)."""
-        key = object_key(pod)
-        held = None if event_type == "DELETED" else gpu_holding(pod)
-        with self._lock:
-            if held is None:
-                self._pods.pop(key, None)
-            else:
-                self._pods[key] = held
+        super().__init__(gpu_holding, first_list_wait, logger=log,
+                         forbidden_message="cannot list pods in all namespaces: sizing uses allocatable GPUs only")
 
     def pods(self) -> list[GpuHolding] | None:
         """The GPU pods' holdings now, or None when they are not known (pods may not be listed, or the first LIST has
         not finished within `first_list_wait`): the sizer then counts allocatable GPUs only."""
-        watcher = self.watcher
-        if watcher is None or self.forbidden:
-            return None
-        if not watcher.listed.wait(self._first_list_wait) or self.forbidden:
-            return None
-        with self._lock:
-            return list(self._pods.values())
+        return self.values()
 
     def watch(self, list_pods_for_all_namespaces: Callable[..., Any],
               on_failure: Callable[[str], None] | None = None) -> ChildWatch:
-        """The watch that feeds this index (not started). Without RBAC to list pods cluster-wide (403) it
-        logs once and stops: sizing then uses allocatable GPUs."""
-        def list_call(**kwargs: Any) -> Any:
-            try:
-                return list_pods_for_all_namespaces(**kwargs)
-            except ApiException as exc:
-                if exc.status in (401, 403):
-                    self.forbidden = True
-                    log.warning("cannot list pods in all namespaces (%s): sizing uses allocatable GPUs only",
-                                exc.reason)
-                    if self.watcher is not None:
-                        self.watcher.halt()
-                raise
-
-        self.watcher = ChildWatch("GPU pods in all namespaces", list_call, self.observe, lambda key: None,
-                                  label_selector="", field_selector=UNFINISHED, kind="occupancy",
-                                  on_failure=on_failure, remember=name_only)
-        return self.watcher
+        """The watch of unfinished pods in all namespaces that feeds this index (not started)."""
+        return self.feed_from("GPU pods in all namespaces", list_pods_for_all_namespaces, kind="occupancy",
+                              field_selector=UNFINISHED, on_failure=on_failure)

@@ -65,7 +65,7 @@ def test_the_holdings_give_the_same_occupancy_as_the_full_pods():
     index = GpuPods()
     for p in pods:
         index.observe("ADDED", p)
-    slim = with_occupancy(fleet_from_nodes(nodes()), index._pods.values())
+    slim = with_occupancy(fleet_from_nodes(nodes()), index.kept().values())
     assert [(p.product, p.node_used, p.pending) for p in slim.pools] == \
         [(p.product, p.node_used, p.pending) for p in full.pools]
     assert slim.pool(L4).node_used == {a: 3, b: 4} and slim.pool(A100).pending == 8
@@ -76,12 +76,12 @@ def test_events_update_the_index_and_a_finished_or_deleted_pod_frees_its_gpus():
     index = GpuPods()
     index.observe("ADDED", full_pod("p", gpus=2, product=L4))
     index.observe("MODIFIED", full_pod("p", gpus=2, node=a))  # bound
-    assert list(index._pods.values()) == [GpuHolding(a, "", 2)]
+    assert list(index.kept().values()) == [GpuHolding(a, "", 2)]
     index.observe("MODIFIED", full_pod("p", gpus=2, node=a, phase="Failed"))
-    assert index._pods == {}
+    assert index.kept() == {}
     index.observe("ADDED", full_pod("q", gpus=1, node=a))
     index.observe("DELETED", {"metadata": {"namespace": "team", "name": "q"}})
-    assert index._pods == {}
+    assert index.kept() == {}
 
 
 class Pods:
@@ -142,7 +142,7 @@ def test_the_index_of_two_thousand_pods_is_a_small_fraction_of_their_decoded_lis
         index = GpuPods()
         for p in pods:
             index.observe("ADDED", p)
-        kept = list(index._pods.values())
+        kept = list(index.kept().values())
         slim_bytes = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
@@ -157,8 +157,8 @@ def test_a_relist_forgets_the_gpu_pods_that_went_away_while_the_watch_was_down()
     index = GpuPods()
     watch = index.watch(server)
     watch.list_once()
-    assert len(index._pods) == 2
+    assert len(index.kept()) == 2
     assert watch._known[("team", "p")] == {"metadata": {"namespace": "team", "name": "p"}}  # the key, no more
     server.items = [full_pod("q", gpus=1, node=b)]
     watch.list_once()  # after a 410 Gone: p finished or was deleted meanwhile
-    assert list(index._pods) == [("team", "q")]
+    assert list(index.kept()) == [("team", "q")]
