@@ -7,14 +7,14 @@ import json
 import threading
 import time
 import tracemalloc
-from types import SimpleNamespace
 
 import pytest
-from kubernetes.client.rest import ApiException
 
 from kubetune.gpu_pods import UNFINISHED, GpuPods
 from kubetune.sizing.fleet import (GpuHolding, fleet_from_nodes, gpu_holding, parse_gpu_shorthand,
                                    with_occupancy)
+
+from tests.support.fake_list_watch import FakeListWatch
 
 pytestmark = pytest.mark.unit
 
@@ -84,26 +84,9 @@ def test_events_update_the_index_and_a_finished_or_deleted_pod_frees_its_gpus():
     assert index.kept() == {}
 
 
-class Pods:
-    """list_pod_for_all_namespaces: one page of pods, then WATCH requests that stay open until stopped."""
-
-    def __init__(self, items, status: int = 0) -> None:
-        self.items, self.status, self.calls = items, status, []
-
-    def __call__(self, **kwargs):  # noqa: ANN204 - the kubernetes client's signature
-        self.calls.append(kwargs)
-        if self.status:
-            raise ApiException(status=self.status, reason="Forbidden")
-        if not kwargs.get("watch"):
-            return SimpleNamespace(data=json.dumps({"metadata": {"resourceVersion": "5"},
-                                                    "items": self.items}).encode())
-        time.sleep(0.05)
-        raise ConnectionError("closed")
-
-
 def test_the_watch_lists_unfinished_pods_and_the_sizer_reads_them():
     a, _ = l4_nodes()
-    server = Pods([full_pod("p", gpus=3, node=a), full_pod("c")])
+    server = FakeListWatch([full_pod("p", gpus=3, node=a), full_pod("c")])
     index = GpuPods()
     assert index.pods() is None  # no watch: occupancy unknown
     watch = index.watch(server, lambda kind: None).start()
@@ -116,7 +99,7 @@ def test_the_watch_lists_unfinished_pods_and_the_sizer_reads_them():
 
 
 def test_without_rbac_to_list_pods_the_watch_stops_and_sizing_uses_allocatable_gpus(caplog):
-    server = Pods([], status=403)
+    server = FakeListWatch([], status=403)
     failures: list[str] = []
     index = GpuPods(first_list_wait=5)
     watch = index.watch(server, failures.append).start()
@@ -153,7 +136,7 @@ def test_the_index_of_two_thousand_pods_is_a_small_fraction_of_their_decoded_lis
 
 def test_a_relist_forgets_the_gpu_pods_that_went_away_while_the_watch_was_down():
     a, b = l4_nodes()
-    server = Pods([full_pod("p", gpus=3, node=a), full_pod("q", gpus=1, node=b)])
+    server = FakeListWatch([full_pod("p", gpus=3, node=a), full_pod("q", gpus=1, node=b)])
     index = GpuPods()
     watch = index.watch(server)
     watch.list_once()

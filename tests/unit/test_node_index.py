@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 
 import pytest
-from kubernetes.client.rest import ApiException
 
 from kubetune.node_index import WatchedNodes
 from kubetune.sizing.fleet import fleet_from_nodes, slim_node
+
+from tests.support.fake_list_watch import FakeListWatch
 
 pytestmark = pytest.mark.unit
 
@@ -52,45 +52,10 @@ def test_slim_nodes_give_the_same_fleet_and_are_a_small_fraction_of_the_full_one
     assert len(json.dumps(slim)) * 10 < len(json.dumps(nodes))
 
 
-class NodeServer:
-    """list_node: one page of Nodes, then WATCH requests that stream `events` once and then stay closed."""
-
-    def __init__(self, items, status: int = 0, events=()) -> None:
-        self.items, self.status, self.events, self.calls = items, status, list(events), []
-
-    def __call__(self, **kwargs):  # noqa: ANN204 - the kubernetes client's signature
-        self.calls.append(kwargs)
-        if self.status:
-            raise ApiException(status=self.status, reason="Forbidden")
-        if not kwargs.get("watch"):
-            return SimpleNamespace(data=json.dumps({"metadata": {"resourceVersion": "5"},
-                                                    "items": self.items}).encode())
-        if self.events:
-            lines = [json.dumps(e).encode() for e in self.events]
-            self.events = []
-            return Stream(lines)
-        time.sleep(0.05)
-        raise ConnectionError("closed")
-
-
-class Stream:
-    def __init__(self, lines) -> None:
-        self.lines = lines
-
-    def stream(self, *args, **kwargs):  # noqa: ANN201 - urllib3's response
-        yield b"\n".join(self.lines) + b"\n"
-
-    def release_conn(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
-
-
 def test_the_watch_feeds_refreshes_without_listing_and_follows_changes():
     listed: list[int] = []
     index = WatchedNodes(lambda: listed.append(1) or [])
-    server = NodeServer([full_node("a"), full_node("b", H100, 8)], events=[
+    server = FakeListWatch([full_node("a"), full_node("b", H100, 8)], events=[
         {"type": "MODIFIED", "object": full_node("a", ready="False")},
         {"type": "DELETED", "object": {"metadata": {"name": "b"}}},
         {"type": "ADDED", "object": full_node("c", H100, 8)}])
@@ -111,7 +76,7 @@ def test_the_watch_feeds_refreshes_without_listing_and_follows_changes():
 
 def test_without_rbac_to_watch_nodes_refreshes_list_them_and_slim_them(caplog):
     index = WatchedNodes(lambda: [full_node("a")], first_list_wait=5)
-    watch = index.watch(NodeServer([], status=403)).start()
+    watch = index.watch(FakeListWatch([], status=403)).start()
     started = time.monotonic()
     nodes = index.nodes()
     watch._thread.join(5)
