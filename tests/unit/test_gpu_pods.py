@@ -4,7 +4,6 @@ pod, reads the same as the full pods, and stops (sizing on allocatable GPUs) whe
 from __future__ import annotations
 
 import json
-import threading
 import time
 import tracemalloc
 
