@@ -345,14 +345,16 @@ class _Pass:
         self.conds.append(C.make_condition(ctype, value, reason, message, now=self.now_s,
                                            generation=self.generation))
 
-    def set_phase(self, phase: str, reason: str, message: str, *, warning: bool = False) -> None:
+    def set_phase(self, phase: str, reason: str, message: str, *, warning: bool = False,
+                  always_event: bool = False) -> None:
         st = self.st
         st["phase"], st["reason"], st["message"] = phase, reason, message
         # An Event per change of phase or reason, except the routine steps inside a phase (children
         # created -> waiting for pods, pods finished -> Job completing): those only cost an apiserver write
-        # per job in a burst and tell nothing the next Event does not.
+        # per job in a burst and tell nothing the next Event does not. `always_event`: the pass acted (a
+        # move), which gets its Event even when the phase and reason stay the same.
         routine = phase == self.old_phase and reason in QUIET_REASONS
-        if (phase != self.old_phase or reason != self.old.get("reason")) and not routine:
+        if always_event or ((phase != self.old_phase or reason != self.old.get("reason")) and not routine):
             self.out.events.append(("Warning" if warning else "Normal", reason,
                                     f"{phase}: {message}" if message else phase))
 
@@ -578,7 +580,7 @@ def _decide_resize(p: _Pass, spec: FineTuneJobSpec, want_hash: str, observed: Ob
     message = (f"the trainer pods could not be scheduled on {observed.resize_from}"
                + (f" ({scheduler})" if scheduler else "")
                + f"; recreated the trainer Job without it: {resize.message}")
-    p.set_phase("Pending", R.RESIZING, message, warning=True)
+    p.set_phase("Pending", R.RESIZING, message, warning=True, always_event=True)
     p.cond(C.RUNNING, False, R.RESIZING, message)
     p.cond(C.READY, False, R.RESIZING, message)
     return p.finish()

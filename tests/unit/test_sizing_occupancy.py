@@ -171,6 +171,10 @@ def test_a_resize_moves_the_job_in_one_pass_records_the_type_and_warns():
     assert d.status["reason"] == R.RESIZING and d.status["unschedulableGpuTypes"] == [L4]
     assert "untolerated taint" in d.status["message"] and A100 in d.status["message"]
     assert [(t, r) for t, r, _ in d.events] == [("Warning", R.RESIZING)]
+    # A job moved before (its status still says so) that is stuck again gets an Event for this move too.
+    again = decide(name="x", generation=1, labels={}, spec=spec, spec_hash=want, now=NOW, observed=observed,
+                   status={**status, "reason": R.RESIZING, "message": "moved before"})
+    assert [(t, r) for t, r, _ in again.events] == [("Warning", R.RESIZING)]
     with pytest.raises(ValueError, match="render its children"):
         decide(name="x", generation=1, labels={}, spec=spec, spec_hash=want, status=status, now=NOW,
                observed=Observed(job=job, pods=[unschedulable(400)], children_exist=True, resize=outcome,
