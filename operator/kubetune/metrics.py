@@ -36,8 +36,9 @@ class OperatorMetrics:
         self.queue_retries = Counter("kubetune_workqueue_retries_total",
                                      "Passes requeued with per-key backoff after an error or a conflict.", registry=r)
         self.watch_failures = Counter("kubetune_watch_failures_total",
-                                      "Failed LIST/WATCH requests of the child Job and pod watches (each is "
-                                      "retried with backoff).", ["watch"], registry=r)
+                                      "Failed LIST/WATCH requests of the operator's watches, by watch: jobs, "
+                                      "pods, nodes, occupancy (GPU pods), workloads (each is retried with "
+                                      "backoff).", ["watch"], registry=r)
         labels = ["namespace", "name"]  # not "job": that is Prometheus' scrape-target label
         self.train_loss = Gauge("kubetune_job_train_loss", "Latest training loss reported by rank 0.", labels,
                                 registry=r)
