@@ -50,6 +50,7 @@ from kubetune.reconcile import (CANCEL, CREATE, FOLLOW, Decision, Observed, deci
 from kubetune.oom_layout import memory_outlook, replanned_layout, trace_outlook, with_replanned_layout
 from kubetune.preflight_trace import trace_status, traced_fit
 from kubetune.sizing.fleet_sizer import FleetSizer
+from kubetune.sizing.layout import SizingOutcome
 from kubetune.status import checked_status
 from kubetune.store import ClusterStore
 from kubetune.throughput import ThroughputBook
@@ -321,9 +322,7 @@ class Reconciler:
             observed.sizing = with_replanned_layout(self.sizer.size(spec, avoided_types(status)), status)
             if branch == CREATE:
                 if observed.sizing.fits and observed.sizing.layout is not None:
-                    observed.children = build_children(ref, spec_dict, spec, observed.sizing.layout, cfg.build,
-                                                       plan_status=observed.sizing.plan_status,
-                                                       memory_replans=status.get("memoryReplans"))
+                    observed.children = self._render(ref, spec_dict, spec, observed.sizing, status)
                     if observed.preflight:  # the plan ConfigMap first, then the preflight Job
                         observed.preflight_children = [
                             observed.children[0],
@@ -393,6 +392,13 @@ class Reconciler:
         if fit is not None and not fit.fits:
             observed.trace = trace_outlook(spec, status, observed.sizing.layout, fit.tensors, self.sizer.fleet())
 
+    def _render(self, ref: JobRef, spec_dict: dict[str, Any], spec: FineTuneJobSpec, outcome: SizingOutcome,
+                status: dict[str, Any]) -> list[dict[str, Any]]:
+        """The children (plan ConfigMap, Service, trainer Job) for a sizing outcome that fits."""
+        assert outcome.layout is not None
+        return build_children(ref, spec_dict, spec, outcome.layout, self.config.build,
+                              plan_status=outcome.plan_status, memory_replans=status.get("memoryReplans"))
+
     def _consider_resize(self, ref: JobRef, spec_dict: dict[str, Any], status: dict[str, Any],
                          spec: FineTuneJobSpec, observed: Observed, now: dt.datetime) -> None:
         """Size the job again, avoiding its GPU type, when its pods stayed unschedulable long enough (resize.py);
@@ -406,9 +412,7 @@ class Reconciler:
         outcome = self.sizer.size(spec, avoided_types(status) | {stuck_on})
         if moves(status, outcome) and outcome.layout is not None:
             observed.resize, observed.resize_from = outcome, stuck_on
-            observed.children = build_children(ref, spec_dict, spec, outcome.layout, self.config.build,
-                                               plan_status=outcome.plan_status,
-                                               memory_replans=status.get("memoryReplans"))
+            observed.children = self._render(ref, spec_dict, spec, outcome, status)
 
     def _follow_progress(self, key: Key, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed) -> None:
         """Track the rank-0 pod of a running job with the poller and hand its last answer to the pass."""
