@@ -24,6 +24,7 @@ CACHE_VOLUME = "model-cache"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 SPEC_HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
+LAYOUT_ANNOTATION = f"{API_GROUP}/layout"
 JOB_NAME_LABEL = f"{API_GROUP}/job-name"
 COMPONENT_LABEL = f"{API_GROUP}/component"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune"}
@@ -344,10 +345,22 @@ def pod_failure_policy() -> dict[str, Any]:
     ]}
 
 
+def layout_annotation(layout: Layout, avoided: frozenset[str] | set[str] = frozenset()) -> str:
+    """The layout a trainer Job is rendered for, and the GPU types its sizing avoided, as the Job's
+    `kubetune.io/layout` annotation: a pass that creates the Job and then cannot write the status (a 409 after a
+    move) leaves the truth on the Job, and the next pass takes status.layout from it (reconcile.recorded_layout)."""
+    record = layout.to_status()
+    if avoided:
+        record["avoid"] = sorted(avoided)
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
 def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConfig,
-              *, hash_: str = "", plan_status: dict[str, Any] | None = None) -> dict[str, Any]:
+              *, hash_: str = "", plan_status: dict[str, Any] | None = None,
+              avoided: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
     """Indexed batch/v1 Job `<job>-trainer`: one pod per node, completions = parallelism = pods. The pods' grace
-    period covers a checkpoint of the sized plan (`plan_status`, the sizer's status.plan)."""
+    period covers a checkpoint of the sized plan (`plan_status`, the sizer's status.plan). The Job carries the
+    spec hash and its layout (`layout_annotation`, with `avoided`: the GPU types the sizing left out)."""
     name = trainer_name(ref.name)
     volumes, mounts = _volumes(ref, spec, layout, cfg)
     pod_labels = child_labels(ref.name, "trainer")
@@ -408,17 +421,21 @@ def build_job(ref: JobRef, spec: FineTuneJobSpec, layout: Layout, cfg: BuildConf
     }
     if spec.active_deadline_seconds > 0:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    meta = _meta(ref, name, "trainer", {SPEC_HASH_ANNOTATION: hash_} if hash_ else None)
+    annotations = {LAYOUT_ANNOTATION: layout_annotation(layout, avoided)}
+    if hash_:
+        annotations[SPEC_HASH_ANNOTATION] = hash_
+    meta = _meta(ref, name, "trainer", annotations)
     meta["labels"] = job_labels
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
 def build_children(ref: JobRef, spec_dict: dict[str, Any], spec: FineTuneJobSpec, layout: Layout,
                    cfg: BuildConfig, *, plan_status: dict[str, Any] | None = None,
-                   memory_replans: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                   memory_replans: list[dict[str, Any]] | None = None,
+                   avoided: frozenset[str] | set[str] = frozenset()) -> list[dict[str, Any]]:
     """All children in creation order: ConfigMap, Service (multi-pod runs only), Job (the Job carries the
-    spec hash, and comes last)."""
+    spec hash and its layout, and comes last)."""
     hash_ = spec_hash(spec_dict)
     service = [build_service(ref)] if needs_service(layout) else []
     return [build_configmap(ref, spec, layout, memory_replans), *service,
-            build_job(ref, spec, layout, cfg, hash_=hash_, plan_status=plan_status)]
+            build_job(ref, spec, layout, cfg, hash_=hash_, plan_status=plan_status, avoided=avoided)]

@@ -319,10 +319,11 @@ class Reconciler:
         ref = JobRef(name, ns, uid, labels)
         if branch == CREATE or (branch == FOLLOW and not status.get("layout")):
             # Sizing is needed to create the Job, and to recover a layout that never reached the status.
-            observed.sizing = with_replanned_layout(self.sizer.size(spec, avoided_types(status)), status)
+            avoided = avoided_types(status)
+            observed.sizing = with_replanned_layout(self.sizer.size(spec, avoided), status)
             if branch == CREATE:
                 if observed.sizing.fits and observed.sizing.layout is not None:
-                    observed.children = self._render(ref, spec_dict, spec, observed.sizing, status)
+                    observed.children = self._render(ref, spec_dict, spec, observed.sizing, status, avoided)
                     if observed.preflight:  # the plan ConfigMap first, then the preflight Job
                         observed.preflight_children = [
                             observed.children[0],
@@ -393,11 +394,13 @@ class Reconciler:
             observed.trace = trace_outlook(spec, status, observed.sizing.layout, fit.tensors, self.sizer.fleet())
 
     def _render(self, ref: JobRef, spec_dict: dict[str, Any], spec: FineTuneJobSpec, outcome: SizingOutcome,
-                status: dict[str, Any]) -> list[dict[str, Any]]:
-        """The children (plan ConfigMap, Service, trainer Job) for a sizing outcome that fits."""
+                status: dict[str, Any], avoided: frozenset[str]) -> list[dict[str, Any]]:
+        """The children (plan ConfigMap, Service, trainer Job) for a sizing outcome that fits, sized without the
+        GPU types in `avoided` (recorded on the Job with its layout)."""
         assert outcome.layout is not None
         return build_children(ref, spec_dict, spec, outcome.layout, self.config.build,
-                              plan_status=outcome.plan_status, memory_replans=status.get("memoryReplans"))
+                              plan_status=outcome.plan_status, memory_replans=status.get("memoryReplans"),
+                              avoided=avoided)
 
     def _consider_resize(self, ref: JobRef, spec_dict: dict[str, Any], status: dict[str, Any],
                          spec: FineTuneJobSpec, observed: Observed, now: dt.datetime) -> None:
@@ -409,10 +412,11 @@ class Reconciler:
         stuck_on = resize_due(spec, status, observed.pods, now, self.config.resize_unschedulable_seconds)
         if not stuck_on:
             return
-        outcome = self.sizer.size(spec, avoided_types(status) | {stuck_on})
+        avoided = avoided_types(status) | {stuck_on}
+        outcome = self.sizer.size(spec, avoided)
         if moves(status, outcome) and outcome.layout is not None:
             observed.resize, observed.resize_from = outcome, stuck_on
-            observed.children = self._render(ref, spec_dict, spec, outcome, status)
+            observed.children = self._render(ref, spec_dict, spec, outcome, status, avoided)
 
     def _follow_progress(self, key: Key, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed) -> None:
         """Track the rank-0 pod of a running job with the poller and hand its last answer to the pass."""

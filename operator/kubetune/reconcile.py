@@ -25,6 +25,7 @@ from kubetune.kueue_admission import admission, not_installed_message
 from kubetune.estimate import Pricing, estimate_status
 from kubetune.throughput import ThroughputBook
 from kubetune.preflight import preflight_status, validated_for
+from kubetune.resize import adopt_recorded_layout
 from kubetune.preflight_trace import TracedFit, plan_with_trace, traced_fit
 from kubetune.sizing.layout import SizingOutcome
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
@@ -725,6 +726,8 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
             st["plan"] = observed.sizing.plan_status
         st["layout"] = observed.sizing.layout.to_status(job_spec_hash(job))
         p.cond(C.SIZED, True, observed.sizing.reason, observed.sizing.message)
+    # When the pass that created this Job (a move, or a create) could not write the status, the Job says what runs.
+    adopt_recorded_layout(st, job, job_spec_hash(job))
     job_status = job.get("status") or {}
     job_suspended = bool((job.get("spec") or {}).get("suspend"))
     failed_pods = [pod for pod in pods if _phase_of(pod) == "Failed"]

@@ -10,9 +10,11 @@ It moves the job only to a layout whose GPUs are free now; the pods never ran, s
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec
+from kubetune.builders import LAYOUT_ANNOTATION
 from kubetune.sizing.layout import SizingOutcome
 
 
@@ -62,3 +64,40 @@ def moves(status: dict[str, Any], outcome: SizingOutcome) -> bool:
 def avoided_types(status: dict[str, Any]) -> frozenset[str]:
     """The GPU types this job's pods stayed unschedulable on (status.unschedulableGpuTypes)."""
     return frozenset(str(t) for t in status.get("unschedulableGpuTypes") or [])
+
+
+# What makes two status.layout blocks the same layout (specHash aside: the Job's own annotation carries it).
+LAYOUT_KEYS = ("source", "gpuType", "gpusPerPod", "pods", "strategy", "zeroStage")
+
+
+def recorded_layout(job: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str]] | None:
+    """The layout a trainer Job was created with and the GPU types its sizing avoided, from its
+    `kubetune.io/layout` annotation (builders.layout_annotation); None for a Job without a readable one."""
+    text = ((job.get("metadata") or {}).get("annotations") or {}).get(LAYOUT_ANNOTATION)
+    try:
+        record = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not record.get("pods"):
+        return None
+    avoid = frozenset(str(t) for t in record.pop("avoid", None) or [])
+    return record, avoid
+
+
+def adopt_recorded_layout(status: dict[str, Any], job: dict[str, Any], spec_hash: str) -> bool:
+    """Make status.layout (and status.unschedulableGpuTypes) say what the Job runs, when they do not: the pass
+    that created the Job acts before it writes the status, and a refused status write (409 after a move) leaves
+    the previous layout there. Returns whether the status changed."""
+    recorded = recorded_layout(job)
+    if recorded is None:
+        return False
+    layout, avoid = recorded
+    current = status.get("layout") or {}
+    changed = False
+    if any(current.get(k) != layout.get(k) for k in LAYOUT_KEYS):
+        status["layout"] = {**layout, **({"specHash": spec_hash} if spec_hash else {})}
+        changed = True
+    if not avoid <= avoided_types(status):
+        status["unschedulableGpuTypes"] = sorted(avoided_types(status) | avoid)
+        changed = True
+    return changed

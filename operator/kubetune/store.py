@@ -24,7 +24,8 @@ import threading
 import zlib
 from typing import Any
 
-from kubetune.builders import COMPLETION_INDEX_ANNOTATION, COMPONENT_LABEL, JOB_NAME_LABEL, SPEC_HASH_ANNOTATION
+from kubetune.builders import (COMPLETION_INDEX_ANNOTATION, COMPONENT_LABEL, JOB_NAME_LABEL, LAYOUT_ANNOTATION,
+                               SPEC_HASH_ANNOTATION)
 
 PREFLIGHT_COMPONENT = "preflight"  # kubetune.preflight.COMPONENT: the CPU check's Job, indexed apart from the trainer's
 
@@ -87,13 +88,13 @@ class _StoredFtj:
         return json.loads(zlib.decompress(self.blob))
 
 
-def _meta(obj: dict[str, Any], annotation: str) -> dict[str, Any]:
+def _meta(obj: dict[str, Any], *annotations: str) -> dict[str, Any]:
     meta = obj.get("metadata") or {}
     out: dict[str, Any] = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
                                                  "creationTimestamp", "deletionTimestamp") if meta.get(k)}
-    value = (meta.get("annotations") or {}).get(annotation)
-    if value is not None:
-        out["annotations"] = {annotation: value}
+    kept = {k: v for k, v in (meta.get("annotations") or {}).items() if k in annotations}
+    if kept:
+        out["annotations"] = kept
     labels = meta.get("labels") or {}
     out["labels"] = {JOB_NAME_LABEL: labels.get(JOB_NAME_LABEL, "")}
     if labels.get(COMPONENT_LABEL) == PREFLIGHT_COMPONENT:
@@ -104,8 +105,8 @@ def _meta(obj: dict[str, Any], annotation: str) -> dict[str, Any]:
 
 
 def slim_job(obj: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a trainer Job that a reconcile pass reads: identity, spec hash, suspend, status."""
-    return {"metadata": _meta(obj, SPEC_HASH_ANNOTATION),
+    """The fields of a trainer Job that a reconcile pass reads: identity, spec hash, layout, suspend, status."""
+    return {"metadata": _meta(obj, SPEC_HASH_ANNOTATION, LAYOUT_ANNOTATION),
             "spec": {"suspend": bool((obj.get("spec") or {}).get("suspend"))},
             "status": copy.deepcopy(obj.get("status") or {})}
 

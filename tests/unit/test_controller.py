@@ -41,6 +41,7 @@ class Clock:
 class FakeChildren:
     def __init__(self) -> None:
         self.applied: list[str] = []
+        self.objects: list[dict] = []  # what was applied, in order
         self.calls: list[str] = []  # deletes and applies, in order
         self.not_owned: NotOwned | None = None
         self.created_job_uid = ""  # the UID the apiserver gives a created Job ('' = not returned)
@@ -55,6 +56,7 @@ class FakeChildren:
         if self.not_owned is not None and self.not_owned.kind == obj["kind"]:
             raise self.not_owned
         self.applied.append(obj["kind"])
+        self.objects.append(copy.deepcopy(obj))
         self.calls.append(f"apply {obj['kind']}")
         if obj["kind"] == "Job" and self.created_job_uid:
             return "created", {"metadata": {"uid": self.created_job_uid}, "spec": obj["spec"]}
@@ -184,6 +186,26 @@ def test_a_move_whose_old_job_still_terminates_keeps_the_new_layout_and_creates_
     calls = list(rec.children.calls)
     again = rec.process(KEY)
     assert again.decision is not None and rec.children.calls == calls and rec.sizer.calls == 1
+
+
+def test_a_move_whose_status_write_is_refused_takes_the_layout_from_the_new_job():
+    rec, status = moving_controller()
+    rec.children.created_job_uid = "new-job-uid"
+    rec.objects.rv = 99  # the FineTuneJob changed meanwhile: the move's status write gets a 409
+    assert rec.process(KEY) is None
+    assert rec.children.calls == ["delete Job", "apply ConfigMap", "apply Job"] and not rec.objects.patches
+    # The watch brings the edit (the status still says L4), the old Job's deletion and the new Job.
+    rec.store.observe_ftj("MODIFIED", ftj(99, status))
+    rec.store.observe_job("DELETED", the_job())
+    new = copy.deepcopy(rec.children.objects[-1])
+    new["metadata"].update(uid="new-job-uid", resourceVersion="20")
+    new["status"] = {}
+    rec.store.observe_job("ADDED", new)
+    follow = rec.process(KEY)
+    assert follow is not None and follow.decision is not None and not follow.decision.actions
+    written = rec.objects.patches[-1]["status"]
+    assert written["layout"]["gpuType"] == "A100-80GB" and written["unschedulableGpuTypes"] == ["NVIDIA-L4"]
+    assert rec.children.calls == ["delete Job", "apply ConfigMap", "apply Job"]  # nothing moved twice
 
 
 def test_a_created_job_is_not_created_again_before_the_watch_shows_it():

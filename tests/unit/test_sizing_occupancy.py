@@ -11,12 +11,14 @@ import yaml
 
 from kubetune import reasons as R
 from kubetune.api import parse_spec
-from kubetune.builders import BuildConfig, JobRef, build_children
+from kubetune.builders import LAYOUT_ANNOTATION, BuildConfig, JobRef, build_children
 from kubetune.reconcile import SPEC_HASH_ANNOTATION, Observed, decide
-from kubetune.resize import avoided_types, moves, resize_due, unschedulable_seconds
+from kubetune.resize import (adopt_recorded_layout, avoided_types, moves, recorded_layout, resize_due,
+                             unschedulable_seconds)
 from kubetune.sizing import size_job
 from kubetune.sizing.fleet import fleet_from_nodes, parse_gpu_shorthand, pod_gpu_request, with_occupancy
 from kubetune.sizing.fleet_sizer import FleetSizer
+from kubetune.store import slim_job
 from kubetune.sizing.sizer import MAX_GRADIENT_ACCUMULATION_STEPS, _alternatives
 
 pytestmark = pytest.mark.unit
@@ -179,3 +181,30 @@ def test_a_resize_moves_the_job_in_one_pass_records_the_type_and_warns():
         decide(name="x", generation=1, labels={}, spec=spec, spec_hash=want, status=status, now=NOW,
                observed=Observed(job=job, pods=[unschedulable(400)], children_exist=True, resize=outcome,
                                  resize_from=L4))
+
+
+def test_the_trainer_job_records_its_layout_and_a_lost_status_write_is_recovered_from_it():
+    """Input: the Job rendered for a move to A100 (L4 avoided), while the status still holds the L4 layout (the
+    move's status write was refused). Expected: the annotation survives the store's slim copy and gives back the
+    layout and the avoided type; adopting it changes the status once, then is a no-op; Jobs without a readable
+    annotation (older operators, hand edits) change nothing."""
+    sizer = FleetSizer(nodes, list_pods=lambda: [])
+    outcome = sizer.size(lora(), frozenset({L4}))
+    spec_dict = {"model": {"uri": "hf://meta-llama/Llama-3.1-8B"}, "dataset": {"uri": "s3://d/t.jsonl"},
+                 "method": "lora", "training": {"maxSteps": 10}, "output": {"uri": "s3://o/x"}}
+    job = build_children(JobRef("x", "ns", "ftj-uid", {}), spec_dict, parse_spec(spec_dict), outcome.layout,
+                         BuildConfig(), avoided=frozenset({L4}))[-1]
+    stored = slim_job(job)
+    layout, avoid = recorded_layout(stored)
+    assert layout == outcome.layout.to_status() and avoid == {L4}
+    status = {"phase": "Pending", "layout": {"source": "sizer", "gpuType": L4, "gpusPerPod": 1, "pods": 1,
+                                              "totalGpus": 1, "strategy": "none", "zeroStage": 0, "specHash": "h1"}}
+    assert adopt_recorded_layout(status, stored, "h1")
+    assert status["layout"] == {**outcome.layout.to_status(), "specHash": "h1"}
+    assert status["unschedulableGpuTypes"] == [L4]
+    assert not adopt_recorded_layout(status, stored, "h1")
+    for text in (None, "", "{not json", "[1]", "{}"):
+        other = {"metadata": {"annotations": {LAYOUT_ANNOTATION: text} if text is not None else {}}}
+        before = {"layout": {"gpuType": L4, "pods": 1}}
+        assert recorded_layout(other) is None and not adopt_recorded_layout(before, other, "h1")
+        assert before == {"layout": {"gpuType": L4, "pods": 1}}
