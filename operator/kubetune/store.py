@@ -104,11 +104,24 @@ def _meta(obj: dict[str, Any], *annotations: str) -> dict[str, Any]:
     return out
 
 
+# What a reconcile pass reads of a Job's status (reconcile.py): its conditions' verdicts, the failed-pod count
+# and the run's times. The rest (active/ready/terminating counts, completed indexes, uncounted pods, condition
+# timestamps) changes with every pod and is not kept.
+JOB_STATUS_FIELDS = ("failed", "startTime", "completionTime")
+JOB_CONDITION_FIELDS = ("type", "status", "reason", "message")
+
+
 def slim_job(obj: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a trainer Job that a reconcile pass reads: identity, spec hash, layout, suspend, status."""
+    """The fields of a trainer Job that a reconcile pass reads: identity, spec hash, layout, suspend, and of
+    its status JOB_STATUS_FIELDS and the conditions' JOB_CONDITION_FIELDS."""
+    status = obj.get("status") or {}
+    keep: dict[str, Any] = {k: status[k] for k in JOB_STATUS_FIELDS if status.get(k) is not None}
+    conds = [{k: c[k] for k in JOB_CONDITION_FIELDS if c.get(k)} for c in status.get("conditions") or []]
+    if conds:
+        keep["conditions"] = conds
     return {"metadata": _meta(obj, SPEC_HASH_ANNOTATION, LAYOUT_ANNOTATION),
             "spec": {"suspend": bool((obj.get("spec") or {}).get("suspend"))},
-            "status": copy.deepcopy(obj.get("status") or {})}
+            "status": keep}
 
 
 def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:

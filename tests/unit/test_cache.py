@@ -41,14 +41,20 @@ def ftj(rv: str, *, uid: str = "ftj-uid", phase: str = "", name: str = "demo") -
             "spec": copy.deepcopy(SPEC), "status": {"phase": phase} if phase else {}}
 
 
-def full_job(rv: str = "10", *, uid: str = "job-uid", conditions: list | None = None) -> dict:
+def finished_condition(ctype: str, reason: str, message: str) -> dict:
+    """A Job condition as the Job controller writes it."""
+    return {"type": ctype, "status": "True", "reason": reason, "message": message,
+            "lastProbeTime": "2026-01-01T12:09:00Z", "lastTransitionTime": "2026-01-01T12:09:00Z"}
+
+
+def full_job(rv: str = "10", *, uid: str = "job-uid", conditions: list | None = None, **status) -> dict:
     """The trainer Job as the apiserver returns it (rendered children plus server-side fields)."""
     job = copy.deepcopy(build_children(JobRef("demo", NS, "ftj-uid"), SPEC, parse_spec(SPEC), LAYOUT,
                                        BuildConfig())[-1])
     job["metadata"].update(uid=uid, resourceVersion=rv, creationTimestamp="2026-01-01T11:59:00Z",
                            managedFields=[{"manager": "kubetune-operator"}])
-    job["status"] = {"active": 2, "ready": 2, "startTime": "2026-01-01T11:59:01Z",
-                     "conditions": conditions or []}
+    job["status"] = {"active": 2, "ready": 2, "terminating": 0, "startTime": "2026-01-01T11:59:01Z",
+                     "uncountedTerminatedPods": {}, "conditions": conditions or [], **status}
     return job
 
 
@@ -96,6 +102,21 @@ SCENARIOS = {
                                        summary={"status": "Failed", "reason": "NonFiniteLoss", "message": "NaN"}),
                               full_pod(1, "Running", rv="21")], {"phase": "Running"}),
     "foreign pods": (full_job(), [full_pod(0, "Running", job_uid="old-job")], {"phase": "Pending"}),
+    "completed": (full_job(conditions=[finished_condition("SuccessCriteriaMet", "CompletionsReached",
+                                                          "Reached expected number of succeeded pods"),
+                                       finished_condition("Complete", "CompletionsReached",
+                                                          "Reached expected number of succeeded pods")],
+                           active=0, ready=0, succeeded=2, completedIndexes="0-1",
+                           completionTime="2026-01-01T12:09:00Z"),
+                  [full_pod(0, "Succeeded", summary={"status": "Succeeded", "step": 100, "trainLoss": 1.5}),
+                   full_pod(1, "Succeeded")], {"phase": "Running", "startTime": "2026-01-01T11:59:30Z"}),
+    "failed": (full_job(conditions=[finished_condition("FailureTarget", "BackoffLimitExceeded",
+                                                       "Job has reached the specified backoff limit"),
+                                    finished_condition("Failed", "BackoffLimitExceeded",
+                                                       "Job has reached the specified backoff limit")],
+                        active=0, ready=0, failed=3),
+               [full_pod(0, "Failed", exit_code=1), full_pod(1, "Failed", exit_code=1, rv="21")],
+               {"phase": "Running"}),
 }
 
 
@@ -106,6 +127,9 @@ def test_slim_copies_decide_exactly_like_the_full_objects(scenario):
     slim = decide_with(slim_job(job), [slim_pod(p) for p in pods], status)
     assert slim == full
     assert len(json.dumps(slim_pod(pods[0]))) * 4 < len(json.dumps(pods[0]))  # the point of slimming
+    kept = slim_job(job)["status"]
+    assert set(kept) <= {"failed", "startTime", "completionTime", "conditions"}
+    assert all(set(c) <= {"type", "status", "reason", "message"} for c in kept.get("conditions") or [])
 
 
 def test_slim_ftj_drops_managed_fields_and_last_applied_only():
