@@ -28,6 +28,9 @@ Also recorded: operator peak RSS (VmHWM) and CPU time (utime+stime) from /proc, 
 jobs, CPU seconds per process for each creation phase and, with --apiserver-profile, a CPU profile of
 kube-apiserver during the FineTuneJob creation phase with its share by category. Results go to
 bench/results/operator_scale-<nodes>n-<jobs>j.json (or --out); a table is printed.
+
+`kill -USR1 <pid of this script>` ends the kubetune phase in progress as if its `--timeout` had passed (the
+peer is then skipped) and writes what was measured so far, marked `"stopped": true`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -94,6 +98,16 @@ PROFILE_CATEGORIES: dict[str, str] = {
     "etcd watch decoding": r"etcd3\.\(\*watchChan\)",
     "Go garbage collection": r"runtime\.gcBgMarkWorker",
 }
+
+
+# Set by SIGUSR1: the phase in progress ends as if its deadline had passed, and what was measured so far is
+# written (`"stopped": true`); a run too long for the machine it is on still leaves its figures.
+STOP = threading.Event()
+
+
+def running(deadline: float) -> bool:
+    """Before the phase's deadline, and not asked to stop."""
+    return time.monotonic() < deadline and not STOP.is_set()
 
 
 def parse_pprof_seconds(text: str) -> tuple[float, float] | None:
@@ -553,7 +567,7 @@ def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str]
         return all(w.state.get(n, {}).get("phase") in ("Succeeded", "Failed") for n in names)
 
     with cf.ThreadPoolExecutor(concurrency) as pool:
-        while time.monotonic() < deadline:
+        while running(deadline):
             with pods.lock:
                 todo = [n for n, d in pods.state.items()
                         if d["phase"] == "Running" and not d["completing"] and not d["deleting"] and n not in patched]
@@ -599,7 +613,7 @@ def wait_for_pods(pods: Watcher, owners: list[str], deadline: float, alive: Call
 
     def every_owner(w: Watcher) -> bool:
         return wanted <= {d.get("owner") for d in w.state.values()}
-    while time.monotonic() < deadline and alive():
+    while running(deadline) and alive():
         if pods.wait_until(every_owner, 1.0):
             return True
     return False
@@ -724,7 +738,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
 
         deadline = time.monotonic() + timeout
         ok = False
-        while time.monotonic() < deadline and op.alive():
+        while running(deadline) and op.alive():
             if jobs.wait_until(all_children, 1.0) and all_children(jobs):
                 ok = True
                 break
@@ -769,6 +783,8 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         creation["operator_rss_peak_mib"] = rss.mark()
         completion = drive_to_completion(api, pods, ftjs, names, concurrency, timeout) if ok else {"skipped": True}
         completion["operator_rss_peak_mib"] = rss.mark()
+        if STOP.is_set():
+            completion["stopped"] = True
         rss.stopping = True
         completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
         alive = op.alive()
@@ -1019,6 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-order", choices=("after", "before"), default="after",
                    help="run the Kubeflow Trainer phase after (default) or before the kubetune phase")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGUSR1, lambda *_: STOP.set())
     if args.quick:
         args.nodes, args.jobs = 20, 50
     from kubetune_dev.devcluster import Cluster, ClusterOptions, generate_fleet
@@ -1066,6 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.peer == "kubeflow" and shutil.which("go") is None:
             result["kubeflow"] = {"skipped": "go is not installed: Kubeflow Trainer and JobSet are built from "
                                              "devcluster/kubeflow/go.mod"}
+        elif args.peer == "kubeflow" and STOP.is_set():
+            result["kubeflow"] = {"skipped": "stopped by SIGUSR1 during the kubetune phase"}
         elif args.peer == "kubeflow" and not peer_first:
             result["kubeflow"] = run_kubeflow(cluster, api, args.jobs, args.concurrency, args.timeout, spec_dict)
         result["peak_rss_mib"] = {name: round(proc_status_kib(pid, "VmHWM") / 1024, 1)
@@ -1075,6 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
     result["ratio_vs_running_jobs"] = ratio(c, result["baseline_running"])
     result["loadavg_after"] = loadavg()
     result["wall_s"] = round(time.time() - t_start, 1)
+    result["stopped"] = STOP.is_set()
     comp = result["kubetune"]["completion"]
     result["ok"] = bool(c["complete"] and c["lost_count"] == 0 and c["create_error_count"] == 0
                         and b["error_count"] == 0 and result["baseline_running"]["error_count"] == 0

@@ -52,3 +52,36 @@ def test_counter_delta_keeps_the_largest_changes_and_the_total():
     assert delta["POST jobs"] == 100 and delta["POST events"] == 40 and delta["PUT leases"] == 2
     assert delta["TOTAL"] == 142
     assert list(delta)[:2] == ["POST jobs", "POST events"]
+
+
+class _Pods:
+    """The pods watcher's surface drive_to_completion reads: nothing Running yet."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.state: dict = {}
+
+
+class _Ftjs:
+    state = {"ftj-0": {"phase": "Pending"}}
+
+    def wait_until(self, predicate, timeout):
+        return predicate(self)
+
+
+def test_sigusr1_ends_the_completion_phase_at_once_with_what_it_measured():
+    import time
+
+    bench.STOP.clear()
+    try:
+        started = time.monotonic()
+        bench.STOP.set()
+        result = bench.drive_to_completion(object(), _Pods(), _Ftjs(), ["ftj-0"], 2, timeout=600)
+        assert time.monotonic() - started < 5
+        assert result["phases"] == {"Pending": 1} and not result["all_succeeded"]
+        assert not bench.running(time.monotonic() + 600)
+    finally:
+        bench.STOP.clear()
+    assert bench.running(time.monotonic() + 600) and not bench.running(time.monotonic() - 1)
