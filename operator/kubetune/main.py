@@ -20,6 +20,7 @@ from kubetune.cache_claim import DEFAULT_CLAIM
 from kubetune.estimate import parse_pricing
 from kubetune.handlers import OperatorConfig, Reconciler, registry
 from kubetune.leader import LeaseElector, default_identity
+from kubetune.memory_trace import MemoryTrace
 from kubetune.metrics import OperatorMetrics
 
 log = logging.getLogger("kubetune.operator")
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read /progress from this host instead of the rank-0 pod IP (local process nodes)")
     p.add_argument("--progress-port", type=int, default=int(env("KUBETUNE_PROGRESS_PORT", "9090")))
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--trace-memory", type=int, default=int(env("KUBETUNE_TRACE_MEMORY", "0")), metavar="FRAMES",
+                   help="trace Python allocations with this many frames; SIGUSR2 logs what grew since the last "
+                        "SIGUSR2 (0 = off; slows the operator several times: for test clusters)")
     return p
 
 
@@ -292,8 +296,9 @@ async def _serve_standby_health(port: int) -> Any:
     return runner
 
 
-async def run_operator(args: argparse.Namespace) -> int:
-    """Acquire leadership (if enabled), then run kopf until a signal or the Lease is lost."""
+async def run_operator(args: argparse.Namespace, memory: MemoryTrace | None = None) -> int:
+    """Acquire leadership (if enabled), then run kopf until a signal or the Lease is lost. With `memory`,
+    SIGUSR2 logs its report (off the event loop)."""
     api = load_kube_client(max(args.workers, 1) + 2)
     metrics = OperatorMetrics()
     if args.metrics_port:
@@ -304,6 +309,8 @@ async def run_operator(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if memory is not None:
+        memory.install(loop)
 
     elector = None
     if args.leader_election:
@@ -371,10 +378,16 @@ def main(argv: list[str] | None = None) -> int:
         # FineTuneJob: thousands of lines in a burst. Its warnings and errors (failed handlers) still show.
         for noisy in ("kubernetes", "urllib3", "aiohttp", "kopf.objects"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    memory = MemoryTrace(args.trace_memory) if args.trace_memory > 0 else None
+    if memory is not None:
+        memory.start()
     try:
-        return asyncio.run(run_operator(args))
+        return asyncio.run(run_operator(args, memory))
     except KeyboardInterrupt:
         return 0
+    finally:
+        if memory is not None:
+            memory.stop()
 
 
 if __name__ == "__main__":
