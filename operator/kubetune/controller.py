@@ -417,8 +417,6 @@ class Reconciler:
         if moves(status, outcome) and outcome.layout is not None:
             observed.resize, observed.resize_from = outcome, stuck_on
             observed.children = self._render(ref, spec_dict, spec, outcome, status, avoided)
-            # The next jobs due for a move must not count these GPUs free before the pods are seen.
-            self.sizer.reserve(outcome.layout.gpu_type, outcome.layout.total_gpus)
 
     def _follow_progress(self, key: Key, status: dict[str, Any], spec: FineTuneJobSpec, observed: Observed) -> None:
         """Track the rank-0 pod of a running job with the poller and hand its last answer to the pass."""

@@ -93,9 +93,6 @@ class FakeSizer:
         self.avoided = avoid
         return copy.deepcopy(self.outcome)
 
-    def reserve(self, product, gpus):
-        self.reserved = getattr(self, "reserved", []) + [(product, gpus)]
-
 
 def ftj(rv: int, status: dict | None = None) -> dict:
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
@@ -162,7 +159,6 @@ def test_a_move_deletes_and_creates_in_one_pass_and_waits_for_the_new_job_by_its
     st = result.decision.status
     assert st["reason"] == R.RESIZING and st["layout"]["gpuType"] == "A100-80GB"
     assert st["unschedulableGpuTypes"] == ["NVIDIA-L4"] and rec.sizer.avoided == {"NVIDIA-L4"}
-    assert rec.sizer.reserved == [("A100-80GB", 1)]  # the move's GPUs count as taken for the next jobs
     rec.store.observe_ftj("MODIFIED", ftj(12, st))  # the status echo; the old Job's DELETED has not come yet
     waiting = rec.process(KEY)
     assert "Job has not been seen" in waiting.waited and rec.children.calls[-1] == "apply Job"

@@ -208,29 +208,3 @@ def test_the_trainer_job_records_its_layout_and_a_lost_status_write_is_recovered
         before = {"layout": {"gpuType": L4, "pods": 1}}
         assert recorded_layout(other) is None and not adopt_recorded_layout(before, other, "h1")
         assert before == {"layout": {"gpuType": L4, "pods": 1}}
-
-
-def test_gpus_handed_to_moves_are_reserved_so_a_herd_of_stuck_jobs_does_not_all_move_to_them():
-    """Input: 12 one-GPU jobs stuck on L4, one A100 node with 8 GPUs free, each move reserving what it took.
-    Expected: 8 move to A100 and the rest stay (no free type left); without the reservations all 12 would
-    move within one snapshot. The reservations also hold across a snapshot refresh until they expire."""
-    clock = {"now": 0.0}
-    sizer = FleetSizer(nodes, ttl_seconds=5, clock=lambda: clock["now"], list_pods=lambda: [])
-    status = {"layout": {"source": "sizer", "gpuType": L4}}
-    moved = 0
-    for _ in range(12):
-        outcome = sizer.size(lora(), frozenset({L4}))
-        if moves(status, outcome):
-            moved += 1
-            sizer.reserve(outcome.layout.gpu_type, outcome.layout.total_gpus)
-    assert moved == 8
-    clock["now"] = 6.0  # a new snapshot: the moved pods are not listed yet, the reservations still count
-    assert not moves(status, sizer.size(lora(), frozenset({L4})))
-    clock["now"] = 40.0  # expired: a snapshot that still lists no pod for them sees the GPUs free again
-    assert moves(status, sizer.size(lora(), frozenset({L4})))
-    herd = FleetSizer(nodes, ttl_seconds=5, clock=lambda: 0.0, list_pods=lambda: [])
-    assert sum(moves(status, herd.size(lora(), frozenset({L4}))) for _ in range(12)) == 12  # the herd
-    blind = FleetSizer(nodes, list_pods=lambda: None)  # occupancy unknown: nothing to reserve against
-    blind.size(lora())
-    blind.reserve(A100, 1)
-    assert blind.fleet().pool(A100).pending == 0

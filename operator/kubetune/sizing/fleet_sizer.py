@@ -26,9 +26,6 @@ from .layout import SizingOutcome, size_job_layout
 # names. Anything else (dataset, output, image, secrets, suspend, cancel, limits, TTL) cannot change a layout.
 SIZING_FIELDS = frozenset({"model", "method", "lora", "quantization", "training", "resources", "distributed"})
 MEMO_LIMIT = 512
-# How long GPUs handed to a move count as queued demand (`FleetSizer.reserve`): until the moved job's pods are
-# in the pod index that feeds the next snapshots, with room for a busy apiserver and Job controller.
-RESERVATION_SECONDS = 30.0
 
 
 def sizing_key(spec: FineTuneJobSpec) -> str:
@@ -59,7 +56,6 @@ class FleetSizer:
         self._nodes: list[dict[str, Any]] = []
         self._fleet: Fleet | None = None
         self._memo: dict[str, SizingOutcome] = {}
-        self._reserved: list[tuple[float, str, int]] = []  # (until, product, GPUs) handed to moves
         self.hits = 0
         self.misses = 0
         self.snapshots = 0
@@ -73,25 +69,10 @@ class FleetSizer:
                 pods = self._list_pods() if self._list_pods is not None else None
                 if pods is not None:
                     with_occupancy(fleet, pods)
-                    self._reserved = [r for r in self._reserved if r[0] > now]
-                    for _, product, gpus in self._reserved:
-                        _queue_demand(fleet, product, gpus)
                 self._nodes, self._fleet, self._memo = nodes, fleet, {}
                 self._taken = now
                 self.snapshots += 1
             return self._nodes, self._fleet, self._memo
-
-    def reserve(self, product: str, gpus: int, seconds: float = RESERVATION_SECONDS) -> None:
-        """Count `gpus` of `product` as queued demand for `seconds`: a move to them was just decided, and its pods
-        are not in the pod index yet. Without it, every job due for a move within one snapshot sees the same
-        free GPUs and moves to them together, more than fit, and is stuck there in turn (a herd). Only with
-        occupancy known (the pod list readable); a reservation outliving the pods' arrival only delays a move."""
-        with self._lock:
-            if self._fleet is None or not self._fleet.occupancy_known or gpus <= 0 or not product:
-                return
-            self._reserved.append((self._clock() + seconds, product, gpus))
-            _queue_demand(self._fleet, product, gpus)
-            self._memo.clear()  # outcomes sized before it may name GPUs it took
 
     def fleet(self) -> Fleet | None:
         """The GPU pools of the current snapshot (shared: callers must not change it)."""
@@ -129,10 +110,3 @@ def avoiding(fleet: Fleet, products: frozenset[str]) -> Fleet:
     pools = [dataclasses.replace(pool, avoid=True) if pool.product.lower() in wanted else pool
              for pool in fleet.pools]
     return dataclasses.replace(fleet, pools=pools, occupancy_known=True)
-
-
-def _queue_demand(fleet: Fleet, product: str, gpus: int) -> None:
-    """Add `gpus` of queued demand to the product's pool (as a pod selecting it, not yet bound, would)."""
-    pool = fleet.pool(product)
-    if pool is not None:
-        pool.pending += gpus
