@@ -783,8 +783,6 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         creation["operator_rss_peak_mib"] = rss.mark()
         completion = drive_to_completion(api, pods, ftjs, names, concurrency, timeout) if ok else {"skipped": True}
         completion["operator_rss_peak_mib"] = rss.mark()
-        if STOP.is_set():
-            completion["stopped"] = True
         rss.stopping = True
         completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
         alive = op.alive()

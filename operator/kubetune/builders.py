@@ -348,7 +348,7 @@ def pod_failure_policy() -> dict[str, Any]:
 def layout_annotation(layout: Layout, avoided: frozenset[str] | set[str] = frozenset()) -> str:
     """The layout a trainer Job is rendered for, and the GPU types its sizing avoided, as the Job's
     `kubetune.io/layout` annotation: a pass that creates the Job and then cannot write the status (a 409 after a
-    move) leaves the truth on the Job, and the next pass takes status.layout from it (reconcile.recorded_layout)."""
+    move) leaves the truth on the Job, and the next pass takes status.layout from it (resize.adopt_recorded_layout)."""
     record = layout.to_status()
     if avoided:
         record["avoid"] = sorted(avoided)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -58,8 +60,6 @@ class _Pods:
     """The pods watcher's surface drive_to_completion reads: nothing Running yet."""
 
     def __init__(self) -> None:
-        import threading
-
         self.lock = threading.Lock()
         self.state: dict = {}
 
@@ -72,8 +72,6 @@ class _Ftjs:
 
 
 def test_sigusr1_ends_the_completion_phase_at_once_with_what_it_measured():
-    import time
-
     bench.STOP.clear()
     try:
         started = time.monotonic()
