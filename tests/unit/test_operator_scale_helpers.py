@@ -83,3 +83,24 @@ def test_sigusr1_ends_the_completion_phase_at_once_with_what_it_measured():
     finally:
         bench.STOP.clear()
     assert bench.running(time.monotonic() + 600) and not bench.running(time.monotonic() - 1)
+
+
+def test_the_table_of_a_run_without_baselines_says_they_were_skipped():
+    creation = {"throughput_per_s": 9.2, "wall_to_last_job_s": 1090.0, "wall_to_all_children_and_plan_s": 1092.0,
+                "latency_s": {"p50": 1.0, "p95": 2.0, "p99": 3.0}, "operator_cpu_s": 900.0,
+                "operator_rss_peak_mib": 245.0, "apiserver_requests": {"TOTAL": 40000, "POST jobs": 10000},
+                "cpu_s_by_process": {"operator": 900.0}, "create_error_count": 0, "lost_count": 0}
+    skipped = {"skipped": "--no-baseline"}
+    result = {"nodes": 1000, "gpus": 6668, "jobs": 10000, "concurrency": 16, "baseline": skipped,
+              "baseline_running": skipped, "ratio": None, "ratio_vs_running_jobs": None,
+              "loadavg_before": [0.1], "loadavg_after": [2.0],
+              "kubetune": {"creation": creation,
+                           "completion": {"wall_s": 600.0, "phases": {"Succeeded": 10000},
+                                          "operator_rss_peak_mib": 280.0},
+                           "operator": {"peak_rss_mib": 280.0, "idle_rss_mib": 111.0, "cpu_s_total": 1500.0,
+                                        "log_errors": 0}}}
+    text = bench.table(result)
+    assert any(line.startswith("direct-Job baselines") and line.endswith("skipped (--no-baseline)")
+               for line in text.splitlines())
+    assert "direct Jobs/s" not in text and "ratio kubetune/direct" not in text
+    assert "kubetune FTJ->Job/s" in text and "kubetune: operator=900.0" in text
