@@ -713,7 +713,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
     op.start()
     try:
         if "--no-leader-election" not in operator_args:
-            op.wait_for_log("leading as", timeout=120)
+            op.wait_for_log("leading as", timeout=600)  # slow with --trace-memory
         time.sleep(3.0)  # let kopf start its watches
         cpu0 = proc_cpu_seconds(op.pid)
         rss = RssSampler(op.pid)
