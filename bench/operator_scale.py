@@ -236,6 +236,7 @@ class Watcher(threading.Thread):
         self.api, self.path, self.digest, self.selector = api, path, digest, label_selector
         self.added: dict[str, float] = {}
         self.state: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}  # the latest digest of every object seen, deleted ones included
         self.deleted: set[str] = set()
         self.errors: list[str] = []
         self.ready = threading.Event()
@@ -321,7 +322,7 @@ class Watcher(threading.Thread):
             else:
                 self.added.setdefault(name, now)
                 if self.digest is not None:
-                    self.state[name] = self.digest(obj)
+                    self.state[name] = self.last[name] = self.digest(obj)
             self.changed.notify_all()
 
     def wait_until(self, predicate: Callable[["Watcher"], bool], timeout: float) -> bool:
@@ -597,22 +598,24 @@ def events_by_source(api: Any, ns: str) -> dict[str, int]:
 
 
 def first_pod_times(pods: Watcher) -> dict[str, float]:
-    """Owner (Job or JobSet name) -> when the watch first saw one of its pods."""
+    """Owner (Job or JobSet name) -> when the watch first saw one of its pods (deleted since or not)."""
     out: dict[str, float] = {}
     with pods.lock:
         for name, seen in pods.added.items():
-            owner = (pods.state.get(name) or {}).get("owner")
+            owner = (pods.last.get(name) or {}).get("owner")
             if owner:
                 out[owner] = min(seen, out.get(owner, seen))
     return out
 
 
 def wait_for_pods(pods: Watcher, owners: list[str], deadline: float, alive: Callable[[], bool]) -> bool:
-    """Until every owner has a pod (or the deadline passes, or `alive()` turns false)."""
+    """Until every owner has had a pod (or the deadline passes, or `alive()` turns false). Had, not has: while
+    the fleet is oversubscribed, jobs keep moving (a moved job's pod is deleted before its new Job's pod is
+    created), and at 10,000 jobs there was no moment at which every job had one."""
     wanted = set(owners)
 
     def every_owner(w: Watcher) -> bool:
-        return wanted <= {d.get("owner") for d in w.state.values()}
+        return wanted <= {d.get("owner") for d in w.last.values()}
     while running(deadline) and alive():
         if pods.wait_until(every_owner, 1.0):
             return True

@@ -104,3 +104,17 @@ def test_the_table_of_a_run_without_baselines_says_they_were_skipped():
                for line in text.splitlines())
     assert "direct Jobs/s" not in text and "ratio kubetune/direct" not in text
     assert "kubetune FTJ->Job/s" in text and "kubetune: operator=900.0" in text
+
+
+def test_a_job_whose_pod_was_deleted_by_a_move_has_had_its_pod():
+    pods = bench.Watcher(None, "/api/v1/pods", lambda obj: {"owner": obj["metadata"]["labels"]["owner"]})
+
+    def pod(name: str, owner: str) -> dict:
+        return {"metadata": {"name": name, "labels": {"owner": owner}}}
+
+    pods._record("ADDED", pod("a-0-x", "a"), 10.0)
+    pods._record("DELETED", pod("a-0-x", "a"), 11.0)  # moved: its new Job's pod does not exist yet
+    pods._record("ADDED", pod("b-0-y", "b"), 12.0)
+    assert bench.wait_for_pods(pods, ["a", "b"], time.monotonic() + 5, lambda: True)
+    assert bench.first_pod_times(pods) == {"a": 10.0, "b": 12.0}
+    assert not bench.wait_for_pods(pods, ["a", "c"], time.monotonic() - 1, lambda: True)  # deadline passed
