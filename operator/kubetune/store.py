@@ -88,6 +88,24 @@ class _StoredFtj:
         return json.loads(zlib.decompress(self.blob))
 
 
+class _Packed:
+    """A stored slim Job or pod: its resourceVersion, the FineTuneJob it belongs to (Jobs), and the slim object
+    as compressed compact JSON (zlib level 1), decoded into a new copy on each read. A completed trainer Job's
+    slim copy takes 0.6 KB this way against 1.7 KB as Python dicts, and a stored object is two allocations
+    instead of ~30 small ones, which leaves fewer partly used allocator pools behind as objects are replaced."""
+
+    __slots__ = ("rv", "key", "blob")
+
+    def __init__(self, slim: dict[str, Any], key: "Key | None" = None) -> None:
+        self.rv = resource_version(slim)
+        self.key = key
+        self.blob = zlib.compress(json.dumps(slim, separators=(",", ":")).encode(), 1)
+
+    def full(self) -> dict[str, Any]:
+        """The stored slim object (a new copy)."""
+        return json.loads(zlib.decompress(self.blob))
+
+
 def _meta(obj: dict[str, Any], *annotations: str) -> dict[str, Any]:
     meta = obj.get("metadata") or {}
     out: dict[str, Any] = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
@@ -190,8 +208,8 @@ def _newer_version(new: int, old: int) -> bool:
     return new > old or new < 0
 
 
-def _newer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
-    return old is None or _newer_version(resource_version(new), resource_version(old))
+def _newer(new: dict[str, Any], old: "_Packed | None") -> bool:
+    return old is None or _newer_version(resource_version(new), old.rv)
 
 
 def _uid(obj: dict[str, Any]) -> str:
@@ -205,10 +223,10 @@ class ClusterStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ftjs: dict[Key, _StoredFtj] = {}
-        self._jobs: dict[str, dict[str, Any]] = {}  # job uid -> slim Job
+        self._jobs: dict[str, _Packed] = {}  # job uid -> slim Job (key: the FineTuneJob it belongs to)
         self._job_of: dict[str, str] = {}  # FineTuneJob uid -> job uid
         self._preflight_of: dict[str, str] = {}  # FineTuneJob uid -> preflight job uid
-        self._pods: dict[str, dict[str, Any]] = {}  # pod uid -> slim pod
+        self._pods: dict[str, _Packed] = {}  # pod uid -> slim pod
         self._pods_of: dict[str, set[str]] = {}  # job uid -> pod uids
         self._workloads: dict[str, dict[str, Any]] = {}  # job uid -> slim Kueue Workload owned by that Job
 
@@ -268,6 +286,8 @@ class ClusterStore:
         ref = controller_of(obj, "FineTuneJob")
         owner = str(ref.get("uid") or "") if ref else ""
         preflight = ((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL) == PREFLIGHT_COMPONENT
+        key = self._ftj_key_of_job(obj)
+        stored = _Packed(slim_job(obj), key) if event_type != "DELETED" else None  # encoded outside the lock
         with self._lock:
             index = self._preflight_of if preflight else self._job_of
             old = self._jobs.get(uid)
@@ -276,11 +296,11 @@ class ClusterStore:
                     del self._jobs[uid]
                     if owner and index.get(owner) == uid:
                         del index[owner]
-            elif _newer(obj, old):
-                self._jobs[uid] = slim_job(obj)
+            elif stored is not None and _newer(obj, old):
+                self._jobs[uid] = stored
                 if owner:
                     index[owner] = uid
-        return self._ftj_key_of_job(obj)
+        return key
 
     def observe_pod(self, event_type: str | None, obj: dict[str, Any]) -> Key | None:
         """Record a trainer pod watch event; the FineTuneJob to reconcile (the owner of the pod's Job, else
@@ -288,6 +308,7 @@ class ClusterStore:
         uid = _uid(obj)
         ref = controller_of(obj, "Job")
         job_uid = str(ref.get("uid") or "") if ref else ""
+        stored = _Packed(slim_pod(obj)) if event_type != "DELETED" else None  # encoded outside the lock
         with self._lock:
             old = self._pods.get(uid)
             if event_type == "DELETED":
@@ -298,15 +319,13 @@ class ClusterStore:
                         members.discard(uid)
                         if not members:
                             del self._pods_of[job_uid]
-            elif _newer(obj, old):
-                self._pods[uid] = slim_pod(obj)
+            elif stored is not None and _newer(obj, old):
+                self._pods[uid] = stored
                 if job_uid:
                     self._pods_of.setdefault(job_uid, set()).add(uid)
             job = self._jobs.get(job_uid)
-        if job is not None:
-            key = self._ftj_key_of_job(job)
-            if key is not None:
-                return key
+        if job is not None and job.key is not None:
+            return job.key
         return label_key(obj)
 
     def observe_workload(self, event_type: str | None, obj: dict[str, Any]) -> Key | None:
@@ -321,10 +340,11 @@ class ClusterStore:
             if event_type == "DELETED":
                 if old is not None and _uid(old) == _uid(obj):
                     del self._workloads[job_uid]
-            elif old is None or _uid(old) != _uid(obj) or _newer(obj, old):
+            elif (old is None or _uid(old) != _uid(obj)
+                  or _newer_version(resource_version(obj), resource_version(old))):
                 self._workloads[job_uid] = slim_workload(obj)
             job = self._jobs.get(job_uid)
-        return self._ftj_key_of_job(job) if job is not None else None
+        return job.key if job is not None else None
 
     def workload(self, job_uid: str) -> dict[str, Any] | None:
         """A copy of the Kueue Workload owned by the Job with this UID, or None."""
@@ -340,7 +360,7 @@ class ClusterStore:
             if job is None:
                 return None, []
             pods = [self._pods[p] for p in self._pods_of.get(job_uid, ()) if p in self._pods]
-            return copy.deepcopy(job), copy.deepcopy(pods)
+        return job.full(), [pod.full() for pod in pods]
 
     def preflight(self, ftj_uid: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """(preflight Job, its pods) owned by the FineTuneJob with this UID, as copies."""
@@ -350,7 +370,7 @@ class ClusterStore:
             if job is None:
                 return None, []
             pods = [self._pods[p] for p in self._pods_of.get(job_uid, ()) if p in self._pods]
-            return copy.deepcopy(job), copy.deepcopy(pods)
+        return job.full(), [pod.full() for pod in pods]
 
     def sizes(self) -> dict[str, int]:
         """How many objects of each kind the store holds (for tests and debugging)."""

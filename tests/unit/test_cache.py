@@ -169,6 +169,54 @@ def test_stored_finetunejobs_are_compact_and_read_back_whole():
     assert len(as_dicts) == len(store.ftj_briefs()) - 1
 
 
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_stored_jobs_and_pods_read_back_as_their_slim_copies(scenario):
+    job, pods, _ = SCENARIOS[scenario]
+    store = ClusterStore()
+    assert store.observe_job(None, job) == (NS, "demo")
+    for pod in pods:
+        assert store.observe_pod(None, pod) == (NS, "demo")  # through the stored Job's owner
+    got_job, got_pods = store.children("ftj-uid")
+    assert got_job == slim_job(job)
+    mine = [slim_pod(p) for p in pods if p["metadata"]["ownerReferences"][0]["uid"] == "job-uid"]
+    key = lambda p: p["metadata"]["uid"]  # noqa: E731
+    assert sorted(got_pods, key=key) == sorted(mine, key=key)
+    got_job["status"]["conditions"] = "changed by a caller"  # reads are copies
+    assert store.children("ftj-uid")[0] == slim_job(job)
+    assert store.observe_job("MODIFIED", job) == (NS, "demo")  # the same version again changes nothing
+    assert store.children("ftj-uid")[0] == slim_job(job)
+
+
+def test_stored_jobs_and_pods_are_compact():
+    import tracemalloc
+
+    job, pods, _ = SCENARIOS["completed"]
+    jobs, all_pods = [], []
+    for i in range(300):
+        j = copy.deepcopy(job)
+        j["metadata"]["uid"] = f"job-{i}"
+        jobs.append(j)
+        for p in pods:
+            p = copy.deepcopy(p)
+            p["metadata"]["uid"] += f"-{i}"
+            p["metadata"]["ownerReferences"][0]["uid"] = f"job-{i}"
+            all_pods.append(p)
+    store = ClusterStore()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for obj in jobs:
+        store.observe_job(None, obj)
+    for obj in all_pods:
+        store.observe_pod(None, obj)
+    stored = tracemalloc.get_traced_memory()[0] - before
+    before = tracemalloc.get_traced_memory()[0]
+    as_dicts = [slim_job(obj) for obj in jobs] + [slim_pod(obj) for obj in all_pods]
+    dicts = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert stored < 0.6 * dicts, (stored, dicts)
+    assert store.sizes() == {"finetunejobs": 0, "jobs": 300, "pods": 600} and len(as_dicts) == 900
+
+
 def test_older_events_are_not_news_but_newer_ones_are():
     store = ClusterStore()
     assert store.observe_ftj(None, ftj("5")) is True  # listed at start
