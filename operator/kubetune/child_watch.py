@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from typing import Any, Callable, Iterator
 
@@ -23,7 +24,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from kubetune.builders import MANAGED_BY
+from kubetune.builders import COMPONENT_LABEL, JOB_NAME_LABEL, MANAGED_BY
 from kubetune.children import body_of
 
 log = logging.getLogger("kubetune.watch")
@@ -41,21 +42,33 @@ class Gone(Exception):
     """The watch's resourceVersion is too old (HTTP 410): list again."""
 
 
+# The labels an observer reads from a DELETED event (kubetune.store: which FineTuneJob, and whether a preflight).
+STUB_LABELS = (JOB_NAME_LABEL, COMPONENT_LABEL)
+OWNER_FIELDS = ("uid", "kind", "name", "controller")
+
+
 def stub(obj: dict[str, Any]) -> dict[str, Any]:
-    """What a later DELETED needs of an object: its namespace, name, uid and labels."""
+    """What a later DELETED needs of an object (one the relist no longer finds): namespace, name, uid, the labels
+    in STUB_LABELS and the ownerReferences' identity. Kept for every object a watch has seen, so not the decoded
+    metadata itself: a trainer pod's labels alone held ~2 KB of decoded strings per pod."""
     meta = obj.get("metadata") or {}
-    return {"metadata": {k: meta.get(k) for k in ("namespace", "name", "uid", "labels")}}
+    labels = meta.get("labels") or {}
+    return {"metadata": {
+        "namespace": sys.intern(meta.get("namespace") or ""), "name": meta.get("name"), "uid": meta.get("uid"),
+        "labels": {k: labels[k] for k in STUB_LABELS if k in labels},
+        "ownerReferences": [{k: ref[k] for k in OWNER_FIELDS if k in ref}
+                            for ref in meta.get("ownerReferences") or []]}}
 
 
 def name_only(obj: dict[str, Any]) -> dict[str, Any]:
     """What a later DELETED needs of an object when its observer reads nothing but the key."""
     meta = obj.get("metadata") or {}
-    return {"metadata": {"namespace": meta.get("namespace"), "name": meta.get("name")}}
+    return {"metadata": {"namespace": sys.intern(meta.get("namespace") or ""), "name": meta.get("name")}}
 
 
 def object_key(obj: dict[str, Any]) -> Key:
     meta = obj.get("metadata") or {}
-    return meta.get("namespace") or "", meta.get("name") or ""
+    return sys.intern(meta.get("namespace") or ""), meta.get("name") or ""
 
 
 class ChildWatch:
@@ -82,7 +95,7 @@ class ChildWatch:
         self.remember = remember  # what is kept of each object for the DELETED a relist may have to deliver
         self.listed = threading.Event()  # set after the first complete list
         self.lists = 0  # complete lists done (the first one plus relists)
-        self._known: dict[Key, dict[str, Any]] = {}
+        self._known: dict[Key, bytes] = {}  # remember(obj) of every object seen, as compact JSON
         self._stop = threading.Event()
         self._resp: Any = None
         self._thread = threading.Thread(target=self._run, name=f"watch-{name}", daemon=True)
@@ -146,10 +159,15 @@ class ChildWatch:
         if key is not None:
             self.notify(key)
 
+    def _memo(self, obj: dict[str, Any]) -> bytes:
+        """What the watch keeps of an object until it is deleted: `remember(obj)` as compact JSON (one
+        allocation that holds none of the decoded event)."""
+        return json.dumps(self.remember(obj), separators=(",", ":")).encode()
+
     def list_once(self) -> str:
         """LIST every labeled object (in pages), deliver each as ADDED and those gone since the last list
         as DELETED; returns the list's resourceVersion to watch from."""
-        seen: dict[Key, dict[str, Any]] = {}
+        seen: dict[Key, bytes] = {}
         token: str | None = None
         rv = ""
         while True:
@@ -160,14 +178,14 @@ class ChildWatch:
             meta = page.get("metadata") or {}
             rv = rv or meta.get("resourceVersion") or ""
             for obj in page.get("items") or []:
-                seen[object_key(obj)] = self.remember(obj)
+                seen[object_key(obj)] = self._memo(obj)
                 self._deliver("ADDED", obj)
             token = meta.get("continue")
             if not token:
                 break
         for key, old in self._known.items():
             if key not in seen:
-                self._deliver("DELETED", old)
+                self._deliver("DELETED", json.loads(old))
         self._known = seen
         self.lists += 1
         self.listed.set()
@@ -199,7 +217,7 @@ class ChildWatch:
                 if etype == "DELETED":
                     self._known.pop(key, None)
                 else:
-                    self._known[key] = self.remember(obj)
+                    self._known[key] = self._memo(obj)
                 self._deliver(etype or "", obj)
         finally:
             self._resp = None

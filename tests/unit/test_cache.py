@@ -352,3 +352,38 @@ def test_fields_outside_the_sizing_key_do_not_change_the_layout():
     assert set(varied) - set(SIZING_FIELDS) >= {"dataset", "output", "image", "secrets"}
     assert sizing_key(parse_spec(varied)) == sizing_key(parse_spec(BENCH_SPEC))
     assert size_job_layout(parse_spec(varied), nodes) == base
+
+
+def test_a_relist_that_no_longer_finds_a_job_and_its_pods_empties_the_store():
+    """A relist delivers objects it no longer finds as DELETED with the watch's stub of them."""
+    from kubetune.child_watch import stub
+
+    job, pods, _ = SCENARIOS["running"]
+    store = ClusterStore()
+    store.observe_job(None, job)
+    for pod in pods:
+        store.observe_pod(None, pod)
+    for pod in pods:
+        assert store.observe_pod("DELETED", stub(pod)) == (NS, "demo")
+    assert store.observe_job("DELETED", stub(job)) == (NS, "demo")
+    assert store.sizes() == {"finetunejobs": 0, "jobs": 0, "pods": 0}
+    assert store._job_of == {} and store._pods_of == {}  # noqa: SLF001 - the owner indexes are emptied too
+
+
+def test_a_watch_remembers_a_few_hundred_bytes_per_pod():
+    import tracemalloc
+
+    from kubetune.child_watch import ChildWatch
+
+    lines = [json.dumps(full_pod(i % 2, "Running")) for i in range(500)]
+    watch = ChildWatch("pods", lambda **_: None, lambda *_: None, lambda _: None)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    pods = [json.loads(line) for line in lines]  # as the watch decodes them
+    memos = [watch._memo(p) for p in pods]  # noqa: SLF001 - what it keeps of each until it is deleted
+    del pods
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    print("HELD", held / len(memos))
+    assert held / len(memos) < 500, held / len(memos)
+    assert json.loads(memos[0])["metadata"]["uid"] == "pod-0"
