@@ -3,7 +3,7 @@
 A reconcile pass reads from here instead of asking the apiserver: with 1,000 jobs in flight, a GET of the
 FineTuneJob, a GET of its Job and a LIST of its pods on every child event and every resync was most of the
 operator's apiserver traffic and CPU. Jobs and pods are kept as slim copies (only the fields `reconcile`
-reads), which also keeps memory flat with the number of jobs.
+reads), each as compressed compact JSON, which also keeps memory flat with the number of jobs.
 
 Children are indexed by owner UID, as an informer's owner index is: a FineTuneJob's Job is the Job whose
 controller ownerReference is that FineTuneJob's UID, and its pods are the pods controlled by that Job. An
