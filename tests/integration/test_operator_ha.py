@@ -204,7 +204,8 @@ def test_two_replicas_one_leader_then_failover_after_sigkill(replicas, ftj, k8s,
     standby.wait_for_log("waiting to become the leader", 30)
     assert standby.alive() and "leading as" not in standby.log_text()
     # Both pass their health probes (a standby that failed them would be restarted by the kubelet).
-    assert healthz(leader)[0] == 200
+    # kopf serves the probe a moment after the replica leads (seconds on a loaded machine).
+    wait_for(lambda: healthz(leader)[0] == 200, 15, lambda: "the leader's /healthz 200")
     status, body = wait_for(lambda: (h := healthz(standby))[0] == 200 and h, 15, "standby /healthz 200")
     assert "standby" in body
 
