@@ -40,3 +40,36 @@ def test_observe_job_from_many_threads_counts_every_job():
     running = m.registry.get_sample_value("kubetune_jobs", {"phase": "Running"})
     assert running == 8 * 200
     assert m.registry.get_sample_value("kubetune_gpus_requested", {"gpu_type": "NVIDIA-L4"}) == 8 * 200
+
+
+def test_phase_and_gpu_gauges_follow_every_change_of_every_job():
+    """Moves between GPU types, phase changes, finished and forgotten jobs: the gauges always equal the totals
+    summed over the jobs afresh."""
+    import random
+
+    from kubetune.api import PHASES
+    from kubetune.metrics import OperatorMetrics
+
+    m = OperatorMetrics()
+    rng = random.Random(7)
+    truth: dict[str, dict] = {}
+    types = ["NVIDIA-L4", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"]
+    for step in range(3000):
+        name = f"job-{rng.randrange(60)}"
+        if rng.random() < 0.1:
+            m.forget_job("ns", name)
+            truth.pop(name, None)
+            continue
+        status = {"phase": rng.choice(["Pending", "Running", "Queued", "Succeeded", "Failed"]),
+                  "layout": {"gpuType": rng.choice(types), "totalGpus": rng.choice([1, 2, 8])}}
+        m.observe_job("ns", name, status, 1.0)
+        truth[name] = status
+        if step % 250 == 0 or step == 2999:
+            for phase in PHASES:
+                want = sum(1 for s in truth.values() if s["phase"] == phase)
+                assert (m.registry.get_sample_value("kubetune_jobs", {"phase": phase}) or 0) == want, (step, phase)
+            for gpu_type in types:
+                want = sum(s["layout"]["totalGpus"] for s in truth.values()
+                           if s["phase"] in ("Running", "Pending", "Queued") and s["layout"]["gpuType"] == gpu_type)
+                got = m.registry.get_sample_value("kubetune_gpus_requested", {"gpu_type": gpu_type})
+                assert (got if want else got is None) == (want if want else True), (step, gpu_type, got, want)
