@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -137,27 +137,13 @@ class OperatorMetrics:
 
     def _set_phase(self, key: tuple[str, str], phase: str | None) -> None:
         """Record the job's phase (None: forget it) and update the two phase gauges that change."""
-        old = self._phases.pop(key, None) if phase is None else self._phases.get(key)
-        if old == phase:
-            return
-        if phase is not None:
-            self._phases[key] = phase
-        for name, step in ((old, -1), (phase, 1)):
-            if name is not None:
-                self._phase_counts[name] = self._phase_counts.get(name, 0) + step
-                self.jobs.labels(phase=name).set(self._phase_counts[name])
+        for name, step in _changes(self._phases, key, phase):
+            self._phase_counts[name] = self._phase_counts.get(name, 0) + step
+            self.jobs.labels(phase=name).set(self._phase_counts[name])
 
     def _set_gpus(self, key: tuple[str, str], held: tuple[str, int] | None) -> None:
         """Record the GPUs an active job requests (None: none) and update the GPU types' gauges that change."""
-        old = self._gpus.pop(key, None) if held is None else self._gpus.get(key)
-        if old == held:
-            return
-        if held is not None:
-            self._gpus[key] = held
-        for entry, sign in ((old, -1), (held, 1)):
-            if entry is None:
-                continue
-            gpu_type, gpus = entry
+        for (gpu_type, gpus), sign in _changes(self._gpus, key, held):
             total = self._gpu_totals.get(gpu_type, 0) + sign * gpus
             if total > 0:
                 self._gpu_totals[gpu_type] = total
@@ -172,3 +158,16 @@ class OperatorMetrics:
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Serve /metrics on a background thread."""
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+V = TypeVar("V")
+
+
+def _changes(values: dict[tuple[str, str], V], key: tuple[str, str], value: V | None) -> list[tuple[V, int]]:
+    """Set values[key] to value (None: remove it); what left (-1) and what came (+1), nothing when unchanged."""
+    old = values.pop(key, None) if value is None else values.get(key)
+    if old == value:
+        return []
+    if value is not None:
+        values[key] = value
+    return [(v, step) for v, step in ((old, -1), (value, 1)) if v is not None]
