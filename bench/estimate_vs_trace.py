@@ -181,13 +181,15 @@ def estimate_bytes(case: Case, layers: int | None) -> tuple[int, dict[str, int]]
     """(estimated per-GPU tensor bytes comparable with the trace, the estimate's breakdown)."""
     from kubetune.sizing import Parallelism, TrainingSetup, architecture_from_config, estimate_memory
     from kubetune.sizing.estimator import zero3_working_set_bytes
+    from kubetune.sizing.training_setup import attention_kernel
 
     arch = architecture_from_config(model_config(case, layers), name=case.family)
     setup = TrainingSetup(method=case.method, lora_r=case.lora_r, lora_dropout=0.0,
                           target_modules=case.target_modules, optimizer=case.optimizer,
                           micro_batch_size=case.micro_batch_size, seq_length=case.seq_length,
                           packing=case.packing, gradient_checkpointing=case.gradient_checkpointing,
-                          attention="sdpa", gradient_accumulation_steps=case.gradient_accumulation_steps,
+                          attention=attention_kernel("auto", case.packing, "bf16"),
+                          gradient_accumulation_steps=case.gradient_accumulation_steps,
                           max_grad_norm=case.max_grad_norm, liger_kernels=case.liger,
                           activation_offloading=case.activation_offloading)
     par = Parallelism("deepspeed", case.zero_stage, world_size=ZERO_WORLD) if case.zero_stage else Parallelism()

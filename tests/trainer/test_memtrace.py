@@ -225,6 +225,22 @@ def test_attention_is_the_kernel_cuda_picks_not_the_cpu_math_kernel():
     assert eager.peak_bytes - flash.peak_bytes >= scores
 
 
+def test_packed_batches_trace_the_variable_length_kernel_without_mask_or_repeated_kv():
+    """Packed rows under attention auto run PyTorch's varlen flash kernel (kubetune_trainer.packed_attention):
+    against explicit SDPA (block mask, memory-efficient kernel) the trace keeps neither the mask's additive form
+    nor k/v repeated to the query heads."""
+    config = {**TINY_LLAMA, "num_hidden_layers": 1}
+    flags = {"micro_batch_size": 2, "seq_length": 512, "gradient_checkpointing": False, "packing": True}
+    varlen = trace_step(plan_settings("lora", **flags), config)
+    sdpa = trace_step(plan_settings("lora", attention="sdpa", **flags), config)
+    assert varlen.attention.startswith("varlen_flash") and sdpa.attention.startswith("memory_efficient")
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], 64 // 4
+    tokens = 2 * 512
+    repeated_kv = 2 * tokens * (heads - kv_heads) * head_dim * 2  # bf16 k and v widened to every query head
+    additive_mask = 2 * 512 * 512 * 2  # the block mask as the kernel's bf16 bias, saved for backward
+    assert sdpa.peak_bytes - varlen.peak_bytes >= repeated_kv + additive_mask
+
+
 @pytest.mark.slow
 def test_llama_31_8b_lora_traces_within_a_minute_with_exact_weight_bytes():
     import kubetune_trainer.recipe  # noqa: F401 - imports are not part of the trace time

@@ -185,12 +185,27 @@ class FineTuneRecipe:
         """Refuse speed features that cannot run here (InvalidPlan) before any data or model is loaded."""
         from kubetune_trainer.speedups import compiler_problem, package_available, resolve_attention
 
-        self.attn_implementation = resolve_attention(self.t.attention_implementation, cuda=cuda,
-                                                     precision=self.precision,
-                                                     flash_attn_installed=package_available("flash_attn"))
+        from kubetune_trainer.packed_attention import cuda_capability, varlen_problem
+
+        capability = cuda_capability() if cuda else None
+        self.attn_implementation = resolve_attention(
+            self.t.attention_implementation, cuda=cuda, precision=self.precision,
+            flash_attn_installed=package_available("flash_attn"), packing=self.t.packing,
+            varlen_problem=varlen_problem(cuda=cuda, precision=self.precision, capability=capability))
         problem = compiler_problem(cuda=cuda) if self.t.torch_compile else ""
         if problem:
             raise PlanError(f"training.torchCompile: {problem}; install one or turn torchCompile off")
+
+    def _keep_attention_supported(self, model) -> None:
+        """Back to SDPA where the model's attention cannot run as variable-length attention (soft-capping)."""
+        from kubetune_trainer.packed_attention import ATTENTION, config_problem
+
+        if getattr(model.config, "_attn_implementation", None) != ATTENTION:
+            return
+        problem = config_problem(model.config)
+        if problem:
+            log.info("attention: sdpa, not variable-length attention (%s)", problem)
+            model.set_attn_implementation("sdpa")
 
     def _resolve_memory_features(self) -> None:
         """Weight dtype of a full fine-tune, optimizer-in-backward, activation offloading (InvalidPlan if not here)."""
@@ -325,6 +340,7 @@ class FineTuneRecipe:
         model = apply_method(model, self.plan)
         share_adapter_inputs(model, self.precision)
         self._apply_tokenwise(model)
+        self._keep_attention_supported(model)
         self.speed.attention_implementation = str(getattr(model.config, "_attn_implementation", ""))
         train_module = CausalLMLoss(model, liger=self.speed.liger_options.get("fused_linear_cross_entropy", False))
         self.speed.loss = train_module.kind

@@ -71,9 +71,17 @@ def package_available(name: str) -> bool:
         return False
 
 
-def resolve_attention(requested: str, *, cuda: bool, precision: str, flash_attn_installed: bool) -> str | None:
-    """attn_implementation for from_pretrained (None = transformers' default); PlanError when it cannot run here."""
+def resolve_attention(requested: str, *, cuda: bool, precision: str, flash_attn_installed: bool,
+                      packing: bool = False, varlen_problem: str = "unchecked") -> str | None:
+    """attn_implementation for from_pretrained (None = transformers' default); PlanError when it cannot run here.
+
+    `auto` on packed batches takes variable-length attention (`packed_attention.ATTENTION`) when `varlen_problem`
+    (see `packed_attention.varlen_problem`) is empty: no block-diagonal mask, k/v at their own heads."""
     if requested == "auto":
+        if packing and not varlen_problem:
+            from kubetune_trainer.packed_attention import register
+
+            return register()
         return None
     if requested == "flash_attention_2":
         field_name = "training.attentionImplementation: flash_attention_2"

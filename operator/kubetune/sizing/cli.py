@@ -27,7 +27,7 @@ TABLE_MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen2.5-14b", "llama-3.1-70b")
 TABLE_METHODS = ("full", "lora", "qlora")
 # A spec built from flags estimates memory only: nothing is read or written, so these locations are unused.
 UNUSED_URI = "pvc://unused/estimate"
-ATTENTION_FLAGS = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
+ATTENTION_FLAGS = {"auto": "auto", "sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
 _TRAINING, _LORA = TrainingSpec(), LoraSpec()  # the spec defaults (kubetune.api) are the flags' defaults
 
 TERM_LABELS = {
@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=_TRAINING.optimizer,
                    choices=("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"))
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "eager"))
+    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "flash", "eager"),
+                   help="attention kernel (auto: the trainer's choice; packed batches run variable-length flash)")
     p.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     p.add_argument("--packing", action="store_true")
     p.add_argument("--activation-offloading", action="store_true",
@@ -99,7 +100,7 @@ def spec_from_flags(args: argparse.Namespace, method: str | None = None, model_u
 
 def _setup(args: argparse.Namespace, method: str | None = None) -> TrainingSetup:
     setup = setup_from_spec(spec_from_flags(args, method), precision=args.precision)
-    return dataclasses.replace(setup, attention=args.attention)
+    return setup if args.attention == "auto" else dataclasses.replace(setup, attention=args.attention)
 
 
 def _parallelism(args: argparse.Namespace) -> Parallelism:

@@ -7,8 +7,18 @@ from kubetune.api import FineTuneJobSpec, LoraSpec
 from .estimator import TrainingSetup
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-# spec.training.attentionImplementation -> the kernel a CUDA run uses (auto: transformers' default, SDPA)
+# spec.training.attentionImplementation -> the kernel a CUDA run uses (auto: transformers' default, SDPA, except
+# packed batches: see attention_kernel)
 ATTENTIONS = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash"}
+
+
+def attention_kernel(requested: str, packing: bool, precision: str) -> str:
+    """The attention kernel family a CUDA run uses: `auto` on packed batches in bf16/fp16 runs them as
+    variable-length flash attention (kubetune_trainer.packed_attention: no mask, grouped k/v), on GPUs of compute
+    capability 8.0 or newer, which the estimate assumes."""
+    if requested == "auto" and packing and precision in ("bf16", "fp16"):
+        return "flash"
+    return ATTENTIONS.get(requested, "sdpa")
 
 
 def resolve_precision(spec: FineTuneJobSpec, bf16_capable: bool = True) -> str:
@@ -27,6 +37,7 @@ def setup_from_spec(spec: FineTuneJobSpec, bf16_capable: bool = True, precision:
     training = spec.training
     lora = spec.effective_lora() or LoraSpec()  # full fine-tuning: unused, the estimator ignores LoRA settings
     quant = spec.effective_quantization()
+    precision = precision or resolve_precision(spec, bf16_capable)
     return TrainingSetup(
         method=spec.method,
         lora_r=lora.r,
@@ -34,13 +45,13 @@ def setup_from_spec(spec: FineTuneJobSpec, bf16_capable: bool = True, precision:
         target_modules=tuple(lora.target_modules or ("all-linear",)),
         quant_bits=quant.bits if quant is not None else 4,
         quant_double=quant.double_quant if quant is not None else True,
-        precision=precision or resolve_precision(spec, bf16_capable),
+        precision=precision,
         optimizer=training.optimizer,
         micro_batch_size=training.micro_batch_size,
         seq_length=training.max_seq_length,
         packing=training.packing,
         gradient_checkpointing=training.gradient_checkpointing,
-        attention=ATTENTIONS.get(training.attention_implementation, "sdpa"),
+        attention=attention_kernel(training.attention_implementation, training.packing, precision),
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_grad_norm=training.max_grad_norm,
         master_weights=training.master_weights,

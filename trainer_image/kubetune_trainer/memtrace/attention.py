@@ -13,6 +13,9 @@ and, for grouped-query attention, k/v gradients expanded to the query heads befo
 The memory-efficient kernel converts a boolean mask to an additive mask in the query dtype (saved for
 backward), keeps `out` and an fp32 logsumexp `[B, H, round32(Lq)]`; its backward allocates the gradients, an
 fp32 `delta [B, H, Lq]` and an fp32 dq accumulator `[B, H, Lq, D]`.
+Packed batches under `kubetune_trainer.packed_attention` call the variable-length flash kernel instead
+(`torch.nn.attention.varlen.varlen_attn`), emulated the same way; the trace models a GPU of compute
+capability 8.0 or newer, where that kernel runs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 FLASH = "flash"
 EFFICIENT = "memory_efficient"
 MATH = "math"
+VARLEN = "varlen_flash"
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -103,6 +107,40 @@ class _EfficientAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+class _VarlenFlashAttention(torch.autograd.Function):
+    """Allocates what FlashAttention-2's variable-length kernel allocates for `[tokens, heads, dim]` inputs (fake
+    tensors only): the output and an fp32 logsumexp `[heads, tokens]`; in backward the gradients, fp32 dq
+    accumulator and softmax_d, and k/v gradients at the query heads before they are summed (grouped k/v)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):  # type: ignore[override]
+        tokens, heads, _ = query.shape
+        out = query.new_empty((tokens, heads, value.shape[-1]))
+        lse = query.new_empty((heads, tokens), dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        query, key, value, _out, _lse = ctx.saved_tensors
+        tokens, heads, head_dim = query.shape
+        kv_heads = key.shape[1]
+        rounded = _round_up(tokens, 128)
+        dq_accum = query.new_empty((rounded, heads, head_dim), dtype=torch.float32)
+        softmax_d = query.new_empty((heads, rounded), dtype=torch.float32)
+        dq = query.new_empty(query.shape)
+        if kv_heads != heads:
+            dk_wide = key.new_empty((tokens, heads, key.shape[-1]))
+            dv_wide = value.new_empty((tokens, heads, value.shape[-1]))
+            dk = dk_wide.view(tokens, kv_heads, heads // kv_heads, -1).sum(2)
+            dv = dv_wide.view(tokens, kv_heads, heads // kv_heads, -1).sum(2)
+            del dk_wide, dv_wide
+        else:
+            dk, dv = key.new_empty(key.shape), value.new_empty(value.shape)
+        del dq_accum, softmax_d
+        return dq, dk, dv
+
+
 def _efficient_bias(query: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The additive bias the memory-efficient kernel receives (bool masks converted, last dim padded to 16)."""
     if attn_mask is None:
@@ -158,8 +196,21 @@ def cuda_attention(log: KernelLog, *, force_flash: bool = False) -> Iterator[Ker
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa, **kwargs)
 
+    def segments(query, position_ids):
+        # the cumulative lengths are read from the (fake) position ids on a GPU; only the kernel's sizes matter here
+        return query.new_zeros((2,), dtype=torch.int32), query.shape[2]
+
+    def varlen(query, key, value, *args, **kwargs):
+        log.add(VARLEN)
+        return _VarlenFlashAttention.apply(query, key, value)
+
+    from kubetune_trainer import packed_attention
+
+    saved = packed_attention.varlen_segments, packed_attention._varlen_attn
     torch.nn.functional.scaled_dot_product_attention = sdpa
+    packed_attention.varlen_segments, packed_attention._varlen_attn = segments, varlen
     try:
         yield log
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
+        packed_attention.varlen_segments, packed_attention._varlen_attn = saved

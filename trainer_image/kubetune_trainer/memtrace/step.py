@@ -374,6 +374,7 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
     from torch.utils._python_dispatch import _disable_current_modes
 
     from kubetune_trainer.methods import resolve_precision
+    from kubetune_trainer.packed_attention import varlen_problem
     from kubetune_trainer.speedups import resolve_attention
 
     started = time.perf_counter()
@@ -382,7 +383,8 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
     cfg = resolve_config(config, trust_remote_code=plan.model.trust_remote_code)
     t = plan.training
     precision = resolve_precision(t.precision, True, True)  # what a bf16-capable GPU resolves
-    attn = resolve_attention(t.attention_implementation, cuda=True, precision=precision, flash_attn_installed=True)
+    attn = resolve_attention(t.attention_implementation, cuda=True, precision=precision, flash_attn_installed=True,
+                             packing=t.packing, varlen_problem=varlen_problem(cuda=True, precision=precision))
     force_flash = attn == "flash_attention_2"
     if force_flash:
         attn = "sdpa"  # flash-attn cannot run on CPU: SDPA with the flash kernel keeps the same tensors
