@@ -281,7 +281,10 @@ def test_sigterm_before_the_workers_start_still_reaches_them(assets, tmp_path):
     deadline = time.monotonic() + 240  # importing torch on a loaded 2-core machine has taken over a minute
     while not child_pids(proc.pid) and time.monotonic() < deadline:  # torchrun exists: the handler is installed
         time.sleep(0.01)
-    assert proc.poll() is None and child_pids(proc.pid), "torchrun did not start"
+    if proc.poll() is not None or not child_pids(proc.pid):
+        proc.kill()
+        log, _ = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun did not start within 240 s (launcher exit code {proc.returncode}):\n{log[-4000:]}")
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, log[-4000:]
