@@ -144,18 +144,19 @@ def slim_job(obj: dict[str, Any]) -> dict[str, Any]:
 
 def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
     """The fields of a trainer pod that a reconcile pass reads: identity, completion index, phase, IP,
-    scheduling condition, each container's termination or waiting reason, and the pod's reason/message."""
+    scheduling condition, each container's termination or waiting reason, and the pod's reason/message.
+    It shares dicts with `obj` (the store encodes it at once, and reads decode a new copy)."""
     status = obj.get("status") or {}
     keep: dict[str, Any] = {k: status[k] for k in ("phase", "podIP", "reason", "message") if status.get(k)}
     conds = [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"]
     if conds:
-        keep["conditions"] = copy.deepcopy(conds)
+        keep["conditions"] = conds
     statuses = []
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         term, waiting = state.get("terminated"), state.get("waiting")
         if term:
-            slim_state = {"terminated": copy.deepcopy(term)}
+            slim_state = {"terminated": term}
         elif waiting:
             slim_state = {"waiting": {k: waiting[k] for k in ("reason", "message") if waiting.get(k)}}
         else:
