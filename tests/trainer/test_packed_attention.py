@@ -182,3 +182,38 @@ def test_soft_capping_models_keep_sdpa():
     assert "soft-caps" in pa.config_problem(SimpleNamespace(attn_logit_softcapping=50.0))
     assert "dropout" in pa.config_problem(SimpleNamespace(attention_dropout=0.1))
     assert pa.config_problem(SimpleNamespace(attention_dropout=0.0)) == ""
+
+
+def test_the_trainers_loss_path_with_lora_and_checkpointing_reaches_the_kernel(kernel_on_cpu):
+    """Through CausalLMLoss (the decoder body, then the chunked loss), a peft LoRA model with gradient
+    checkpointing and the token-wise norms and tiled MLP, as the recipe builds it: position_ids reach every layer's attention, in forward and in the recomputation, and loss and
+    adapter gradients equal the SDPA path's."""
+    from peft import LoraConfig, get_peft_model
+
+    from kubetune_trainer.loss import CausalLMLoss
+    from kubetune_trainer.tokenwise import apply_tokenwise
+
+    model = _tiny("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                                             init_lora_weights=False))
+    apply_tokenwise(model, tiled_mlp=True, norms=True, intermediate_size=128, element_bytes=4)
+    model.train()
+    loss_module = CausalLMLoss(model)
+    batch = {k: v for k, v in _packed_batch().items() if k != "use_cache"}
+
+    def run():
+        model.zero_grad()
+        out = loss_module(**batch)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want_grads = run()
+    model.base_model.model.set_attn_implementation(pa.register())
+    got_loss, got_grads = run()
+    assert len(kernel_on_cpu) == 4  # 2 layers in forward + 2 recomputed in backward
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys() and any("lora_A" in n for n in got_grads)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
