@@ -16,13 +16,10 @@ runs SDPA with the equivalent boolean mask instead, so generation and evaluation
 
 from __future__ import annotations
 
-import logging
 import weakref
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 ATTENTION = "kubetune_varlen"
 MIN_CAPABILITY = (8, 0)  # FlashAttention-2 (and cuDNN's varlen path): Ampere or newer

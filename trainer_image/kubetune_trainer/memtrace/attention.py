@@ -50,6 +50,19 @@ def cuda_kernel(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor 
     return MATH
 
 
+def _grouped_kv_grads(key: torch.Tensor, value: torch.Tensor, lead: tuple[int, ...], heads: int,
+                      kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-2's k/v gradients, shaped `[*lead, kv_heads, dim]`: for grouped k/v it forms them at the
+    query heads, then sums each group."""
+    if kv_heads == heads:
+        return (key.new_empty((*lead, kv_heads, key.shape[-1])),
+                value.new_empty((*lead, kv_heads, value.shape[-1])))
+    dk_wide = key.new_empty((*lead, heads, key.shape[-1]))
+    dv_wide = value.new_empty((*lead, heads, value.shape[-1]))
+    group = heads // kv_heads
+    return (dk_wide.view(*lead, kv_heads, group, -1).sum(-2), dv_wide.view(*lead, kv_heads, group, -1).sum(-2))
+
+
 class _FlashAttention(torch.autograd.Function):
     """Allocates what FlashAttention-2 allocates (values are meaningless: used on fake tensors only)."""
 
@@ -70,17 +83,9 @@ class _FlashAttention(torch.autograd.Function):
         dq_accum = query.new_empty((batch, rounded, heads, head_dim), dtype=torch.float32)
         softmax_d = query.new_empty((batch, heads, rounded), dtype=torch.float32)
         dq = query.new_empty((batch, q_len, heads, head_dim)).transpose(1, 2)
-        if kv_heads != heads:
-            dk_wide = key.new_empty((batch, kv_len, heads, key.shape[-1]))
-            dv_wide = value.new_empty((batch, kv_len, heads, value.shape[-1]))
-            dk = dk_wide.view(batch, kv_len, kv_heads, heads // kv_heads, -1).sum(3).transpose(1, 2)
-            dv = dv_wide.view(batch, kv_len, kv_heads, heads // kv_heads, -1).sum(3).transpose(1, 2)
-            del dk_wide, dv_wide
-        else:
-            dk = key.new_empty((batch, kv_len, kv_heads, key.shape[-1])).transpose(1, 2)
-            dv = value.new_empty((batch, kv_len, kv_heads, value.shape[-1])).transpose(1, 2)
+        dk, dv = _grouped_kv_grads(key, value, (batch, kv_len), heads, kv_heads)
         del dq_accum, softmax_d
-        return dq, dk, dv
+        return dq, dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 class _EfficientAttention(torch.autograd.Function):
@@ -124,19 +129,11 @@ class _VarlenFlashAttention(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         query, key, value, _out, _lse = ctx.saved_tensors
         tokens, heads, head_dim = query.shape
-        kv_heads = key.shape[1]
         rounded = _round_up(tokens, 128)
         dq_accum = query.new_empty((rounded, heads, head_dim), dtype=torch.float32)
         softmax_d = query.new_empty((heads, rounded), dtype=torch.float32)
         dq = query.new_empty(query.shape)
-        if kv_heads != heads:
-            dk_wide = key.new_empty((tokens, heads, key.shape[-1]))
-            dv_wide = value.new_empty((tokens, heads, value.shape[-1]))
-            dk = dk_wide.view(tokens, kv_heads, heads // kv_heads, -1).sum(2)
-            dv = dv_wide.view(tokens, kv_heads, heads // kv_heads, -1).sum(2)
-            del dk_wide, dv_wide
-        else:
-            dk, dv = key.new_empty(key.shape), value.new_empty(value.shape)
+        dk, dv = _grouped_kv_grads(key, value, (tokens,), heads, key.shape[1])
         del dq_accum, softmax_d
         return dq, dk, dv
 
