@@ -123,8 +123,12 @@ def test_tiny_lora_activation_terms_by_hand():
     e = estimate_memory(TINY, setup)
     n = 512
     assert e.trainable_params == n
-    assert e.weights == 2 * 1704 + 4 * n  # frozen bf16 base + fp32 adapters
+    # frozen bf16 base + fp32 adapters, less the frozen input-embedding table (32 x 8, bf16) kept in host memory
+    assert e.weights == 2 * 1704 + 4 * n - 2 * 32 * 8
+    assert e.host_offload == 2 * 32 * 8
     assert (e.master_weights, e.optimizer_states) == (0, 8 * n)
+    zero = estimate_memory(TINY, setup, Parallelism(strategy="deepspeed", zero_stage=1, world_size=1))
+    assert zero.weights == 2 * 1704 + 4 * n and zero.host_offload == 0  # DeepSpeed places every parameter itself
     assert estimate_memory(TINY, TrainingSetup(method="lora", lora_r=2, optimizer="sgd")).optimizer_states == 4 * n
 
 
@@ -192,7 +196,9 @@ def test_qlora_weight_storage():
     quantized = arch.quantizable_params()
     other = arch.total_params() - quantized  # embeddings, lm_head, norms: kept in the bf16 compute dtype
     assert other == 2 * 128256 * 4096 + 65 * 4096
-    assert e.weights == int(quantized * nf4_bytes_per_param(True)) + 2 * other + 4 * e.trainable_params
+    table = 128256 * 4096  # the input embeddings: in host memory (training.embeddingsOnHost), not on the GPU
+    assert e.weights == int(quantized * nf4_bytes_per_param(True)) + 2 * (other - table) + 4 * e.trainable_params
+    assert e.host_offload == 2 * table
 
 
 @pytest.mark.parametrize("optimizer,per_param", [("adamw", 6), ("paged_adamw_32bit", 8), ("adamw_8bit", BNB_8BIT_BYTES),

@@ -127,6 +127,7 @@ class TrainingPlan(_Model):
     optimizer_in_backward: bool | None = None  # None = auto: on where it is exact (engine.in_backward_problem)
     activation_offloading: bool = False
     tiled_mlp: bool | None = None  # None = auto: LoRA/QLoRA with gradient checkpointing (kubetune_trainer.tokenwise)
+    embeddings_on_host: bool | None = None  # None = auto: LoRA/QLoRA on a GPU (kubetune_trainer.host_embeddings)
 
     @field_validator("learning_rate", mode="before")
     @classmethod

@@ -224,6 +224,35 @@ class FineTuneRecipe:
         self.speed.optimizer_in_backward = self.optimizer_in_backward
         self.speed.activation_offloading = self.t.activation_offloading
         self._resolve_tokenwise()
+        self._resolve_embeddings_on_host()
+
+    def _resolve_embeddings_on_host(self) -> None:
+        """training.embeddingsOnHost: auto per kubetune_trainer.host_embeddings; InvalidPlan when true where it
+        cannot run."""
+        from kubetune_trainer.host_embeddings import embeddings_problem
+
+        problem = embeddings_problem(method=self.plan.method, cuda=self.device.type == "cuda",
+                                     strategy=self.strategy)
+        if self.t.embeddings_on_host is None:
+            self.embeddings_on_host = not problem
+        elif self.t.embeddings_on_host and (self.plan.method == "full" or self.strategy == "deepspeed"):
+            raise PlanError(f"training.embeddingsOnHost: {problem}; leave it unset (auto) or false")
+        else:
+            self.embeddings_on_host = bool(self.t.embeddings_on_host)
+
+    def _apply_embeddings_on_host(self, model) -> None:
+        from kubetune_trainer.host_embeddings import model_problem, move_input_embeddings_to_host
+
+        if not getattr(self, "embeddings_on_host", False):
+            return
+        problem = model_problem(model)
+        if problem and self.t.embeddings_on_host:
+            raise PlanError(f"training.embeddingsOnHost: {problem}; leave it unset (auto) or false")
+        if problem:
+            log.info("input embeddings stay on %s (%s)", self.device, problem)
+            return
+        move_input_embeddings_to_host(model, self.device)
+        self.speed.embeddings_on_host = True
 
     def _resolve_tokenwise(self) -> None:
         """Token-wise recomputation of the decoder norms (always where it can run) and tiled MLPs
@@ -340,6 +369,7 @@ class FineTuneRecipe:
         model = apply_method(model, self.plan)
         share_adapter_inputs(model, self.precision)
         self._apply_tokenwise(model)
+        self._apply_embeddings_on_host(model)
         self._keep_attention_supported(model)
         self.speed.attention_implementation = str(getattr(model.config, "_attn_implementation", ""))
         train_module = CausalLMLoss(model, liger=self.speed.liger_options.get("fused_linear_cross_entropy", False))

@@ -50,6 +50,7 @@ class SpeedReport:
     activation_offloading: bool = False
     tiled_mlp: bool = False
     recomputed_norms: bool = False
+    embeddings_on_host: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """camelCase dict for metrics.json."""
@@ -60,7 +61,8 @@ class SpeedReport:
                 "loss": self.loss, "masterWeights": self.master_weights, "optimizer": self.optimizer,
                 "optimizerInBackward": self.optimizer_in_backward,
                 "activationOffloading": self.activation_offloading,
-                "tiledMlp": self.tiled_mlp, "recomputedNorms": self.recomputed_norms}
+                "tiledMlp": self.tiled_mlp, "recomputedNorms": self.recomputed_norms,
+                "embeddingsOnHost": self.embeddings_on_host}
 
 
 def package_available(name: str) -> bool:

@@ -141,7 +141,7 @@ class MemoryEstimate:
     fragmentation: int
     total_params: int
     trainable_params: int
-    host_offload: int = 0  # CPU RAM per rank for offloaded optimizer/params and activations
+    host_offload: int = 0  # CPU RAM per rank for offloaded optimizer/params, activations and input embeddings
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -245,10 +245,25 @@ def weight_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int, str
         return p * (4 if dtype == "fp32" else b)
     adapters = n_trainable * ADAPTER_BYTES
     if setup.method == "lora":
-        return p * b + adapters
+        return p * b + adapters - host_embedding_bytes(arch, setup, strategy)
     q = arch.quantizable_params()
     return int(q * quantized_bytes_per_param(setup.quant_bits, setup.quant_double)) + (p - q) * QLORA_UNQUANTIZED_BYTES \
-        + adapters
+        + adapters - host_embedding_bytes(arch, setup, strategy)
+
+
+def embeddings_on_host(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> bool:
+    """Whether the input-embedding table lives in host memory (training.embeddingsOnHost auto,
+    kubetune_trainer.host_embeddings): LoRA/QLoRA (the table is frozen), not tied to lm_head, outside DeepSpeed."""
+    return setup.method != "full" and not arch.tie_word_embeddings and strategy != "deepspeed"
+
+
+def host_embedding_bytes(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> int:
+    """Bytes of the input-embedding table kept in host memory instead of on the GPU (0 when it stays there).
+    It is in the compute dtype (QLoRA does not quantize or upcast it)."""
+    if not embeddings_on_host(arch, setup, strategy):
+        return 0
+    dtype_bytes = QLORA_UNQUANTIZED_BYTES if setup.method == "qlora" else setup.compute_bytes
+    return arch.embedding_params() * dtype_bytes
 
 
 def master_weight_bytes(setup: TrainingSetup, n_trainable: int, strategy: str = "none") -> int:
@@ -734,6 +749,9 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, par: Parallelism |
     if setup.activation_offloading:
         host += offloaded_activation_bytes(arch, setup, strategy)
         notes.append("saved activations wait in host RAM (activation offloading)")
+    if embeddings_on_host(arch, setup, strategy):
+        host += host_embedding_bytes(arch, setup, strategy)
+        notes.append("the frozen input-embedding table lives in host RAM; only the batch's rows reach the GPU")
     moments = step_moments(arch, setup, n_train, grads, strategy)
     if z:  # DeepSpeed steps its own optimizer on partitions: no per-parameter step temporaries here
         moments.pop("optimizer step", None)

@@ -19,7 +19,7 @@ class TraceReport:
     for it (no CUDA context, no allocator rounding or fragmentation, no NCCL buffers); `breakdown` splits it
     and adds up to it. Paged optimizer states live in CUDA unified memory, outside the allocator, and are
     reported apart in `paged_optimizer_bytes`; activations offloaded to host memory in
-    `host_activation_bytes`.
+    `host_activation_bytes`, an input-embedding table kept in host memory in `host_weight_bytes`.
     """
 
     model: str
@@ -47,6 +47,7 @@ class TraceReport:
     peak_where: str
     largest_at_peak: list[dict[str, Any]] = field(default_factory=list)
     host_activation_bytes: int = 0  # activation offloading: the most saved activations in host memory at once
+    host_weight_bytes: int = 0  # training.embeddingsOnHost: the input-embedding table in host memory
     ops: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -71,6 +72,9 @@ class TraceReport:
                          "(unified memory, outside the allocator peak)")
         if self.host_activation_bytes:
             lines.append(f"{indent}  {'offloaded activations':<26} {self.host_activation_bytes / GIB:>9.2f} GiB "
+                         "(host memory, outside the GPU peak)")
+        if self.host_weight_bytes:
+            lines.append(f"{indent}  {'input embeddings':<26} {self.host_weight_bytes / GIB:>9.2f} GiB "
                          "(host memory, outside the GPU peak)")
         lines.append(f"{indent}  parameters {self.total_params:,} (trainable {self.trainable_params:,}); "
                      f"attention {self.attention}; {self.micro_steps_traced} micro-step(s) x "

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from kubetune_trainer.host_embeddings import host_parameter_count, host_table_bytes
 from kubetune_trainer.memtrace.attention import KernelLog, cuda_attention
 from kubetune_trainer.memtrace.build import BuildLog, TraceError, config_loader, resolve_config
 from kubetune_trainer.memtrace.counter import StorageCounter
@@ -46,7 +47,8 @@ def plan_settings(method: str = "lora", *, micro_batch_size: int = 1, seq_length
                   precision: str = "bf16", gradient_checkpointing: bool = True, packing: bool = False,
                   attention: str = "auto", liger_kernels: bool = False, bits: int = 4, quant_type: str = "nf4",
                   double_quant: bool = True, compute_dtype: str = "bfloat16", max_grad_norm: float = 1.0,
-                  trust_remote_code: bool = False, activation_offloading: bool = False) -> dict[str, Any]:
+                  trust_remote_code: bool = False, activation_offloading: bool = False,
+                  embeddings_on_host: bool | None = None) -> dict[str, Any]:
     """A trainer plan dict (docs/contracts.md §2) with the fields that decide memory; the rest placeholders."""
     plan: dict[str, Any] = {
         "version": 1,
@@ -61,6 +63,8 @@ def plan_settings(method: str = "lora", *, micro_batch_size: int = 1, seq_length
                      "activationOffloading": activation_offloading},
         "output": {"uri": TRACE_URI},
     }
+    if embeddings_on_host is not None:  # absent: auto, as the operator leaves it
+        plan["training"]["embeddingsOnHost"] = embeddings_on_host
     if method != "full":
         plan["lora"] = {"r": lora_r, "alpha": float(lora_alpha if lora_alpha is not None else 2 * lora_r),
                         "dropout": 0.0, "targetModules": list(target_modules)}
@@ -264,7 +268,7 @@ def _import_before_faking(config, uses_bitsandbytes: bool) -> None:
 
 
 def _base_param_count(model) -> int:
-    total = 0
+    total = host_parameter_count(model)  # a table moved to host memory is no longer a model parameter
     for p in model.parameters():
         state = getattr(p, "quant_state", None)
         total += math.prod(state.shape) if state is not None else p.numel()
@@ -307,16 +311,17 @@ def _recipe_for_trace(plan, precision: str, attn: str | None, strategy: str = "n
     from kubetune_trainer.recipe import FineTuneRecipe, RunEnv
 
     recipe = FineTuneRecipe(plan, RunEnv(work_dir=Path(TRACE_URI)))
-    recipe.device = torch.device("cpu")
     recipe.precision = precision
     recipe.attn_implementation = attn
     recipe.strategy = strategy
     recipe.model_dir = Path(TRACE_URI)  # never read: the config loader stands in for from_pretrained
     recipe.total_steps = OPTIMIZER_STEPS
+    recipe.device = torch.device("cuda")  # the decisions a GPU run makes (no CUDA call is made)
     for name in SETUP_DECISIONS:
         decide = getattr(recipe, name, None)
         if callable(decide):
             decide()
+    recipe.device = torch.device("cpu")
     recipe.strategy = "none"
     return recipe
 
@@ -428,7 +433,8 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         largest = [{"category": c, "op": op, "bytes": n} for c, op, n in counter.peak_largest(5)]
         paged = max(counter.peak_paged_bytes, counter.paged_bytes)
-        host = counter.max_host_bytes
+        host_weights = host_table_bytes(model)
+        host = counter.max_host_bytes - host_weights
         del recipe, model
     notes += build_log.notes
     if executor.scalar_reads:
@@ -446,6 +452,6 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         gradient_checkpointing=t.gradient_checkpointing, packing=t.packing, padded_batch=padded,
         optimizer=t.optimizer, attention=kernels.summary(), total_params=total_params, trainable_params=trainable,
         weights_bytes=weights_bytes, peak_bytes=counter.peak_bytes, breakdown=breakdown,
-        paged_optimizer_bytes=paged, host_activation_bytes=host, peak_phase=moment.phase, peak_op=moment.op,
+        paged_optimizer_bytes=paged, host_activation_bytes=host, host_weight_bytes=host_weights, peak_phase=moment.phase, peak_op=moment.op,
         peak_where=moment.where,
         largest_at_peak=largest, ops=counter.ops, seconds=round(time.perf_counter() - started, 2), notes=notes)
