@@ -73,6 +73,7 @@ class Case:
     torchtune_gib: float | None = None
     layers: int | None = None  # keep only this many decoder layers of the model (the quick preset)
     activation_offloading: bool = False  # kubetune side only: the plain script has no such switch
+    embeddings_on_host: bool | None = None  # kubetune side only (training.embeddingsOnHost); None = auto
 
     def plan(self) -> dict[str, Any]:
         """The kubetune plan dict (memtrace.plan_settings) for this case."""
@@ -82,7 +83,8 @@ class Case:
                              lora_r=self.lora_r, lora_alpha=2.0 * self.lora_r, target_modules=list(self.target_modules),
                              optimizer=self.optimizer, gradient_checkpointing=self.gradient_checkpointing,
                              packing=self.packing, max_grad_norm=self.max_grad_norm,
-                             activation_offloading=self.activation_offloading)
+                             activation_offloading=self.activation_offloading,
+                             embeddings_on_host=self.embeddings_on_host)
 
     def baseline(self) -> BaselineSettings:
         """The same run for the plain script."""
@@ -101,7 +103,10 @@ def _torchtune_case(method: str) -> Case:
 
 TORCHTUNE_CASES = [_torchtune_case(m) for m in ("lora", "qlora", "full")] + [
     # the same LoRA run with the trainer's activation offloading (training.activationOffloading)
-    replace(_torchtune_case("lora"), id="llama-3.1-8b-lora-mbs2-seq2048-packed-offload", activation_offloading=True)]
+    replace(_torchtune_case("lora"), id="llama-3.1-8b-lora-mbs2-seq2048-packed-offload", activation_offloading=True),
+    # and with the frozen input-embedding table left on the GPU (auto keeps it in host memory for LoRA/QLoRA)
+    replace(_torchtune_case("lora"), id="llama-3.1-8b-lora-mbs2-seq2048-packed-embeddings-on-gpu",
+            embeddings_on_host=False)]
 MORE_CASES = [
     Case("llama-3.1-8b-lora-mbs1-seq16384", "llama-3.1-8b", "lora", 1, 16384, packing=False),
     Case("llama-3.1-8b-qlora-mbs1-seq16384", "llama-3.1-8b", "qlora", 1, 16384, packing=False),
