@@ -109,3 +109,18 @@ def test_setup_from_spec():
                                                                                       "paged_adamw_8bit")
     assert setup_from_spec(_spec(method="full"), bf16_capable=False).precision == "fp16"
     assert setup_from_spec(_spec(method="qlora")).precision == "bf16"  # quantization block omitted: its default
+
+
+def test_packed_rows_are_sized_for_the_kernel_the_gpu_generation_runs():
+    """auto + packing: variable-length flash attention on Ampere and newer; older GPUs (no bf16) keep SDPA with
+    the block mask, which saves k/v at all heads and the mask, so the estimate there is higher, never lower."""
+    from kubetune.sizing import estimate_memory
+
+    spec = _spec(method="lora", training={"maxSeqLength": 2048, "microBatchSize": 2, "packing": True})
+    ampere, older = setup_from_spec(spec), setup_from_spec(spec, bf16_capable=False)
+    assert (ampere.attention, older.attention) == ("flash", "sdpa")
+    assert older.precision == "fp16"
+    arch = load_catalog()["llama-3.1-8b"]
+    assert estimate_memory(arch, older).activations > estimate_memory(arch, ampere).activations
+    explicit = _spec(method="lora", training={"packing": True, "attentionImplementation": "sdpa"})
+    assert setup_from_spec(explicit).attention == "sdpa"

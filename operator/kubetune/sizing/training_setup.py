@@ -12,11 +12,11 @@ _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 ATTENTIONS = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash"}
 
 
-def attention_kernel(requested: str, packing: bool, precision: str) -> str:
+def attention_kernel(requested: str, packing: bool, precision: str, ampere_or_newer: bool = True) -> str:
     """The attention kernel family a CUDA run uses: `auto` on packed batches in bf16/fp16 runs them as
-    variable-length flash attention (kubetune_trainer.packed_attention: no mask, grouped k/v), on GPUs of compute
-    capability 8.0 or newer, which the estimate assumes."""
-    if requested == "auto" and packing and precision in ("bf16", "fp16"):
+    variable-length flash attention (kubetune_trainer.packed_attention: no mask, grouped k/v) on GPUs of compute
+    capability 8.0 or newer; older GPUs (no bf16 either) keep SDPA with the block mask."""
+    if requested == "auto" and packing and precision in ("bf16", "fp16") and ampere_or_newer:
         return "flash"
     return ATTENTIONS.get(requested, "sdpa")
 
@@ -51,7 +51,8 @@ def setup_from_spec(spec: FineTuneJobSpec, bf16_capable: bool = True, precision:
         seq_length=training.max_seq_length,
         packing=training.packing,
         gradient_checkpointing=training.gradient_checkpointing,
-        attention=attention_kernel(training.attention_implementation, training.packing, precision),
+        attention=attention_kernel(training.attention_implementation, training.packing, precision,
+                                   ampere_or_newer=bf16_capable),
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_grad_norm=training.max_grad_norm,
         master_weights=training.master_weights,
