@@ -452,6 +452,6 @@ def trace_step(settings: Any, config: Any, *, model_name: str = "") -> TraceRepo
         gradient_checkpointing=t.gradient_checkpointing, packing=t.packing, padded_batch=padded,
         optimizer=t.optimizer, attention=kernels.summary(), total_params=total_params, trainable_params=trainable,
         weights_bytes=weights_bytes, peak_bytes=counter.peak_bytes, breakdown=breakdown,
-        paged_optimizer_bytes=paged, host_activation_bytes=host, host_weight_bytes=host_weights, peak_phase=moment.phase, peak_op=moment.op,
-        peak_where=moment.where,
+        paged_optimizer_bytes=paged, host_activation_bytes=host, host_weight_bytes=host_weights,
+        peak_phase=moment.phase, peak_op=moment.op, peak_where=moment.where,
         largest_at_peak=largest, ops=counter.ops, seconds=round(time.perf_counter() - started, 2), notes=notes)
