@@ -146,3 +146,16 @@ def test_trace_and_estimate_take_the_table_off_the_gpu(method):
     assert tied_trace.host_weight_bytes == 0  # auto found the tie on the model and kept the table
 
 
+
+
+def test_a_compiled_decoder_runs_the_host_lookup_outside_its_graph():
+    model = tiny_lora_model()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    move_input_embeddings_to_host(model, torch.device("cpu"), compiled=True)
+    decoder = model.get_decoder()
+    decoder.compile(backend="eager")  # dynamo only (no C++ toolchain needed): the lookup is a graph break
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, ref)

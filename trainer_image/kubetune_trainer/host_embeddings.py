@@ -62,10 +62,12 @@ class HostEmbedding(nn.Module):
     broadcasts, the optimizer and adapter checkpoints leave it alone. `weight` gives read access to the table.
     """
 
-    def __init__(self, inner: nn.Module, device: torch.device) -> None:
+    def __init__(self, inner: nn.Module, device: torch.device, compiled: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "inner", inner)  # unregistered on purpose (see the class docstring)
         self.device = device
+        if compiled:  # torch.compile of the decoder: run the host lookup eagerly (a graph break at its start)
+            self.forward = torch.compiler.disable(self.forward)
         for attr in ("num_embeddings", "embedding_dim", "padding_idx"):
             if hasattr(inner, attr):
                 setattr(self, attr, getattr(inner, attr))
@@ -74,7 +76,6 @@ class HostEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.inner.weight
 
-    @torch.compiler.disable
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             rows = self.inner(input_ids.to(self.weight.device))
@@ -100,8 +101,9 @@ def host_table_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in _host_tables(model))
 
 
-def move_input_embeddings_to_host(model: nn.Module, device: torch.device) -> int:
+def move_input_embeddings_to_host(model: nn.Module, device: torch.device, compiled: bool = False) -> int:
     """Move the model's frozen input-embedding table to host memory behind a HostEmbedding; returns its bytes.
+    `compiled`: the decoder will be torch.compiled (the lookup then runs outside the compiled graph).
 
     Raises ValueError naming the reason when this model's table cannot move (`model_problem`)."""
     problem = model_problem(model)
@@ -117,7 +119,7 @@ def move_input_embeddings_to_host(model: nn.Module, device: torch.device) -> int
         host = offload.host_copy(param.detach(), pin_memory=False)
         setattr(owner, leaf, nn.Parameter(host, requires_grad=False))
         moved += host.numel() * host.element_size()
-    setattr(parent, name, HostEmbedding(inner, device))
+    setattr(parent, name, HostEmbedding(inner, device, compiled=compiled))
     log.info("input embeddings: %.2f GiB table in host memory; %s rows per token copied to %s",
              moved / 2**30, getattr(inner, "embedding_dim", "?"), device)
     return moved

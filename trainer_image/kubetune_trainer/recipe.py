@@ -251,7 +251,7 @@ class FineTuneRecipe:
         if problem:
             log.info("input embeddings stay on %s (%s)", self.device, problem)
             return
-        move_input_embeddings_to_host(model, self.device)
+        move_input_embeddings_to_host(model, self.device, compiled=self.t.torch_compile)
         self.speed.embeddings_on_host = True
 
     def _resolve_tokenwise(self) -> None:
