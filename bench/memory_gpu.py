@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,6 +59,12 @@ def _case(model: str, method: str, seq: int) -> mem.Case:
 
 
 CONFIGS = [_case(m, method, 2048) for m in ("qwen2.5-0.5b", "qwen2.5-1.5b") for method in ("lora", "qlora", "full")]
+# Qwen2.5 0.5B/1.5B tie their input embeddings to lm_head; Phi-3 mini does not, so its LoRA/QLoRA runs keep the
+# table in host memory (training.embeddingsOnHost auto), measured beside the same LoRA run with it on the GPU.
+PHI3_TARGETS = ("qkv_proj", "o_proj")  # Phi-3 fuses q, k and v
+CONFIGS += [replace(_case("phi-3-mini-4k", method, 2048), target_modules=PHI3_TARGETS) for method in ("lora", "qlora")]
+CONFIGS += [replace(_case("phi-3-mini-4k", "lora", 2048), id="phi-3-mini-4k-lora-mbs2-seq2048-embeddings-on-gpu",
+                    target_modules=PHI3_TARGETS, embeddings_on_host=False)]
 CONFIGS_BY_ID = {c.id: c for c in CONFIGS}
 
 
@@ -101,7 +107,8 @@ def estimate(case: mem.Case, spec) -> dict[str, int]:
     """The analytic single-GPU estimate (bf16-capable GPU): tensors, reserved, total (with CUDA context)."""
     from kubetune.sizing import Parallelism, estimate_memory, lookup_catalog, setup_from_spec
 
-    e = estimate_memory(lookup_catalog(case.model), setup_from_spec(spec, bf16_capable=True), Parallelism())
+    setup = replace(setup_from_spec(spec, bf16_capable=True), embeddings_on_host=case.embeddings_on_host)
+    e = estimate_memory(lookup_catalog(case.model), setup, Parallelism())
     return {"tensors": int(e.tensors), "reserved": int(e.reserved), "total": int(e.total),
             "trainableParams": int(e.trainable_params)}
 
@@ -219,6 +226,8 @@ def run_config(case: mem.Case, steps: int, workdir: Path, model_cache: Path, tim
     data = write_text_dataset(run_dir / "train.jsonl", steps * case.micro_batch_size + 2, case.seq_length)
     spec = spec_for(case, str(model_dir), str(data), str(run_dir / "out"), steps)
     plan = plan_for(spec)
+    if case.embeddings_on_host is not None:  # a trainer plan field the operator leaves unset (auto)
+        plan["training"]["embeddingsOnHost"] = case.embeddings_on_host
     row: dict[str, Any] = {"id": case.id, "case": mem._case_json(case), "steps": steps,
                            "estimate": estimate(case, spec)}
     t0 = time.time()

@@ -22,6 +22,8 @@
 #               and tokens/s of the trainer and the plain transformers+peft step, beside the trace and
 #               the estimate                                               -> memory_gpu-<gpu>-qwen2.5-0.5b.json
 #   memory-1.5b the same for qwen2.5-1.5b                                  -> memory_gpu-<gpu>-qwen2.5-1.5b.json
+#   memory-phi3 the same for phi-3-mini-4k lora/qlora (untied embeddings: the table in host memory) and
+#               lora with the table on the GPU                             -> memory_gpu-<gpu>-phi-3-mini-4k.json
 #   local       for a dry run on a machine without the wheels: use the Python and packages already there
 # Each step has its own time limit (STEP_TIMEOUT_<STEP>, seconds). Everything goes to $OUT (at most 8
 # files come back): summary.txt (one line per step: rc, seconds), steps.log (all output), the JSON files.
@@ -144,9 +146,10 @@ for s in "$@"; do
                 --out "$out/train_throughput-$(gpu_slug)-qwen2.5-0.5b-$method.json" || status=1
         done
         ;;
-    memory | memory-1.5b)
+    memory | memory-1.5b | memory-phi3)
         model=qwen2.5-0.5b
         [ "$s" = memory-1.5b ] && model=qwen2.5-1.5b
+        [ "$s" = memory-phi3 ] && model=phi-3-mini-4k
         step "$s" "${STEP_TIMEOUT_MEMORY:-420}" "$py" bench/memory_gpu.py --configs "$model-*" \
             --steps "${MEMORY_STEPS:-6}" --out "$out/memory_gpu-$(gpu_slug)-$model.json" || status=1
         ;;

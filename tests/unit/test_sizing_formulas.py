@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kubetune.sizing.architecture import Architecture, architecture_from_config
@@ -129,6 +131,8 @@ def test_tiny_lora_activation_terms_by_hand():
     assert (e.master_weights, e.optimizer_states) == (0, 8 * n)
     zero = estimate_memory(TINY, setup, Parallelism(strategy="deepspeed", zero_stage=1, world_size=1))
     assert zero.weights == 2 * 1704 + 4 * n and zero.host_offload == 0  # DeepSpeed places every parameter itself
+    kept = estimate_memory(TINY, dataclasses.replace(setup, embeddings_on_host=False))  # the plan turned it off
+    assert kept.weights == 2 * 1704 + 4 * n and kept.host_offload == 0
     assert estimate_memory(TINY, TrainingSetup(method="lora", lora_r=2, optimizer="sgd")).optimizer_states == 4 * n
 
 

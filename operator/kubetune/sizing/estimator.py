@@ -62,6 +62,7 @@ class TrainingSetup:
     optimizer_in_backward: bool | None = None  # None = auto (training.optimizerInBackward)
     activation_offloading: bool = False
     liger_kernels: bool = False
+    embeddings_on_host: bool | None = None  # None = auto (training.embeddingsOnHost, trainer plan only)
 
     def __post_init__(self) -> None:
         for value, allowed, what in ((self.method, METHODS, "method"), (self.optimizer, OPTIMIZERS, "optimizer"),
@@ -253,8 +254,10 @@ def weight_bytes(arch: Architecture, setup: TrainingSetup, n_trainable: int, str
 
 def embeddings_on_host(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> bool:
     """Whether the input-embedding table lives in host memory (training.embeddingsOnHost auto,
-    kubetune_trainer.host_embeddings): LoRA/QLoRA (the table is frozen), not tied to lm_head, outside DeepSpeed."""
-    return setup.method != "full" and not arch.tie_word_embeddings and strategy != "deepspeed"
+    kubetune_trainer.host_embeddings): LoRA/QLoRA (the table is frozen), not tied to lm_head, outside DeepSpeed;
+    `setup.embeddings_on_host` False keeps it on the GPU."""
+    possible = setup.method != "full" and not arch.tie_word_embeddings and strategy != "deepspeed"
+    return possible and setup.embeddings_on_host is not False
 
 
 def host_embedding_bytes(arch: Architecture, setup: TrainingSetup, strategy: str = "none") -> int:
