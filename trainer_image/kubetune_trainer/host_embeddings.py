@@ -43,8 +43,10 @@ def embeddings_problem(*, method: str, cuda: bool, strategy: str) -> str:
 def model_problem(model: nn.Module) -> str:
     """Why this model's input embeddings cannot move to the host ('' when they can)."""
     inputs = model.get_input_embeddings()
-    if inputs is None or isinstance(inputs, HostEmbedding):
-        return "the model has no input embedding module to move" if inputs is None else ""
+    if inputs is None:
+        return "the model has no input embedding module to move"
+    if isinstance(inputs, HostEmbedding):
+        return ""
     if any(p.requires_grad for p in inputs.parameters()):
         return "the input embeddings are trained"
     outputs = model.get_output_embeddings()
@@ -114,8 +116,8 @@ def move_input_embeddings_to_host(model: nn.Module, device: torch.device, compil
         return 0
     parent, name = _parent_of(model, inner)
     moved = 0
-    for pname, param in list(inner.named_parameters(recurse=True)):
-        owner, leaf = _parent_of(inner, param, parameters=True) if "." in pname else (inner, pname)
+    for param in list(inner.parameters()):
+        owner, leaf = _parent_of(inner, param, parameters=True)
         host = offload.host_copy(param.detach(), pin_memory=False)
         setattr(owner, leaf, nn.Parameter(host, requires_grad=False))
         moved += host.numel() * host.element_size()

@@ -231,14 +231,16 @@ class FineTuneRecipe:
         cannot run."""
         from kubetune_trainer.host_embeddings import embeddings_problem
 
-        problem = embeddings_problem(method=self.plan.method, cuda=self.device.type == "cuda",
-                                     strategy=self.strategy)
         if self.t.embeddings_on_host is None:
-            self.embeddings_on_host = not problem
-        elif self.t.embeddings_on_host and (self.plan.method == "full" or self.strategy == "deepspeed"):
-            raise PlanError(f"training.embeddingsOnHost: {problem}; leave it unset (auto) or false")
-        else:
-            self.embeddings_on_host = bool(self.t.embeddings_on_host)
+            self.embeddings_on_host = not embeddings_problem(method=self.plan.method, strategy=self.strategy,
+                                                             cuda=self.device.type == "cuda")
+            return
+        if self.t.embeddings_on_host:
+            # asked for: it also runs on CPU (host and device are one memory there), so only the plan can refuse it
+            problem = embeddings_problem(method=self.plan.method, strategy=self.strategy, cuda=True)
+            if problem:
+                raise PlanError(f"training.embeddingsOnHost: {problem}; leave it unset (auto) or false")
+        self.embeddings_on_host = bool(self.t.embeddings_on_host)
 
     def _apply_embeddings_on_host(self, model) -> None:
         from kubetune_trainer.host_embeddings import model_problem, move_input_embeddings_to_host
