@@ -62,3 +62,19 @@ def test_kubetune_dev_dispatches_cluster_node_and_demo():
         result = _run("kubetune_dev", command, "--help")
         assert result.returncode == 0 and f"usage: {prog}" in result.stdout, result.stdout + result.stderr
     assert _run("kubetune", "demo").returncode == 2  # not a product command any more
+
+
+def test_a_kubelets_node_lease_keeps_the_controller_managers_default_grace():
+    assert cluster.node_monitor_flags(cluster.DEFAULT_NODE_LEASE_SECONDS) == []
+
+
+@pytest.mark.parametrize("lease, grace", [(60, 75), (240, 300), (41, 52)])
+def test_a_longer_node_lease_gets_a_grace_of_the_same_ratio(lease, grace):
+    assert cluster.node_monitor_flags(lease) == [f"--node-monitor-grace-period={grace}s"]
+    # KWOK renews every quarter of the lease: a node is never NotReady between two renewals.
+    assert grace > lease / 4 and grace >= cluster.DEFAULT_NODE_MONITOR_GRACE_SECONDS
+
+
+def test_a_node_lease_under_ten_seconds_is_refused():
+    with pytest.raises(ValueError, match="at least 10 s"):
+        cluster.node_monitor_flags(5)

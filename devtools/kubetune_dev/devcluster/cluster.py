@@ -40,9 +40,25 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 KWOK_STAGES_FILE = fleetmod.REPO_ROOT / "devcluster" / "kwok-stages.yaml"
+# A kubelet's node lease (40 s, renewed every 10 s) and the controller-manager's grace before NotReady (50 s).
+DEFAULT_NODE_LEASE_SECONDS = 40
+DEFAULT_NODE_MONITOR_GRACE_SECONDS = 50
 
 _live: list["Cluster"] = []
 _live_lock = threading.Lock()
+
+
+def node_monitor_flags(lease_seconds: int) -> list[str]:
+    """controller-manager flags for KWOK node leases of `lease_seconds`: none for the kubelet's 40 s (its default
+    50 s grace applies); for longer leases a grace of the same 1.25 ratio, so a node renewing every quarter of
+    its lease is not marked NotReady between renewals. Benchmarks at 1,000 nodes lengthen the lease: renewals
+    every 10 s are ~100 requests/s, the apiserver's largest load on a small machine."""
+    if lease_seconds < 10:
+        raise ValueError(f"node lease of {lease_seconds} s: at least 10 s")
+    if lease_seconds <= DEFAULT_NODE_LEASE_SECONDS:
+        return []
+    grace = max(DEFAULT_NODE_MONITOR_GRACE_SECONDS, (lease_seconds * 5 + 3) // 4)
+    return [f"--node-monitor-grace-period={grace}s"]
 
 
 def free_port() -> int:
@@ -93,6 +109,7 @@ class ClusterOptions:
     verbosity: int = 1
     kwok_stages_file: Path = KWOK_STAGES_FILE
     apiserver_profiling: bool = False             # serve /debug/pprof (benchmarks profile the apiserver)
+    node_lease_seconds: int = DEFAULT_NODE_LEASE_SECONDS  # KWOK node lease; renewed every quarter of it
 
 
 @dataclass
@@ -281,6 +298,7 @@ class Cluster:
             f"--cluster-signing-cert-file={p.ca_crt}", f"--cluster-signing-key-file={p.ca_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--cluster-name=kubetune-dev",
             "--kube-api-qps=100", "--kube-api-burst=200", "--profiling=false", f"--v={self.options.verbosity}",
+            *node_monitor_flags(self.options.node_lease_seconds),
         ], self.logs_dir / "kube-controller-manager.log")
 
     def _start_scheduler(self, bin_dir: Path) -> None:
@@ -303,7 +321,8 @@ class Cluster:
             f"--manage-nodes-with-label-selector={fleetmod.KWOK_NODE_SELECTOR}",
             f"--config={self.options.kwok_stages_file}", f"--server-address=127.0.0.1:{self.ports['kwok']}",
             "--cidr=10.244.0.1/16", "--node-ip=10.250.0.1",
-            "--node-lease-duration-seconds=40",  # liveness by lease; see devcluster/kwok-stages.yaml
+            # liveness by lease; see devcluster/kwok-stages.yaml
+            f"--node-lease-duration-seconds={self.options.node_lease_seconds}",
         ], self.logs_dir / "kwok.log")
 
     # ----------------------------------------------------------------- clients
