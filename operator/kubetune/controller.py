@@ -49,7 +49,7 @@ from kubetune.reconcile import (CANCEL, CREATE, FOLLOW, Decision, Observed, deci
                                 out_of_memory, parse_summary, status_changed, still_acting, unschedulable_message)
 from kubetune.oom_layout import memory_outlook, replanned_layout, trace_outlook, with_replanned_layout
 from kubetune.preflight_trace import trace_status, traced_fit
-from kubetune.sizing.fleet_sizer import FleetSizer
+from kubetune.sizing.fleet_sizer import FleetSizer, job_gpu_holding
 from kubetune.sizing.layout import SizingOutcome
 from kubetune.status import checked_status
 from kubetune.store import ClusterStore
@@ -489,6 +489,8 @@ class Reconciler:
                 log.info("%s/%s: %s %s %s", ns, name, result, kind, action.obj["metadata"]["name"])
                 if trainer_job:  # the store keeps the preflight's Job apart
                     self.expectations.expect_job(uid, str(((created or {}).get("metadata") or {}).get("uid") or ""))
+                    if result == "created" and not (action.obj.get("spec") or {}).get("suspend"):
+                        self.sizer.hand_out(job_gpu_holding(action.obj))  # until the snapshot sees its pods
             elif action.kind == "suspend_job":
                 self.children.set_job_suspend(ns, name, bool(action.value))
             elif action.kind == "delete_job":

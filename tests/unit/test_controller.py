@@ -88,6 +88,10 @@ class FakeObjects:
 class FakeSizer:
     def __init__(self, outcome: SizingOutcome) -> None:
         self.outcome, self.calls = outcome, 0
+        self.handed_out: list = []
+
+    def hand_out(self, held):
+        self.handed_out.append(held)
 
     def size(self, spec, avoid=frozenset()):
         self.calls += 1
@@ -371,3 +375,23 @@ def test_a_terminating_namespace_is_nothing_to_do(caplog):
     # went away) may log into caplog while this test runs.
     assert not [r for r in caplog.records
                 if r.thread == threading.get_ident() and r.levelname in ("WARNING", "ERROR")]
+
+
+def test_a_created_trainer_job_hands_its_gpus_out_of_the_sizers_snapshot():
+    rec, _ = controller()
+    rec.process(KEY)
+    assert rec.children.applied == ["ConfigMap", "Job"]
+    assert [(h.product, h.gpus) for h in rec.sizer.handed_out] == [("NVIDIA-L4", 1)]
+
+
+def test_a_suspended_trainer_job_hands_out_no_gpus():
+    """A Job created suspended (for Kueue) requests no GPUs until it is admitted."""
+    rec, _ = controller()
+    queued = ftj(11)
+    queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpus"}
+    rec.store.observe_ftj("MODIFIED", queued)
+    rec.objects.rv = 11
+    rec.process(KEY)
+    jobs = [o for o in rec.children.objects if o["kind"] == "Job"]
+    assert jobs and jobs[0]["spec"]["suspend"] is True
+    assert rec.sizer.handed_out == []

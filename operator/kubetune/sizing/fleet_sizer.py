@@ -6,6 +6,12 @@ snapshot (at most every `ttl_seconds`) and outcomes are memoized per snapshot by
 sizer reads, so a sweep of jobs that differ only in data, output or learning-rate-like fields sizes once.
 The scheduler still places pods on live data; a layout sized on a snapshot a few seconds old is at worst
 re-sized on the next retry.
+
+Within one snapshot the GPUs of every trainer Job the operator creates are handed out (`hand_out`): they
+count as requested of their GPU type until the next snapshot sees the Job's pods. Without that, every job of
+a burst sized inside one snapshot saw the same free GPUs and got the same type (~50 jobs at 10/s), so a type
+with 10 free GPUs took all 50 and 40 of them waited unschedulable until they were moved minutes later. A
+memoized layout whose GPUs were free when sized is used again only while its type can still place it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from kubetune.api import FineTuneJobSpec
 
-from .fleet import Fleet, GpuHolding, fleet_from_nodes, with_occupancy
+from .fleet import PRODUCT_LABEL, Fleet, GpuHolding, fleet_from_nodes, pod_gpu_request, with_occupancy
 from .layout import SizingOutcome, size_job_layout
 
 # The spec fields the sizer and the layout read (sizer.size_job, layout.size_job_layout), by their Python
@@ -58,6 +64,7 @@ class FleetSizer:
         self._memo: dict[str, SizingOutcome] = {}
         self.hits = 0
         self.misses = 0
+        self.stale = 0  # memo hits refused: GPUs handed out since made their type unable to place the layout
         self.snapshots = 0
 
     def _snapshot(self) -> tuple[list[dict[str, Any]], Fleet | None, dict[str, SizingOutcome]]:
@@ -89,6 +96,9 @@ class FleetSizer:
             fleet = avoiding(fleet, avoid)
         with self._lock:  # the counters too: jobs are sized from the reconcile thread pool
             hit = memo.get(key)
+            if hit is not None and not still_placeable(fleet, hit):
+                hit = None
+                self.stale += 1
             if hit is not None:
                 self.hits += 1
             else:
@@ -101,6 +111,40 @@ class FleetSizer:
                 memo.clear()
             memo[key] = outcome
         return copy.deepcopy(outcome)
+
+
+    def hand_out(self, held: GpuHolding | None) -> None:
+        """GPUs of a trainer Job just created (not bound yet: `held.product` names its type) count as requested of
+        that type in the current snapshot, as a pending pod selecting it would. The next snapshot counts the
+        Job's pods instead."""
+        if held is None or held.gpus <= 0 or not held.product:
+            return
+        with self._lock:
+            fleet = self._fleet
+            pool = fleet.pool(held.product) if fleet is not None and fleet.occupancy_known else None
+            if pool is not None:
+                pool.pending += held.gpus
+
+
+def still_placeable(fleet: Fleet | None, outcome: SizingOutcome) -> bool:
+    """Whether a memoized outcome still holds on the snapshot: a layout that was free when sized must still be
+    placeable on its type (other outcomes do not depend on the GPUs handed out since)."""
+    layout = outcome.layout
+    if fleet is None or not fleet.occupancy_known or not outcome.free_now or layout is None \
+            or not layout.gpu_type or layout.gpus_per_pod <= 0:
+        return True
+    pool = fleet.pool(layout.gpu_type)
+    return pool is None or pool.placeable_now(layout.gpus_per_pod, layout.pods)
+
+
+def job_gpu_holding(job: Mapping[str, Any]) -> GpuHolding | None:
+    """What a trainer Job asks of the fleet before any pod exists: GPUs of its pod template times its
+    parallelism, on the GPU product its template selects."""
+    spec = job.get("spec") or {}
+    template = spec.get("template") or {}
+    gpus = pod_gpu_request(template) * max(1, int(spec.get("parallelism") or 1))
+    product = ((template.get("spec") or {}).get("nodeSelector") or {}).get(PRODUCT_LABEL) or ""
+    return GpuHolding("", product, gpus) if gpus > 0 and product else None
 
 
 def avoiding(fleet: Fleet, products: frozenset[str]) -> Fleet:
