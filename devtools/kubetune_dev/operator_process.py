@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from kubetune_dev.devcluster.cluster import track_live, untrack_live
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO_ROOT / "crds"
 FTJ_CRD = "finetunejobs.kubetune.io"
@@ -68,6 +70,7 @@ class OperatorProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "kubetune", "operator", *self.args],
                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
         log.close()
+        track_live(self)  # stopped with the clusters if this process is ended by a signal
         return self
 
     @property
@@ -117,6 +120,7 @@ class OperatorProcess:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
         if self.proc is None:
             return None
+        untrack_live(self)
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
             try:

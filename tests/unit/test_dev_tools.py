@@ -78,3 +78,36 @@ def test_a_longer_node_lease_gets_a_grace_of_the_same_ratio(lease, grace):
 def test_a_node_lease_under_ten_seconds_is_refused():
     with pytest.raises(ValueError, match="at least 10 s"):
         cluster.node_monitor_flags(5)
+
+
+def test_live_things_are_stopped_last_first_and_a_failing_stop_does_not_stop_the_rest(monkeypatch):
+    stopped = []
+
+    class Thing:
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        def stop(self):
+            stopped.append(self.name)
+            if self.fail:
+                raise RuntimeError("boom")
+
+    monkeypatch.setattr(cluster, "_live", [])
+    a, b, c = Thing("cluster"), Thing("operator", fail=True), Thing("second operator")
+    for thing in (a, b, c):
+        cluster.track_live(thing)
+    cluster.untrack_live(c)
+    cluster._stop_all_live()
+    assert stopped == ["operator", "cluster"]
+
+
+def test_an_operator_process_is_tracked_while_it_runs(monkeypatch, tmp_path):
+    """Started: stopped with the clusters if the benchmark or test process is ended by a signal."""
+    monkeypatch.setattr(cluster, "_live", [])
+    op = operator_process.OperatorProcess(tmp_path / "missing-kubeconfig", ["--help"], tmp_path / "op.log")
+    op.start()
+    try:
+        assert cluster._live == [op]
+    finally:
+        op.stop()
+    assert cluster._live == []

@@ -44,8 +44,21 @@ KWOK_STAGES_FILE = fleetmod.REPO_ROOT / "devcluster" / "kwok-stages.yaml"
 DEFAULT_NODE_LEASE_SECONDS = 40
 DEFAULT_NODE_MONITOR_GRACE_SECONDS = 50
 
-_live: list["Cluster"] = []
+_live: list[Any] = []  # clusters, and processes started against them (anything with stop()), stopped last first
 _live_lock = threading.Lock()
+
+
+def track_live(thing: Any) -> None:
+    """Stop `thing` (it has stop()) with the live clusters at exit or on SIGTERM/SIGHUP, before them."""
+    with _live_lock:
+        _live.append(thing)
+
+
+def untrack_live(thing: Any) -> None:
+    """`thing` was stopped."""
+    with _live_lock:
+        if thing in _live:
+            _live.remove(thing)
 
 
 def node_monitor_flags(lease_seconds: int) -> list[str]:
@@ -70,9 +83,12 @@ def free_port() -> int:
 
 def _stop_all_live() -> None:
     with _live_lock:
-        clusters = list(_live)
-    for cluster in clusters:
-        cluster.stop()
+        things = list(reversed(_live))
+    for thing in things:
+        try:
+            thing.stop()
+        except Exception:  # noqa: BLE001 - stop the rest
+            pass
 
 
 atexit.register(_stop_all_live)
@@ -173,8 +189,7 @@ class Cluster:
         bin_dir = self.bin_dir = opts.bin_dir or binaries.find_bin_dir()
         self.work_dir = Path(opts.work_dir or tempfile.mkdtemp(prefix="kubetune-cluster-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        with _live_lock:
-            _live.append(self)
+        track_live(self)
         install_signal_handlers()
         try:
             for attempt in (1, 2):
@@ -242,9 +257,7 @@ class Cluster:
                 pass
         self.process_nodes.clear()
         self.procs.stop()
-        with _live_lock:
-            if self in _live:
-                _live.remove(self)
+        untrack_live(self)
         if self.work_dir and not self.options.keep_work_dir and self.options.work_dir is None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
