@@ -66,6 +66,7 @@ KUBEFLOW_NS = "bench-kubeflow"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 MANAGED = "app.kubernetes.io/managed-by=kubetune"
 COMPLETE_ANNOTATION = "kwok.kubetune.io/complete"
+TERMINAL = ("Succeeded", "Failed")
 
 # A realistic LoRA run the sizer places on one GPU of the fleet (no PVCs: every URI is remote, so the
 # scheduler does not wait for volumes that do not exist on the simulated fleet).
@@ -238,6 +239,7 @@ class Watcher(threading.Thread):
         self.state: dict[str, Any] = {}
         self.last: dict[str, Any] = {}  # the latest digest of every object seen, deleted ones included
         self.deleted: set[str] = set()
+        self.finished_at: dict[str, float] = {}  # when each object's digest first showed a terminal phase
         self.errors: list[str] = []
         self.ready = threading.Event()
         self.stopping = False
@@ -322,7 +324,9 @@ class Watcher(threading.Thread):
             else:
                 self.added.setdefault(name, now)
                 if self.digest is not None:
-                    self.state[name] = self.last[name] = self.digest(obj)
+                    digest = self.state[name] = self.last[name] = self.digest(obj)
+                    if isinstance(digest, dict) and digest.get("phase") in TERMINAL:
+                        self.finished_at.setdefault(name, now)
             self.changed.notify_all()
 
     def wait_until(self, predicate: Callable[["Watcher"], bool], timeout: float) -> bool:
@@ -548,8 +552,20 @@ def request_rates(requests: dict[str, int], n: int, wall: float) -> dict[str, fl
             "apiserver_requests_per_s": round(total / wall, 1) if wall > 0 else None}
 
 
+def completion_lags(pods: Watcher, jobs: Watcher, names: list[str], owner_of: Callable[[str], str]) -> list[float]:
+    """Per job: seconds from its last pod's Succeeded/Failed (as the watch saw it) to the job's own terminal
+    phase: what the controllers add after the training processes exit."""
+    with pods.lock:
+        pod_done: dict[str, float] = {}
+        for pod, at in pods.finished_at.items():
+            owner = (pods.last.get(pod) or {}).get("owner") or ""
+            pod_done[owner] = max(pod_done.get(owner, 0.0), at)
+    return [jobs.finished_at[nm] - pod_done[owner_of(nm)] for nm in names
+            if nm in jobs.finished_at and owner_of(nm) in pod_done]
+
+
 def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str], concurrency: int,
-                        timeout: float, ns: str = FTJ_NS) -> dict:
+                        timeout: float, ns: str = FTJ_NS, owner_of: Callable[[str], str] = lambda nm: nm) -> dict:
     """Complete every Running trainer pod in ns (KWOK) until every job watched by `ftjs` (FineTuneJobs, or
     TrainJobs with a digest of the same shape) is Succeeded or Failed."""
     from kubernetes import client
@@ -582,7 +598,10 @@ def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str]
                 break
     done = time.time()
     phases = Counter(ftjs.state.get(n, {}).get("phase") or "?" for n in names)
+    lags = completion_lags(pods, ftjs, names, owner_of)
     return {"wall_s": round(done - t0, 3), "pods_completed": len(patched), "phases": dict(phases),
+            "pod_to_job_done_s": {"p50": round(percentile(lags, 50), 3), "p99": round(percentile(lags, 99), 3),
+                                  "max": round(max(lags, default=0), 3), "samples": len(lags)},
             "all_succeeded": phases.get("Succeeded", 0) == len(names), "errors": errors[:10],
             "error_count": len(errors)}
 
@@ -796,7 +815,8 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         if profiler:
             creation["apiserver_profile"] = profiler.result(cluster.bin_dir / "kube-apiserver")
         creation["operator_rss_peak_mib"] = rss.mark()
-        completion = drive_to_completion(api, pods, ftjs, names, concurrency, timeout) if ok else {"skipped": True}
+        completion = (drive_to_completion(api, pods, ftjs, names, concurrency, timeout,
+                                          owner_of=lambda nm: f"{nm}-trainer") if ok else {"skipped": True})
         completion["operator_rss_peak_mib"] = rss.mark()
         rss.stopping = True
         completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
@@ -976,6 +996,8 @@ def table(result: dict) -> str:
         ("apply->Job latency p50/p95/p99", f"{c['latency_s']['p50']} / {c['latency_s']['p95']} / "
                                            f"{c['latency_s']['p99']} s"),
         ("all FTJs Succeeded after", f"{comp.get('wall_s')} s  (phases {comp.get('phases')})"),
+        ("last pod done -> FTJ done p50/p99", f"{comp.get('pod_to_job_done_s', {}).get('p50')} / "
+                                              f"{comp.get('pod_to_job_done_s', {}).get('p99')} s"),
         ("operator peak RSS", f"{op['peak_rss_mib']} MiB  (idle {op['idle_rss_mib']} MiB; creation "
                               f"{c.get('operator_rss_peak_mib')}, completion {comp.get('operator_rss_peak_mib')}; "
                               "target < 300)"),

@@ -80,6 +80,7 @@ COMPARED = (
     ("apiserver_requests_per_job", ("creation", "to_pods", "apiserver_requests_per_job"), False),
     ("controller_peak_rss_mib", ("controller_peak_rss_mib",), False),
     ("completion_s", ("completion", "wall_s"), False),
+    ("pod_done_to_job_done_p50", ("completion", "pod_to_job_done_s", "p50"), False),
 )
 
 

@@ -62,10 +62,13 @@ class _Pods:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.state: dict = {}
+        self.last: dict = {}
+        self.finished_at: dict = {}
 
 
 class _Ftjs:
     state = {"ftj-0": {"phase": "Pending"}}
+    finished_at: dict = {}
 
     def wait_until(self, predicate, timeout):
         return predicate(self)
@@ -118,3 +121,25 @@ def test_a_job_whose_pod_was_deleted_by_a_move_has_had_its_pod():
     assert bench.wait_for_pods(pods, ["a", "b"], time.monotonic() + 5, lambda: True)
     assert bench.first_pod_times(pods) == {"a": 10.0, "b": 12.0}
     assert not bench.wait_for_pods(pods, ["a", "c"], time.monotonic() - 1, lambda: True)  # deadline passed
+
+
+def test_completion_lag_runs_from_a_jobs_last_pod_done_to_the_job_done():
+    pods = bench.Watcher(None, "/api/v1/pods", lambda obj: {"owner": obj["metadata"]["labels"]["owner"],
+                                                            "phase": obj["status"]["phase"]})
+    jobs = bench.Watcher(None, "/apis/x/jobs", lambda obj: {"phase": obj["status"]["phase"]})
+
+    def obj(name: str, phase: str, owner: str = "") -> dict:
+        return {"metadata": {"name": name, "labels": {"owner": owner}}, "status": {"phase": phase}}
+
+    pods._record("ADDED", obj("a-0", "Running", "a-trainer"), 1.0)
+    pods._record("MODIFIED", obj("a-0", "Succeeded", "a-trainer"), 10.0)
+    pods._record("ADDED", obj("a-1", "Succeeded", "a-trainer"), 12.0)  # the job's last pod
+    pods._record("MODIFIED", obj("a-1", "Succeeded", "a-trainer"), 13.0)  # a later event of a finished pod
+    pods._record("DELETED", obj("a-0", "Succeeded", "a-trainer"), 14.0)
+    pods._record("MODIFIED", obj("b-0", "Succeeded", "b-trainer"), 20.0)
+    jobs._record("MODIFIED", obj("a", "Running"), 11.0)
+    jobs._record("MODIFIED", obj("a", "Succeeded"), 15.5)
+    jobs._record("MODIFIED", obj("a", "Succeeded"), 30.0)
+    jobs._record("MODIFIED", obj("c", "Succeeded"), 9.0)  # no pod seen: no lag
+    lags = bench.completion_lags(pods, jobs, ["a", "b", "c"], lambda nm: f"{nm}-trainer")
+    assert lags == [3.5]
