@@ -49,7 +49,8 @@ from kubetune.reconcile import (CANCEL, CREATE, FOLLOW, Decision, Observed, deci
                                 out_of_memory, parse_summary, status_changed, still_acting, unschedulable_message)
 from kubetune.oom_layout import memory_outlook, replanned_layout, trace_outlook, with_replanned_layout
 from kubetune.preflight_trace import trace_status, traced_fit
-from kubetune.sizing.fleet_sizer import FleetSizer, job_gpu_holding
+from kubetune.sizing.fleet import GpuHolding, job_gpu_holding
+from kubetune.sizing.fleet_sizer import FleetSizer
 from kubetune.sizing.layout import SizingOutcome
 from kubetune.status import checked_status
 from kubetune.store import ClusterStore
@@ -115,7 +116,7 @@ class Reconciler:
         self.gpu_pods = GpuPods() if config.occupancy else None
         self.nodes = WatchedNodes(self.children.list_nodes)
         self.sizer = FleetSizer(self.nodes.nodes, config.node_cache_seconds,
-                                list_pods=self.gpu_pods.pods if self.gpu_pods is not None else None)
+                                list_pods=self._gpu_holdings if self.gpu_pods is not None else None)
         self.poller = ProgressPoller(fetch_progress, self.queue.add, period=config.progress_seconds,
                                      port=config.progress_port, timeout=config.progress_timeout)
         metrics.queue_depth.set_function(self.queue.depth)
@@ -130,6 +131,13 @@ class Reconciler:
         self._seen: set[Key] = set()  # FineTuneJobs this process has run a pass for
         self.cache_claims = KnownClaims(self._ensure_cache_claim)
         self._resync: threading.Thread | None = None
+
+    def _gpu_holdings(self) -> list[GpuHolding] | None:
+        """The GPUs unfinished pods hold or ask for (the cluster-wide pod watch; None while unknown), and those
+        this operator's trainer Jobs without pods yet will ask for."""
+        assert self.gpu_pods is not None
+        pods = self.gpu_pods.pods()
+        return None if pods is None else pods + self.store.podless_job_gpus()
 
     # --- triggers ------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from kubetune.builders import (COMPLETION_INDEX_ANNOTATION, COMPONENT_LABEL, JOB_NAME_LABEL, LAYOUT_ANNOTATION,
                                SPEC_HASH_ANNOTATION)
+from kubetune.sizing.fleet import GpuHolding, job_gpu_holding
 
 PREFLIGHT_COMPONENT = "preflight"  # kubetune.preflight.COMPONENT: the CPU check's Job, indexed apart from the trainer's
 
@@ -94,12 +95,14 @@ class _Packed:
     slim copy takes 0.6 KB this way against 1.7 KB as Python dicts, and a stored object is two allocations
     instead of ~30 small ones, which leaves fewer partly used allocator pools behind as objects are replaced."""
 
-    __slots__ = ("rv", "key", "blob")
+    __slots__ = ("rv", "key", "blob", "waiting")
 
-    def __init__(self, slim: dict[str, Any], key: "Key | None" = None) -> None:
+    def __init__(self, slim: dict[str, Any], key: "Key | None" = None,
+                 waiting: GpuHolding | None = None) -> None:
         self.rv = resource_version(slim)
         self.key = key
         self.blob = zlib.compress(json.dumps(slim, separators=(",", ":")).encode(), 1)
+        self.waiting = waiting  # Jobs: the GPUs it asks for while none of its pods exists (waiting_gpus)
 
     def full(self) -> dict[str, Any]:
         """The stored slim object (a new copy)."""
@@ -140,6 +143,19 @@ def slim_job(obj: dict[str, Any]) -> dict[str, Any]:
     return {"metadata": _meta(obj, SPEC_HASH_ANNOTATION, LAYOUT_ANNOTATION),
             "spec": {"suspend": bool((obj.get("spec") or {}).get("suspend"))},
             "status": keep}
+
+
+FINISHED_JOB_CONDITIONS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+
+
+def waiting_gpus(job: dict[str, Any]) -> GpuHolding | None:
+    """The GPUs a trainer Job will ask of its GPU type as soon as its pods exist; None when it asks for none now:
+    suspended (Kueue has not admitted it), being deleted, or finished."""
+    if ((job.get("spec") or {}).get("suspend") or (job.get("metadata") or {}).get("deletionTimestamp")
+            or any(c.get("type") in FINISHED_JOB_CONDITIONS and c.get("status") == "True"
+                   for c in (job.get("status") or {}).get("conditions") or [])):
+        return None
+    return job_gpu_holding(job)
 
 
 def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +304,8 @@ class ClusterStore:
         owner = str(ref.get("uid") or "") if ref else ""
         preflight = ((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL) == PREFLIGHT_COMPONENT
         key = self._ftj_key_of_job(obj)
-        stored = _Packed(slim_job(obj), key) if event_type != "DELETED" else None  # encoded outside the lock
+        stored = (_Packed(slim_job(obj), key, None if preflight else waiting_gpus(obj))
+                  if event_type != "DELETED" else None)  # encoded outside the lock
         with self._lock:
             index = self._preflight_of if preflight else self._job_of
             old = self._jobs.get(uid)
@@ -372,6 +389,13 @@ class ClusterStore:
                 return None, []
             pods = [self._pods[p] for p in self._pods_of.get(job_uid, ()) if p in self._pods]
         return job.full(), [pod.full() for pod in pods]
+
+    def podless_job_gpus(self) -> list[GpuHolding]:
+        """What the trainer Jobs none of whose pods exists yet will ask for (waiting_gpus): the Job controller
+        has not created their pods, so a cluster-wide pod watch does not count them yet."""
+        with self._lock:
+            return [packed.waiting for uid, packed in self._jobs.items()
+                    if packed.waiting is not None and not self._pods_of.get(uid)]
 
     def sizes(self) -> dict[str, int]:
         """How many objects of each kind the store holds (for tests and debugging)."""

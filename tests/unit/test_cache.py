@@ -382,3 +382,30 @@ def test_a_watch_remembers_a_few_hundred_bytes_per_pod():
     assert all(type(m) is bytes for m in memos)
     assert max(sys.getsizeof(m) for m in memos) < 400, max(sys.getsizeof(m) for m in memos)
     assert json.loads(memos[0])["metadata"]["uid"] == "pod-0"
+
+
+def test_a_trainer_job_without_pods_yet_counts_the_gpus_it_will_ask_for():
+    """LAYOUT: 2 pods x 1 L4. Counted from the Job's creation until its first pod is seen, never while it is
+    suspended, being deleted or finished."""
+    from kubetune.sizing.fleet import GpuHolding
+
+    store = ClusterStore()
+    store.observe_job("ADDED", full_job("10"))
+    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 2)]
+    store.observe_pod("ADDED", full_pod(0, "Pending", rv="11"))
+    assert store.podless_job_gpus() == []  # the pod watch counts it from now on
+    store.observe_pod("DELETED", full_pod(0, "Pending", rv="12"))
+    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 2)]
+    suspended = full_job("13")
+    suspended["spec"]["suspend"] = True
+    store.observe_job("MODIFIED", suspended)
+    assert store.podless_job_gpus() == []
+    store.observe_job("MODIFIED", full_job("14", conditions=[finished_condition("Complete", "Done", "")]))
+    assert store.podless_job_gpus() == []
+    deleting = full_job("15")
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T12:10:00Z"
+    store.observe_job("MODIFIED", deleting)
+    assert store.podless_job_gpus() == []
+    store.observe_job("MODIFIED", full_job("16"))
+    store.observe_job("DELETED", full_job("17"))
+    assert store.podless_job_gpus() == []

@@ -395,3 +395,15 @@ def test_a_suspended_trainer_job_hands_out_no_gpus():
     jobs = [o for o in rec.children.objects if o["kind"] == "Job"]
     assert jobs and jobs[0]["spec"]["suspend"] is True
     assert rec.sizer.handed_out == []
+
+
+def test_the_sizer_counts_pod_watch_holdings_and_this_operators_jobs_without_pods():
+    from kubetune.sizing.fleet import GpuHolding
+
+    rec, _ = controller()
+    bound = GpuHolding("node-1", "", 4)
+    rec.gpu_pods = SimpleNamespace(pods=lambda: [bound])
+    rec.store.observe_job("ADDED", the_job())  # 1 x L4, no pod seen yet
+    assert rec._gpu_holdings() == [bound, GpuHolding("", "NVIDIA-L4", 1)]
+    rec.gpu_pods = SimpleNamespace(pods=lambda: None)  # the pod watch has not listed yet: occupancy unknown
+    assert rec._gpu_holdings() is None

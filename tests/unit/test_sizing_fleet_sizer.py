@@ -6,8 +6,7 @@ import pytest
 
 from kubetune.api import parse_spec
 from kubetune.sizing import FleetSizer, size_job_layout, sizing_key
-from kubetune.sizing.fleet import GpuHolding, parse_gpu_shorthand
-from kubetune.sizing.fleet_sizer import job_gpu_holding
+from kubetune.sizing.fleet import GpuHolding, job_gpu_holding, parse_gpu_shorthand
 
 pytestmark = pytest.mark.unit
 

@@ -263,6 +263,16 @@ def gpu_holding(pod: Mapping[str, Any]) -> GpuHolding | None:
     return GpuHolding(spec.get("nodeName") or "", (spec.get("nodeSelector") or {}).get(PRODUCT_LABEL) or "", gpus)
 
 
+def job_gpu_holding(job: Mapping[str, Any]) -> GpuHolding | None:
+    """What a trainer Job asks of the fleet before any of its pods exists: the GPUs of its pod template times
+    its parallelism, on the GPU product its template selects (None without GPUs or a selected product)."""
+    spec = job.get("spec") or {}
+    template = spec.get("template") or {}
+    gpus = pod_gpu_request(template) * max(1, int(spec.get("parallelism") or 1))
+    product = ((template.get("spec") or {}).get("nodeSelector") or {}).get(PRODUCT_LABEL) or ""
+    return GpuHolding("", product, gpus) if gpus > 0 and product else None
+
+
 def with_occupancy(fleet: Fleet, pods: Iterable[Mapping[str, Any] | GpuHolding]) -> Fleet:
     """The fleet with each pool's GPUs in use: pods bound to a node and not finished hold their GPUs; pods not
     bound yet that select a GPU product (nodeSelector nvidia.com/gpu.product) are queued demand for it.

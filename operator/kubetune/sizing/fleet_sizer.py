@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from kubetune.api import FineTuneJobSpec
 
-from .fleet import PRODUCT_LABEL, Fleet, GpuHolding, fleet_from_nodes, pod_gpu_request, with_occupancy
+from .fleet import Fleet, GpuHolding, fleet_from_nodes, with_occupancy
 from .layout import SizingOutcome, size_job_layout
 
 # The spec fields the sizer and the layout read (sizer.size_job, layout.size_job_layout), by their Python
@@ -135,16 +135,6 @@ def still_placeable(fleet: Fleet | None, outcome: SizingOutcome) -> bool:
         return True
     pool = fleet.pool(layout.gpu_type)
     return pool is None or pool.placeable_now(layout.gpus_per_pod, layout.pods)
-
-
-def job_gpu_holding(job: Mapping[str, Any]) -> GpuHolding | None:
-    """What a trainer Job asks of the fleet before any pod exists: GPUs of its pod template times its
-    parallelism, on the GPU product its template selects."""
-    spec = job.get("spec") or {}
-    template = spec.get("template") or {}
-    gpus = pod_gpu_request(template) * max(1, int(spec.get("parallelism") or 1))
-    product = ((template.get("spec") or {}).get("nodeSelector") or {}).get(PRODUCT_LABEL) or ""
-    return GpuHolding("", product, gpus) if gpus > 0 and product else None
 
 
 def avoiding(fleet: Fleet, products: frozenset[str]) -> Fleet:
