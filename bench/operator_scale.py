@@ -382,6 +382,17 @@ def ftj_digest(obj: dict) -> dict[str, Any]:
             "message": (st.get("message") or "")[:200]}
 
 
+def job_digest(obj: dict) -> dict[str, Any]:
+    """A batch Job's outcome as a phase, as soon as the Job controller has decided it (SuccessCriteriaMet or
+    Complete: Succeeded; FailureTarget or Failed: Failed)."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("status") == "True" and cond.get("type") in ("SuccessCriteriaMet", "Complete"):
+            return {"phase": "Succeeded"}
+        if cond.get("status") == "True" and cond.get("type") in ("FailureTarget", "Failed"):
+            return {"phase": "Failed"}
+    return {"phase": ""}
+
+
 def pod_digest(obj: dict) -> dict[str, Any]:
     """A trainer pod's phase, node, workload (Job or JobSet) and whether completion was requested."""
     from peer_kubeflow import pod_owner
@@ -564,6 +575,12 @@ def completion_lags(pods: Watcher, jobs: Watcher, names: list[str], owner_of: Ca
             if nm in jobs.finished_at and owner_of(nm) in pod_done]
 
 
+def lag_stats(lags: list[float]) -> dict[str, float]:
+    """p50 / p99 / max of per-job lags, and how many there were."""
+    return {"p50": round(percentile(lags, 50), 3), "p99": round(percentile(lags, 99), 3),
+            "max": round(max(lags, default=0), 3), "samples": len(lags)}
+
+
 def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str], concurrency: int,
                         timeout: float, ns: str = FTJ_NS, owner_of: Callable[[str], str] = lambda nm: nm) -> dict:
     """Complete every Running trainer pod in ns (KWOK) until every job watched by `ftjs` (FineTuneJobs, or
@@ -598,10 +615,8 @@ def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str]
                 break
     done = time.time()
     phases = Counter(ftjs.state.get(n, {}).get("phase") or "?" for n in names)
-    lags = completion_lags(pods, ftjs, names, owner_of)
     return {"wall_s": round(done - t0, 3), "pods_completed": len(patched), "phases": dict(phases),
-            "pod_to_job_done_s": {"p50": round(percentile(lags, 50), 3), "p99": round(percentile(lags, 99), 3),
-                                  "max": round(max(lags, default=0), 3), "samples": len(lags)},
+            "pod_to_job_done_s": lag_stats(completion_lags(pods, ftjs, names, owner_of)),
             "all_succeeded": phases.get("Succeeded", 0) == len(names), "errors": errors[:10],
             "error_count": len(errors)}
 
@@ -733,7 +748,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
 
     objects = client.CustomObjectsApi(api)
     ftjs = Watcher(api, f"/apis/{GROUP}/{VERSION}/namespaces/{FTJ_NS}/{PLURAL}", ftj_digest)
-    jobs = Watcher(api, f"/apis/batch/v1/namespaces/{FTJ_NS}/jobs", label_selector=MANAGED)
+    jobs = Watcher(api, f"/apis/batch/v1/namespaces/{FTJ_NS}/jobs", job_digest, label_selector=MANAGED)
     cms = Watcher(api, f"/api/v1/namespaces/{FTJ_NS}/configmaps", label_selector=MANAGED)
     svcs = Watcher(api, f"/api/v1/namespaces/{FTJ_NS}/services", label_selector=MANAGED)
     pods = Watcher(api, f"/api/v1/namespaces/{FTJ_NS}/pods", pod_digest, label_selector=MANAGED)
@@ -818,6 +833,12 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         completion = (drive_to_completion(api, pods, ftjs, names, concurrency, timeout,
                                           owner_of=lambda nm: f"{nm}-trainer") if ok else {"skipped": True})
         completion["operator_rss_peak_mib"] = rss.mark()
+        # Where the lag after the pods goes: the Job controller deciding the trainer Job, then the operator.
+        trainer_jobs = [f"{nm}-trainer" for nm in names]
+        completion["pod_to_trainer_job_done_s"] = lag_stats(completion_lags(pods, jobs, trainer_jobs, lambda j: j))
+        completion["trainer_job_done_to_ftj_done_s"] = lag_stats([
+            ftjs.finished_at[nm] - jobs.finished_at[f"{nm}-trainer"] for nm in names
+            if nm in ftjs.finished_at and f"{nm}-trainer" in jobs.finished_at])
         rss.stopping = True
         completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
         alive = op.alive()
@@ -997,7 +1018,10 @@ def table(result: dict) -> str:
                                            f"{c['latency_s']['p99']} s"),
         ("all FTJs Succeeded after", f"{comp.get('wall_s')} s  (phases {comp.get('phases')})"),
         ("last pod done -> FTJ done p50/p99", f"{comp.get('pod_to_job_done_s', {}).get('p50')} / "
-                                              f"{comp.get('pod_to_job_done_s', {}).get('p99')} s"),
+                                              f"{comp.get('pod_to_job_done_s', {}).get('p99')} s  (pod -> Job "
+                                              f"{comp.get('pod_to_trainer_job_done_s', {}).get('p50')}, Job -> "
+                                              f"FTJ {comp.get('trainer_job_done_to_ftj_done_s', {}).get('p50')} "
+                                              "at p50)"),
         ("operator peak RSS", f"{op['peak_rss_mib']} MiB  (idle {op['idle_rss_mib']} MiB; creation "
                               f"{c.get('operator_rss_peak_mib')}, completion {comp.get('operator_rss_peak_mib')}; "
                               "target < 300)"),

@@ -143,3 +143,14 @@ def test_completion_lag_runs_from_a_jobs_last_pod_done_to_the_job_done():
     jobs._record("MODIFIED", obj("c", "Succeeded"), 9.0)  # no pod seen: no lag
     lags = bench.completion_lags(pods, jobs, ["a", "b", "c"], lambda nm: f"{nm}-trainer")
     assert lags == [3.5]
+
+
+@pytest.mark.parametrize("conditions, phase", [
+    ([], ""),
+    ([{"type": "SuccessCriteriaMet", "status": "True"}], "Succeeded"),
+    ([{"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}], "Succeeded"),
+    ([{"type": "FailureTarget", "status": "True"}], "Failed"),
+    ([{"type": "Suspended", "status": "True"}, {"type": "Complete", "status": "False"}], ""),
+])
+def test_a_jobs_outcome_counts_from_the_job_controllers_first_verdict(conditions, phase):
+    assert bench.job_digest({"status": {"conditions": conditions}}) == {"phase": phase}
