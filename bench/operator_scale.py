@@ -321,6 +321,9 @@ class Watcher(threading.Thread):
             if etype == "DELETED":
                 self.deleted.add(name)
                 self.state.pop(name, None)
+                # A Job of the same name created again (a move) is a new object: its outcome counts, not the
+                # verdict the Job controller gave the deleted one when its pods were killed.
+                self.finished_at.pop(name, None)
             else:
                 self.added.setdefault(name, now)
                 if self.digest is not None:

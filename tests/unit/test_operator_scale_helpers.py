@@ -145,6 +145,21 @@ def test_completion_lag_runs_from_a_jobs_last_pod_done_to_the_job_done():
     assert lags == [3.5]
 
 
+def test_a_job_created_again_under_its_name_finishes_when_the_new_one_does():
+    """A move deletes the trainer Job (its killed pods give it a Failed verdict first) and creates it again."""
+    jobs = bench.Watcher(None, "/apis/batch/v1/jobs", bench.job_digest)
+
+    def job(conditions: list) -> dict:
+        return {"metadata": {"name": "a-trainer"}, "status": {"conditions": conditions}}
+
+    jobs._record("MODIFIED", job([{"type": "FailureTarget", "status": "True"}]), 5.0)
+    jobs._record("DELETED", job([{"type": "FailureTarget", "status": "True"}]), 6.0)
+    jobs._record("ADDED", job([]), 7.0)
+    assert "a-trainer" not in jobs.finished_at
+    jobs._record("MODIFIED", job([{"type": "SuccessCriteriaMet", "status": "True"}]), 300.0)
+    assert jobs.finished_at["a-trainer"] == 300.0
+
+
 @pytest.mark.parametrize("conditions, phase", [
     ([], ""),
     ([{"type": "SuccessCriteriaMet", "status": "True"}], "Succeeded"),
