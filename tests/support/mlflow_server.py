@@ -18,7 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-DEFAULT_BIN = Path.home() / ".cache" / "kubetune" / "mlflow-venv" / "bin" / "mlflow"
+# scripts/bootstrap.sh installs it under its cache directory ($KUBETUNE_CACHE, default ~/.cache/kubetune).
+CACHE_DIR = Path(os.environ.get("KUBETUNE_CACHE") or Path.home() / ".cache" / "kubetune")
+DEFAULT_BIN = CACHE_DIR / "mlflow-venv" / "bin" / "mlflow"
 SKIP_REASON = ("no mlflow executable: install mlflow into its own virtualenv "
                "(python -m venv ~/.cache/kubetune/mlflow-venv && ~/.cache/kubetune/mlflow-venv/bin/pip install mlflow) "
                "or set KUBETUNE_MLFLOW_BIN")
