@@ -492,6 +492,23 @@ def bench_layout_pods(cluster: Any, spec_dict: dict[str, Any]) -> int:
 DRAIN_PAGE = 500  # Jobs per collection delete when a phase's Jobs are removed
 
 
+def clear_workloads(api: Any, ns: str, resource: tuple[str, str, str], timeout: float) -> float:
+    """Delete every custom resource (group, version, plural) in ns, their children by garbage collection, and wait
+    until no Job and no pod is left in ns; returns the seconds taken. Run between the kubetune and the Kubeflow
+    phases, so the second one starts on a cluster as empty as the first one did."""
+    from kubernetes import client
+
+    objects, batch, core = client.CustomObjectsApi(api), client.BatchV1Api(api), client.CoreV1Api(api)
+    t0 = time.monotonic()
+    objects.delete_collection_namespaced_custom_object(*resource[:2], ns, resource[2],
+                                                       propagation_policy="Background")
+    while time.monotonic() - t0 < timeout:
+        if not batch.list_namespaced_job(ns, limit=1).items and not core.list_namespaced_pod(ns, limit=1).items:
+            return round(time.monotonic() - t0, 1)
+        time.sleep(1.0)
+    raise RuntimeError(f"jobs or pods of {ns} still there {timeout}s after deleting its {resource[2]}")
+
+
 def drain_namespace(api: Any, ns: str, timeout: float) -> float:
     """Delete every Job in ns (pods with them) and wait until no pod is left; returns the seconds taken."""
     from kubernetes import client
@@ -743,8 +760,9 @@ class ApiserverProfile(threading.Thread):
 
 def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: float, workdir: Path,
                  operator_args: list[str], services_expected: int,
-                 profile: tuple[Path, float] | None = None) -> dict:
-    """Start the operator, create n FineTuneJobs, time children + status.plan, then completion."""
+                 profile: tuple[Path, float] | None = None, clear: bool = False) -> dict:
+    """Start the operator, create n FineTuneJobs, time children + status.plan, then completion. `clear`: delete
+    the FineTuneJobs and wait until their pods are gone before the operator stops (another phase follows)."""
     from kubernetes import client
 
     from kubetune_dev.operator_process import OperatorProcess
@@ -857,9 +875,12 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
                   if ftjs.state.get(nm, {}).get("phase") == "Failed"][:5]
         completion["failed_samples"] = failed
         completion["events_by_source"] = events_by_source(api, FTJ_NS)
-        return {"creation": creation, "completion": completion, "operator": operator,
-                "controller_peak_rss_mib": operator["peak_rss_mib"],
-                "watch_errors": sum(len(w.errors) for w in (ftjs, jobs, cms, svcs, pods))}
+        out = {"creation": creation, "completion": completion, "operator": operator,
+               "controller_peak_rss_mib": operator["peak_rss_mib"],
+               "watch_errors": sum(len(w.errors) for w in (ftjs, jobs, cms, svcs, pods))}
+        if clear:
+            out["cleared_s"] = clear_workloads(api, FTJ_NS, (GROUP, VERSION, PLURAL), timeout)
+        return out
     finally:
         for w in (ftjs, jobs, cms, svcs, pods):
             w.stopping = True
@@ -885,10 +906,12 @@ def create_runtime(api: Any, runtime: dict, timeout: float = 60.0) -> None:
             time.sleep(0.5)
 
 
-def run_kubeflow(cluster: Any, api: Any, n: int, concurrency: int, timeout: float, spec_dict: dict) -> dict:
+def run_kubeflow(cluster: Any, api: Any, n: int, concurrency: int, timeout: float, spec_dict: dict,
+                 clear: bool = False) -> dict:
     """Start the Kubeflow Trainer and JobSet managers, create n TrainJobs of a ClusterTrainingRuntime equivalent
     to the benchmark's kubetune Job, time until every TrainJob's pod exists, then drive the pods to Succeeded
-    (KWOK) and time until every TrainJob is Complete. Measured as the kubetune phase is."""
+    (KWOK) and time until every TrainJob is Complete. Measured as the kubetune phase is. `clear`: delete the
+    TrainJobs and wait until their pods are gone before the managers stop (another phase follows)."""
     from kubernetes import client
 
     from kubetune_dev.devcluster.kubeflow import JOBSET_NAME, TRAINER_NAME, build_kubeflow, start_kubeflow
@@ -960,7 +983,7 @@ def run_kubeflow(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
                   if trainjobs.state.get(nm, {}).get("phase") == "Failed"][:5]
         completion["failed_samples"] = failed
         completion["events_by_source"] = events_by_source(api, KUBEFLOW_NS)
-        return {"creation": creation, "completion": completion,
+        out = {"creation": creation, "completion": completion,
                 "controllers": {"alive_at_end": up, "idle_rss_mib": idle_rss, "peak_rss_mib": peak,
                                 "start_s": peer.timings.get("start_s"), "build_s": build_s,
                                 "log_errors": sum(len(v) for v in log_errors.values()),
@@ -968,6 +991,10 @@ def run_kubeflow(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
                                                       for line in v][:5]},
                 "controller_peak_rss_mib": round(sum(peak.values()), 1) if peak else None,
                 "runtime": RUNTIME_NOTE, "watch_errors": sum(len(w.errors) for w in watchers)}
+        if clear:
+            out["cleared_s"] = clear_workloads(api, KUBEFLOW_NS, ("trainer.kubeflow.org", "v1alpha1", plural),
+                                               timeout)
+        return out
     finally:
         for w in watchers:
             w.stopping = True
@@ -1160,12 +1187,14 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(cluster.work_dir)
         pods = bench_layout_pods(cluster, spec_dict)
         peer_first = args.peer == "kubeflow" and args.peer_order == "before" and shutil.which("go") is not None
+        peer_after = args.peer == "kubeflow" and args.peer_order == "after" and shutil.which("go") is not None
         if peer_first:
-            result["kubeflow"] = run_kubeflow(cluster, api, args.jobs, args.concurrency, args.timeout, spec_dict)
+            result["kubeflow"] = run_kubeflow(cluster, api, args.jobs, args.concurrency, args.timeout, spec_dict,
+                                              clear=True)
         result["kubetune"] = run_kubetune(cluster, api, args.jobs, args.concurrency, args.timeout, workdir,
                                           operator_args, services_expected=args.jobs if pods > 1 else 0,
                                           profile=(args.apiserver_profile, args.apiserver_profile_seconds)
-                                          if args.apiserver_profile else None)
+                                          if args.apiserver_profile else None, clear=peer_after)
         if args.peer == "kubeflow" and shutil.which("go") is None:
             result["kubeflow"] = {"skipped": "go is not installed: Kubeflow Trainer and JobSet are built from "
                                              "devcluster/kubeflow/go.mod"}
