@@ -11,7 +11,8 @@ Within one snapshot the GPUs of every trainer Job the operator creates are hande
 count as requested of their GPU type until the next snapshot sees the Job's pods. Without that, every job of
 a burst sized inside one snapshot saw the same free GPUs and got the same type (~50 jobs at 10/s), so a type
 with 10 free GPUs took all 50 and 40 of them waited unschedulable until they were moved minutes later. A
-memoized layout whose GPUs were free when sized is used again only while its type can still place it.
+memoized layout whose GPUs were free when sized is used again only while its type can still place it. (Across
+snapshots, the operator's Jobs whose pods do not exist yet come with the pods: `Reconciler._gpu_holdings`.)
 """
 
 from __future__ import annotations
@@ -111,7 +112,6 @@ class FleetSizer:
                 memo.clear()
             memo[key] = outcome
         return copy.deepcopy(outcome)
-
 
     def hand_out(self, held: GpuHolding | None) -> None:
         """GPUs of a trainer Job just created (not bound yet: `held.product` names its type) count as requested of
