@@ -28,6 +28,7 @@ from kubetune.preflight import preflight_status, validated_for
 from kubetune.resize import adopt_recorded_layout
 from kubetune.preflight_trace import TracedFit, plan_with_trace, traced_fit
 from kubetune.sizing.layout import SizingOutcome
+from kubetune.store import FINISHED_JOB_CONDITIONS
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
 from kubetune.oom_layout import MemoryOutlook
 from kubetune.sizing.estimator import gib
@@ -466,7 +467,7 @@ def _decide_create(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict
 
 
 def _job_finished(job: dict[str, Any]) -> bool:
-    return any(job_condition(job, c) for c in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"))
+    return any(job_condition(job, c) for c in FINISHED_JOB_CONDITIONS)
 
 
 def _decide_preparing(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: dict[str, str], observed: Observed,

@@ -145,6 +145,7 @@ def slim_job(obj: dict[str, Any]) -> dict[str, Any]:
             "status": keep}
 
 
+# The Job controller's verdicts: a Job with one of these True asks for no more pods (reconcile reads the same).
 FINISHED_JOB_CONDITIONS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
 
 
