@@ -498,33 +498,39 @@ def clear_workloads(api: Any, ns: str, resource: tuple[str, str, str], timeout: 
     phases, so the second one starts on a cluster as empty as the first one did."""
     from kubernetes import client
 
-    objects, batch, core = client.CustomObjectsApi(api), client.BatchV1Api(api), client.CoreV1Api(api)
     t0 = time.monotonic()
-    objects.delete_collection_namespaced_custom_object(*resource[:2], ns, resource[2],
-                                                       propagation_policy="Background")
-    while time.monotonic() - t0 < timeout:
-        if not batch.list_namespaced_job(ns, limit=1).items and not core.list_namespaced_pod(ns, limit=1).items:
-            return round(time.monotonic() - t0, 1)
-        time.sleep(1.0)
+    client.CustomObjectsApi(api).delete_collection_namespaced_custom_object(*resource[:2], ns, resource[2],
+                                                                           propagation_policy="Background")
+    if wait_until_empty(api, ns, t0 + timeout, delete_jobs=False):
+        return round(time.monotonic() - t0, 1)
     raise RuntimeError(f"jobs or pods of {ns} still there {timeout}s after deleting its {resource[2]}")
 
 
 def drain_namespace(api: Any, ns: str, timeout: float) -> float:
     """Delete every Job in ns (pods with them) and wait until no pod is left; returns the seconds taken."""
+    t0 = time.monotonic()
+    if wait_until_empty(api, ns, t0 + timeout, delete_jobs=True):
+        return round(time.monotonic() - t0, 1)
+    raise RuntimeError(f"pods of {ns} still there after {timeout}s")
+
+
+def wait_until_empty(api: Any, ns: str, deadline: float, delete_jobs: bool) -> bool:
+    """Poll until ns has no Job and no pod (True), or time.monotonic() passes deadline (False). With delete_jobs,
+    the Jobs still there are deleted a page at a time: one collection delete of 10,000 Jobs outlasts the
+    apiserver's request timeout."""
     from kubernetes import client
 
-    t0 = time.monotonic()
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
-    while time.monotonic() - t0 < timeout:
+    while time.monotonic() < deadline:
         if batch.list_namespaced_job(ns, limit=1).items:
-            # a page at a time: one collection delete of 10,000 Jobs outlasts the apiserver's request timeout
-            batch.delete_collection_namespaced_job(ns, propagation_policy="Background", limit=DRAIN_PAGE,
-                                                   _preload_content=False).data
-            continue
-        if not core.list_namespaced_pod(ns, limit=1).items:
-            return round(time.monotonic() - t0, 1)
+            if delete_jobs:
+                batch.delete_collection_namespaced_job(ns, propagation_policy="Background", limit=DRAIN_PAGE,
+                                                       _preload_content=False).data
+                continue
+        elif not core.list_namespaced_pod(ns, limit=1).items:
+            return True
         time.sleep(1.0)
-    raise RuntimeError(f"pods of {ns} still there after {timeout}s")
+    return False
 
 
 def defaulted_spec(api: Any) -> dict[str, Any]:
@@ -595,10 +601,10 @@ def completion_lags(pods: Watcher, jobs: Watcher, names: list[str], owner_of: Ca
             if nm in jobs.finished_at and owner_of(nm) in pod_done]
 
 
-def lag_stats(lags: list[float]) -> dict[str, float]:
-    """p50 / p99 / max of per-job lags, and how many there were."""
-    return {"p50": round(percentile(lags, 50), 3), "p99": round(percentile(lags, 99), 3),
-            "max": round(max(lags, default=0), 3), "samples": len(lags)}
+def spread(values: list[float], quantiles: tuple[int, ...] = (50, 99)) -> dict[str, float]:
+    """The given percentiles (p50, p99, ...), the max, and how many values there were: per-job latencies and lags."""
+    out: dict[str, float] = {f"p{q}": round(percentile(values, q), 3) for q in quantiles}
+    return {**out, "max": round(max(values, default=0), 3), "samples": len(values)}
 
 
 def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str], concurrency: int,
@@ -636,7 +642,7 @@ def drive_to_completion(api: Any, pods: Watcher, ftjs: Watcher, names: list[str]
     done = time.time()
     phases = Counter(ftjs.state.get(n, {}).get("phase") or "?" for n in names)
     return {"wall_s": round(done - t0, 3), "pods_completed": len(patched), "phases": dict(phases),
-            "pod_to_job_done_s": lag_stats(completion_lags(pods, ftjs, names, owner_of)),
+            "pod_to_job_done_s": spread(completion_lags(pods, ftjs, names, owner_of)),
             "all_succeeded": phases.get("Succeeded", 0) == len(names), "errors": errors[:10],
             "error_count": len(errors)}
 
@@ -702,9 +708,7 @@ def to_pods_summary(*, names: list[str], owner_of: Callable[[str], str], applied
     n = len(names)
     return {"complete": complete, "with_pods": len(latencies), "wall_s": round(wall, 3),
             "throughput_per_s": round(len(latencies) / wall, 2) if wall > 0 else None,
-            "latency_s": {"p50": round(percentile(latencies, 50), 3), "p95": round(percentile(latencies, 95), 3),
-                          "p99": round(percentile(latencies, 99), 3), "max": round(max(latencies, default=0), 3),
-                          "samples": len(latencies)},
+            "latency_s": spread(latencies, (50, 95, 99)),
             "apiserver_requests": requests, **request_rates(requests, n, wall),
             "cpu_s_by_process": cpu, "controllers": controllers,
             "cpu_s_per_job": cpu_per_job(cpu, controllers, n)}
@@ -835,9 +839,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             "client_return_s": round(t_return - t0, 3), "wall_to_last_job_s": round(wall, 3),
             "wall_to_all_children_and_plan_s": round(max(t_ready, t_children if ok else t_ready) - t0, 3),
             "throughput_per_s": round(len(latencies) / wall, 2) if wall > 0 else None,
-            "latency_s": {"p50": round(percentile(latencies, 50), 3), "p95": round(percentile(latencies, 95), 3),
-                          "p99": round(percentile(latencies, 99), 3), "max": round(max(latencies, default=0), 3),
-                          "samples": len(latencies)},
+            "latency_s": spread(latencies, (50, 95, 99)),
             "with_jobs": len(jobs.added), "with_configmaps": len(cms.added), "with_services": len(svcs.added),
             "with_plan": with_plan, "lost": lost[:20], "lost_count": len(lost),
             "phases": dict(Counter(ftjs.state.get(nm, {}).get("phase") or "?" for nm in names)),
@@ -856,8 +858,8 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         completion["operator_rss_peak_mib"] = rss.mark()
         # Where the lag after the pods goes: the Job controller deciding the trainer Job, then the operator.
         trainer_jobs = [f"{nm}-trainer" for nm in names]
-        completion["pod_to_trainer_job_done_s"] = lag_stats(completion_lags(pods, jobs, trainer_jobs, lambda j: j))
-        completion["trainer_job_done_to_ftj_done_s"] = lag_stats([
+        completion["pod_to_trainer_job_done_s"] = spread(completion_lags(pods, jobs, trainer_jobs, lambda j: j))
+        completion["trainer_job_done_to_ftj_done_s"] = spread([
             ftjs.finished_at[nm] - jobs.finished_at[f"{nm}-trainer"] for nm in names
             if nm in ftjs.finished_at and f"{nm}-trainer" in jobs.finished_at])
         rss.stopping = True

@@ -169,3 +169,44 @@ def test_a_job_created_again_under_its_name_finishes_when_the_new_one_does():
 ])
 def test_a_jobs_outcome_counts_from_the_job_controllers_first_verdict(conditions, phase):
     assert bench.job_digest({"status": {"conditions": conditions}}) == {"phase": phase}
+
+
+def test_spread_gives_the_asked_percentiles_the_max_and_the_count():
+    values = [float(v) for v in range(1, 101)]
+    assert bench.spread(values) == {"p50": 50.5, "p99": 99.01, "max": 100.0, "samples": 100}
+    assert list(bench.spread(values, (50, 95, 99))) == ["p50", "p95", "p99", "max", "samples"]
+    assert bench.spread([])["samples"] == 0 and bench.spread([])["max"] == 0
+
+
+class _FakeNamespace:
+    """Jobs and pods of one namespace as the kubernetes client's BatchV1Api / CoreV1Api list and delete them:
+    no more pods than Jobs once the garbage collector has seen a delete."""
+
+    def __init__(self, jobs: int, pods: int) -> None:
+        self.jobs, self.pods, self.deletes = jobs, pods, 0
+
+    def list_namespaced_job(self, ns, limit):
+        return type("L", (), {"items": [object()] * min(self.jobs, limit)})()
+
+    def list_namespaced_pod(self, ns, limit):
+        self.pods = min(self.pods, self.jobs)
+        return type("L", (), {"items": [object()] * min(self.pods, limit)})()
+
+    def delete_collection_namespaced_job(self, ns, propagation_policy, limit, _preload_content):
+        self.deletes += 1
+        self.jobs = max(self.jobs - limit, 0)
+        return type("R", (), {"data": b""})()
+
+
+def test_waiting_for_an_empty_namespace_deletes_its_jobs_a_page_at_a_time_only_when_asked(monkeypatch):
+    from kubernetes import client
+
+    ns = _FakeNamespace(jobs=2 * bench.DRAIN_PAGE + 1, pods=3)
+    monkeypatch.setattr(client, "BatchV1Api", lambda api: ns)
+    monkeypatch.setattr(client, "CoreV1Api", lambda api: ns)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    assert not bench.wait_until_empty(None, "n", time.monotonic() + 0.2, delete_jobs=False)
+    assert ns.deletes == 0 and ns.jobs == 2 * bench.DRAIN_PAGE + 1
+    assert bench.wait_until_empty(None, "n", time.monotonic() + 5, delete_jobs=True)
+    assert ns.deletes == 3 and ns.jobs == 0 and ns.pods == 0
+    assert bench.drain_namespace(None, "n", 5) >= 0
