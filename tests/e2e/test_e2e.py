@@ -280,7 +280,7 @@ def test_a_missing_secret_is_named_in_the_status_and_an_event(cluster, ftj, ws):
     ready = next(c for c in st["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and "hf-token-missing" in ready["message"]
     assert any(reason == "TrainerContainerNotStarting" and "hf-token-missing" in message
-               for reason, message in ftj.events(ws.namespace, "nosecret"))
+               for reason, message in ftj.wait_events(ws.namespace, "nosecret", "TrainerContainerNotStarting"))
 
 
 def test_evaluation_and_export_reach_the_status_conditions_events_and_kubectl_get(cluster, ftj, ws):

@@ -77,7 +77,7 @@ def test_a_quota_that_refuses_the_children_is_reported_then_the_job_proceeds(ftj
     assert "403" in st["message"] and "exceeded quota" in st["message"], st["message"]
     ready = next(c for c in st["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and "exceeded quota" in ready["message"]
-    assert any(reason == "ChildRejected" and "exceeded quota" in message for reason, message in ftj.events(ns, "quota"))
+    assert any(reason == "ChildRejected" and "exceeded quota" in message for reason, message in ftj.wait_events(ns, "quota", "ChildRejected"))
     assert not ftj.jobs(ns)
     ftj.core.delete_namespaced_resource_quota("no-configmaps", ns)
     wait_phase(ftj, ns, "quota", "Running", timeout=60)

@@ -53,7 +53,7 @@ def test_job_runs_pending_to_running_to_succeeded(ftj, k8s, namespace):
     assert st["completionTime"] and st["progress"]["percent"] == 100.0
     assert st["accounting"]["gpuHours"] > 0
     assert st["observedGeneration"] == ftj.get(namespace, "demo")["metadata"]["generation"]
-    reasons = [r for r, _ in ftj.events(namespace, "demo")]
+    reasons = [r for r, _ in ftj.wait_events(namespace, "demo", "Completed")]
     assert "ChildrenCreated" in reasons and "PodsRunning" in reasons and "Completed" in reasons
     # No duplicate children after all those passes.
     assert [j.metadata.name for j in ftj.jobs(namespace)] == ["demo-trainer"]
@@ -77,7 +77,7 @@ def test_failing_pods_are_retried_then_job_fails_with_pod_message(ftj, k8s, name
     assert failed["status"] == "True" and "loss became NaN" in failed["message"]
     health, message = argocd_health(ftj.get(namespace, "flaky"))
     assert health == "Degraded" and "BackoffLimitExceeded" in message, message
-    assert ("BackoffLimitExceeded" in [r for r, _ in ftj.events(namespace, "flaky")])
+    assert ("BackoffLimitExceeded" in [r for r, _ in ftj.wait_events(namespace, "flaky", "BackoffLimitExceeded")])
 
 
 def test_permanent_trainer_error_fails_without_retry(ftj, k8s, namespace):
@@ -90,7 +90,7 @@ def test_permanent_trainer_error_fails_without_retry(ftj, k8s, namespace):
     assert st["reason"] == "DataError" and "train.jsonl:3: invalid JSON" in st["message"]
     assert "not retried" in st["message"]
     assert len(ftj.pods(namespace, "baddata")) == 1
-    reasons = [r for r, _ in ftj.events(namespace, "baddata")]
+    reasons = [r for r, _ in ftj.wait_events(namespace, "baddata", "DataError")]
     assert "PodFailedRetrying" not in reasons and reasons.count("DataError") == 1, reasons
 
 
@@ -132,7 +132,7 @@ def test_out_of_memory_recreates_the_job_with_a_leaner_plan(ftj, k8s, namespace)
     assert [r["change"] for r in st["memoryReplans"]] == [
         "microBatchSize 8 -> 4, gradientAccumulationSteps 8 -> 16 (global batch 64 per process kept)"]
     assert st["memoryReplans"][0]["step"] == 37
-    events = ftj.events(namespace, "oom")
+    events = ftj.wait_events(namespace, "oom", "ReplannedAfterOutOfMemory")
     replanned = [m for r, m in events if r == "ReplannedAfterOutOfMemory"]
     assert len(replanned) == 1 and "microBatchSize 8 -> 4" in replanned[0], events
 
@@ -186,7 +186,7 @@ def test_out_of_memory_twice_moves_the_job_to_a_layout_that_needs_less_per_gpu(f
     limits = job.spec.template.spec.containers[0].resources.limits
     assert limits["nvidia.com/gpu"] == str(new["gpusPerPod"]) and third.spec.node_selector == {
         "nvidia.com/gpu.product": "NVIDIA-L4"}
-    replanned = [m for r, m in ftj.events(namespace, "oomlayout") if r == "ReplannedAfterOutOfMemory"]
+    replanned = [m for r, m in ftj.wait_events(namespace, "oomlayout", "ReplannedAfterOutOfMemory") if r == "ReplannedAfterOutOfMemory"]
     assert any(layout["change"] in m for m in replanned), replanned
     assert "GiB estimated per GPU with 1 x NVIDIA-L4, single GPU ran out of memory" in layout["change"]
     assert "the trainer measured a peak of 20.0 GiB" in layout["change"]
@@ -330,7 +330,7 @@ def test_orphaned_children_are_never_adopted_by_a_recreated_job(ftj, k8s, namesp
     st = wait_for(lambda: (lambda s: s if s.get("reason") == "ChildNotOwned" else None)(ftj.status(namespace, "twice")),
                   30, lambda: f"ChildNotOwned; last status {ftj.status(namespace, 'twice')}")
     assert "twice-plan" in st["message"] or "twice-trainer" in st["message"]
-    assert any(reason == "ChildNotOwned" for reason, _ in ftj.events(namespace, "twice"))
+    assert any(reason == "ChildNotOwned" for reason, _ in ftj.wait_events(namespace, "twice", "ChildNotOwned"))
     assert ftj.core.read_namespaced_config_map("twice-plan", namespace).data == old_plan  # not patched
     uid = ftj.get(namespace, "twice")["metadata"]["uid"]
     # Clear the way: the new job creates its own children, owned by its own UID.
@@ -430,6 +430,6 @@ def test_job_that_fits_no_gpu_stays_pending_with_reason(ftj, namespace):
                                    if c["type"] == "Sized"), None), 30, "Sized condition")
     assert sized["status"] == "False" and sized["reason"] == "InsufficientGPU" and sized["message"]
     assert not ftj.jobs(namespace)
-    assert "InsufficientGPU" in [r for r, _ in ftj.events(namespace, "toolarge")]
+    assert "InsufficientGPU" in [r for r, _ in ftj.wait_events(namespace, "toolarge", "InsufficientGPU")]
     text = urllib.request.urlopen(f"http://127.0.0.1:{ftj_operator_metrics_port()}/metrics", timeout=5).read().decode()
     assert "kubetune_sizing_refusals_total" in text

@@ -116,7 +116,7 @@ def test_pods_unschedulable_on_the_chosen_type_are_moved_once(ftj, namespace):
             return st if st.get("unschedulableGpuTypes") == [L4] and (st.get("layout") or {}).get("gpuType") \
                 not in (None, L4) else None
         st = wait_for(moved, 60, lambda: f"re-sized; last status {json.dumps(ftj.status(ns, 'tainted'))[:1500]}")
-        events = [(r, m) for r, m in ftj.events(ns, "tainted") if r == "ResizingUnschedulable"]
+        events = [(r, m) for r, m in ftj.wait_events(ns, "tainted", "ResizingUnschedulable") if r == "ResizingUnschedulable"]
         assert len(events) == 1 and "untolerated taint" in events[0][1] and L4 in events[0][1], events
         wait_for(lambda: job_product(ftj, ns) == st["layout"]["gpuType"] or None, 30, "the Job on the new type")
         pods = ftj.core.list_namespaced_pod(ns).items
