@@ -31,6 +31,7 @@ from kubetune.sizing.layout import SizingOutcome
 from kubetune.store import FINISHED_JOB_CONDITIONS
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
 from kubetune.oom_layout import MemoryOutlook
+from kubetune.pod_times import containers_finished_at, containers_started_at
 from kubetune.sizing.estimator import gib
 from kubetune.sizing.leaner import describe_layout
 from kubetune.status import checked_status
@@ -286,13 +287,29 @@ def _fold_trainer_report(st: dict[str, Any], report: dict[str, Any], now: str, *
         st["artifacts"] = {k: str(v) for k, v in report["artifacts"].items() if v}
 
 
-def _close_running(st: dict[str, Any], now: dt.datetime) -> None:
-    """End the current Running stretch: add it to runningSeconds."""
+def _close_running(st: dict[str, Any], now: dt.datetime, pods: list[dict[str, Any]] | None = None) -> None:
+    """End the current Running stretch: add it to runningSeconds. With the Job's pods (the run ended), the stretch
+    ends at their last container exit rather than at this pass, and a run that started and ended between two
+    passes (never seen Running) counts from its first container start."""
     acc = st.setdefault("accounting", {})
     since = parse_time(acc.pop("runningSince", None))
+    end = now
+    if pods:
+        if since is None and not acc.get("runningSeconds"):
+            since = containers_started_at(pods)
+        exited = containers_finished_at(pods)
+        if exited is not None and since is not None:
+            end = min(max(exited, since), now)
     if since is not None:
         acc["runningSeconds"] = round(float(acc.get("runningSeconds") or 0.0)
-                                      + max((now - since).total_seconds(), 0.0), 1)
+                                      + max((end - since).total_seconds(), 0.0), 1)
+
+
+def _running_since(acc: dict[str, Any], running: list[dict[str, Any]], now: dt.datetime) -> str:
+    """Where a Running stretch starts: on the first one, when its containers started (the pass that sees it
+    comes later); after a restart, at this pass (the time in between was counted up to the previous pass)."""
+    started = None if acc.get("runningSeconds") else containers_started_at(running)
+    return iso(min(started, now)) if started is not None else iso(now)
 
 
 def _gpu_hours(st: dict[str, Any], now: dt.datetime) -> float:
@@ -748,7 +765,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     if oom is not None:
         return _decide_replan(p, spec, oom, observed.memory)
     if complete is not None:
-        _close_running(st, now)
+        _close_running(st, now, pods)
         zero = [pod for pod in pods if pod_index(pod) == 0 and _phase_of(pod) == "Succeeded"]
         summary = parse_summary(zero[-1]) if zero else None
         if summary:
@@ -864,7 +881,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     retry_reason = R.PREEMPTED_RESUMING if preempted else R.RETRYING
     if running and not job_suspended:
         if old_phase != "Running":
-            acc["runningSince"] = now_s
+            acc["runningSince"] = _running_since(acc, running, now)
             # The checkpoint known before this start is the one the trainer resumes from.
             ckpt_step = int((old.get("checkpoint") or {}).get("step") or 0)
             if ckpt_step > 0:

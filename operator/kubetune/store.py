@@ -161,7 +161,7 @@ def waiting_gpus(job: dict[str, Any]) -> GpuHolding | None:
 
 def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
     """The fields of a trainer pod that a reconcile pass reads: identity, completion index, phase, IP,
-    scheduling condition, each container's termination or waiting reason, and the pod's reason/message.
+    scheduling condition, each container's termination, start time or waiting reason, and the pod's reason/message.
     It shares dicts with `obj` (the store encodes it at once, and reads decode a new copy)."""
     status = obj.get("status") or {}
     keep: dict[str, Any] = {k: status[k] for k in ("phase", "podIP", "reason", "message") if status.get(k)}
@@ -174,6 +174,8 @@ def slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
         term, waiting = state.get("terminated"), state.get("waiting")
         if term:
             slim_state = {"terminated": term}
+        elif (state.get("running") or {}).get("startedAt"):
+            slim_state = {"running": {"startedAt": state["running"]["startedAt"]}}  # status.accounting
         elif waiting:
             slim_state = {"waiting": {k: waiting[k] for k in ("reason", "message") if waiting.get(k)}}
         else:

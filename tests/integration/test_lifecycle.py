@@ -4,6 +4,7 @@ KWOK pods driven to Succeeded/Failed with `complete_pod`, real Job controller an
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -42,6 +43,8 @@ def test_job_runs_pending_to_running_to_succeeded(ftj, k8s, namespace):
     assert pod0.spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-L4"}
     # The chart's Argo CD health check judges the real objects: Progressing while running, Healthy when done.
     assert argocd_health(ftj.get(namespace, "demo"))[0] == "Progressing"
+    # Accounting counts the containers' own start and exit times (whole seconds): let the pods run two of them.
+    time.sleep(2.5)
     complete_pod(k8s, namespace, pod1.metadata.name)
     complete_pod(k8s, namespace, pod0.metadata.name, message=summary_json("demo"))
     st = wait_phase(ftj, namespace, "demo", "Succeeded")
@@ -51,7 +54,7 @@ def test_job_runs_pending_to_running_to_succeeded(ftj, k8s, namespace):
     assert st["metrics"]["trainLoss"] == 1.23 and st["metrics"]["perplexity"] == 3.7
     assert st["checkpoint"]["step"] == 100 and st["accounting"]["tokens"] == 123456
     assert st["completionTime"] and st["progress"]["percent"] == 100.0
-    assert st["accounting"]["gpuHours"] > 0
+    assert st["accounting"]["runningSeconds"] >= 2 and st["accounting"]["gpuHours"] > 0
     assert st["observedGeneration"] == ftj.get(namespace, "demo")["metadata"]["generation"]
     reasons = [r for r, _ in ftj.wait_events(namespace, "demo", "Completed")]
     assert "ChildrenCreated" in reasons and "PodsRunning" in reasons and "Completed" in reasons

@@ -186,6 +186,49 @@ def test_running_sets_start_time_accounting_and_ready() -> None:
     assert cond_of(later.status, C.READY)["lastTransitionTime"] == "2026-01-01T12:00:00Z"
 
 
+def timed_pod(phase: str, started: str, finished: str | None = None, index: int = 0) -> dict:
+    """A trainer pod whose container status carries the kubelet's start (and exit) time."""
+    p = pod(phase, index)
+    state = ({"terminated": {"exitCode": 0, "startedAt": started, "finishedAt": finished}} if finished
+             else {"running": {"startedAt": started}})
+    p["status"]["containerStatuses"] = [{"name": "trainer", "state": state}]
+    return p
+
+
+def test_running_time_counts_from_the_containers_start_to_their_exit_not_the_passes_that_saw_them() -> None:
+    # The pass that sees the pod Running comes 40 s after its container started.
+    d = run(status={"phase": "Pending", "layout": LAYOUT.to_status()},
+            observed=Observed(job=job_obj(), pods=[timed_pod("Running", "2026-01-01T11:59:20Z")]))
+    assert d.status["accounting"]["runningSince"] == "2026-01-01T11:59:20Z"
+    # The pass that sees the Job complete comes 3 minutes after the container exited.
+    job = job_obj(conditions=[{"type": "Complete", "status": "True"}])
+    done = run(status=d.status, observed=Observed(job=job, pods=[
+        timed_pod("Succeeded", "2026-01-01T11:59:20Z", "2026-01-01T12:10:00Z")]), now=T0 + dt.timedelta(minutes=13))
+    assert done.status["phase"] == "Succeeded"
+    assert done.status["accounting"]["runningSeconds"] == 640.0 and "runningSince" not in done.status["accounting"]
+    # A clock ahead of the operator's never counts time after this pass; a start in the future is this pass.
+    ahead = run(status={"phase": "Pending", "layout": LAYOUT.to_status()},
+                observed=Observed(job=job_obj(), pods=[timed_pod("Running", "2026-01-01T12:00:30Z")]))
+    assert ahead.status["accounting"]["runningSince"] == "2026-01-01T12:00:00Z"
+
+
+def test_a_run_that_started_and_ended_between_two_passes_still_counts_its_running_time() -> None:
+    job = job_obj(conditions=[{"type": "Complete", "status": "True"}])
+    d = run(status={"phase": "Pending", "layout": LAYOUT.to_status()}, observed=Observed(job=job, pods=[
+        timed_pod("Succeeded", "2026-01-01T11:58:00Z", "2026-01-01T11:59:30Z")]))
+    assert d.status["phase"] == "Succeeded" and d.status["accounting"]["runningSeconds"] == 90.0
+    assert d.status["accounting"]["gpuHours"] == pytest.approx(90 / 3600, abs=1e-4)
+
+
+def test_after_a_restart_running_time_resumes_at_the_pass_that_sees_it() -> None:
+    """The stretch before the restart was counted up to the pass that saw it end: the new pod's own start time
+    could fall before that pass and count the gap twice."""
+    status = {"phase": "Pending", "layout": LAYOUT.to_status(), "accounting": {"runningSeconds": 100.0}}
+    d = run(status=status, observed=Observed(job=job_obj(failed=1), pods=[
+        pod("Failed", exit_code=1, created="2026-01-01T11:00:00Z"), timed_pod("Running", "2026-01-01T11:59:00Z")]))
+    assert d.status["accounting"]["runningSince"] == "2026-01-01T12:00:00Z"
+
+
 def test_finished_pods_before_job_completion_keep_running_not_pending() -> None:
     running = run(status={"phase": "Running", "layout": LAYOUT.to_status()},
                   observed=Observed(job=job_obj(), pods=[pod("Running")])).status

@@ -1,0 +1,46 @@
+"""When the trainer containers really ran, from the pods' own status (the kubelet's timestamps), for
+status.accounting. The operator's passes see a start or an end late: after the watch event, the Job controller's
+verdict and the work queue, seconds on a quiet cluster and minutes in a burst of thousands of jobs, and a short
+run can start and finish between two passes. Pure functions of the (slim) pod objects."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+
+def _time(text: Any) -> dt.datetime | None:
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _states(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [cs.get("state") or {} for cs in (pod.get("status") or {}).get("containerStatuses") or []]
+
+
+def containers_started_at(pods: list[dict[str, Any]]) -> dt.datetime | None:
+    """The earliest start of a container that is running or has run, among these pods; None when none says."""
+    starts = [_time((state.get("running") or state.get("terminated") or {}).get("startedAt"))
+              for pod in pods for state in _states(pod)]
+    known = [t for t in starts if t is not None]
+    return min(known) if known else None
+
+
+def containers_finished_at(pods: list[dict[str, Any]]) -> dt.datetime | None:
+    """The last container exit among these pods, once every container of every pod has exited with a time;
+    None while one still runs or an exit time is missing."""
+    ends: list[dt.datetime] = []
+    for pod in pods:
+        states = _states(pod)
+        if not states:
+            return None
+        for state in states:
+            end = _time((state.get("terminated") or {}).get("finishedAt"))
+            if end is None:
+                return None
+            ends.append(end)
+    return max(ends) if ends else None
