@@ -8,12 +8,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from kubetune.timestamps import parse_time
 
-def _time(text: Any) -> dt.datetime | None:
-    if not text or not isinstance(text, str):
-        return None
+
+def _time(value: Any) -> dt.datetime | None:
+    """A time from pod status; None when absent or malformed (a pod's status is not the operator's to trust)."""
     try:
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_time(value) if isinstance(value, str) else None
     except ValueError:
         return None
 

@@ -35,6 +35,7 @@ from kubetune.pod_times import containers_finished_at, containers_started_at
 from kubetune.sizing.estimator import gib
 from kubetune.sizing.leaner import describe_layout
 from kubetune.status import checked_status
+from kubetune.timestamps import iso, parse_time
 
 JOB_FAILURE_REASONS = {
     "BackoffLimitExceeded": R.BACKOFF_LIMIT_EXCEEDED,
@@ -87,18 +88,6 @@ class Decision:
     actions: list[Action] = dataclasses.field(default_factory=list)
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (type, reason, msg)
     retry_after: float | None = None  # ask to be called again (e.g. waiting for GPUs, a TTL)
-
-
-def iso(now: dt.datetime) -> str:
-    """RFC 3339 UTC timestamp with seconds precision."""
-    return now.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(text: str | None) -> dt.datetime | None:
-    """Parse an RFC 3339 timestamp, None when empty."""
-    if not text:
-        return None
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def job_condition(job: dict[str, Any], ctype: str) -> dict[str, Any] | None:

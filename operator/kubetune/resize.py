@@ -16,12 +16,7 @@ from typing import Any
 from kubetune.api import FineTuneJobSpec
 from kubetune.builders import LAYOUT_ANNOTATION
 from kubetune.sizing.layout import SizingOutcome
-
-
-def _parse(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+from kubetune.timestamps import parse_time
 
 
 def unschedulable_seconds(pods: list[dict[str, Any]], now: dt.datetime) -> float:
@@ -35,7 +30,7 @@ def unschedulable_seconds(pods: list[dict[str, Any]], now: dt.datetime) -> float
             return 0.0
         cond = next((c for c in (pod.get("status") or {}).get("conditions") or []
                      if c.get("type") == "PodScheduled"), None)
-        since = _parse((cond or {}).get("lastTransitionTime"))
+        since = parse_time((cond or {}).get("lastTransitionTime"))
         if not cond or cond.get("status") != "False" or cond.get("reason") != "Unschedulable" or since is None:
             return 0.0
         waited.append((now - since).total_seconds())

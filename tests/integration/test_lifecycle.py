@@ -189,7 +189,8 @@ def test_out_of_memory_twice_moves_the_job_to_a_layout_that_needs_less_per_gpu(f
     limits = job.spec.template.spec.containers[0].resources.limits
     assert limits["nvidia.com/gpu"] == str(new["gpusPerPod"]) and third.spec.node_selector == {
         "nvidia.com/gpu.product": "NVIDIA-L4"}
-    replanned = [m for r, m in ftj.wait_events(namespace, "oomlayout", "ReplannedAfterOutOfMemory") if r == "ReplannedAfterOutOfMemory"]
+    replanned = [m for r, m in ftj.wait_events(namespace, "oomlayout", "ReplannedAfterOutOfMemory")
+                 if r == "ReplannedAfterOutOfMemory"]
     assert any(layout["change"] in m for m in replanned), replanned
     assert "GiB estimated per GPU with 1 x NVIDIA-L4, single GPU ran out of memory" in layout["change"]
     assert "the trainer measured a peak of 20.0 GiB" in layout["change"]

@@ -100,8 +100,11 @@ class FtjClient:
     def wait_events(self, ns: str, name: str, *reasons: str, timeout: float = 30.0) -> list[tuple[str, str]]:
         """events() once an Event of each reason is there. The operator posts a pass's Events right after the
         status write of that pass, so a test that has just seen the status may list the Events a moment early."""
-        return wait_for(lambda: (lambda evs: evs if set(reasons) <= {r for r, _ in evs} else None)(
-            self.events(ns, name)), timeout, lambda: f"Events {reasons} about {ns}/{name}; seen {self.events(ns, name)}")
+        def all_there() -> list[tuple[str, str]] | None:
+            events = self.events(ns, name)
+            return events if set(reasons) <= {reason for reason, _ in events} else None
+
+        return wait_for(all_there, timeout, lambda: f"Events {reasons} about {ns}/{name}; seen {self.events(ns, name)}")
 
 
 def summary_json(name: str, *, status: str = "Succeeded", reason: str = "Completed", message: str = "",
