@@ -604,7 +604,8 @@ def _record_layout(p: _Pass, spec: FineTuneJobSpec, want_hash: str, sizing: Sizi
     st["layout"] = sizing.layout.to_status(want_hash)
     p.cond(C.SIZED, True, sizing.reason, sizing.message)
     if st.get("preflight") and st["preflight"].get("steps"):
-        calibration = p.throughput.calibration(str(st["layout"].get("gpuType") or ""), spec.method) \
+        params = int(((st.get("plan") or {}).get("estimate") or {}).get("totalParams") or 0)
+        calibration = p.throughput.calibration(str(st["layout"].get("gpuType") or ""), spec.method, params) \
             if p.throughput is not None else None
         st["estimate"] = estimate_status(st["preflight"], st["layout"], st.get("plan"), spec, p.pricing or Pricing(),
                                          calibration)

@@ -207,3 +207,53 @@ def test_the_steps_own_rate_calibrates_when_the_trainer_reports_it():
     # 1e6 tokens at the steps' 2500/s: 400 s in steps; the other 220 s (warm-up, evaluation, saving) are overhead.
     assert s.overhead_seconds == pytest.approx(220.0)
     assert s.flops_per_device == pytest.approx(2500.0 * flops_per_token(8_030_261_248, "lora", True))
+
+
+def test_calibration_uses_the_runs_of_the_jobs_own_model_size_else_the_nearest_measured_one():
+    from kubetune.estimate import flops_per_token
+    from kubetune.throughput import ThroughputBook
+
+    book = ThroughputBook(flops_per_token)
+    small, large, huge = 494_032_768, 8_030_261_248, 70_553_706_496
+    # A small model keeps a GPU far less busy than a large one: mixing them would estimate neither.
+    book.observe(_succeeded("s1", params=small, tps=40_000.0, running=300.0, finished="2026-01-01T00:00:00Z"))
+    book.observe(_succeeded("s2", params=small, tps=44_000.0, running=280.0, finished="2026-01-02T00:00:00Z"))
+    book.observe(_succeeded("l1", params=large, tps=2_000.0, running=700.0, finished="2026-01-03T00:00:00Z"))
+    own = book.calibration(H100, "lora", small)
+    assert own.runs == 2 and own.params == small
+    assert own.flops_per_device == pytest.approx(42_000.0 * flops_per_token(small, "lora", True))
+    assert "of this model size (494M parameters)" in own.describe()
+    big = book.calibration(H100, "lora", large)
+    assert big.runs == 1 and big.flops_per_device == pytest.approx(2_000.0 * flops_per_token(large, "lora", True))
+    assert big.overhead_seconds == pytest.approx(700.0 - 1_000_000 / 2_000.0)
+    # No run of 70B yet: 8B is nearer by ratio than 0.5B, and the basis says it stood in.
+    nearest = book.calibration(H100, "lora", huge)
+    assert nearest.params == large and nearest.runs == 1
+    assert "nearest measured model size (8.03B parameters; this job 70.6B)" in nearest.describe()
+    # 1.5B: nearer to 0.5B (3x) than to 8B (5.4x).
+    assert book.calibration(H100, "lora", 1_543_714_304).params == small
+    # Unknown size: every run, as before sizes were told apart.
+    assert book.calibration(H100, "lora").runs == 3
+    # Another method of the same GPU type still stands in, at the nearest size.
+    assert book.calibration(H100, "full", large).method == "any"
+
+
+def test_a_models_runs_are_kept_beside_other_models_runs_and_the_oldest_series_goes_first():
+    from kubetune import throughput
+    from kubetune.estimate import flops_per_token
+
+    book = throughput.ThroughputBook(flops_per_token)
+    book.observe(_succeeded("mine", params=1_000_000, finished="2026-01-01T00:00:00Z"))
+    # Many runs of another model do not push the first model's only run out.
+    for i in range(3 * throughput.RECENT_RUNS):
+        book.observe(_succeeded(f"other{i}", params=2_000_000, finished=f"2026-01-02T00:00:{i:02d}Z"))
+    assert book.calibration(H100, "lora", 1_000_000).runs == 1
+    assert book.calibration(H100, "lora", 2_000_000).runs == throughput.RECENT_RUNS
+    # Past MAX_SERIES model sizes, the series whose newest run is oldest is forgotten (and can come back).
+    for i in range(throughput.MAX_SERIES - 2):  # with the two above: MAX_SERIES series
+        finished = f"2026-02-01T{i // 60:02d}:{i % 60:02d}:00Z"
+        book.observe(_succeeded(f"size{i}", params=10_000_000 + i, finished=finished))
+    assert book.calibration(H100, "lora", 1_000_000).params == 1_000_000
+    assert book.observe(_succeeded("one-more", params=99, finished="2026-03-01T00:00:00Z"))
+    assert book.calibration(H100, "lora", 1_000_000).params != 1_000_000
+    assert book.observe(_succeeded("mine", params=1_000_000, finished="2026-01-01T00:00:00Z"))
