@@ -6,6 +6,7 @@
 #   there:       device run, carry [".whl"], from the repository root, e.g.
 #                  bash scripts/gpu-checks.sh env tests vram-qwen                 (timeout_s 600)
 #                  bash scripts/gpu-checks.sh env throughput                      (if time is left)
+#                  bash scripts/gpu-checks.sh env cost                            (~3 min)
 #                  bash scripts/gpu-checks.sh env memory                          (~5 min: a lease of its own)
 #                  bash scripts/gpu-checks.sh env vram-llama                      (a later lease)
 #
@@ -18,6 +19,9 @@
 #   vram-llama  bench/vram_accuracy.py --configs 'llama*'                 -> vram_accuracy-<gpu>-llama.json
 #   throughput  bench/train_throughput.py --device cuda, qwen2.5-0.5b (catalog config, random weights),
 #               lora, qlora and full                                       -> train_throughput-<gpu>-*.json
+#   cost        bench/cost_agreement.py --device cuda, qwen2.5-0.5b lora: six runs of 100-400 steps, each
+#               estimated (status.estimate's time) from the runs before it, beside its measured time; the
+#               10% agreement of the cost estimate                         -> cost_agreement-<gpu>-qwen2.5-0.5b.json
 #   memory      bench/memory_gpu.py, qwen2.5-0.5b lora/qlora/full: measured max_memory_allocated/reserved
 #               and tokens/s of the trainer and the plain transformers+peft step, beside the trace and
 #               the estimate                                               -> memory_gpu-<gpu>-qwen2.5-0.5b.json
@@ -145,6 +149,12 @@ for s in "$@"; do
                 --device cuda --model "$cfg" --method "$method" --steps "${THROUGHPUT_STEPS:-40}" \
                 --out "$out/train_throughput-$(gpu_slug)-qwen2.5-0.5b-$method.json" || status=1
         done
+        ;;
+    cost)
+        cfg=/tmp/qwen2.5-0.5b-config.json
+        catalog_config qwen2.5-0.5b "$cfg" || { status=1; continue; }
+        step cost "${STEP_TIMEOUT_COST:-360}" "$py" bench/cost_agreement.py --device cuda --model "$cfg" \
+            --method lora --cpus 4 --out "$out/cost_agreement-$(gpu_slug)-qwen2.5-0.5b.json" || status=1
         ;;
     memory | memory-1.5b | memory-phi3)
         model=qwen2.5-0.5b
