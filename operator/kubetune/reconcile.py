@@ -277,9 +277,10 @@ def _fold_trainer_report(st: dict[str, Any], report: dict[str, Any], now: str, *
 
 
 def _close_running(st: dict[str, Any], now: dt.datetime, pods: list[dict[str, Any]] | None = None) -> None:
-    """End the current Running stretch: add it to runningSeconds. With the Job's pods (the run ended), the stretch
-    ends at their last container exit rather than at this pass, and a run that started and ended between two
-    passes (never seen Running) counts from its first container start."""
+    """End the current Running stretch: add it to runningSeconds. With the Job's pods (the run succeeded or
+    failed), the stretch ends at their last container exit rather than at this pass (while a container still runs,
+    at this pass), and a run that started and ended between two passes (never seen Running) counts from its first
+    container start."""
     acc = st.setdefault("accounting", {})
     since = parse_time(acc.pop("runningSince", None))
     end = now
@@ -808,7 +809,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
                 out.events.append(("Warning", tr_reason, tr_message))
         return p.finish()
     if failed is not None or permanent is not None:
-        _close_running(st, now)
+        _close_running(st, now, pods)  # a failed run's GPU time ends at its last exit too, once every pod has one
         reason = JOB_FAILURE_REASONS.get((failed or {}).get("reason", ""), R.JOB_FAILED)
         ranked = sorted(failed_pods, key=lambda pod: (pod_index(pod) != 0, _created(pod)))
         latest_zero = [pod for pod in failed_pods if pod_index(pod) == 0]

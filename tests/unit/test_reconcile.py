@@ -220,6 +220,21 @@ def test_a_run_that_started_and_ended_between_two_passes_still_counts_its_runnin
     assert d.status["accounting"]["gpuHours"] == pytest.approx(90 / 3600, abs=1e-4)
 
 
+def test_a_failed_runs_time_ends_at_its_last_container_exit_once_every_pod_has_exited() -> None:
+    job = job_obj(conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}], failed=1)
+    running = {"phase": "Running", "layout": LAYOUT.to_status(), "accounting": {"runningSince": "2026-01-01T12:00:00Z"}}
+    failed = timed_pod("Failed", "2026-01-01T12:00:00Z", "2026-01-01T12:05:00Z")
+    failed["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] = 1
+    # The pass that sees the Job failed comes 2 minutes after the trainer exited: the 2 minutes are not billed.
+    d = run(status=copy.deepcopy(running), observed=Observed(job=job, pods=[failed]),
+            now=T0 + dt.timedelta(minutes=7))
+    assert d.status["phase"] == "Failed" and d.status["accounting"]["runningSeconds"] == 300.0
+    # A pod of the Job still running (a permanent failure decided early): the stretch ends at this pass.
+    still = run(status=copy.deepcopy(running), observed=Observed(job=job, pods=[
+        failed, timed_pod("Running", "2026-01-01T12:00:00Z", index=1)]), now=T0 + dt.timedelta(minutes=7))
+    assert still.status["accounting"]["runningSeconds"] == 420.0
+
+
 def test_after_a_restart_running_time_resumes_at_the_pass_that_sees_it() -> None:
     """The stretch before the restart was counted up to the pass that saw it end: the new pod's own start time
     could fall before that pass and count the gap twice."""
