@@ -4,7 +4,8 @@ The operator package never imports the trainer: the preflight runs as `python -m
 a subprocess (like `--trace`), on the plan the operator would write for the sized layout, with the dataset URI
 replaced by the local file. Its report goes through the same functions as in the operator
 (`kubetune.preflight.preflight_status`, `kubetune.estimate.estimate_status`), so the figures are the ones the
-FineTuneJob's status would show.
+FineTuneJob's status would show. With `--runs FILE` (finished FineTuneJobs, e.g. `kubectl get finetunejobs -A -o
+yaml`), their clean succeeded runs calibrate the time as the operator's would (`kubetune.throughput`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.builders import JobRef, build_plan
-from kubetune.estimate import Pricing, estimate_status
+from kubetune.estimate import Pricing, estimate_status, flops_per_token
 from kubetune.preflight import preflight_status
 from kubetune.preflight_trace import traced_fit
 from kubetune.sizing.layout import Layout
+from kubetune.throughput import ThroughputBook
 
 PREFLIGHT_TIMEOUT_SECONDS = 1800
 
@@ -51,9 +53,27 @@ def run_preflight(plan: dict[str, Any], *, pvc_root: str = "", timeout: float = 
         return json.loads(message.read_text())
 
 
+def finished_runs(text: str) -> ThroughputBook:
+    """The throughput samples of the FineTuneJobs in a YAML/JSON text: a `kind: List` (what `kubectl get -o yaml`
+    prints), one or more FineTuneJob documents, or a JSON array. Objects of other kinds are skipped; only clean
+    succeeded runs count (`kubetune.throughput.sample_of`)."""
+    import yaml
+
+    book = ThroughputBook(flops_per_token)
+    for doc in yaml.safe_load_all(text):
+        if isinstance(doc, dict):
+            items = doc.get("items") if doc.get("kind") == "List" else [doc]
+        else:
+            items = doc if isinstance(doc, list) else []
+        for obj in items or []:
+            if isinstance(obj, dict) and obj.get("kind", "FineTuneJob") == "FineTuneJob":
+                book.observe(obj)
+    return book
+
+
 def offline_estimate(name: str, spec: FineTuneJobSpec, layout: Layout, plan_status: dict[str, Any] | None,
-                     data: str, *, model_dir: str = "", pvc_root: str = "", pricing: Pricing | None = None
-                     ) -> dict[str, Any]:
+                     data: str, *, model_dir: str = "", pvc_root: str = "", pricing: Pricing | None = None,
+                     runs: ThroughputBook | None = None) -> dict[str, Any]:
     """{"preflight": status.preflight, "estimate": status.estimate} for the job on `layout`, with the local
     dataset `data` (and `model_dir` instead of the spec's model), or {"error": message}."""
     plan = build_plan(JobRef(name, "default", "offline"), spec, layout)
@@ -72,7 +92,9 @@ def offline_estimate(name: str, spec: FineTuneJobSpec, layout: Layout, plan_stat
     fit = traced_fit(pre.get("trace"), plan_status, layout)  # as the operator checks it
     if fit is not None:
         pre["trace"].update(fit.record(), check=fit.message())
-    est = estimate_status(pre, layout.to_status(), plan_status, spec, pricing or Pricing())
+    params = int(((plan_status or {}).get("estimate") or {}).get("totalParams") or 0)
+    calibration = runs.calibration(layout.gpu_type, spec.method, params) if runs is not None else None
+    est = estimate_status(pre, layout.to_status(), plan_status, spec, pricing or Pricing(), calibration)
     return {"preflight": pre, "estimate": est}
 
 

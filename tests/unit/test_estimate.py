@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import itertools
+import json
 
 import pytest
+import yaml
 
 from kubetune import reasons as R
 from kubetune.api import parse_spec
@@ -257,3 +259,21 @@ def test_a_models_runs_are_kept_beside_other_models_runs_and_the_oldest_series_g
     assert book.observe(_succeeded("one-more", params=99, finished="2026-03-01T00:00:00Z"))
     assert book.calibration(H100, "lora", 1_000_000).params != 1_000_000
     assert book.observe(_succeeded("mine", params=1_000_000, finished="2026-01-01T00:00:00Z"))
+
+
+def test_finished_runs_read_from_kubectl_output_calibrate_an_offline_estimate():
+    from kubetune.estimate_offline import finished_runs
+
+    listed = {"apiVersion": "v1", "kind": "List", "items": [
+        {"kind": "FineTuneJob", **_succeeded("a", tps=2000.0, running=620.0)},
+        {"kind": "FineTuneJob", **_succeeded("b", phase="Failed")},  # not a clean run: no sample
+        {"kind": "ConfigMap", "metadata": {"uid": "c"}}]}
+    book = finished_runs(yaml.safe_dump(listed))
+    cal = book.calibration(H100, "lora", 8_030_261_248)
+    assert cal is not None and cal.runs == 1 and cal.overhead_seconds == pytest.approx(120.0)
+    # Multi-document YAML and a JSON array are read the same way.
+    docs = "---\n".join(yaml.safe_dump({"kind": "FineTuneJob", **_succeeded(u)}) for u in ("x", "y"))
+    assert finished_runs(docs).calibration(H100, "lora", 8_030_261_248).runs == 2
+    as_json = json.dumps([_succeeded("z")])
+    assert finished_runs(as_json).calibration(H100, "lora", 8_030_261_248).runs == 1
+    assert finished_runs("").calibration(H100, "lora") is None

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pvc-root", default="", help="with --data: local directory holding the pvc:// claims")
     p.add_argument("--pricing", default="", help="with --data: PRODUCT=PRICE,... per GPU-hour (as the operator's)")
     p.add_argument("--currency", default="USD", help="currency of --pricing")
+    p.add_argument("--runs", metavar="FILE", default="",
+                   help="with --data: finished FineTuneJobs (e.g. kubectl get finetunejobs -A -o yaml) whose clean "
+                        "succeeded runs calibrate the time, as the operator's own runs do")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trace", action="store_true",
                    help="also trace the trainer's real step on fake tensors (needs torch, no GPU) and show the "
@@ -156,6 +159,11 @@ def _size_manifest(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if not jobs:
         raise ValueError(f"{args.file}: no FineTuneJob found")
     fleet = _fleet(args)
+    runs = None
+    if args.data and args.runs:
+        from kubetune.estimate_offline import finished_runs
+
+        runs = finished_runs(Path(args.runs).read_text())
     results, texts = [], []
     for job in jobs:
         spec = parse_spec(job.get("spec") or {})
@@ -184,7 +192,8 @@ def _size_manifest(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
             offline = offline_estimate(name, spec, layout_from_decision(decision, spec), status, args.data,
                                        model_dir=args.model_dir, pvc_root=args.pvc_root,
-                                       pricing=parse_pricing(args.pricing, args.currency))
+                                       pricing=parse_pricing(args.pricing, args.currency),
+                                       runs=runs)
             result.update(offline)
             text.append(describe_offline(offline))
         if not decision.fits:
