@@ -134,7 +134,7 @@ class Reconciler:
 
     def _gpu_holdings(self) -> list[GpuHolding] | None:
         """The GPUs unfinished pods hold or ask for (the cluster-wide pod watch; None while unknown), and those
-        this operator's trainer Jobs without pods yet will ask for."""
+        the pods of this operator's trainer Jobs that do not exist yet will ask for."""
         assert self.gpu_pods is not None
         pods = self.gpu_pods.pods()
         return None if pods is None else pods + self.store.podless_job_gpus()

@@ -26,7 +26,7 @@ from typing import Any
 
 from kubetune.builders import (COMPLETION_INDEX_ANNOTATION, COMPONENT_LABEL, JOB_NAME_LABEL, LAYOUT_ANNOTATION,
                                SPEC_HASH_ANNOTATION)
-from kubetune.sizing.fleet import GpuHolding, job_gpu_holding
+from kubetune.sizing.fleet import GpuHolding, job_gpu_holding, job_pods
 
 PREFLIGHT_COMPONENT = "preflight"  # kubetune.preflight.COMPONENT: the CPU check's Job, indexed apart from the trainer's
 
@@ -95,14 +95,17 @@ class _Packed:
     slim copy takes 0.6 KB this way against 1.7 KB as Python dicts, and a stored object is two allocations
     instead of ~30 small ones, which leaves fewer partly used allocator pools behind as objects are replaced."""
 
-    __slots__ = ("rv", "key", "blob", "waiting")
+    __slots__ = ("rv", "key", "blob", "waiting", "count")
 
     def __init__(self, slim: dict[str, Any], key: "Key | None" = None,
-                 waiting: GpuHolding | None = None) -> None:
+                 waiting: GpuHolding | None = None, count: int = 0) -> None:
         self.rv = resource_version(slim)
         self.key = key
         self.blob = zlib.compress(json.dumps(slim, separators=(",", ":")).encode(), 1)
-        self.waiting = waiting  # Jobs: the GPUs it asks for while none of its pods exists (waiting_gpus)
+        self.waiting = waiting  # Jobs: the GPUs its pods ask for, while it wants pods (waiting_gpus)
+        # Jobs: the pods it runs at once; pods: 1 while the pod stands for its index (not Failed: the Job controller
+        # replaces a failed pod), else 0.
+        self.count = count
 
     def full(self) -> dict[str, Any]:
         """The stored slim object (a new copy)."""
@@ -307,7 +310,7 @@ class ClusterStore:
         owner = str(ref.get("uid") or "") if ref else ""
         preflight = ((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL) == PREFLIGHT_COMPONENT
         key = self._ftj_key_of_job(obj)
-        stored = (_Packed(slim_job(obj), key, None if preflight else waiting_gpus(obj))
+        stored = (_Packed(slim_job(obj), key, None if preflight else waiting_gpus(obj), job_pods(obj))
                   if event_type != "DELETED" else None)  # encoded outside the lock
         with self._lock:
             index = self._preflight_of if preflight else self._job_of
@@ -329,7 +332,9 @@ class ClusterStore:
         uid = _uid(obj)
         ref = controller_of(obj, "Job")
         job_uid = str(ref.get("uid") or "") if ref else ""
-        stored = _Packed(slim_pod(obj)) if event_type != "DELETED" else None  # encoded outside the lock
+        phase = (obj.get("status") or {}).get("phase")
+        stored = (_Packed(slim_pod(obj), count=0 if phase == "Failed" else 1)
+                  if event_type != "DELETED" else None)  # encoded outside the lock
         with self._lock:
             old = self._pods.get(uid)
             if event_type == "DELETED":
@@ -394,11 +399,20 @@ class ClusterStore:
         return job.full(), [pod.full() for pod in pods]
 
     def podless_job_gpus(self) -> list[GpuHolding]:
-        """What the trainer Jobs none of whose pods exists yet will ask for (waiting_gpus): the Job controller
-        has not created their pods, so a cluster-wide pod watch does not count them yet."""
+        """What the trainer Jobs will ask for with the pods the Job controller has not created yet (all of them
+        after the Job's creation; a failed pod's replacement): a cluster-wide pod watch does not count those.
+        A Job's pods that exist, pending, running or succeeded, are left to the pod watch."""
+        out = []
         with self._lock:
-            return [packed.waiting for uid, packed in self._jobs.items()
-                    if packed.waiting is not None and not self._pods_of.get(uid)]
+            for uid, packed in self._jobs.items():
+                held = packed.waiting
+                if held is None:
+                    continue
+                present = sum(self._pods[p].count for p in self._pods_of.get(uid, ()) if p in self._pods)
+                missing = packed.count - present
+                if missing > 0:
+                    out.append(held._replace(gpus=held.gpus * missing // max(packed.count, 1)))
+        return out
 
     def sizes(self) -> dict[str, int]:
         """How many objects of each kind the store holds (for tests and debugging)."""

@@ -263,12 +263,17 @@ def gpu_holding(pod: Mapping[str, Any]) -> GpuHolding | None:
     return GpuHolding(spec.get("nodeName") or "", (spec.get("nodeSelector") or {}).get(PRODUCT_LABEL) or "", gpus)
 
 
+def job_pods(job: Mapping[str, Any]) -> int:
+    """How many pods a trainer Job runs at once (its parallelism, at least 1)."""
+    return max(1, int((job.get("spec") or {}).get("parallelism") or 1))
+
+
 def job_gpu_holding(job: Mapping[str, Any]) -> GpuHolding | None:
     """What a trainer Job asks of the fleet before any of its pods exists: the GPUs of its pod template times
     its parallelism, on the GPU product its template selects (None without GPUs or a selected product)."""
     spec = job.get("spec") or {}
     template = spec.get("template") or {}
-    gpus = pod_gpu_request(template) * max(1, int(spec.get("parallelism") or 1))
+    gpus = pod_gpu_request(template) * job_pods(job)
     product = ((template.get("spec") or {}).get("nodeSelector") or {}).get(PRODUCT_LABEL) or ""
     return GpuHolding("", product, gpus) if gpus > 0 and product else None
 
