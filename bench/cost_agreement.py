@@ -14,7 +14,8 @@ to exit (what status.accounting.runningSeconds counts from the container's start
 image pulls are outside both). Its termination summary and that time become the run's sample for the next ones.
 The first run has nothing to calibrate from and only calibrates.
 
-Printed per run: estimated and measured seconds, their ratio, and the run's steady tokens/s. The spread of the
+Printed per run: estimated and measured seconds, their ratio, and the run's steady tokens/s (the JSON also has the
+uncalibrated datasheet estimate of each run, on a GPU type with a known peak). The spread of the
 steady tokens/s between runs is the device's own run-to-run noise, measured in the same sequence: no estimate made
 before a run can agree with it more closely than the device repeats itself. On a GPU both should be small; on a
 shared CPU the noise dominates.
@@ -138,6 +139,11 @@ def run_sequence(args: argparse.Namespace) -> dict[str, Any]:
     from kubetune.sizing.layout import Layout
     from kubetune.throughput import calibrate, sample_of
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device here")
     preset = dict(TINY_PRESETS["quick"])
     steps = [int(s) for s in args.steps.split(",")] if args.steps else \
         list(QUICK_STEPS if args.quick else DEFAULT_STEPS[args.device])
@@ -171,6 +177,7 @@ def run_sequence(args: argparse.Namespace) -> dict[str, Any]:
         spec = spec_of(n)
         calibration = calibrate(samples, gpu_type, args.method, params)
         est = estimate_status(preflight, layout.to_status(), plan_status, parse_spec(spec), Pricing(), calibration)
+        datasheet = estimate_status(preflight, layout.to_status(), plan_status, parse_spec(spec), Pricing())
         summary, seconds = run_trainer(plan_of(n, f"run{i}"), work / f"run{i}", args.device, args.cpus,
                                        args.timeout)
         obj = finished_job(f"run{i}", spec, layout.to_status(), plan_status, summary, seconds,
@@ -182,6 +189,8 @@ def run_sequence(args: argparse.Namespace) -> dict[str, Any]:
         runs.append({"steps": n, "estimatedSteps": est["steps"], "trainedSteps": summary.get("step"),
                      "estimatedSeconds": eta, "seconds": round(seconds, 2),
                      "ratio": round(eta / seconds, 3) if eta else None,
+                     # The uncalibrated guess (datasheet peak x MODEL_FLOPS_UTILIZATION; GPUs only), for comparison.
+                     "datasheetSeconds": datasheet.get("etaSeconds"),
                      "steadyTokensPerSecond": summary.get("steadyTokensPerSecond"),
                      "basis": est.get("basis", "")})
         print(f"run {i}: {n} steps, estimated {eta if eta is not None else '-'} s, measured {seconds:.1f} s"
