@@ -102,6 +102,11 @@ def flops_per_token(total_params: int, method: str, gradient_checkpointing: bool
     return per * total_params
 
 
+def plan_params(plan: dict[str, Any] | None) -> int:
+    """The model's parameter count the sizer recorded (status.plan.estimate.totalParams), 0 when unknown."""
+    return int(((plan or {}).get("estimate") or {}).get("totalParams") or 0)
+
+
 def estimate_status(preflight: dict[str, Any], layout: dict[str, Any], plan: dict[str, Any] | None, spec: Any,
                     pricing: Pricing, calibration: Calibration | None = None) -> dict[str, Any]:
     """status.estimate for the preflight's counts on this layout (status.layout) at these prices; with a
@@ -115,7 +120,7 @@ def estimate_status(preflight: dict[str, Any], layout: dict[str, Any], plan: dic
     gpu_type, gpus = str(layout.get("gpuType") or ""), int(layout.get("totalGpus") or 0)
     out: dict[str, Any] = {"steps": steps, "tokens": tokens, "world": world, "gpuType": gpu_type, "gpus": gpus,
                            "currency": pricing.currency}
-    params = int(((plan or {}).get("estimate") or {}).get("totalParams") or 0)
+    params = plan_params(plan)
     peak = peak_tflops(gpu_type)
     basis = []
     fpt = flops_per_token(params, spec.method, t.gradient_checkpointing)

@@ -20,7 +20,7 @@ from typing import Any
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.builders import JobRef, build_plan
-from kubetune.estimate import Pricing, estimate_status, flops_per_token
+from kubetune.estimate import Pricing, estimate_status, flops_per_token, plan_params
 from kubetune.preflight import preflight_status
 from kubetune.preflight_trace import traced_fit
 from kubetune.sizing.layout import Layout
@@ -92,8 +92,8 @@ def offline_estimate(name: str, spec: FineTuneJobSpec, layout: Layout, plan_stat
     fit = traced_fit(pre.get("trace"), plan_status, layout)  # as the operator checks it
     if fit is not None:
         pre["trace"].update(fit.record(), check=fit.message())
-    params = int(((plan_status or {}).get("estimate") or {}).get("totalParams") or 0)
-    calibration = runs.calibration(layout.gpu_type, spec.method, params) if runs is not None else None
+    calibration = runs.calibration(layout.gpu_type, spec.method, plan_params(plan_status)) \
+        if runs is not None else None
     est = estimate_status(pre, layout.to_status(), plan_status, spec, pricing or Pricing(), calibration)
     return {"preflight": pre, "estimate": est}
 

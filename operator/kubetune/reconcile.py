@@ -22,7 +22,7 @@ from kubetune.api import TERMINAL_PHASES, FineTuneJobSpec
 from kubetune.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER, KUEUE_QUEUE_LABEL, SPEC_HASH_ANNOTATION
 from kubetune.advice import advise
 from kubetune.kueue_admission import admission, not_installed_message
-from kubetune.estimate import Pricing, estimate_status
+from kubetune.estimate import Pricing, estimate_status, plan_params
 from kubetune.throughput import ThroughputBook
 from kubetune.preflight import preflight_status, validated_for
 from kubetune.resize import adopt_recorded_layout
@@ -605,8 +605,8 @@ def _record_layout(p: _Pass, spec: FineTuneJobSpec, want_hash: str, sizing: Sizi
     st["layout"] = sizing.layout.to_status(want_hash)
     p.cond(C.SIZED, True, sizing.reason, sizing.message)
     if st.get("preflight") and st["preflight"].get("steps"):
-        params = int(((st.get("plan") or {}).get("estimate") or {}).get("totalParams") or 0)
-        calibration = p.throughput.calibration(str(st["layout"].get("gpuType") or ""), spec.method, params) \
+        calibration = p.throughput.calibration(str(st["layout"].get("gpuType") or ""), spec.method,
+                                               plan_params(st.get("plan"))) \
             if p.throughput is not None else None
         st["estimate"] = estimate_status(st["preflight"], st["layout"], st.get("plan"), spec, p.pricing or Pricing(),
                                          calibration)

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from kubetune_dev.operator_process import OperatorProcess, install_crds
-from tests.e2e.test_e2e import Workspace, tiny_model, wait_terminal  # noqa: F401 - tiny_model is a fixture
+from tests.e2e.test_e2e import tiny_model  # noqa: F401 - the fixture
+from tests.e2e.test_e2e import Workspace, build_tiny_model, wait_terminal
 from tests.support.cluster_helpers import wait_for
 from tests.support.finetunejobs import FtjClient, free_port
 
@@ -55,10 +54,7 @@ def gpu_node(cluster, process_nodes):
 @pytest.fixture(scope="module")
 def larger_model(tmp_path_factory) -> Path:
     """A Llama-style model 17x the tiny one's parameters (hidden 256, 4 layers), with the same tokenizer."""
-    out = tmp_path_factory.mktemp("larger") / "larger-llama"
-    subprocess.run([sys.executable, "-m", "kubetune_trainer.tiny", "--out", str(out), "--hidden", "256",
-                    "--layers", "4"], check=True, capture_output=True, timeout=600)
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("larger") / "larger-llama", "--hidden", "256", "--layers", "4")
 
 
 @pytest.fixture(scope="module")

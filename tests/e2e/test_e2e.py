@@ -33,13 +33,17 @@ QUICKSTART = REPO / "examples" / "quickstart.yaml"
 DATASET = REPO / "examples" / "data" / "quickstart.jsonl"
 
 
+def build_tiny_model(out: Path, *flags: str) -> Path:
+    """A Llama-style model from `kubetune_trainer.tiny` (its flags: --hidden, --layers, ...) in `out`."""
+    subprocess.run([sys.executable, "-m", "kubetune_trainer.tiny", "--out", str(out), *flags], check=True,
+                   capture_output=True, timeout=600)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """The quickstart's tiny Llama-style model, built locally once for the module."""
-    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    subprocess.run([sys.executable, "-m", "kubetune_trainer.tiny", "--out", str(out)], check=True,
-                   capture_output=True, timeout=600)
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
