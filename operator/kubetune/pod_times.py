@@ -45,3 +45,29 @@ def containers_finished_at(pods: list[dict[str, Any]]) -> dt.datetime | None:
                 return None
             ends.append(end)
     return max(ends) if ends else None
+
+
+def _phase(pod: dict[str, Any]) -> str:
+    return str((pod.get("status") or {}).get("phase") or "")
+
+
+def containers_running(pods: list[dict[str, Any]]) -> bool:
+    """Whether a container of these pods still runs (by its state; a pod that reports none, by its phase). A pod
+    being deleted holds its GPUs until its containers have exited."""
+    for pod in pods:
+        states = _states(pod)
+        if any("running" in state for state in states) or (not states and _phase(pod) == "Running"):
+            return True
+    return False
+
+
+def ran(pod: dict[str, Any]) -> bool:
+    """Whether a container of the pod has started (it runs or has run)."""
+    return any((state.get("running") or state.get("terminated") or {}).get("startedAt") for state in _states(pod))
+
+
+def last_container_exit(pods: list[dict[str, Any]]) -> dt.datetime | None:
+    """The latest container exit these pods record; None when none records one."""
+    ends = [_time((state.get("terminated") or {}).get("finishedAt")) for pod in pods for state in _states(pod)]
+    known = [t for t in ends if t is not None]
+    return max(known) if known else None

@@ -31,7 +31,8 @@ from kubetune.sizing.layout import SizingOutcome
 from kubetune.store import FINISHED_JOB_CONDITIONS
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
 from kubetune.oom_layout import MemoryOutlook
-from kubetune.pod_times import containers_finished_at, containers_started_at
+from kubetune.pod_times import (containers_finished_at, containers_running, containers_started_at,
+                                last_container_exit, ran)
 from kubetune.sizing.estimator import gib
 from kubetune.sizing.leaner import describe_layout
 from kubetune.status import checked_status
@@ -295,10 +296,24 @@ def _close_running(st: dict[str, Any], now: dt.datetime, pods: list[dict[str, An
                                       + max((end - since).total_seconds(), 0.0), 1)
 
 
-def _running_since(acc: dict[str, Any], running: list[dict[str, Any]], now: dt.datetime) -> str:
-    """Where a Running stretch starts: on the first one, when its containers started (the pass that sees it
-    comes later); after a restart, at this pass (the time in between was counted up to the previous pass)."""
-    started = None if acc.get("runningSeconds") else containers_started_at(running)
+def _close_when_stopped(st: dict[str, Any], now: dt.datetime, pods: list[dict[str, Any]]) -> None:
+    """End the Running stretch of a run that stopped (suspended, preempted by Kueue, or waiting for a retry) once
+    its containers have exited: a pod being deleted holds its GPUs until then, a checkpoint saved on SIGTERM
+    included. The stretch ends at the last exit its pods record, else (they are gone) at this pass; while a
+    container still runs it stays open, and a later pass closes it."""
+    if not containers_running(pods):
+        _close_running(st, now, [pod for pod in pods if ran(pod)])
+
+
+def _running_since(acc: dict[str, Any], running: list[dict[str, Any]], stopped: list[dict[str, Any]],
+                   now: dt.datetime) -> str:
+    """Where a Running stretch starts: when its containers started (the pass that sees it comes later). After a
+    restart, not before the last exit of the pods that ran before (`stopped`: the previous stretch ended there),
+    and at this pass when they record none (that stretch may have ended at the pass that saw them gone)."""
+    started = containers_started_at(running)
+    if started is not None and acc.get("runningSeconds"):
+        previous_end = last_container_exit(stopped)
+        started = max(started, previous_end) if previous_end is not None else None
     return iso(min(started, now)) if started is not None else iso(now)
 
 
@@ -844,8 +859,9 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     elif not spec.suspend and job_suspended and not kueue:
         out.actions.append(Action("suspend_job", value=False))
     if spec.suspend:
-        _close_running(st, now)
-        p.set_phase("Suspended", R.SUSPENDED, "spec.suspend is true: the trainer pods are stopped; "
+        _close_when_stopped(st, now, pods)
+        stopping = "stopping (their GPU time counts until they exit)" if "runningSince" in acc else "stopped"
+        p.set_phase("Suspended", R.SUSPENDED, f"spec.suspend is true: the trainer pods are {stopping}; "
                     "the run resumes from its last checkpoint when unsuspended")
         p.cond(C.SUSPENDED, True, R.SUSPENDED)
         p.cond(C.RUNNING, False, R.SUSPENDED)
@@ -853,7 +869,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         return p.finish()
     p.cond(C.SUSPENDED, False, R.RESUMED)
     if job_suspended and kueue:
-        _close_running(st, now)
+        _close_when_stopped(st, now, pods)
         _kueue_queued(p, labels[KUEUE_QUEUE_LABEL], observed)
         p.cond(C.RUNNING, False, st["reason"])
         p.cond(C.READY, False, st["reason"], st["message"])
@@ -872,7 +888,11 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     retry_reason = R.PREEMPTED_RESUMING if preempted else R.RETRYING
     if running and not job_suspended:
         if old_phase != "Running":
-            acc["runningSince"] = _running_since(acc, running, now)
+            if "runningSince" in acc:  # the pods of the stretch before still stop while these run
+                _close_running(st, now)
+                acc["runningSince"] = now_s
+            else:
+                acc["runningSince"] = _running_since(acc, running, [pod for pod in pods if pod not in running], now)
             # The checkpoint known before this start is the one the trainer resumes from.
             ckpt_step = int((old.get("checkpoint") or {}).get("step") or 0)
             if ckpt_step > 0:
@@ -898,7 +918,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         # would cost every job one more status write (the apiserver's most expensive request at scale).
         return p.finish()
 
-    _close_running(st, now)
+    _close_when_stopped(st, now, pods)
     stuck = stuck_container_message(pods)
     waiting = stuck or unschedulable_message(pods)
     reason = R.CONTAINER_NOT_STARTING if stuck else retry_reason if failed_pods else R.WAITING_FOR_PODS

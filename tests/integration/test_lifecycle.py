@@ -260,7 +260,10 @@ def test_suspend_and_resume(ftj, namespace):
     assert argocd_health(ftj.get(namespace, "pausable"))[0] == "Suspended"
     assert ftj.batch.read_namespaced_job("pausable-trainer", namespace).spec.suspend is True
     wait_for(lambda: not ftj.pods(namespace, "pausable", "Running"), 30, "trainer pods stopped")
-    assert st["accounting"].get("runningSince") is None
+    # The GPU time runs until the pods have stopped, then ends.
+    wait_for(lambda: ftj.status(namespace, "pausable")["accounting"].get("runningSince") is None, 30,
+             "the running time ended once the pods stopped")
+    assert "stopped" in ftj.status(namespace, "pausable")["message"]
     ftj.patch_spec(namespace, "pausable", {"suspend": False})
     wait_phase(ftj, namespace, "pausable", "Running")
     assert ftj.batch.read_namespaced_job("pausable-trainer", namespace).spec.suspend is False

@@ -96,6 +96,12 @@ def test_admitted_running_then_preempted_stops_the_clock_and_warns() -> None:
     evicted = run(status=running.status, observed=Observed(job=job_obj(suspend=True), workload=PREEMPTED),
                   labels=LABELS, now=hour)
     st = evicted.status
+    # Seen while its pod still runs (being deleted): the GPU is held until it exits, the clock runs on.
+    stopping_pod = pod("Running")
+    stopping_pod["metadata"]["deletionTimestamp"] = "2026-01-01T12:59:50Z"
+    stopping = run(status=running.status, observed=Observed(job=job_obj(suspend=True), pods=[stopping_pod],
+                                                            workload=PREEMPTED), labels=LABELS, now=hour)
+    assert stopping.status["reason"] == R.KUEUE_PREEMPTED and "runningSince" in stopping.status["accounting"]
     assert (st["phase"], st["reason"]) == ("Queued", R.KUEUE_PREEMPTED)
     assert "runningSince" not in st["accounting"] and st["accounting"]["gpuHours"] == pytest.approx(1.0)
     assert cond_of(st, C.ADMITTED)["status"] == "False" and cond_of(st, C.ADMITTED)["reason"] == R.KUEUE_PREEMPTED

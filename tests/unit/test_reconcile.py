@@ -235,9 +235,40 @@ def test_a_failed_runs_time_ends_at_its_last_container_exit_once_every_pod_has_e
     assert still.status["accounting"]["runningSeconds"] == 420.0
 
 
+def test_a_retry_waits_for_the_failed_runs_pods_to_stop_and_ends_its_time_at_their_exit() -> None:
+    running = {"phase": "Running", "layout": LAYOUT.to_status(), "accounting": {"runningSince": "2026-01-01T11:00:00Z"}}
+    failed = timed_pod("Failed", "2026-01-01T11:00:00Z", "2026-01-01T11:58:00Z")
+    d = run(status=copy.deepcopy(running), observed=Observed(job=job_obj(failed=1), pods=[failed, pod("Pending")]))
+    assert d.status["accounting"]["runningSeconds"] == 3480.0 and "runningSince" not in d.status["accounting"]
+    # Another pod of the run is still being deleted and runs: its GPU is held, the stretch stays open.
+    deleting = timed_pod("Running", "2026-01-01T11:00:00Z", index=1)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T11:58:01Z"
+    held = run(status=copy.deepcopy(running), observed=Observed(job=job_obj(failed=1), pods=[failed, deleting]))
+    assert held.status["phase"] == "Pending" and held.status["accounting"]["runningSince"] == "2026-01-01T11:00:00Z"
+    # The retry's pod runs while that one still stops: the old stretch ends and the new one starts at this pass.
+    retry = timed_pod("Running", "2026-01-01T12:00:30Z", index=0)
+    both = run(status=held.status, observed=Observed(job=job_obj(failed=1), pods=[failed, deleting, retry]),
+               now=T0 + dt.timedelta(minutes=1))
+    acc = both.status["accounting"]
+    assert both.status["phase"] == "Running" and acc["runningSeconds"] == 3660.0
+    assert acc["runningSince"] == "2026-01-01T12:01:00Z"
+
+
+def test_after_a_restart_running_time_resumes_at_the_new_containers_start_not_before_the_last_exit() -> None:
+    status = {"phase": "Pending", "layout": LAYOUT.to_status(), "accounting": {"runningSeconds": 100.0}}
+    failed = timed_pod("Failed", "2026-01-01T11:00:00Z", "2026-01-01T11:58:00Z")
+    d = run(status=status, observed=Observed(job=job_obj(failed=1), pods=[
+        failed, timed_pod("Running", "2026-01-01T11:59:00Z")]))
+    assert d.status["accounting"]["runningSince"] == "2026-01-01T11:59:00Z"
+    # A container that started before the last one exited (the previous stretch ran up to that exit).
+    early = run(status=status, observed=Observed(job=job_obj(failed=1), pods=[
+        failed, timed_pod("Running", "2026-01-01T11:57:00Z")]))
+    assert early.status["accounting"]["runningSince"] == "2026-01-01T11:58:00Z"
+
+
 def test_after_a_restart_running_time_resumes_at_the_pass_that_sees_it() -> None:
-    """The stretch before the restart was counted up to the pass that saw it end: the new pod's own start time
-    could fall before that pass and count the gap twice."""
+    """When the pods before record no exit, the stretch before may have been counted up to the pass that saw
+    them gone: the new pod's own start time could fall before that pass and count the gap twice."""
     status = {"phase": "Pending", "layout": LAYOUT.to_status(), "accounting": {"runningSeconds": 100.0}}
     d = run(status=status, observed=Observed(job=job_obj(failed=1), pods=[
         pod("Failed", exit_code=1, created="2026-01-01T11:00:00Z"), timed_pod("Running", "2026-01-01T11:59:00Z")]))
@@ -361,8 +392,21 @@ def test_suspend_patches_job_and_resume_unsuspends() -> None:
                                "accounting": {"runningSince": "2026-01-01T11:00:00Z"}},
             observed=Observed(job=job_obj(spec), pods=[pod("Running")]))
     assert [(a.kind, a.value) for a in d.actions] == [("suspend_job", True)]
-    assert d.status["phase"] == "Suspended" and d.status["accounting"]["runningSeconds"] == 3600.0
-    d2 = run(status=d.status, observed=Observed(job=job_obj(suspend=True)))
+    # The pod still runs (it checkpoints on SIGTERM and holds its GPU until it exits): its time still counts.
+    assert d.status["phase"] == "Suspended" and "stopping" in d.status["message"]
+    assert d.status["accounting"]["runningSince"] == "2026-01-01T11:00:00Z"
+    assert d.status["accounting"]["gpuHours"] == pytest.approx(1.0)
+    # The pass after the container exited, 2 minutes later: the time ends at the exit, not at this pass.
+    exited = timed_pod("Failed", "2026-01-01T11:00:00Z", "2026-01-01T12:00:45Z")
+    stopped = run(spec=spec, status=d.status, observed=Observed(job=job_obj(spec, suspend=True), pods=[exited]),
+                  now=T0 + dt.timedelta(minutes=2))
+    assert stopped.status["accounting"]["runningSeconds"] == 3645.0, stopped.status["accounting"]
+    assert "runningSince" not in stopped.status["accounting"] and "stopped" in stopped.status["message"]
+    # Gone without a trace (the pod object deleted): the time ends at the pass that sees it gone.
+    gone = run(spec=spec, status=d.status, observed=Observed(job=job_obj(spec, suspend=True)),
+               now=T0 + dt.timedelta(minutes=1))
+    assert gone.status["accounting"]["runningSeconds"] == 3660.0
+    d2 = run(status=stopped.status, observed=Observed(job=job_obj(suspend=True)))
     assert [(a.kind, a.value) for a in d2.actions] == [("suspend_job", False)]
     assert d2.status["phase"] == "Pending"
 
