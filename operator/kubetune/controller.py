@@ -498,7 +498,8 @@ class Reconciler:
                 if trainer_job:  # the store keeps the preflight's Job apart
                     self.expectations.expect_job(uid, str(((created or {}).get("metadata") or {}).get("uid") or ""))
                     if result == "created" and not (action.obj.get("spec") or {}).get("suspend"):
-                        self.sizer.hand_out(job_gpu_holding(action.obj))  # until the snapshot sees its pods
+                        # until the snapshot sees its pods (the created object: its UID)
+                        self.sizer.hand_out(job_gpu_holding(created or action.obj))
             elif action.kind == "suspend_job":
                 self.children.set_job_suspend(ns, name, bool(action.value))
             elif action.kind == "delete_job":

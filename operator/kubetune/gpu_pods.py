@@ -5,7 +5,7 @@ pending, the GPU product it selects) and its GPU count. Listing every unfinished
 sizing snapshot (every few seconds) decoded tens of kilobytes of JSON per pod into Python objects, most of
 the cluster's pods request no GPU at all, and at 10,000 pods one snapshot was a list of a few hundred MB,
 held at once. Here a LIST+WATCH (paged, one event at a time) keeps only the `GpuHolding` of each GPU pod
-(node, selected product, GPU count: about 0.3 KB with its key).
+(node, selected product, GPU count, its Job's UID: about 0.3 KB with its key).
 """
 
 from __future__ import annotations

@@ -391,20 +391,20 @@ def test_a_trainer_job_without_pods_yet_counts_the_gpus_it_will_ask_for():
 
     store = ClusterStore()
     store.observe_job("ADDED", full_job("10"))
-    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 2)]
+    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 2, "job-uid")]
     store.observe_pod("ADDED", full_pod(0, "Pending", rv="11"))
     # The pod watch counts pod 0 from now on; pod 1, not created yet, is still the Job's to count.
-    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 1)]
+    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 1, "job-uid")]
     store.observe_pod("ADDED", full_pod(1, "Pending", rv="12"))
     assert store.podless_job_gpus() == []
     # A failed pod is replaced by the Job controller: its GPUs are asked for again until the new pod exists;
     # a succeeded one's index is done.
     store.observe_pod("MODIFIED", full_pod(1, "Failed", rv="13"))
     store.observe_pod("MODIFIED", full_pod(0, "Succeeded", rv="14"))
-    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 1)]
+    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 1, "job-uid")]
     store.observe_pod("DELETED", full_pod(1, "Failed", rv="15"))
     store.observe_pod("DELETED", full_pod(0, "Succeeded", rv="16"))
-    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 2)]
+    assert store.podless_job_gpus() == [GpuHolding("", "NVIDIA-L4", 2, "job-uid")]
     suspended = full_job("13")
     suspended["spec"]["suspend"] = True
     store.observe_job("MODIFIED", suspended)

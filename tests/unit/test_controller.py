@@ -404,6 +404,6 @@ def test_the_sizer_counts_pod_watch_holdings_and_this_operators_jobs_without_pod
     bound = GpuHolding("node-1", "", 4)
     rec.gpu_pods = SimpleNamespace(pods=lambda: [bound])
     rec.store.observe_job("ADDED", the_job())  # 1 x L4, no pod seen yet
-    assert rec._gpu_holdings() == [bound, GpuHolding("", "NVIDIA-L4", 1)]
+    assert rec._gpu_holdings() == [bound, GpuHolding("", "NVIDIA-L4", 1, "job-uid")]
     rec.gpu_pods = SimpleNamespace(pods=lambda: None)  # the pod watch has not listed yet: occupancy unknown
     assert rec._gpu_holdings() is None

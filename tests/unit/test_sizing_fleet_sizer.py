@@ -76,6 +76,28 @@ def test_hand_outs_last_until_the_next_snapshot():
     assert sizer.size(spec).layout.gpu_type == "NVIDIA-L4"
 
 
+def test_a_job_the_snapshot_already_counts_is_not_handed_out_again():
+    """A snapshot refreshed between the Job's creation and its hand-out can count it already: its pods (from the
+    pod watch, by their Job UID label) or the Job itself (the store's podless Jobs). Counting it again would
+    send the next jobs of a burst away from GPUs that are free."""
+    nodes = parse_gpu_shorthand("NVIDIA-L4:1x2") + parse_gpu_shorthand("H100-80GB:8")
+    spec = parse_spec({**BASE, "training": {"maxSeqLength": 1024}})
+    for seen in ([GpuHolding("", "NVIDIA-L4", 1, "job-a")],
+                 [{"metadata": {"labels": {"batch.kubernetes.io/controller-uid": "job-a"}},
+                   "spec": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+                            "containers": [{"resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}]):
+        sizer = FleetSizer(lambda: nodes, list_pods=lambda seen=seen: seen)
+        assert sizer.size(spec).layout.gpu_type == "NVIDIA-L4"  # one L4 of two taken: by job-a
+        sizer.hand_out(GpuHolding("", "NVIDIA-L4", 1, "job-a"))
+        assert sizer.fleet().pool("NVIDIA-L4").pending == 1
+        assert sizer.size(spec).layout.gpu_type == "NVIDIA-L4"  # the other L4 is still free
+        # A Job the snapshot does not count is handed out once, however often it is reported.
+        sizer.hand_out(GpuHolding("", "NVIDIA-L4", 1, "job-b"))
+        sizer.hand_out(GpuHolding("", "NVIDIA-L4", 1, "job-b"))
+        assert sizer.fleet().pool("NVIDIA-L4").pending == 2
+        assert sizer.size(spec).layout.gpu_type == "H100-80GB"
+
+
 def test_hand_outs_are_ignored_without_occupancy_or_for_an_unknown_type():
     nodes = parse_gpu_shorthand("NVIDIA-L4:1x1")
     blind = FleetSizer(lambda: nodes)  # no pod list: sizing on allocatable GPUs alone
@@ -95,5 +117,7 @@ def test_a_jobs_holding_is_its_template_gpus_times_parallelism_on_its_selected_p
         "nodeSelector": {"nvidia.com/gpu.product": "H100-80GB"},
         "containers": [{"resources": {"requests": {"nvidia.com/gpu": "4"}}}]}}}}
     assert job_gpu_holding(job) == GpuHolding("", "H100-80GB", 8)
+    job["metadata"] = {"uid": "u-1"}
+    assert job_gpu_holding(job) == GpuHolding("", "H100-80GB", 8, "u-1")
     cpu = {"spec": {"template": {"spec": {"containers": [{"resources": {"requests": {"cpu": "2"}}}]}}}}
     assert job_gpu_holding(cpu) is None

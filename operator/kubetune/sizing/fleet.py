@@ -103,6 +103,7 @@ class Fleet:
     cpu_nodes: int = 0
     skipped: list[str] = field(default_factory=list)  # why some GPU nodes were ignored
     occupancy_known: bool = False  # set by with_occupancy(): the pools' free GPUs are known
+    counted_jobs: set[str] = field(default_factory=set)  # UIDs of the Jobs whose GPUs the occupancy counts
 
     @property
     def has_gpus(self) -> bool:
@@ -245,11 +246,16 @@ def pod_gpu_request(pod: Mapping[str, Any]) -> int:
 
 class GpuHolding(NamedTuple):
     """What an unfinished pod means for occupancy: `gpus` held on `node`, or, not bound yet, asked of the GPU
-    `product` it selects (either may be empty)."""
+    `product` it selects (either may be empty); `job`: the UID of the Job the pod belongs to ("" for none)."""
 
     node: str
     product: str
     gpus: int
+    job: str = ""
+
+
+# The label the Job controller puts on its pods: the UID of their Job (the older unprefixed one before 1.27).
+JOB_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
 
 
 def gpu_holding(pod: Mapping[str, Any]) -> GpuHolding | None:
@@ -260,7 +266,10 @@ def gpu_holding(pod: Mapping[str, Any]) -> GpuHolding | None:
     if gpus <= 0:
         return None
     spec = pod.get("spec") or {}
-    return GpuHolding(spec.get("nodeName") or "", (spec.get("nodeSelector") or {}).get(PRODUCT_LABEL) or "", gpus)
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    job = next((labels[k] for k in JOB_UID_LABELS if labels.get(k)), "")
+    return GpuHolding(spec.get("nodeName") or "", (spec.get("nodeSelector") or {}).get(PRODUCT_LABEL) or "", gpus,
+                      job)
 
 
 def job_pods(job: Mapping[str, Any]) -> int:
@@ -275,7 +284,8 @@ def job_gpu_holding(job: Mapping[str, Any]) -> GpuHolding | None:
     template = spec.get("template") or {}
     gpus = pod_gpu_request(template) * job_pods(job)
     product = ((template.get("spec") or {}).get("nodeSelector") or {}).get(PRODUCT_LABEL) or ""
-    return GpuHolding("", product, gpus) if gpus > 0 and product else None
+    uid = str((job.get("metadata") or {}).get("uid") or "")
+    return GpuHolding("", product, gpus, uid) if gpus > 0 and product else None
 
 
 def with_occupancy(fleet: Fleet, pods: Iterable[Mapping[str, Any] | GpuHolding]) -> Fleet:
@@ -288,6 +298,8 @@ def with_occupancy(fleet: Fleet, pods: Iterable[Mapping[str, Any] | GpuHolding])
         held = item if isinstance(item, GpuHolding) else gpu_holding(item)
         if held is None:
             continue
+        if held.job:
+            fleet.counted_jobs.add(held.job)
         if held.node:
             pool = by_node.get(held.node)
             if pool is not None:

@@ -116,14 +116,20 @@ class FleetSizer:
     def hand_out(self, held: GpuHolding | None) -> None:
         """GPUs of a trainer Job just created (not bound yet: `held.product` names its type) count as requested of
         that type in the current snapshot, as a pending pod selecting it would. The next snapshot counts the
-        Job's pods instead."""
+        Job's pods instead. A snapshot taken since the Job was created may count it already (its pods, or the
+        Job itself from the store): `held.job`, its UID, keeps it from counting twice."""
         if held is None or held.gpus <= 0 or not held.product:
             return
         with self._lock:
             fleet = self._fleet
-            pool = fleet.pool(held.product) if fleet is not None and fleet.occupancy_known else None
-            if pool is not None:
-                pool.pending += held.gpus
+            if fleet is None or not fleet.occupancy_known or (held.job and held.job in fleet.counted_jobs):
+                return
+            pool = fleet.pool(held.product)
+            if pool is None:
+                return
+            pool.pending += held.gpus
+            if held.job:
+                fleet.counted_jobs.add(held.job)
 
 
 def still_placeable(fleet: Fleet | None, outcome: SizingOutcome) -> bool:
