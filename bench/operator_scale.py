@@ -52,7 +52,7 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
@@ -151,6 +151,52 @@ def parse_request_totals(text: str) -> Counter:
             key += "/" + labels["subresource"]
         out[key] += float(m.group("value"))
     return out
+
+
+def client_of(user_agent: str) -> str:
+    """Which client sent a request, from its user agent: the program, and for a client-go controller its name
+    ("kube-controller-manager/v1.33.1 (linux/amd64) kubernetes/abc/generic-garbage-collector" ->
+    "kube-controller-manager/generic-garbage-collector")."""
+    program = user_agent.split("/", 1)[0].strip() or "?"
+    if " kubernetes/" in user_agent:
+        tail = user_agent.rsplit(" kubernetes/", 1)[1].split("/")
+        if len(tail) > 1 and tail[-1]:
+            program += "/" + tail[-1]
+    return program
+
+
+def requests_by_client(lines: Iterable[str], start: float, end: float, top: int = 6) -> dict[str, dict[str, int]]:
+    """From apiserver audit log lines (JSON, one event per request): the requests received in [start, end)
+    (Unix seconds) per client (`client_of`), largest first, each with its total and its `top` verb/resource
+    pairs. What apiserver_request_total cannot say: who sent them."""
+    by: dict[str, Counter] = {}
+    for line in lines:
+        try:
+            event = json.loads(line)
+            at = dt.datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not start <= at < end:
+            continue
+        ref = event.get("objectRef") or {}
+        what = f"{event.get('verb', '?')} {ref.get('resource', event.get('requestURI', '?'))}"
+        if ref.get("subresource"):
+            what += "/" + ref["subresource"]
+        by.setdefault(client_of(str(event.get("userAgent") or "")), Counter())[what] += 1
+    out = {}
+    for client, counts in sorted(by.items(), key=lambda kv: -sum(kv[1].values())):
+        out[client] = {"TOTAL": sum(counts.values()), **dict(counts.most_common(top))}
+    return out
+
+
+def audited_requests(cluster: Any, start: float, end: float) -> dict[str, dict[str, int]] | None:
+    """`requests_by_client` of the cluster's audit log (None without one); waits a moment for the apiserver's
+    batched writes."""
+    if getattr(cluster, "audit_log", None) is None:
+        return None
+    time.sleep(2.0)
+    with open(cluster.audit_log, encoding="utf-8") as f:
+        return requests_by_client(f, start, end)
 
 
 def counter_delta(after: Counter, before: Counter, top: int = 25) -> dict[str, int]:
@@ -794,6 +840,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         rss.start()
         rss_idle = proc_status_kib(op.pid, "VmRSS")
         before = request_totals(cluster)
+        t_before = time.time()
         cpu_before = cpu_by_process(cluster, {"operator": op.pid})
         names = [f"ftj-{i:05d}" for i in range(n)]
 
@@ -820,6 +867,7 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         t_jobs = max(jobs.added.values()) if jobs.added else t_children
         t_ready = max([t_jobs, max(cms.added.values(), default=t0), max(svcs.added.values(), default=t0)])
         after = request_totals(cluster)
+        t_after = time.time()
         cpu_after = cpu_by_process(cluster, {"operator": op.pid})
         cpu1 = proc_cpu_seconds(op.pid) if op.alive() else float("nan")
         # The peer comparison's window: until every FineTuneJob's trainer pod exists (measured as for TrainJobs).
@@ -864,6 +912,11 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
             if nm in ftjs.finished_at and f"{nm}-trainer" in jobs.finished_at])
         rss.stopping = True
         completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
+        t_end = time.time()
+        by_client = audited_requests(cluster, t_before, t_after)
+        if by_client is not None:
+            creation["apiserver_requests_by_client"] = by_client
+            completion["apiserver_requests_by_client"] = audited_requests(cluster, t_after, t_end)
         alive = op.alive()
         creation["operator_peak_rss_mib"] = round(proc_status_kib(op.pid, "VmHWM") / 1024, 1) if alive else None
         operator = {"alive_at_end": alive, "idle_rss_mib": round(rss_idle / 1024, 1),
@@ -1080,6 +1133,11 @@ def table(result: dict) -> str:
     top = list(c["apiserver_requests"].items())[:8]
     lines.append("apiserver requests by verb/resource (creation phase): "
                  + ", ".join(f"{k}={v}" for k, v in top if k != "TOTAL"))
+    for label, phase in (("creation", c), ("completion", comp)):
+        if phase.get("apiserver_requests_by_client"):
+            lines.append(f"apiserver requests by client ({label} phase, audit log): " + "; ".join(
+                f"{client} {counts['TOTAL']} (" + ", ".join(f"{k}={v}" for k, v in counts.items() if k != "TOTAL")
+                + ")" for client, counts in list(phase["apiserver_requests_by_client"].items())[:6]))
     prof = c.get("apiserver_profile")
     if prof:
         shares = prof.get("share_by_category")
@@ -1132,6 +1190,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="write a CPU profile of kube-apiserver, taken from the start of the FineTuneJob creation "
                         "phase, to FILE, and record its share by category (needs `go` to summarise)")
     p.add_argument("--apiserver-profile-seconds", type=float, default=45.0)
+    p.add_argument("--audit", action="store_true",
+                   help="keep the apiserver's audit log and count each phase's requests by client (user agent): "
+                        "the operator, kopf, each controller of the controller-manager, KWOK, this client")
     p.add_argument("--operator-arg", action="append", default=[],
                    help="extra flag for `kubetune operator` (repeatable)")
     p.add_argument("--no-baseline", action="store_true",
@@ -1171,7 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
                      *args.operator_arg]
     result["node_lease_seconds"] = args.node_lease_seconds
     with Cluster(ClusterOptions(fleet=fleet, apiserver_profiling=args.apiserver_profile is not None,
-                                node_lease_seconds=args.node_lease_seconds)) as cluster:
+                                node_lease_seconds=args.node_lease_seconds, audit=args.audit)) as cluster:
         result["cluster_start_s"] = round(cluster.timings.get("all_ready_s", 0), 2)
         install_crds(cluster.kubectl)
         api = make_api(cluster, args.concurrency + 8)

@@ -242,6 +242,7 @@ class Reconciler:
         import copy
 
         api = client.ApiClient(copy.deepcopy(self.api.configuration))
+        api.user_agent = self.api.user_agent
         watches = child_watches(api, self.config.namespaces, self.store.observe_job, self.store.observe_pod,
                                 self.enqueue, self._watch_failed)
         for watch in watches:

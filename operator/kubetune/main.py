@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from kubetune import API_GROUP
+from kubetune import API_GROUP, __version__
 from kubetune.builders import BuildConfig
 from kubetune.cache_claim import DEFAULT_CLAIM
 from kubetune.estimate import parse_pricing
@@ -236,6 +236,11 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
 
 
 
+# What the apiserver's audit log, request logs and API Priority and Fairness see of the operator's own requests
+# (kopf's watch of FineTuneJobs says kopf/<version>).
+USER_AGENT = f"kubetune-operator/{__version__}"
+
+
 def load_kube_client(pool_size: int = RECONCILE_THREADS) -> Any:
     """A kubernetes ApiClient from the in-cluster service account or the kubeconfig."""
     from kubernetes import client, config
@@ -246,7 +251,9 @@ def load_kube_client(pool_size: int = RECONCILE_THREADS) -> Any:
     except config.ConfigException:
         config.load_kube_config(client_configuration=cfg)
     cfg.connection_pool_maxsize = pool_size
-    return client.ApiClient(cfg)
+    api = client.ApiClient(cfg)
+    api.user_agent = USER_AGENT
+    return api
 
 
 async def _hold_lease(elector: LeaseElector, renew_every: float, stop: asyncio.Event,

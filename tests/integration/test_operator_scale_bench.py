@@ -30,7 +30,8 @@ def test_quick_operator_scale_run_completes_every_job(tmp_path):
     out = tmp_path / "scale.json"
     profile = tmp_path / "apiserver.pprof"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "operator_scale.py"), "--quick", "--out", str(out),
-                           "--timeout", "300", "--apiserver-profile", str(profile), "--apiserver-profile-seconds", "3"],
+                           "--timeout", "300", "--apiserver-profile", str(profile), "--apiserver-profile-seconds", "3",
+                           "--audit"],
                           capture_output=True, text=True, timeout=1200)
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -51,6 +52,15 @@ def test_quick_operator_scale_run_completes_every_job(tmp_path):
         assert {"kube-apiserver", "etcd", "bench client"} <= set(cpu), cpu
         assert cpu["kube-apiserver"] > 0 and cpu["TOTAL"] >= cpu["kube-apiserver"] and cpu["cores_busy"] > 0, cpu
     assert creation["cpu_s_by_process"]["operator"] > 0, creation["cpu_s_by_process"]
+    # Who sent the requests (the audit log): the operator under its own name, one trainer Job per FineTuneJob,
+    # and it never GETs a FineTuneJob (its reads come from watches).
+    clients = creation["apiserver_requests_by_client"]
+    operator_requests = clients["kubetune-operator"]
+    assert operator_requests.get("create jobs") == result["jobs"], clients
+    assert clients["OpenAPI-Generator"].get("create finetunejobs") == result["jobs"], clients
+    for phase in (clients, completion["apiserver_requests_by_client"]):
+        assert "get finetunejobs" not in phase.get("kubetune-operator", {}), phase
+    assert "apiserver requests by client (creation phase, audit log): " in proc.stdout
     # The apiserver CPU profile of the creation phase: a gzipped pprof file, summarised by category with `go`.
     prof = creation["apiserver_profile"]
     assert "error" not in prof, prof

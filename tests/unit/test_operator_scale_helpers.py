@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import threading
 import time
 from collections import Counter
@@ -210,3 +212,32 @@ def test_waiting_for_an_empty_namespace_deletes_its_jobs_a_page_at_a_time_only_w
     assert bench.wait_until_empty(None, "n", time.monotonic() + 5, delete_jobs=True)
     assert ns.deletes == 3 and ns.jobs == 0 and ns.pods == 0
     assert bench.drain_namespace(None, "n", 5) >= 0
+
+
+def test_a_requests_client_is_its_program_and_for_client_go_its_controller():
+    assert bench.client_of("kube-controller-manager/v0.0.0 (linux/amd64) kubernetes/$Format/generic-garbage-collector") \
+        == "kube-controller-manager/generic-garbage-collector"
+    assert bench.client_of("kube-scheduler/v1.33.1 (linux/amd64) kubernetes/8adc0f0/scheduler") == "kube-scheduler/scheduler"
+    assert bench.client_of("kubectl/v1.33.1 (linux/amd64) kubernetes/8adc0f0") == "kubectl"
+    assert bench.client_of("kubetune-operator/0.1.0") == "kubetune-operator"
+    assert bench.client_of("OpenAPI-Generator/37.0.2/python") == "OpenAPI-Generator"
+    assert bench.client_of("") == "?"
+
+
+def test_audited_requests_are_counted_per_client_within_the_window():
+    def event(at, agent, verb, resource, sub=None):
+        ref = {"resource": resource, **({"subresource": sub} if sub else {})}
+        return json.dumps({"requestReceivedTimestamp": at, "userAgent": agent, "verb": verb, "objectRef": ref})
+
+    gc = "kube-controller-manager/v0.0.0 (linux/amd64) kubernetes/$Format/generic-garbage-collector"
+    lines = [event("2026-12-04T19:55:00.000000Z", "kubetune-operator/0.1.0", "create", "jobs"),
+             event("2026-12-04T19:55:01.500000Z", "kubetune-operator/0.1.0", "patch", "finetunejobs", "status"),
+             event("2026-12-04T19:55:02.000000Z", "kubetune-operator/0.1.0", "patch", "finetunejobs", "status"),
+             event("2026-12-04T19:55:03.000000Z", gc, "get", "finetunejobs"),
+             event("2026-12-04T19:56:00.000000Z", gc, "get", "finetunejobs"),  # after the window
+             "not json", json.dumps({"verb": "get"})]  # torn or incomplete lines are skipped
+    start = dt.datetime(2026, 12, 4, 19, 55, tzinfo=dt.timezone.utc).timestamp()
+    got = bench.requests_by_client(lines, start, start + 60)
+    assert got == {"kubetune-operator": {"TOTAL": 3, "patch finetunejobs/status": 2, "create jobs": 1},
+                   "kube-controller-manager/generic-garbage-collector": {"TOTAL": 1, "get finetunejobs": 1}}
+    assert list(got) == ["kubetune-operator", "kube-controller-manager/generic-garbage-collector"]

@@ -110,6 +110,16 @@ def install_signal_handlers() -> None:
             signal.signal(sig, _on_fatal_signal)
 
 
+# Metadata of every request once it completed (the user agent says which client, and which controller of the
+# controller-manager, sent it).
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived", "ResponseStarted"]
+rules:
+- level: Metadata
+"""
+
+
 @dataclass
 class ClusterOptions:
     """What to start."""
@@ -125,6 +135,7 @@ class ClusterOptions:
     verbosity: int = 1
     kwok_stages_file: Path = KWOK_STAGES_FILE
     apiserver_profiling: bool = False             # serve /debug/pprof (benchmarks profile the apiserver)
+    audit: bool = False                           # audit log of every request's metadata (Cluster.audit_log)
     node_lease_seconds: int = DEFAULT_NODE_LEASE_SECONDS  # KWOK node lease; renewed every quarter of it
 
 
@@ -158,6 +169,12 @@ class Cluster:
     def kubeconfig(self) -> Path:
         """Admin kubeconfig (system:masters, certificates embedded)."""
         return self._dir / "kubeconfig"
+
+    @property
+    def audit_log(self) -> Path | None:
+        """The apiserver's audit log (JSON lines, one per request, metadata only: who, what, when), when
+        `ClusterOptions.audit` is set."""
+        return self._dir / "audit.log" if self.options.audit else None
 
     @property
     def logs_dir(self) -> Path:
@@ -295,7 +312,16 @@ class Cluster:
             "--allow-privileged=true", "--enable-priority-and-fairness=false",
             f"--profiling={str(self.options.apiserver_profiling).lower()}",
             "--event-ttl=1h", f"--cert-dir={self._dir / 'apiserver-certs'}", f"--v={self.options.verbosity}",
+            *self._audit_flags(),
         ], self.logs_dir / "kube-apiserver.log")
+
+    def _audit_flags(self) -> list[str]:
+        if self.audit_log is None:
+            return []
+        policy = self._dir / "audit-policy.yaml"
+        policy.write_text(AUDIT_POLICY)
+        # batch mode: requests do not wait for the log write
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-mode=batch"]
 
     def _start_controller_manager(self, bin_dir: Path) -> None:
         p = self.pki
