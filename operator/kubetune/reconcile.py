@@ -31,8 +31,7 @@ from kubetune.sizing.layout import SizingOutcome
 from kubetune.store import FINISHED_JOB_CONDITIONS
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
 from kubetune.oom_layout import MemoryOutlook
-from kubetune.pod_times import (containers_finished_at, containers_running, containers_started_at,
-                                last_container_exit, ran)
+from kubetune.running_time import close_running, close_when_stopped, gpu_hours, running_since
 from kubetune.sizing.estimator import gib
 from kubetune.sizing.leaner import describe_layout
 from kubetune.status import checked_status
@@ -277,56 +276,6 @@ def _fold_trainer_report(st: dict[str, Any], report: dict[str, Any], now: str, *
         st["artifacts"] = {k: str(v) for k, v in report["artifacts"].items() if v}
 
 
-def _close_running(st: dict[str, Any], now: dt.datetime, pods: list[dict[str, Any]] | None = None) -> None:
-    """End the current Running stretch: add it to runningSeconds. With the Job's pods (the run succeeded or
-    failed), the stretch ends at their last container exit rather than at this pass (while a container still runs,
-    at this pass), and a run that started and ended between two passes (never seen Running) counts from its first
-    container start."""
-    acc = st.setdefault("accounting", {})
-    since = parse_time(acc.pop("runningSince", None))
-    end = now
-    if pods:
-        if since is None and not acc.get("runningSeconds"):
-            since = containers_started_at(pods)
-        exited = containers_finished_at(pods)
-        if exited is not None and since is not None:
-            end = min(max(exited, since), now)
-    if since is not None:
-        acc["runningSeconds"] = round(float(acc.get("runningSeconds") or 0.0)
-                                      + max((end - since).total_seconds(), 0.0), 1)
-
-
-def _close_when_stopped(st: dict[str, Any], now: dt.datetime, pods: list[dict[str, Any]]) -> None:
-    """End the Running stretch of a run that stopped (suspended, preempted by Kueue, or waiting for a retry) once
-    its containers have exited: a pod being deleted holds its GPUs until then, a checkpoint saved on SIGTERM
-    included. The stretch ends at the last exit its pods record, else (they are gone) at this pass; while a
-    container still runs it stays open, and a later pass closes it."""
-    if not containers_running(pods):
-        _close_running(st, now, [pod for pod in pods if ran(pod)])
-
-
-def _running_since(acc: dict[str, Any], running: list[dict[str, Any]], stopped: list[dict[str, Any]],
-                   now: dt.datetime) -> str:
-    """Where a Running stretch starts: when its containers started (the pass that sees it comes later). After a
-    restart, not before the last exit of the pods that ran before (`stopped`: the previous stretch ended there),
-    and at this pass when they record none (that stretch may have ended at the pass that saw them gone)."""
-    started = containers_started_at(running)
-    if started is not None and acc.get("runningSeconds"):
-        previous_end = last_container_exit(stopped)
-        started = max(started, previous_end) if previous_end is not None else None
-    return iso(min(started, now)) if started is not None else iso(now)
-
-
-def _gpu_hours(st: dict[str, Any], now: dt.datetime) -> float:
-    acc = st.get("accounting") or {}
-    seconds = float(acc.get("runningSeconds") or 0.0)
-    since = parse_time(acc.get("runningSince"))
-    if since is not None:
-        seconds += max((now - since).total_seconds(), 0.0)
-    gpus = int((st.get("layout") or {}).get("totalGpus") or 0)
-    return round(gpus * seconds / 3600.0, 4)
-
-
 # The branches of a pass, in the order they are tried: each is its own function below.
 TERMINAL, CANCEL, CREATE, RECREATE, FOLLOW = "terminal", "cancel", "create", "recreate", "follow"
 
@@ -386,7 +335,7 @@ class _Pass:
         self.st["conditions"] = C.merge_conditions(self.old.get("conditions"), self.conds)
         if self.st.get("layout"):
             acc = self.st.setdefault("accounting", {})
-            acc["gpuHours"] = _gpu_hours(self.st, self.now)
+            acc["gpuHours"] = gpu_hours(self.st, self.now)
             price = self.pricing.price(str(self.st["layout"].get("gpuType") or "")) if self.pricing else None
             if price is not None and self.pricing is not None:  # the actual cost beside status.estimate's
                 acc["cost"], acc["currency"] = round(acc["gpuHours"] * price, 4), self.pricing.currency
@@ -446,7 +395,7 @@ def _decide_cancel(p: _Pass, observed: Observed) -> Decision:
         p.out.actions.append(Action("delete_job"))
     if observed.preflight_job is not None and not _job_finished(observed.preflight_job):
         p.out.actions.append(Action("delete_preflight"))
-    _close_running(p.st, p.now)
+    close_running(p.st, p.now)
     p.st["completionTime"] = p.now_s
     p.set_phase("Cancelled", R.CANCELLED, "spec.cancel is true: the trainer Job was deleted")
     p.cond(C.CANCELLED, True, R.CANCELLED, "cancelled by spec.cancel")
@@ -579,7 +528,7 @@ def _decide_preparing(p: _Pass, spec: FineTuneJobSpec, want_hash: str, labels: d
 def _decide_recreate(p: _Pass, spec: FineTuneJobSpec) -> Decision:
     """The Job exists but was rendered from another spec (changed while suspended): delete it to recreate."""
     p.out.actions.append(Action("delete_job"))
-    _close_running(p.st, p.now)
+    close_running(p.st, p.now)
     p.set_phase("Suspended" if spec.suspend else "Pending", R.RECREATING,
                 "the spec changed: deleting the trainer Job to recreate it (the run resumes from its last checkpoint)")
     p.cond(C.RUNNING, False, R.RECREATING)
@@ -597,7 +546,7 @@ def _decide_resize(p: _Pass, spec: FineTuneJobSpec, want_hash: str, observed: Ob
         raise ValueError("a pass that moves the trainer Job must render its children for the new layout")
     p.out.actions.append(Action("delete_job"))
     p.out.actions.extend(Action("apply", child) for child in observed.children)
-    _close_running(p.st, p.now)
+    close_running(p.st, p.now)
     p.st["unschedulableGpuTypes"] = sorted(set(p.st.get("unschedulableGpuTypes") or []) | {observed.resize_from})
     _record_layout(p, spec, want_hash, resize)
     scheduler = unschedulable_message(observed.pods)
@@ -640,7 +589,7 @@ def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any], outlook
     summary = parse_summary(pod) or {}
     if summary:
         _fold_trainer_report(st, summary, p.now_s, final=True)
-    _close_running(st, p.now)
+    close_running(st, p.now)
     replans = list(st.get("memoryReplans") or [])
     name = (pod.get("metadata") or {}).get("name", "")
     if not any(r.get("pod") == name for r in replans):
@@ -771,7 +720,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     if oom is not None:
         return _decide_replan(p, spec, oom, observed.memory)
     if complete is not None:
-        _close_running(st, now, pods)
+        close_running(st, now, pods)
         zero = [pod for pod in pods if pod_index(pod) == 0 and _phase_of(pod) == "Succeeded"]
         summary = parse_summary(zero[-1]) if zero else None
         if summary:
@@ -824,7 +773,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
                 out.events.append(("Warning", tr_reason, tr_message))
         return p.finish()
     if failed is not None or permanent is not None:
-        _close_running(st, now, pods)  # a failed run's GPU time ends at its last exit too, once every pod has one
+        close_running(st, now, pods)  # a failed run's GPU time ends at its last exit too, once every pod has one
         reason = JOB_FAILURE_REASONS.get((failed or {}).get("reason", ""), R.JOB_FAILED)
         ranked = sorted(failed_pods, key=lambda pod: (pod_index(pod) != 0, _created(pod)))
         latest_zero = [pod for pod in failed_pods if pod_index(pod) == 0]
@@ -859,7 +808,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     elif not spec.suspend and job_suspended and not kueue:
         out.actions.append(Action("suspend_job", value=False))
     if spec.suspend:
-        _close_when_stopped(st, now, pods)
+        close_when_stopped(st, now, pods)
         stopping = "stopping (their GPU time counts until they exit)" if "runningSince" in acc else "stopped"
         p.set_phase("Suspended", R.SUSPENDED, f"spec.suspend is true: the trainer pods are {stopping}; "
                     "the run resumes from its last checkpoint when unsuspended")
@@ -869,7 +818,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         return p.finish()
     p.cond(C.SUSPENDED, False, R.RESUMED)
     if job_suspended and kueue:
-        _close_when_stopped(st, now, pods)
+        close_when_stopped(st, now, pods)
         _kueue_queued(p, labels[KUEUE_QUEUE_LABEL], observed)
         p.cond(C.RUNNING, False, st["reason"])
         p.cond(C.READY, False, st["reason"], st["message"])
@@ -889,10 +838,10 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     if running and not job_suspended:
         if old_phase != "Running":
             if "runningSince" in acc:  # the pods of the stretch before still stop while these run
-                _close_running(st, now)
+                close_running(st, now)
                 acc["runningSince"] = now_s
             else:
-                acc["runningSince"] = _running_since(acc, running, [pod for pod in pods if pod not in running], now)
+                acc["runningSince"] = running_since(acc, running, [pod for pod in pods if pod not in running], now)
             # The checkpoint known before this start is the one the trainer resumes from.
             ckpt_step = int((old.get("checkpoint") or {}).get("step") or 0)
             if ckpt_step > 0:
@@ -918,7 +867,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         # would cost every job one more status write (the apiserver's most expensive request at scale).
         return p.finish()
 
-    _close_when_stopped(st, now, pods)
+    close_when_stopped(st, now, pods)
     stuck = stuck_container_message(pods)
     waiting = stuck or unschedulable_message(pods)
     reason = R.CONTAINER_NOT_STARTING if stuck else retry_reason if failed_pods else R.WAITING_FOR_PODS
