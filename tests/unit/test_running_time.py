@@ -1,0 +1,52 @@
+"""The running time of a run for status.accounting (kubetune.running_time), as pure functions; the passes that
+call them are tested in test_reconcile.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from kubetune.running_time import close_running, close_when_stopped, gpu_hours, running_since
+
+pytestmark = pytest.mark.unit
+
+NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def pod(started: str, finished: str | None = None, deleting: bool = False) -> dict:
+    state = ({"terminated": {"exitCode": 0, "startedAt": started, "finishedAt": finished}} if finished
+             else {"running": {"startedAt": started}})
+    meta = {"deletionTimestamp": "2026-01-01T11:59:00Z"} if deleting else {}
+    return {"metadata": meta, "status": {"phase": "Succeeded" if finished else "Running",
+                                         "containerStatuses": [{"name": "trainer", "state": state}]}}
+
+
+def test_a_stretch_ends_at_the_last_exit_and_never_after_this_pass():
+    st = {"accounting": {"runningSince": "2026-01-01T11:00:00Z", "runningSeconds": 60.0}}
+    close_running(st, NOW, [pod("2026-01-01T11:00:00Z", "2026-01-01T11:30:00Z")])
+    assert st["accounting"] == {"runningSeconds": 60.0 + 1800.0}
+    ahead = {"accounting": {"runningSince": "2026-01-01T11:00:00Z"}}
+    close_running(ahead, NOW, [pod("2026-01-01T11:00:00Z", "2026-01-01T12:05:00Z")])  # a node clock ahead
+    assert ahead["accounting"]["runningSeconds"] == 3600.0
+
+
+def test_a_stopping_run_keeps_its_stretch_open_until_no_container_runs():
+    st = {"accounting": {"runningSince": "2026-01-01T11:00:00Z"}}
+    close_when_stopped(st, NOW, [pod("2026-01-01T11:00:00Z", deleting=True)])
+    assert st["accounting"] == {"runningSince": "2026-01-01T11:00:00Z"}
+    assert gpu_hours({**st, "layout": {"totalGpus": 2}}, NOW) == pytest.approx(2.0)
+    close_when_stopped(st, NOW, [pod("2026-01-01T11:00:00Z", "2026-01-01T11:45:00Z"), {"status": {"phase": "Pending"}}])
+    assert st["accounting"] == {"runningSeconds": 2700.0}
+    assert gpu_hours({**st, "layout": {"totalGpus": 2}}, NOW) == pytest.approx(1.5)
+
+
+def test_a_new_stretch_starts_at_its_containers_start_but_not_before_the_last_stretchs_end():
+    running = [pod("2026-01-01T11:50:00Z")]
+    assert running_since({}, running, [], NOW) == "2026-01-01T11:50:00Z"
+    after = {"runningSeconds": 100.0}
+    assert running_since(after, running, [pod("2026-01-01T11:00:00Z", "2026-01-01T11:40:00Z")], NOW) \
+        == "2026-01-01T11:50:00Z"
+    assert running_since(after, running, [pod("2026-01-01T11:00:00Z", "2026-01-01T11:55:00Z")], NOW) \
+        == "2026-01-01T11:55:00Z"
+    assert running_since(after, running, [], NOW) == "2026-01-01T12:00:00Z"  # no record of the end: this pass
