@@ -50,6 +50,15 @@ class OperatorMetrics:
                                  "base or the tuned model.", [*labels, "metric", "model"], registry=r)
         self.eval_passed = Gauge("kubetune_eval_passed", "1 when the evaluation gates held, 0 when not.", labels,
                                  registry=r)
+        # What runs cost, as the FineTuneJobs' status says (series exist while the FineTuneJob does, like
+        # kube-state-metrics' object gauges; a sum over them is the cost of the jobs still in the cluster).
+        self.gpu_hours = Gauge("kubetune_job_gpu_hours", "GPU-hours the run has used so far "
+                               "(status.accounting.gpuHours).", [*labels, "gpu_type"], registry=r)
+        self.cost = Gauge("kubetune_job_cost", "What the run has cost so far: its GPU-hours x the price of its GPU "
+                          "type (status.accounting.cost; the operator's --pricing).", [*labels, "currency"], registry=r)
+        self.estimated_cost = Gauge("kubetune_job_estimated_cost", "The run's cost estimated before its GPUs started "
+                                    "(status.estimate.cost).", [*labels, "currency"], registry=r)
+        self._labelled: dict[tuple[Gauge, tuple[str, str]], str] = {}  # (gauge, job) -> its extra label's value
         self._eval_series: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._phases: dict[tuple[str, str], str] = {}
         self._gpus: dict[tuple[str, str], tuple[str, int]] = {}
@@ -101,6 +110,26 @@ class OperatorMetrics:
             self.progress_ratio.labels(namespace, name).set(
                 min(float(progress.get("step") or 0) / float(progress["totalSteps"]), 1.0))
         self._observe_evaluation(key, status.get("evaluation") or {})
+        acc, est = status.get("accounting") or {}, status.get("estimate") or {}
+        self._set_labelled(self.gpu_hours, key, str(layout.get("gpuType") or ""),
+                           acc.get("gpuHours") if layout.get("totalGpus") else None)
+        self._set_labelled(self.cost, key, str(acc.get("currency") or ""), acc.get("cost"))
+        self._set_labelled(self.estimated_cost, key, str(est.get("currency") or ""), est.get("cost"))
+
+    def _set_labelled(self, gauge: Gauge, key: tuple[str, str], label: str, value: Any) -> None:
+        """Set a per-job gauge with one more label (GPU type, currency); a series under the label's previous
+        value (a job moved to another GPU type) goes; None removes the job's series."""
+        slot = (gauge, key)
+        old = self._labelled.get(slot)
+        if old is not None and (value is None or old != label):
+            try:
+                gauge.remove(*key, old)
+            except KeyError:
+                pass
+            del self._labelled[slot]
+        if value is not None:
+            gauge.labels(*key, label).set(float(value))
+            self._labelled[slot] = label
 
     def _observe_evaluation(self, key: tuple[str, str], evaluation: dict[str, Any]) -> None:
         if not evaluation:
@@ -129,6 +158,8 @@ class OperatorMetrics:
                 gauge.remove(namespace, name)
             except KeyError:
                 pass
+        for gauge in (self.gpu_hours, self.cost, self.estimated_cost):
+            self._set_labelled(gauge, key, "", None)
         for metric, model in self._eval_series.pop(key, set()):
             try:
                 self.eval_metric.remove(namespace, name, metric, model)

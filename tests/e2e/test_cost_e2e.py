@@ -12,6 +12,7 @@ to run; 10% is the goal).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -138,3 +139,10 @@ def test_the_estimated_cost_matches_the_actual_cost_once_the_cluster_has_measure
     # start-up time lost) is off by far more than this.
     assert est["cost"] == pytest.approx(acc["cost"], rel=TOLERANCE), json.dumps(seen)
     assert est["gpuHours"] == pytest.approx(acc["gpuHours"], rel=TOLERANCE), json.dumps(seen)
+    # Both side by side in `kubectl get ftj -o wide`.
+    table = cluster.kubectl("get", "ftj", "second", "-n", namespace, "-o", "wide").stdout.splitlines()
+    starts = [(m.group(), m.start()) for m in re.finditer(r"\S+", table[0])]  # kubectl aligns cells under headers
+    row = {name: table[1][at:(starts[i + 1][1] if i + 1 < len(starts) else None)].strip()
+           for i, (name, at) in enumerate(starts)}
+    assert float(row["EST-COST"]) == pytest.approx(est["cost"]) and float(row["COST"]) == pytest.approx(acc["cost"]), \
+        table

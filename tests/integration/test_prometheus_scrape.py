@@ -23,6 +23,8 @@ from tests.support.finetunejobs import (FtjClient, ProgressServer, free_port, ft
                                       gpu_type_with_free_gpus, wait_phase)
 
 SCRAPE_JOB = "kubetune-operator"  # the `job` label Prometheus gives the operator target
+PRICED = ("NVIDIA-L4", "NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3")  # the GPU types the test's jobs may get
+PRICE = 2.0  # EUR per GPU-hour
 RELEASE_NS = "kubetune-system"  # namespace the chart is rendered for (static label on the target)
 PROMETHEUS = shutil.which("prometheus")
 KUBE_VERSION = "1.33.13"  # the devcluster's; helm built without ldflags would assume 1.20
@@ -159,6 +161,7 @@ def operator(cluster, namespace, progress, tmp_path) -> Iterator[OperatorProcess
         "--lease-seconds", "5", "--resync-seconds", "1", "--progress-seconds", "1", "--liveness-port", "0",
         "--metrics-port", str(free_port()), "--progress-host", "127.0.0.1", "--progress-port", str(progress.port),
         "--no-preflight",  # KWOK pods run no preflight
+        "--pricing", ",".join(f"{product}={PRICE}" for product in PRICED), "--currency", "EUR",
     ], tmp_path / "operator.log")
     op.metrics_port = int(op.args[op.args.index("--metrics-port") + 1])
     with op.leading(log_tail=3000):
@@ -188,7 +191,8 @@ def test_prometheus_scrapes_operator_series_and_chart_alerts_fire(prometheus, op
     groups = prom.api("rules")["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert {r["name"] for r in rules} >= {"KubetuneJobFailed", "KubetuneOperatorDown", "KubetuneTrainingStalled",
-                                          "KubetuneTrainingLossNotFinite", "KubetuneReconcileErrors"}
+                                          "KubetuneTrainingLossNotFinite", "KubetuneReconcileErrors",
+                                          "KubetuneJobOverBudget"}
     wait_for(lambda: all(r.get("health") == "ok" for g in prom.api("rules")["groups"] for r in g["rules"]), 15,
              lambda: f"all rules healthy: {[(r['name'], r.get('health'), r.get('lastError')) for r in rules]}")
     wait_for(lambda: "KubetuneOperatorDown" not in prom.alerts(), 15, "KubetuneOperatorDown inactive while up")
@@ -207,6 +211,13 @@ def test_prometheus_scrapes_operator_series_and_chart_alerts_fire(prometheus, op
     prom.wait_value(f"kubetune_job_progress_ratio{{{job_sel}}}", lambda v: v == 0.4)
     prom.wait_value(f"kubetune_job_tokens_per_second{{{job_sel}}}", lambda v: v == 2100)
     prom.wait_value(f"kubetune_job_train_loss{{{job_sel}}}", lambda v: v == 1.9)
+    # What it costs: GPU-hours growing on its GPU type, at their price. (No preflight counted its tokens, so there
+    # is no estimate to compare with; tests/unit/test_metrics_cost.py and the chart's promtool tests cover that.)
+    prom.wait_value(f'kubetune_job_gpu_hours{{{job_sel},gpu_type="{gpu_type}"}}', lambda v: v > 0)
+    price = prom.wait_value(f'kubetune_job_cost{{{job_sel},currency="EUR"}} / on (namespace, name) '
+                            f'kubetune_job_gpu_hours{{{job_sel}}}', lambda v: v > 0)
+    assert price == pytest.approx(PRICE, rel=0.1)  # both rounded to 4 decimals
+    assert not prom.query(f"kubetune_job_estimated_cost{{{job_sel}}}")
 
     # It succeeds: Succeeded=1, nothing Running, final loss and progress from the summary.
     pod = wait_for(lambda: ftj.running_pod(ns, "scraped", 0), 30, "running trainer pod")

@@ -631,9 +631,9 @@ def test_promtool_check_rules(tmp_path):
     rules = write_rules_file(tmp_path)
     result = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
     names = {r["alert"] for r in yaml.safe_load(rules.read_text())["groups"][0]["rules"]}
-    assert {"KubetuneJobFailed", "KubetuneTrainingStalled", "KubetuneTrainingLossNotFinite",
+    assert {"KubetuneJobFailed", "KubetuneTrainingStalled", "KubetuneTrainingLossNotFinite", "KubetuneJobOverBudget",
             "KubetuneOperatorDown"} <= names
 
 
