@@ -31,7 +31,9 @@ from kubetune.sizing.layout import SizingOutcome
 from kubetune.store import FINISHED_JOB_CONDITIONS
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
 from kubetune.oom_layout import MemoryOutlook
-from kubetune.running_time import close_running, close_when_stopped, gpu_hours, running_since
+from kubetune.pod_times import ran
+from kubetune.running_time import (close_running, close_when_stopped, gpu_hours, restarted_between_passes,
+                                    running_since)
 from kubetune.sizing.estimator import gib
 from kubetune.sizing.leaner import describe_layout
 from kubetune.status import checked_status
@@ -836,12 +838,19 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         retry_note = f" (retry after failure: {failure_text(failed_pods[-1])})" if failed_pods else ""
     retry_reason = R.PREEMPTED_RESUMING if preempted else R.RETRYING
     if running and not job_suspended:
-        if old_phase != "Running":
-            if "runningSince" in acc:  # the pods of the stretch before still stop while these run
+        stopped = [pod for pod in pods if pod not in running]
+        # A start this pass sees: from another phase, or a restart that happened since the last pass.
+        unseen_restart = old_phase == "Running" and restarted_between_passes(acc, running, stopped)
+        starting = old_phase != "Running" or unseen_restart
+        if starting:
+            if unseen_restart:  # the stretch before ended at its pods' exit
+                close_running(st, now, [pod for pod in stopped if ran(pod)])
+                acc["runningSince"] = running_since(acc, running, stopped, now)
+            elif "runningSince" in acc:  # the pods of the stretch before still stop while these run
                 close_running(st, now)
                 acc["runningSince"] = now_s
             else:
-                acc["runningSince"] = running_since(acc, running, [pod for pod in pods if pod not in running], now)
+                acc["runningSince"] = running_since(acc, running, stopped, now)
             # The checkpoint known before this start is the one the trainer resumes from.
             ckpt_step = int((old.get("checkpoint") or {}).get("step") or 0)
             if ckpt_step > 0:
@@ -851,7 +860,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         st.setdefault("startTime", now_s)
         pods_total = int((st.get("layout") or {}).get("pods") or len(running))
         message = f"{len(running)}/{pods_total} trainer pod(s) running{retry_note}"
-        if st.get("resumedFromStep") and old_phase != "Running":
+        if st.get("resumedFromStep") and starting:
             message += f"; resuming from checkpoint step {st['resumedFromStep']}"
         reason = retry_reason if failed_pods else R.PODS_RUNNING
         p.set_phase("Running", reason, message)

@@ -56,6 +56,18 @@ def running_since(acc: dict[str, Any], running: list[dict[str, Any]], stopped: l
     return iso(min(started, now)) if started is not None else iso(now)
 
 
+def restarted_between_passes(acc: dict[str, Any], running: list[dict[str, Any]],
+                             stopped: list[dict[str, Any]]) -> bool:
+    """Whether the run stopped and started again since the pass that saw it Running (a busy operator's passes can
+    come later than a failed pod's replacement starts): the pods before exited inside the open stretch, none of
+    them runs any more, and every running pod's containers started after that exit."""
+    since = parse_time(acc.get("runningSince"))
+    exited = last_container_exit(stopped)
+    started = containers_started_at(running)
+    return (since is not None and exited is not None and started is not None and since < exited <= started
+            and not containers_running(stopped))
+
+
 def gpu_hours(st: dict[str, Any], now: dt.datetime) -> float:
     """GPUs x the running time so far (the completed stretches and the open one up to `now`), in hours."""
     acc = st.get("accounting") or {}

@@ -266,6 +266,32 @@ def test_after_a_restart_running_time_resumes_at_the_new_containers_start_not_be
     assert early.status["accounting"]["runningSince"] == "2026-01-01T11:58:00Z"
 
 
+def test_a_restart_between_two_passes_is_seen_as_one_stop_and_a_resume() -> None:
+    """A busy operator's pass can come after a failed pod was replaced and its replacement runs: the pass before
+    saw the run Running, this one sees it Running again. The gap is not billed and the resume is recorded."""
+    status = {"phase": "Running", "layout": LAYOUT.to_status(), "accounting": {"runningSince": "2026-01-01T11:00:00Z"},
+              "checkpoint": {"step": 40, "uri": "s3://out/run/checkpoints/step-40"}}
+    failed = timed_pod("Failed", "2026-01-01T11:00:00Z", "2026-01-01T11:50:00Z")
+    failed["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] = 1
+    d = run(status=copy.deepcopy(status), observed=Observed(job=job_obj(failed=1), pods=[
+        failed, timed_pod("Running", "2026-01-01T11:51:00Z", index=0)]))
+    acc = d.status["accounting"]
+    assert acc["runningSeconds"] == 3000.0 and acc["runningSince"] == "2026-01-01T11:51:00Z", acc
+    assert d.status["resumedFromStep"] == 40 and "resuming from checkpoint step 40" in d.status["message"]
+    assert "retry after failure" in d.status["message"]
+    # One pod of two failed and was replaced while the other kept running: the run did not stop.
+    d = run(status=copy.deepcopy(status), observed=Observed(job=job_obj(failed=1), pods=[
+        failed, timed_pod("Running", "2026-01-01T11:51:00Z", index=1), timed_pod("Running", "2026-01-01T11:00:00Z")]))
+    assert d.status["accounting"] == {"runningSince": "2026-01-01T11:00:00Z", "gpuHours": 1.0, "restarts": 1}, \
+        d.status["accounting"]
+    assert "resumedFromStep" not in d.status
+    # A failure seen earlier (its exit before the open stretch began) is no restart now.
+    seen = {**copy.deepcopy(status), "accounting": {"runningSince": "2026-01-01T11:52:00Z", "runningSeconds": 3000.0}}
+    d = run(status=seen, observed=Observed(job=job_obj(failed=1), pods=[
+        failed, timed_pod("Running", "2026-01-01T11:51:00Z")]))
+    assert d.status["accounting"]["runningSince"] == "2026-01-01T11:52:00Z" and "resumedFromStep" not in d.status
+
+
 def test_after_a_restart_running_time_resumes_at_the_pass_that_sees_it() -> None:
     """When the pods before record no exit, the stretch before may have been counted up to the pass that saw
     them gone: the new pod's own start time could fall before that pass and count the gap twice."""

@@ -7,7 +7,8 @@ import datetime as dt
 
 import pytest
 
-from kubetune.running_time import close_running, close_when_stopped, gpu_hours, running_since
+from kubetune.running_time import (close_running, close_when_stopped, gpu_hours, restarted_between_passes,
+                                   running_since)
 
 pytestmark = pytest.mark.unit
 
@@ -50,3 +51,16 @@ def test_a_new_stretch_starts_at_its_containers_start_but_not_before_the_last_st
     assert running_since(after, running, [pod("2026-01-01T11:00:00Z", "2026-01-01T11:55:00Z")], NOW) \
         == "2026-01-01T11:55:00Z"
     assert running_since(after, running, [], NOW) == "2026-01-01T12:00:00Z"  # no record of the end: this pass
+
+
+def test_a_restart_between_passes_needs_an_exit_inside_the_open_stretch_and_only_later_starts():
+    open_since = {"runningSince": "2026-01-01T11:00:00Z"}
+    exited = [pod("2026-01-01T11:00:00Z", "2026-01-01T11:40:00Z")]
+    assert restarted_between_passes(open_since, [pod("2026-01-01T11:41:00Z")], exited)
+    assert not restarted_between_passes(open_since, [pod("2026-01-01T11:41:00Z"), pod("2026-01-01T11:00:00Z")],
+                                        exited)  # one pod ran on through it
+    assert not restarted_between_passes({"runningSince": "2026-01-01T11:45:00Z"}, [pod("2026-01-01T11:41:00Z")],
+                                        exited)  # that exit was before this stretch
+    assert not restarted_between_passes(open_since, [pod("2026-01-01T11:41:00Z")],
+                                        exited + [pod("2026-01-01T11:00:00Z", deleting=True)])  # one still stops
+    assert not restarted_between_passes({}, [pod("2026-01-01T11:41:00Z")], exited)
