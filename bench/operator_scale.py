@@ -189,14 +189,15 @@ def requests_by_client(lines: Iterable[str], start: float, end: float, top: int 
     return out
 
 
-def audited_requests(cluster: Any, start: float, end: float) -> dict[str, dict[str, int]] | None:
-    """`requests_by_client` of the cluster's audit log (None without one); waits a moment for the apiserver's
-    batched writes."""
+def audited_requests(cluster: Any, windows: list[tuple[float, float]]) -> list[dict[str, dict[str, int]]] | None:
+    """`requests_by_client` of the cluster's audit log for each (start, end) window, read once (None without a
+    log); waits a moment for the apiserver's batched writes."""
     if getattr(cluster, "audit_log", None) is None:
         return None
     time.sleep(2.0)
     with open(cluster.audit_log, encoding="utf-8") as f:
-        return requests_by_client(f, start, end)
+        lines = f.readlines()
+    return [requests_by_client(lines, start, end) for start, end in windows]
 
 
 def counter_delta(after: Counter, before: Counter, top: int = 25) -> dict[str, int]:
@@ -913,10 +914,9 @@ def run_kubetune(cluster: Any, api: Any, n: int, concurrency: int, timeout: floa
         rss.stopping = True
         completion["apiserver_requests"] = counter_delta(request_totals(cluster), after)
         t_end = time.time()
-        by_client = audited_requests(cluster, t_before, t_after)
+        by_client = audited_requests(cluster, [(t_before, t_after), (t_after, t_end)])
         if by_client is not None:
-            creation["apiserver_requests_by_client"] = by_client
-            completion["apiserver_requests_by_client"] = audited_requests(cluster, t_after, t_end)
+            creation["apiserver_requests_by_client"], completion["apiserver_requests_by_client"] = by_client
         alive = op.alive()
         creation["operator_peak_rss_mib"] = round(proc_status_kib(op.pid, "VmHWM") / 1024, 1) if alive else None
         operator = {"alive_at_end": alive, "idle_rss_mib": round(rss_idle / 1024, 1),

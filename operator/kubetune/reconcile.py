@@ -31,7 +31,6 @@ from kubetune.sizing.layout import SizingOutcome
 from kubetune.store import FINISHED_JOB_CONDITIONS
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
 from kubetune.oom_layout import MemoryOutlook
-from kubetune.pod_times import ran
 from kubetune.running_time import (close_running, close_when_stopped, gpu_hours, restarted_between_passes,
                                     running_since)
 from kubetune.sizing.estimator import gib
@@ -844,9 +843,8 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
         starting = old_phase != "Running" or unseen_restart
         if starting:
             if unseen_restart:  # the stretch before ended at its pods' exit
-                close_running(st, now, [pod for pod in stopped if ran(pod)])
-                acc["runningSince"] = running_since(acc, running, stopped, now)
-            elif "runningSince" in acc:  # the pods of the stretch before still stop while these run
+                close_when_stopped(st, now, stopped)
+            if "runningSince" in acc:  # the pods of the stretch before still stop while these run
                 close_running(st, now)
                 acc["runningSince"] = now_s
             else:
