@@ -2,11 +2,16 @@
 status.accounting), on a process node that advertises one simulated, priced GPU (its pods compute on the CPU).
 
 The first run on a GPU type nobody has measured gets steps and tokens but no time: the datasheet table does not know
-the product. It calibrates the cluster's estimate (kubetune.throughput). A run of a larger model follows, estimated
-from the nearest measured size. The last run, of the first model and another length, is estimated from the first
-run only (the larger model achieves ~4x the FLOP/s, so mixing the two would not do), and its estimated cost must
-match its actual cost (within 35% on a shared 2-core machine, where one job's throughput varies that much from run
-to run; 10% is the goal).
+the product. It calibrates the cluster's estimate (kubetune.throughput). A run of a smaller model follows, estimated
+from the nearest measured size. The last run, of the first model and twice its length, is estimated from the first
+run only (the smaller model achieves ~1/4 of its FLOP/s, so mixing the two would not do), and its estimated cost must
+match its actual cost within 10%.
+
+The runs are of the 2.7M-parameter model, whose steps rather than its start-up take most of the run (as on a GPU,
+where a run takes hours and its start minutes), and long enough (27 s and 45 s) that the kubelet's whole-second
+timestamps weigh 2-4%, not the 7% of a 14-s run. The device's own speed is measured by both runs; when it moved by more
+than 5% between them (a 2-core machine shared with the control plane can), the estimate is checked at the run's own
+rate (see the test).
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 GPU_PRODUCT = "KUBETUNE-PROCESS-GPU"
 PRICE = 3.0  # per GPU-hour
-TOLERANCE = 0.35  # estimate / actual; see the test for why not 0.10 here
+TOLERANCE = 0.10  # estimate / actual
+CALIBRATING_STEPS = 200
+PREDICTED_STEPS = 400
+DEVICE_STILL = 0.05  # the runs' own steady tokens/s within 5% of each other: the estimate must hold to TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -89,56 +97,71 @@ def _gpu_manifest(ws: Workspace, model: Path, name: str, steps: int) -> dict:
     return m
 
 
+def _print_run(label: str, st: dict) -> None:
+    est, acc, metrics = st["estimate"], st["accounting"], st.get("metrics") or {}
+    print(f"{label}: {est['steps']} steps, {acc.get('tokens')} tokens; estimated {est.get('etaSeconds')} s, "
+          f"actual {acc['runningSeconds']} s; steady {metrics.get('steadyTokensPerSecond')} tokens/s")
+
+
 def test_the_estimated_cost_matches_the_actual_cost_once_the_cluster_has_measured_a_run(
         cluster, k8s, namespace, gpu_node, priced_operator, tiny_model, larger_model):  # noqa: F811 - the fixture
     ftj = FtjClient(k8s)
     ws = Workspace(k8s, namespace, Path(gpu_node.config.data_root), tiny_model)
     shutil.copytree(larger_model, ws.root / "models" / larger_model.name)
 
-    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "first", 150))
+    ws.apply(cluster, _gpu_manifest(ws, larger_model, "first", CALIBRATING_STEPS))
     first = wait_terminal(ftj, namespace, "first")
     assert first["phase"] == "Succeeded", json.dumps(first)[:3000]
     assert first["layout"]["gpuType"] == GPU_PRODUCT and first["layout"]["totalGpus"] == 1, first["layout"]
     # Nothing measured yet and no datasheet peak for this product: steps and tokens, no time, no cost.
-    assert first["estimate"]["steps"] == first["progress"]["step"] == 150
+    assert first["estimate"]["steps"] == first["progress"]["step"] == CALIBRATING_STEPS
     assert "cost" not in first["estimate"] and f"unknown peak for {GPU_PRODUCT}" in first["estimate"]["basis"]
     assert first["accounting"]["cost"] > 0 and first["accounting"]["currency"] == "EUR"
     # A GPU layout: the preflight traced the real step and checked it against the GPU's memory.
     trace = first["preflight"]["trace"]
     assert trace["peakBytes"] > 0 and trace["fits"] is True and trace["gpuType"] == GPU_PRODUCT, trace
 
-    ws.apply(cluster, _gpu_manifest(ws, larger_model, "larger", 150))
-    larger = wait_terminal(ftj, namespace, "larger")
-    assert larger["phase"] == "Succeeded", json.dumps(larger)[:3000]
-    small_params = first["plan"]["estimate"]["totalParams"]
-    large_params = larger["plan"]["estimate"]["totalParams"]
+    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "smaller", 150))
+    smaller = wait_terminal(ftj, namespace, "smaller")
+    assert smaller["phase"] == "Succeeded", json.dumps(smaller)[:3000]
+    large_params = first["plan"]["estimate"]["totalParams"]
+    small_params = smaller["plan"]["estimate"]["totalParams"]
     assert large_params > 10 * small_params, (small_params, large_params)
-    # No run of its size yet: the first model's run stands in, and the basis says so.
-    assert "median of 1 finished lora run(s) of the nearest measured model size" in larger["estimate"]["basis"], \
-        larger["estimate"]
+    # No run of its size yet: the larger model's run stands in, and the basis says so.
+    assert "median of 1 finished lora run(s) of the nearest measured model size" in smaller["estimate"]["basis"], \
+        smaller["estimate"]
 
-    ws.apply(cluster, _gpu_manifest(ws, tiny_model, "second", 300))
+    ws.apply(cluster, _gpu_manifest(ws, larger_model, "second", PREDICTED_STEPS))
     second = wait_terminal(ftj, namespace, "second")
     assert second["phase"] == "Succeeded", json.dumps(second)[:3000]
     est, acc = second["estimate"], second["accounting"]
-    # Estimated from the first run alone, not the larger model's.
+    # Estimated from the first run alone, not the smaller model's.
     assert "calibrated on this cluster: median of 1 finished lora run(s) of this model size" in est["basis"], est
-    assert est["steps"] == second["progress"]["step"] == 300
-    # Twice the steps of the calibrating run, predicted from its throughput and start-up time.
+    assert est["steps"] == second["progress"]["step"] == PREDICTED_STEPS
     seen = {"estimate": est, "accounting": acc, "metrics": second.get("metrics"),
             "calibrating run": {"accounting": first["accounting"], "metrics": first.get("metrics")},
-            "larger model": {"estimate": larger["estimate"], "accounting": larger["accounting"],
-                             "metrics": larger.get("metrics")}}
-    print(f"larger model, from the nearest size: estimated {larger['estimate'].get('etaSeconds')} s, actual "
-          f"{larger['accounting']['runningSeconds']} s")
-    print(f"estimated {est['cost']} {est['currency']} ({est['etaSeconds']} s), actual {acc['cost']} "
-          f"({acc['runningSeconds']} s): ratio {est['cost'] / acc['cost']:.3f}")
-    # The goal is 10%. On a shared 2-core test machine the same job's step throughput varies by up to 50% from one
-    # run to the next (steady 6,200 against 9,200 tokens/s measured), so this run-to-run noise bounds what one
-    # prediction can show here; a calibration that is missing or mis-scaled (the loop's rate, GPUs miscounted, the
-    # start-up time lost) is off by far more than this.
-    assert est["cost"] == pytest.approx(acc["cost"], rel=TOLERANCE), json.dumps(seen)
-    assert est["gpuHours"] == pytest.approx(acc["gpuHours"], rel=TOLERANCE), json.dumps(seen)
+            "smaller model": {"estimate": smaller["estimate"], "accounting": smaller["accounting"],
+                              "metrics": smaller.get("metrics")}}
+    for label, st in (("calibrating run", first), ("smaller model, from the nearest size", smaller),
+                      ("predicted run", second)):
+        _print_run(label, st)
+    ratio = est["cost"] / acc["cost"]
+    print(f"estimated {est['cost']} {est['currency']}, actual {acc['cost']}: ratio {ratio:.3f}")
+    # The device's own speed in the two runs, as their trainers measured it (steady tokens/s).
+    drift = float(second["metrics"]["steadyTokensPerSecond"]) / float(first["metrics"]["steadyTokensPerSecond"])
+    if abs(drift - 1.0) <= DEVICE_STILL:
+        assert est["cost"] == pytest.approx(acc["cost"], rel=TOLERANCE), json.dumps(seen)
+        assert est["gpuHours"] == pytest.approx(acc["gpuHours"], rel=TOLERANCE), json.dumps(seen)
+    else:
+        # The device itself sped up or slowed down between the runs: no estimate made before the run can follow
+        # that. The rest of the estimate (steps, tokens, the start-up time, GPUs, price) must still hold: with the
+        # run's own measured rate in place of the calibrated one, it agrees within the same 10%.
+        seconds = est["etaSeconds"] - est["tokens"] / est["tokensPerSecond"] \
+            + est["tokens"] / float(second["metrics"]["steadyTokensPerSecond"])
+        print(f"the device's speed moved by {drift - 1:+.1%} between the runs; at the run's own rate the estimate "
+              f"is {seconds:.1f} s against {acc['runningSeconds']} s")
+        assert seconds == pytest.approx(acc["runningSeconds"], rel=TOLERANCE), json.dumps(seen)
+        assert est["cost"] == pytest.approx(acc["cost"], rel=abs(drift - 1.0) + TOLERANCE), json.dumps(seen)
     # Both side by side in `kubectl get ftj -o wide`.
     table = cluster.kubectl("get", "ftj", "second", "-n", namespace, "-o", "wide").stdout.splitlines()
     starts = [(m.group(), m.start()) for m in re.finditer(r"\S+", table[0])]  # kubectl aligns cells under headers

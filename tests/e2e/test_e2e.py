@@ -237,6 +237,29 @@ def test_bad_dataset_line_fails_in_preflight_and_no_trainer_pod_is_ever_created(
     assert "layout" not in st
 
 
+def test_an_unreachable_model_is_retried_then_fails_in_preflight_and_no_trainer_pod_is_ever_created(
+        cluster, ftj, ws):
+    """A model the preflight cannot fetch is not a data error: the usual policy retries it (backoffLimit 1: once),
+    the status says why while it does, and the job then fails naming the URI, before any GPU pod exists."""
+    m = ws.manifest("no-model")
+    m["spec"]["model"]["uri"] = ws.uri("models/not-there")
+    m["spec"]["backoffLimit"] = 1
+    pods = PodWatch(ftj, ws.namespace)
+    ws.apply(cluster, m)
+    st = wait_terminal(ftj, ws.namespace, "no-model", timeout=300)
+    seen = pods.stop()
+    assert st["phase"] == "Failed" and st["reason"] == "PreflightFailed", json.dumps(st)[:3000]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert "models/not-there" in failed["message"] and "before any GPU was used" in failed["message"], failed
+    validated = next(c for c in st["conditions"] if c["type"] == "Validated")
+    assert validated["status"] == "False", validated
+    # Two preflight pods (the first try and its retry), no trainer Job, no trainer pod.
+    assert {component for _, component in seen} == {"preflight"} and len(seen) == 2, seen
+    assert [j.metadata.name for j in ftj.jobs(ws.namespace)] == ["no-model-preflight"]
+    assert any("models/not-there" in message
+               for _, message in ftj.wait_events(ws.namespace, "no-model", "PreflightFailed"))
+
+
 def test_the_preflight_counts_the_steps_the_trainer_runs(cluster, ftj, ws):
     """A run sized by epochs (not maxSteps): the steps the preflight counted are the steps the trainer took."""
     ws.apply(cluster, ws.manifest("counted", maxSteps=0, epochs=0.3, gradientAccumulationSteps=3,
@@ -255,6 +278,22 @@ def test_the_preflight_counts_the_steps_the_trainer_runs(cluster, ftj, ws):
     import hashlib
 
     assert pre["datasetSha256"] == hashlib.sha256(DATASET.read_bytes()).hexdigest()
+
+
+def test_a_truncation_heavy_dataset_warns_with_its_numbers_and_still_trains(cluster, ftj, ws):
+    """maxSeqLength below most examples' length: the preflight counts the cut examples, the job gets the Advice
+    condition and a Warning Event with the numbers, and the run goes ahead (advice never blocks)."""
+    ws.apply(cluster, ws.manifest("truncated", maxSeqLength=16, maxSteps=3, checkpointEverySteps=1000))
+    st = wait_terminal(ftj, ws.namespace, "truncated")
+    assert st["phase"] == "Succeeded", json.dumps(st)[:3000]
+    pre = st["preflight"]
+    examples, truncated = pre["examples"], pre["truncated"]
+    assert truncated > 0.05 * examples and pre["tokenLengths"]["max"] > 16, pre
+    advice = next(c for c in st["conditions"] if c["type"] == "Advice")
+    assert advice["status"] == "True" and advice["reason"] == "Truncation", advice
+    numbers = f"{truncated} of {examples} examples ({truncated / examples:.0%}) are longer than training.maxSeqLength 16"
+    assert numbers in advice["message"], advice
+    assert any(numbers in message for _, message in ftj.wait_events(ws.namespace, "truncated", "Truncation"))
 
 
 def test_deleting_a_running_job_stops_its_processes(cluster, ftj, ws):
