@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from kubetune.api import PHASES
+from kubetune.running_time import reported_gpu_hours
 
 
 class OperatorMetrics:
@@ -52,13 +53,13 @@ class OperatorMetrics:
                                  registry=r)
         # What runs cost, as the FineTuneJobs' status says (series exist while the FineTuneJob does, like
         # kube-state-metrics' object gauges; a sum over them is the cost of the jobs still in the cluster).
-        self.gpu_hours = Gauge("kubetune_job_gpu_hours", "GPU-hours the run has used so far "
-                               "(status.accounting.gpuHours).", [*labels, "gpu_type"], registry=r)
+        self.gpu_hours = Gauge("kubetune_job_gpu_hours", "GPU-hours the run has used so far on each GPU "
+                               "type (status.accounting.gpuHours, gpuTime).", [*labels, "gpu_type"], registry=r)
         self.cost = Gauge("kubetune_job_cost", "What the run has cost so far: its GPU-hours x the price of its GPU "
                           "type (status.accounting.cost; the operator's --pricing).", [*labels, "currency"], registry=r)
         self.estimated_cost = Gauge("kubetune_job_estimated_cost", "The run's cost estimated before its GPUs started "
                                     "(status.estimate.cost).", [*labels, "currency"], registry=r)
-        self._labelled: dict[tuple[Gauge, tuple[str, str]], str] = {}  # (gauge, job) -> its extra label's value
+        self._labelled: dict[tuple[Gauge, tuple[str, str]], set[str]] = {}  # (gauge, job) -> its extra label's values
         self._eval_series: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._phases: dict[tuple[str, str], str] = {}
         self._gpus: dict[tuple[str, str], tuple[str, int]] = {}
@@ -111,25 +112,25 @@ class OperatorMetrics:
                 min(float(progress.get("step") or 0) / float(progress["totalSteps"]), 1.0))
         self._observe_evaluation(key, status.get("evaluation") or {})
         acc, est = status.get("accounting") or {}, status.get("estimate") or {}
-        self._set_labelled(self.gpu_hours, key, str(layout.get("gpuType") or ""),
-                           acc.get("gpuHours") if layout.get("totalGpus") else None)
-        self._set_labelled(self.cost, key, str(acc.get("currency") or ""), acc.get("cost"))
-        self._set_labelled(self.estimated_cost, key, str(est.get("currency") or ""), est.get("cost"))
+        self._set_labelled(self.gpu_hours, key, reported_gpu_hours(status) if acc.get("gpuHours") is not None else {})
+        self._set_labelled(self.cost, key, _one(acc.get("currency"), acc.get("cost")))
+        self._set_labelled(self.estimated_cost, key, _one(est.get("currency"), est.get("cost")))
 
-    def _set_labelled(self, gauge: Gauge, key: tuple[str, str], label: str, value: Any) -> None:
-        """Set a per-job gauge with one more label (GPU type, currency); a series under the label's previous
-        value (a job moved to another GPU type) goes; None removes the job's series."""
+    def _set_labelled(self, gauge: Gauge, key: tuple[str, str], values: dict[str, Any]) -> None:
+        """Set a per-job gauge's series, one per value of its extra label (GPU type, currency); the job's series
+        under labels no longer in `values` (a job moved to another GPU type, a currency changed) go."""
         slot = (gauge, key)
-        old = self._labelled.get(slot)
-        if old is not None and (value is None or old != label):
+        for old in self._labelled.get(slot, set()) - set(values):
             try:
                 gauge.remove(*key, old)
             except KeyError:
                 pass
-            del self._labelled[slot]
-        if value is not None:
+        for label, value in values.items():
             gauge.labels(*key, label).set(float(value))
-            self._labelled[slot] = label
+        if values:
+            self._labelled[slot] = set(values)
+        else:
+            self._labelled.pop(slot, None)
 
     def _observe_evaluation(self, key: tuple[str, str], evaluation: dict[str, Any]) -> None:
         if not evaluation:
@@ -159,7 +160,7 @@ class OperatorMetrics:
             except KeyError:
                 pass
         for gauge in (self.gpu_hours, self.cost, self.estimated_cost):
-            self._set_labelled(gauge, key, "", None)
+            self._set_labelled(gauge, key, {})
         for metric, model in self._eval_series.pop(key, set()):
             try:
                 self.eval_metric.remove(namespace, name, metric, model)
@@ -192,6 +193,11 @@ class OperatorMetrics:
 
 
 V = TypeVar("V")
+
+
+def _one(label: Any, value: Any) -> dict[str, Any]:
+    """A gauge's single series under `label`, none when `value` is None."""
+    return {} if value is None else {str(label or ""): value}
 
 
 def _changes(values: dict[tuple[str, str], V], key: tuple[str, str], value: V | None) -> list[tuple[V, int]]:

@@ -31,8 +31,8 @@ from kubetune.sizing.layout import SizingOutcome
 from kubetune.store import FINISHED_JOB_CONDITIONS
 from kubetune.oom import current_training, exhausted_message, next_memory_plan
 from kubetune.oom_layout import MemoryOutlook
-from kubetune.running_time import (close_running, close_when_stopped, gpu_hours, restarted_between_passes,
-                                    running_since)
+from kubetune.running_time import (close_running, close_when_stopped, gpu_cost, gpu_hours,
+                                    restarted_between_passes, running_since)
 from kubetune.sizing.estimator import gib
 from kubetune.sizing.leaner import describe_layout
 from kubetune.status import checked_status
@@ -337,9 +337,9 @@ class _Pass:
         if self.st.get("layout"):
             acc = self.st.setdefault("accounting", {})
             acc["gpuHours"] = gpu_hours(self.st, self.now)
-            price = self.pricing.price(str(self.st["layout"].get("gpuType") or "")) if self.pricing else None
-            if price is not None and self.pricing is not None:  # the actual cost beside status.estimate's
-                acc["cost"], acc["currency"] = round(acc["gpuHours"] * price, 4), self.pricing.currency
+            cost = gpu_cost(self.st, self.now, self.pricing.price) if self.pricing else None
+            if cost is not None and self.pricing is not None:  # the actual cost beside status.estimate's
+                acc["cost"], acc["currency"] = cost, self.pricing.currency
         checked_status(self.st)
         return self.out
 

@@ -4,12 +4,18 @@ Pure functions of the status and the Job's (slim) pods.
 A run's time is a sum of Running stretches. A stretch starts when the trainer containers started (the pass
 that sees them comes later) and ends when they have exited (the pass that sees that comes later too): its
 edges come from the kubelet's timestamps in pod status (`kubetune.pod_times`), the operator's passes only
-where the pods record none. Between the two, `runningSince` holds the open stretch's start."""
+where the pods record none. Between the two, `runningSince` holds the open stretch's start.
+
+GPU time is counted per stretch on the layout the stretch ran on: a run re-planned after running out of memory may
+go on with more GPUs or another GPU type, and its earlier stretches keep their own GPUs and price. Each completed
+stretch adds to `accounting.gpuTime` (per GPU type: wall seconds and GPU-hours); the open one counts on the
+current layout (`status.layout`). A status written before `gpuTime` existed has all its completed time on its
+current layout, as it was billed then."""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Callable
 
 from kubetune.pod_times import (containers_finished_at, containers_running, containers_started_at,
                                 last_container_exit, ran)
@@ -31,8 +37,34 @@ def close_running(st: dict[str, Any], now: dt.datetime, pods: list[dict[str, Any
         if exited is not None and since is not None:
             end = min(max(exited, since), now)
     if since is not None:
-        acc["runningSeconds"] = round(float(acc.get("runningSeconds") or 0.0)
-                                      + max((end - since).total_seconds(), 0.0), 1)
+        seconds = max((end - since).total_seconds(), 0.0)
+        _add_gpu_time(acc, st.get("layout") or {}, seconds)
+        acc["runningSeconds"] = round(float(acc.get("runningSeconds") or 0.0) + seconds, 1)
+
+
+def _gpus_of(layout: dict[str, Any]) -> tuple[str, int]:
+    return str(layout.get("gpuType") or ""), int(layout.get("totalGpus") or 0)
+
+
+def _add_gpu_time(acc: dict[str, Any], layout: dict[str, Any], seconds: float) -> None:
+    """Add a completed stretch of `seconds` on `layout` to accounting.gpuTime (CPU-only layouts add nothing)."""
+    gpu_type, gpus = _gpus_of(layout)
+    table = acc.get("gpuTime")
+    if table is None:  # the first stretch, or a status from before gpuTime: its time so far was on this layout
+        table = []
+        before = float(acc.get("runningSeconds") or 0.0)
+        if before > 0 and gpus > 0:
+            table.append({"gpuType": gpu_type, "runningSeconds": round(before, 1),
+                          "gpuHours": round(gpus * before / 3600.0, 6)})
+    if gpus > 0 and seconds > 0:
+        row = next((r for r in table if r.get("gpuType") == gpu_type), None)
+        if row is None:
+            row = {"gpuType": gpu_type, "runningSeconds": 0.0, "gpuHours": 0.0}
+            table.append(row)
+        row["runningSeconds"] = round(float(row["runningSeconds"]) + seconds, 1)
+        row["gpuHours"] = round(float(row["gpuHours"]) + gpus * seconds / 3600.0, 6)
+    if table:  # absent until a stretch ran on GPUs (a CPU-only run has none)
+        acc["gpuTime"] = table
 
 
 def close_when_stopped(st: dict[str, Any], now: dt.datetime, pods: list[dict[str, Any]]) -> None:
@@ -68,12 +100,58 @@ def restarted_between_passes(acc: dict[str, Any], running: list[dict[str, Any]],
             and not containers_running(stopped))
 
 
-def gpu_hours(st: dict[str, Any], now: dt.datetime) -> float:
-    """GPUs x the running time so far (the completed stretches and the open one up to `now`), in hours."""
+def completed_gpu_hours(st: dict[str, Any]) -> dict[str, float]:
+    """GPU-hours of the completed stretches by GPU type."""
     acc = st.get("accounting") or {}
-    seconds = float(acc.get("runningSeconds") or 0.0)
-    since = parse_time(acc.get("runningSince"))
-    if since is not None:
-        seconds += max((now - since).total_seconds(), 0.0)
-    gpus = int((st.get("layout") or {}).get("totalGpus") or 0)
-    return round(gpus * seconds / 3600.0, 4)
+    table = acc.get("gpuTime")
+    if table is None:  # a status from before gpuTime: its completed time on the current layout
+        gpu_type, gpus = _gpus_of(st.get("layout") or {})
+        seconds = float(acc.get("runningSeconds") or 0.0)
+        return {gpu_type: gpus * seconds / 3600.0} if gpus > 0 and seconds > 0 else {}
+    out: dict[str, float] = {}
+    for row in table:
+        gpu_type = str(row.get("gpuType") or "")
+        out[gpu_type] = out.get(gpu_type, 0.0) + float(row.get("gpuHours") or 0.0)
+    return out
+
+
+def gpu_hours_by_type(st: dict[str, Any], now: dt.datetime) -> dict[str, float]:
+    """GPU-hours so far by GPU type: the completed stretches, and the open one up to `now` on the current layout."""
+    out = completed_gpu_hours(st)
+    since = parse_time((st.get("accounting") or {}).get("runningSince"))
+    gpu_type, gpus = _gpus_of(st.get("layout") or {})
+    if since is not None and gpus > 0:
+        out[gpu_type] = out.get(gpu_type, 0.0) + gpus * max((now - since).total_seconds(), 0.0) / 3600.0
+    return out
+
+
+def gpu_hours(st: dict[str, Any], now: dt.datetime) -> float:
+    """GPUs x the running time so far (the completed stretches on their layouts, the open one up to `now`), in
+    hours."""
+    return round(sum(gpu_hours_by_type(st, now).values()), 4)
+
+
+def reported_gpu_hours(st: dict[str, Any]) -> dict[str, float]:
+    """accounting.gpuHours as the last pass wrote it, by GPU type (for the metrics, which have no clock of their
+    own): the completed stretches' types, and the rest on the current layout's."""
+    acc = st.get("accounting") or {}
+    out = completed_gpu_hours(st)
+    gpu_type, gpus = _gpus_of(st.get("layout") or {})
+    open_hours = float(acc.get("gpuHours") or 0.0) - sum(out.values())
+    if gpus > 0 and (open_hours > 0 or not out):
+        out[gpu_type] = out.get(gpu_type, 0.0) + max(open_hours, 0.0)
+    return {t: round(h, 4) for t, h in out.items()}
+
+
+def gpu_cost(st: dict[str, Any], now: dt.datetime, price: Callable[[str], float | None]) -> float | None:
+    """What the GPU time so far cost: each GPU type's hours x its price (`price(gpu_type)`, None when unknown);
+    None when a GPU type the run used, or the current layout's, has no price."""
+    by_type = gpu_hours_by_type(st, now)
+    current = _gpus_of(st.get("layout") or {})[0]
+    total = 0.0
+    for gpu_type in {*by_type, current}:
+        unit = price(gpu_type)
+        if unit is None:
+            return None
+        total += by_type.get(gpu_type, 0.0) * unit
+    return round(total, 4)

@@ -133,10 +133,19 @@ class CheckpointStatus(_Status):
     uri: str | None = None
 
 
+class GpuTimeStatus(_Status):
+    """The completed Running stretches on one GPU type (status.accounting.gpuTime[])."""
+
+    gpu_type: str
+    running_seconds: float
+    gpu_hours: float
+
+
 class AccountingStatus(_Status):
     """GPU time, tokens and restarts (status.accounting)."""
 
     gpu_hours: float | None = None
+    gpu_time: list[GpuTimeStatus] | None = None  # completed stretches by GPU type (kubetune.running_time)
     running_seconds: float | None = None
     running_since: str | None = None
     tokens: int | None = None

@@ -50,3 +50,15 @@ def test_a_cpu_only_run_has_no_gpu_hours_series():
     m.observe_job("ml", "cpu", {"phase": "Succeeded", "layout": {"gpuType": "", "totalGpus": 0, "pods": 1},
                                 "accounting": {"gpuHours": 0.0, "runningSeconds": 30.0}}, 1.0)
     assert series(m, "kubetune_job_gpu_hours") == {}
+
+
+def test_a_run_that_changed_gpu_type_has_a_series_for_each_type_it_ran_on():
+    m = OperatorMetrics()
+    status = running("NVIDIA-A100-SXM4-80GB", 1.75, 3.05, 2.0)
+    status["accounting"]["gpuTime"] = [{"gpuType": "NVIDIA-L4", "runningSeconds": 3600.0, "gpuHours": 1.0}]
+    m.observe_job("ml", "run", status, 1.0)
+    assert series(m, "kubetune_job_gpu_hours") == {
+        (("gpu_type", "NVIDIA-L4"), ("name", "run"), ("namespace", "ml")): 1.0,
+        (("gpu_type", "NVIDIA-A100-SXM4-80GB"), ("name", "run"), ("namespace", "ml")): 0.75}
+    m.forget_job("ml", "run")
+    assert series(m, "kubetune_job_gpu_hours") == {}

@@ -16,6 +16,7 @@ from kubetune.api import parse_spec
 from kubetune.builders import BuildConfig, JobRef, build_children, spec_hash
 from kubetune.oom_layout import memory_outlook, running_layout, tried_layouts, with_replanned_layout
 from kubetune.reconcile import Observed, decide
+from kubetune.running_time import gpu_hours
 from kubetune.sizing import fleet_from_nodes, parse_gpu_shorthand, size_job_layout
 from kubetune.sizing.estimator import gib
 from kubetune.sizing.layout import Layout
@@ -166,7 +167,8 @@ def test_the_pass_records_the_failure_changes_the_layout_and_the_next_job_uses_i
     spec = _spec(resources={"gpuType": L4})
     typed = parse_spec(spec)
     sized = size_job_layout(typed, nodes)
-    status = {"phase": "Running", "layout": sized.layout.to_status(), "plan": sized.plan_status}
+    status = {"phase": "Running", "layout": sized.layout.to_status(), "plan": sized.plan_status,
+              "accounting": {"runningSince": "2026-01-01T11:00:00Z"}}
     assert running_layout(status, typed) == Layout(gpu_type=L4, gpus_per_pod=1, pods=1, strategy="none",
                                                    gpu_memory_bytes=sized.layout.gpu_memory_bytes)
     pod = _oom_pod("demo-trainer-0-aaaaa", peak=21 * 2**30)
@@ -200,6 +202,13 @@ def test_the_pass_records_the_failure_changes_the_layout_and_the_next_job_uses_i
     assert running_layout(d.status, typed) == outcome.layout
     assert tried_layouts(d.status) == [Layout(gpu_type=L4, gpus_per_pod=1, pods=1, strategy="none",
                                               node_selector={"nvidia.com/gpu.product": L4}, source="replan")]
+    # The hour on one L4 stays one GPU-hour when the run goes on with the re-planned layout's GPUs.
+    acc = d.status["accounting"]
+    assert acc["gpuTime"] == [{"gpuType": L4, "runningSeconds": 3600.0, "gpuHours": 1.0}] and acc["gpuHours"] == 1.0
+    gpus = new["gpusPerPod"] * new["pods"]
+    later = {**d.status, "phase": "Running", "layout": outcome.layout.to_status(),
+             "accounting": {**acc, "runningSince": "2026-01-01T12:10:00Z"}}
+    assert gpu_hours(later, T0 + dt.timedelta(minutes=70)) == 1.0 + gpus
 
 
 def test_the_pass_fails_with_the_reason_when_no_layout_is_left():

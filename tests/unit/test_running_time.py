@@ -7,8 +7,8 @@ import datetime as dt
 
 import pytest
 
-from kubetune.running_time import (close_running, close_when_stopped, gpu_hours, restarted_between_passes,
-                                   running_since)
+from kubetune.running_time import (close_running, close_when_stopped, gpu_cost, gpu_hours, gpu_hours_by_type,
+                                   reported_gpu_hours, restarted_between_passes, running_since)
 
 pytestmark = pytest.mark.unit
 
@@ -64,3 +64,39 @@ def test_a_restart_between_passes_needs_an_exit_inside_the_open_stretch_and_only
     assert not restarted_between_passes(open_since, [pod("2026-01-01T11:41:00Z")],
                                         exited + [pod("2026-01-01T11:00:00Z", deleting=True)])  # one still stops
     assert not restarted_between_passes({}, [pod("2026-01-01T11:41:00Z")], exited)
+
+
+def test_each_stretch_counts_on_the_layout_it_ran_on():
+    """A run re-planned after running out of memory from 1 x L4 to 2 x A100: its first hour stays one L4-hour."""
+    st = {"layout": {"gpuType": "NVIDIA-L4", "totalGpus": 1},
+          "accounting": {"runningSince": "2026-01-01T10:00:00Z"}}
+    close_running(st, NOW, [pod("2026-01-01T10:00:00Z", "2026-01-01T11:00:00Z")])
+    assert st["accounting"]["gpuTime"] == [{"gpuType": "NVIDIA-L4", "runningSeconds": 3600.0, "gpuHours": 1.0}]
+    st["layout"] = {"gpuType": "NVIDIA-A100-SXM4-80GB", "totalGpus": 2}
+    st["accounting"]["runningSince"] = "2026-01-01T11:30:00Z"
+    assert gpu_hours_by_type(st, NOW) == {"NVIDIA-L4": 1.0, "NVIDIA-A100-SXM4-80GB": 1.0}
+    assert gpu_hours(st, NOW) == 2.0  # not 2 GPUs x 1.5 h
+    prices = {"NVIDIA-L4": 0.8, "NVIDIA-A100-SXM4-80GB": 3.0}
+    assert gpu_cost(st, NOW, prices.get) == pytest.approx(0.8 + 3.0)
+    assert gpu_cost(st, NOW, {"NVIDIA-A100-SXM4-80GB": 3.0}.get) is None  # the L4 hour has no price
+    close_running(st, NOW + dt.timedelta(minutes=30))
+    assert st["accounting"]["gpuTime"] == [
+        {"gpuType": "NVIDIA-L4", "runningSeconds": 3600.0, "gpuHours": 1.0},
+        {"gpuType": "NVIDIA-A100-SXM4-80GB", "runningSeconds": 3600.0, "gpuHours": 2.0}]
+    assert st["accounting"]["runningSeconds"] == 7200.0 and gpu_hours(st, NOW) == 3.0
+    # What the metrics read back from the written status: the completed types, the rest on the current one.
+    st["accounting"]["gpuHours"] = 3.5
+    st["accounting"]["runningSince"] = "2026-01-01T12:30:00Z"
+    assert reported_gpu_hours(st) == {"NVIDIA-L4": 1.0, "NVIDIA-A100-SXM4-80GB": 2.5}
+
+
+def test_a_status_from_before_gpu_time_counts_its_time_on_its_current_layout():
+    legacy = {"layout": {"gpuType": "NVIDIA-L4", "totalGpus": 2},
+              "accounting": {"runningSeconds": 1800.0, "runningSince": "2026-01-01T11:30:00Z"}}
+    assert gpu_hours(legacy, NOW) == 2.0 and reported_gpu_hours({**legacy, "accounting": {
+        **legacy["accounting"], "gpuHours": 2.0}}) == {"NVIDIA-L4": 2.0}
+    close_running(legacy, NOW)
+    assert legacy["accounting"]["gpuTime"] == [{"gpuType": "NVIDIA-L4", "runningSeconds": 3600.0, "gpuHours": 2.0}]
+    cpu = {"layout": {"gpuType": "", "totalGpus": 0, "pods": 1}, "accounting": {"runningSince": "2026-01-01T11:00:00Z"}}
+    close_running(cpu, NOW)
+    assert "gpuTime" not in cpu["accounting"] and gpu_hours(cpu, NOW) == 0.0 and gpu_cost(cpu, NOW, {"": 0.0}.get) == 0.0
