@@ -167,11 +167,12 @@ class ChildClient:
         body_of(self.batch.patch_namespaced_job(trainer_name(job), ns, {"spec": {"suspend": value}},
                                                 _preload_content=False))
 
-    def delete_job(self, ns: str, job: str, name: str = "") -> None:
+    def delete_job(self, ns: str, job: str, name: str = "", foreground: bool = False) -> None:
         """Delete the trainer Job (or the Job `name` of this FineTuneJob); its pods go with it (background
-        propagation)."""
+        propagation; `foreground`: the Job stays, deleting, until its pods are gone)."""
         try:
-            body_of(self.batch.delete_namespaced_job(name or trainer_name(job), ns, propagation_policy="Background",
+            body_of(self.batch.delete_namespaced_job(name or trainer_name(job), ns,
+                                                     propagation_policy="Foreground" if foreground else "Background",
                                                      _preload_content=False))
         except ApiException as exc:
             if exc.status != 404:

@@ -504,7 +504,7 @@ class Reconciler:
             elif action.kind == "suspend_job":
                 self.children.set_job_suspend(ns, name, bool(action.value))
             elif action.kind == "delete_job":
-                self.children.delete_job(ns, name)
+                self.children.delete_job(ns, name, foreground=action.foreground)
                 deleted_job = True
             elif action.kind == "delete_preflight":
                 self.children.delete_job(ns, name, preflight_name(name))

@@ -79,6 +79,7 @@ class Action:
     kind: str  # "apply" | "suspend_job" | "delete_job" | "delete_preflight" | "delete_children"
     obj: dict[str, Any] | None = None
     value: bool | None = None
+    foreground: bool = False  # delete_job: the Job stays (deleting) until its pods are gone
 
 
 @dataclasses.dataclass
@@ -372,11 +373,28 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTune
     return _decide_follow(p, spec, labels, observed)
 
 
+CANCEL_STOP_RECHECK_SECONDS = 5.0  # a cancelled run's pods are stopping: look again (their watch events come too)
+
+
+def _stopping(st: dict[str, Any]) -> str:
+    """The Cancelled message's tail while the run's pods still stop."""
+    if (st.get("accounting") or {}).get("runningSince"):
+        return "; its pods are stopping (their GPU time counts until they exit)"
+    return ""
+
+
 def _decide_terminal(p: _Pass, spec: FineTuneJobSpec, observed: Observed) -> Decision:
     """Terminal phases are sticky; only the TTL clean-up and cancel's Job deletion remain."""
     st, out = p.st, p.out
-    if p.old_phase == "Cancelled" and observed.job is not None:
-        out.actions.append(Action("delete_job"))
+    if p.old_phase == "Cancelled" and observed.job is not None \
+            and not (observed.job.get("metadata") or {}).get("deletionTimestamp"):
+        out.actions.append(Action("delete_job", foreground=True))
+    if p.old_phase == "Cancelled" and (st.get("accounting") or {}).get("runningSince"):
+        close_when_stopped(st, p.now, observed.pods)  # the cancelled run's pods still stopping, or gone now
+        if not (st.get("accounting") or {}).get("runningSince"):
+            st["message"] = "spec.cancel is true: the trainer Job was deleted; its pods have stopped"
+        else:
+            out.retry_after = CANCEL_STOP_RECHECK_SECONDS
     ttl = spec.ttl_seconds_after_finished
     done = parse_time(p.old.get("completionTime"))
     if ttl > 0 and done is not None and observed.children_exist:
@@ -391,14 +409,17 @@ def _decide_terminal(p: _Pass, spec: FineTuneJobSpec, observed: Observed) -> Dec
 
 
 def _decide_cancel(p: _Pass, observed: Observed) -> Decision:
-    """Cancel: delete the Job (and a preflight still running), keep the FineTuneJob and what it learned."""
+    """Cancel: delete the Job (and a preflight still running), keep the FineTuneJob and what it learned. The Job
+    is deleted in the foreground, so it stays (deleting) while its pods stop: their GPUs are held until then
+    (the trainer saves a checkpoint on SIGTERM), and the run's GPU time counts until their last exit
+    (`_decide_terminal` closes it)."""
     if observed.job is not None:
-        p.out.actions.append(Action("delete_job"))
+        p.out.actions.append(Action("delete_job", foreground=True))
     if observed.preflight_job is not None and not _job_finished(observed.preflight_job):
         p.out.actions.append(Action("delete_preflight"))
-    close_running(p.st, p.now)
+    close_when_stopped(p.st, p.now, observed.pods)
     p.st["completionTime"] = p.now_s
-    p.set_phase("Cancelled", R.CANCELLED, "spec.cancel is true: the trainer Job was deleted")
+    p.set_phase("Cancelled", R.CANCELLED, "spec.cancel is true: the trainer Job was deleted" + _stopping(p.st))
     p.cond(C.CANCELLED, True, R.CANCELLED, "cancelled by spec.cancel")
     p.cond(C.RUNNING, False, R.CANCELLED)
     p.cond(C.READY, False, R.CANCELLED, "the run was cancelled")

@@ -364,8 +364,12 @@ def test_cancel_stops_the_run_and_keeps_the_record(ftj, namespace):
     ftj.patch_spec(namespace, "stopme", {"cancel": True})
     st = wait_phase(ftj, namespace, "stopme", "Cancelled")
     assert st["completionTime"] and st["layout"]["totalGpus"] == 1
-    wait_for(lambda: not ftj.jobs(namespace) or None, 30, "the trainer Job deleted")
-    assert ftj.get(namespace, "stopme")["status"]["phase"] == "Cancelled"
+    wait_for(lambda: not ftj.jobs(namespace) or None, 30, "the trainer Job deleted (in the foreground: pods first)")
+    # The run's GPU time ended once its pods had stopped, not at the pass that cancelled it.
+    st = wait_for(lambda: (s := ftj.status(namespace, "stopme")) and "runningSince" not in s["accounting"] and s,
+                  30, "the cancelled run's Running stretch closed")
+    assert st["phase"] == "Cancelled" and st["accounting"]["runningSeconds"] > 0, st
+    assert "are stopping" not in st["message"], st["message"]  # no longer says the pods are stopping
 
 
 def test_kueue_label_keeps_job_queued_until_admitted(ftj, namespace):

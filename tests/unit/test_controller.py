@@ -63,7 +63,7 @@ class FakeChildren:
             return "created", {"metadata": {"uid": self.created_job_uid}, "spec": obj["spec"]}
         return "created", None
 
-    def delete_job(self, ns, job, name=""):
+    def delete_job(self, ns, job, name="", foreground=False):
         self.calls.append("delete Job")
 
     def other_children_exist(self, ns, name):

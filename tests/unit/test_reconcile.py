@@ -454,6 +454,36 @@ def test_cancel_deletes_job_and_is_terminal() -> None:
     assert d2.status["phase"] == "Cancelled" and not d2.actions and not d2.events
 
 
+def test_a_cancelled_runs_gpu_time_counts_until_its_pods_have_stopped() -> None:
+    """The Job is deleted in the foreground; its pods stop (a checkpoint on SIGTERM) with their GPUs held, and the
+    Running stretch ends at their last exit, not at the pass that cancelled."""
+    spec = {**SPEC, "cancel": True}
+    started = {"name": "trainer", "state": {"running": {"startedAt": "2026-01-01T11:00:00Z"}}}
+    stopping = {**pod("Running"), "status": {"phase": "Running", "containerStatuses": [started]}}
+    status = {"phase": "Running", "layout": LAYOUT.to_status(), "accounting": {"runningSince": "2026-01-01T11:00:00Z"}}
+    d = run(spec=spec, status=status, observed=Observed(job=job_obj(spec), pods=[stopping]))
+    assert [(a.kind, a.foreground) for a in d.actions] == [("delete_job", True)]
+    assert d.status["phase"] == "Cancelled" and d.status["accounting"]["runningSince"] == "2026-01-01T11:00:00Z"
+    assert "its pods are stopping (their GPU time counts until they exit)" in d.status["message"]
+    deleting = job_obj(spec)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+    later = T0 + dt.timedelta(seconds=30)
+    still = run(spec=spec, status=d.status, observed=Observed(job=deleting, pods=[stopping]), now=later)
+    assert not still.actions and still.retry_after == 5.0  # deleting already: no second delete
+    assert still.status["accounting"]["gpuHours"] == pytest.approx(1.0 + 30 / 3600, abs=1e-4)
+    exited = {"name": "trainer", "state": {"terminated": {"exitCode": 75, "startedAt": "2026-01-01T11:00:00Z",
+                                                          "finishedAt": "2026-01-01T12:00:20Z"}}}
+    done = run(spec=spec, status=still.status, observed=Observed(
+        job=deleting, pods=[{**stopping, "status": {"phase": "Failed", "containerStatuses": [exited]}}]),
+        now=T0 + dt.timedelta(seconds=40))
+    acc = done.status["accounting"]
+    assert "runningSince" not in acc and acc["runningSeconds"] == 3620.0 and done.retry_after is None
+    assert done.status["message"].endswith("its pods have stopped") and done.status["phase"] == "Cancelled"
+    # Pods gone without a record of their exit: the stretch ends at the pass that sees them gone.
+    gone = run(spec=spec, status=still.status, observed=Observed(), now=T0 + dt.timedelta(seconds=50))
+    assert gone.status["accounting"]["runningSeconds"] == 3650.0
+
+
 def test_terminal_phase_is_sticky_and_ttl_deletes_children() -> None:
     spec = {**SPEC, "ttlSecondsAfterFinished": 60}
     done = {"phase": "Succeeded", "completionTime": "2026-01-01T12:00:00Z", "layout": LAYOUT.to_status()}
