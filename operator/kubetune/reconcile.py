@@ -404,7 +404,8 @@ def _decide_terminal(p: _Pass, spec: FineTuneJobSpec, observed: Observed) -> Dec
             out.events.append(("Normal", R.TTL_EXPIRED,
                                f"ttlSecondsAfterFinished ({ttl}s) expired: deleted the Job, Service and ConfigMap"))
         else:
-            out.retry_after = (done + dt.timedelta(seconds=ttl) - p.now).total_seconds()
+            ttl_left = (done + dt.timedelta(seconds=ttl) - p.now).total_seconds()
+            out.retry_after = min(ttl_left, out.retry_after) if out.retry_after is not None else ttl_left
     return p.finish()
 
 
