@@ -376,11 +376,12 @@ def decide(*, name: str, generation: int, labels: dict[str, str], spec: FineTune
 CANCEL_STOP_RECHECK_SECONDS = 5.0  # a cancelled run's pods are stopping: look again (their watch events come too)
 
 
-def _stopping(st: dict[str, Any]) -> str:
-    """The Cancelled message's tail while the run's pods still stop."""
+def _cancelled_message(st: dict[str, Any]) -> str:
+    """The Cancelled phase's message: while the run's pods still stop, it says so."""
     if (st.get("accounting") or {}).get("runningSince"):
-        return "; its pods are stopping (their GPU time counts until they exit)"
-    return ""
+        return ("spec.cancel is true: deleting the trainer Job; its pods are stopping (their GPU time counts until "
+                "they exit)")
+    return "spec.cancel is true: the trainer Job was deleted"
 
 
 def _decide_terminal(p: _Pass, spec: FineTuneJobSpec, observed: Observed) -> Decision:
@@ -392,7 +393,7 @@ def _decide_terminal(p: _Pass, spec: FineTuneJobSpec, observed: Observed) -> Dec
     if p.old_phase == "Cancelled" and (st.get("accounting") or {}).get("runningSince"):
         close_when_stopped(st, p.now, observed.pods)  # the cancelled run's pods still stopping, or gone now
         if not (st.get("accounting") or {}).get("runningSince"):
-            st["message"] = "spec.cancel is true: the trainer Job was deleted; its pods have stopped"
+            st["message"] = _cancelled_message(st) + "; its pods have stopped"
         else:
             out.retry_after = CANCEL_STOP_RECHECK_SECONDS
     ttl = spec.ttl_seconds_after_finished
@@ -420,7 +421,7 @@ def _decide_cancel(p: _Pass, observed: Observed) -> Decision:
         p.out.actions.append(Action("delete_preflight"))
     close_when_stopped(p.st, p.now, observed.pods)
     p.st["completionTime"] = p.now_s
-    p.set_phase("Cancelled", R.CANCELLED, "spec.cancel is true: the trainer Job was deleted" + _stopping(p.st))
+    p.set_phase("Cancelled", R.CANCELLED, _cancelled_message(p.st))
     p.cond(C.CANCELLED, True, R.CANCELLED, "cancelled by spec.cancel")
     p.cond(C.RUNNING, False, R.CANCELLED)
     p.cond(C.READY, False, R.CANCELLED, "the run was cancelled")
