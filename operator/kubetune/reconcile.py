@@ -605,7 +605,8 @@ def _layout_strategy(status: dict[str, Any]) -> str:
     return str((status.get("layout") or {}).get("strategy") or "")
 
 
-def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any], outlook: MemoryOutlook | None) -> Decision:
+def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any], outlook: MemoryOutlook | None,
+                   pods: list[dict[str, Any]] | None = None) -> Decision:
     """The trainer ran out of GPU memory: record the next leaner plan (kubetune.oom: micro batch, checkpointing;
     then kubetune.oom_layout: a layout that needs less memory per GPU) and delete the Job, so the next pass creates
     it with that plan (resuming from the last checkpoint); fail when no leaner plan is left."""
@@ -613,7 +614,7 @@ def _decide_replan(p: _Pass, spec: FineTuneJobSpec, pod: dict[str, Any], outlook
     summary = parse_summary(pod) or {}
     if summary:
         _fold_trainer_report(st, summary, p.now_s, final=True)
-    close_running(st, p.now)
+    close_running(st, p.now, pods)  # at the pods' last exit once all have exited (the Job is deleted now)
     replans = list(st.get("memoryReplans") or [])
     name = (pod.get("metadata") or {}).get("name", "")
     if not any(r.get("pod") == name for r in replans):
@@ -742,7 +743,7 @@ def _decide_follow(p: _Pass, spec: FineTuneJobSpec, labels: dict[str, str], obse
     permanent = permanent_failure(failed_pods)
     oom = out_of_memory(failed_pods) if permanent is None and complete is None else None
     if oom is not None:
-        return _decide_replan(p, spec, oom, observed.memory)
+        return _decide_replan(p, spec, oom, observed.memory, pods)
     if complete is not None:
         close_running(st, now, pods)
         zero = [pod for pod in pods if pod_index(pod) == 0 and _phase_of(pod) == "Succeeded"]

@@ -94,6 +94,26 @@ def _decide(spec: dict, status: dict, observed: Observed):
                   status=copy.deepcopy(status), observed=observed, now=T0)
 
 
+def test_the_replanned_runs_stretch_ends_at_the_failed_pods_exit_not_at_the_pass():
+    spec = _spec(microBatchSize=8, gradientAccumulationSteps=1)
+    failed = [{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy"}]
+    pod = _oom_pod()
+    pod["status"]["containerStatuses"][0]["state"]["terminated"].update(
+        startedAt="2026-01-01T11:00:00Z", finishedAt="2026-01-01T11:50:00Z")
+    running = {"phase": "Running", "layout": LAYOUT.to_status(), "accounting": {"runningSince": "2026-01-01T11:00:00Z"}}
+    d = _decide(spec, running, Observed(job=_job(spec, failed), pods=[pod]))
+    assert d.status["reason"] == R.REPLANNED_OOM and d.status["accounting"]["runningSeconds"] == 3000.0
+    # Started and ran out of memory between two passes (never seen Running): from its container's start.
+    unseen = _decide(spec, {"phase": "Pending", "layout": LAYOUT.to_status()}, Observed(job=_job(spec, failed),
+                                                                                          pods=[pod]))
+    assert unseen.status["accounting"]["runningSeconds"] == 3000.0
+    # Another pod of the Job still runs: its GPUs are held, the stretch ends at this pass as before.
+    other = {**_oom_pod("demo-trainer-1-fghij"), "status": {"phase": "Running", "containerStatuses": [
+        {"name": "trainer", "state": {"running": {"startedAt": "2026-01-01T11:00:00Z"}}}]}}
+    both = _decide(spec, running, Observed(job=_job(spec, failed), pods=[pod, other]))
+    assert both.status["accounting"]["runningSeconds"] == 3600.0
+
+
 def test_out_of_memory_replans_deletes_the_job_and_says_what_changed():
     spec = _spec(microBatchSize=8, gradientAccumulationSteps=1)
     failed = [{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy"}]
