@@ -7,11 +7,11 @@ from the nearest measured size. The last run, of the first model and twice its l
 run only (the smaller model achieves ~1/4 of its FLOP/s, so mixing the two would not do), and its estimated cost must
 match its actual cost within 10%.
 
-The runs are of the 2.7M-parameter model, whose steps rather than its start-up take most of the run (as on a GPU,
-where a run takes hours and its start minutes), and long enough (27 s and 45 s) that the kubelet's whole-second
-timestamps weigh 2-4%, not the 7% of a 14-s run. The device's own speed is measured by both runs; when it moved by more
-than 5% between them (a 2-core machine shared with the control plane can), the estimate is checked at the run's own
-rate (see the test).
+The calibrating and the predicted run are of the 2.7M-parameter model, whose steps rather than its start-up take
+most of the run (as on a GPU, where a run takes hours and its start minutes), and long enough (about 27 s and 45 s)
+that the kubelet's whole-second timestamps weigh 2-4%, not the 7% of a 14-s run. The device's own speed is measured
+by both runs; when it moved by more than 5% between them (a 2-core machine shared with the control plane can), the
+estimate is checked at the run's own rate (see the test).
 """
 
 from __future__ import annotations
